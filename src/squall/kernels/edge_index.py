@@ -1,8 +1,8 @@
 """Per-graph edge index for attention kernels, built once per graph and reused every call.
 
 Index conventions: edges are numbered in CSC order (grouped by destination, ascending). ``colptr
-[N_dst + 1]`` delimits each destination's edges, ``row [E]`` is each edge's source and ``dst [E]`` its
-destination. The reverse (CSR) view used by backward passes groups the same edges by source:
+[N_dst + 1]`` delimits each destination's edges, ``row [E]`` is each edge's source and ``dst [E]``
+its destination. The reverse (CSR) view used by backward passes groups the same edges by source:
 ``rowptr [N_src + 1]`` delimits each source's edges in ``csr_perm [E]``, which holds CSC edge ids.
 """
 

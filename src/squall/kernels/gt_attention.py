@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from squall.kernels.edge_index import EdgeIndex
+
 
 def segment_ids(colptr: torch.Tensor) -> torch.Tensor:
     """Destination index of every edge from a CSC column pointer, ``[E]`` int64."""
@@ -65,11 +67,10 @@ def gt_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     edge: torch.Tensor,
-    colptr: torch.Tensor,
-    row: torch.Tensor,
+    index: EdgeIndex,
     backend: str = "torch",
 ) -> torch.Tensor:
     """Dispatch to an attention backend (``"torch"``: the reference)."""
     if backend == "torch":
-        return gt_attention_reference(q, k, v, edge, colptr, row)
+        return gt_attention_reference(q, k, v, edge, index.colptr, index.row, index.dst)
     raise ValueError(f"unknown attention backend {backend!r}; choose 'torch'")
