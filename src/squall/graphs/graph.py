@@ -1,0 +1,218 @@
+"""The frozen Graph: node sets and destination-sorted edge sets built from a spec.
+
+A spec (one file in ``conf/graph/``) names node sets and edge sets::
+
+    name: o96_l6
+    nodes:
+      data:   {type: grid, grid: O96}
+      hidden: {type: icosahedral, level: 6}
+    edges:
+      encoder:   {src: data,   dst: hidden, type: cutoff, factor: 0.6}
+      processor: {src: hidden, dst: hidden, type: multiscale}
+      decoder:   {src: hidden, dst: data,   type: knn, k: 3}
+
+Node types: ``grid`` (``grid: O96`` or a lat-lon spacing), ``latlon`` (``resolution``, optional
+``region``), ``icosahedral`` (``level``, optional ``region`` and ``margin_deg`` for a limited area),
+``stretched_grid`` (``global_grid``, ``regional_resolution``, ``region``), ``stretched_mesh``
+(``level`` globally, ``fine_level`` inside ``region`` widened by ``margin_deg``), ``points``
+(``path`` of an ``.npz`` with ``latitudes``/``longitudes`` in degrees, or inline lists).
+Regions are ``[lat_min, lat_max, lon_min, lon_max]`` in degrees.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from squall.errors import GraphError
+from squall.graphs import grids
+from squall.graphs.attributes import edge_attributes, node_attributes
+from squall.graphs.edges import build_edges
+
+
+@dataclass(frozen=True, eq=False)
+class EdgeSet:
+    """Directed edges ``src -> dst`` sorted by destination, then source.
+
+    Index conventions: edge ``e`` (CSC numbering) goes from source node ``row[e]`` to the
+    destination ``d`` with ``colptr[d] <= e < colptr[d + 1]``. The reverse (CSR) view lists the same
+    edges grouped by source: ``csr_perm[rowptr[s]:rowptr[s + 1]]`` are the CSC ids of the edges
+    leaving source ``s``, ascending. ``attrs[e]`` belongs to CSC edge ``e``.
+    """
+
+    name: str
+    src: str
+    dst: str
+    num_src: int
+    num_dst: int
+    colptr: np.ndarray
+    row: np.ndarray
+    rowptr: np.ndarray
+    csr_perm: np.ndarray
+    attrs: np.ndarray
+
+    @classmethod
+    def from_pairs(cls, name, src_set: grids.NodeSet, dst_set: grids.NodeSet, src, dst) -> EdgeSet:
+        """Sort ``(src, dst)`` pairs into CSC order once and compute the CSR view and attributes."""
+        order = np.lexsort((src, dst))
+        src, dst = src[order].astype(np.int64), dst[order].astype(np.int64)
+        colptr = _pointer(dst, len(dst_set))
+        csr_perm = np.argsort(src, kind="stable").astype(np.int64)
+        rowptr = _pointer(src[csr_perm], len(src_set))
+        attrs = edge_attributes(src_set.xyz[src], dst_set.xyz[dst])
+        return cls(name, src_set.name, dst_set.name, len(src_set), len(dst_set),
+                   colptr, src, rowptr, csr_perm, attrs)  # fmt: skip
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.row.shape[0])
+
+    @cached_property
+    def dst_index(self) -> np.ndarray:
+        """Destination of every edge in CSC order, ``[E]`` int64."""
+        return np.repeat(np.arange(self.num_dst, dtype=np.int64), np.diff(self.colptr))
+
+    def in_degree(self) -> np.ndarray:
+        return np.diff(self.colptr)
+
+    def degree_stats(self) -> dict:
+        deg = self.in_degree()
+        return {"min": int(deg.min()), "mean": float(deg.mean()), "max": int(deg.max())}
+
+    def unreached_sources(self) -> int:
+        """Source nodes with no outgoing edge: their information never crosses this edge set."""
+        return int((np.diff(self.rowptr) == 0).sum())
+
+
+def _pointer(sorted_index: np.ndarray, n: int) -> np.ndarray:
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(sorted_index, minlength=n), out=ptr[1:])
+    return ptr
+
+
+@dataclass(frozen=True, eq=False)
+class Graph:
+    """Node sets and edge sets of one model, built once from a spec and cached to disk."""
+
+    name: str
+    spec: dict
+    spec_hash: str
+    nodes: dict[str, grids.NodeSet]
+    edges: dict[str, EdgeSet]
+    build_seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    def node_attributes(self, name: str) -> np.ndarray:
+        """``[N, 4]`` float32 sin/cos latitude and longitude of node set ``name``."""
+        return node_attributes(self.nodes[name].latlon)
+
+    def statistics(self) -> dict:
+        """Nodes per set, edges and in-degree per edge set, build time: one JSON-able dict."""
+        return {
+            "graph": self.name,
+            "spec_hash": self.spec_hash,
+            "nodes": {k: len(v) for k, v in self.nodes.items()},
+            "edges": {
+                k: {
+                    "src": e.src,
+                    "dst": e.dst,
+                    "edges": e.num_edges,
+                    "in_degree": e.degree_stats(),
+                    "unreached_src": e.unreached_sources(),
+                }
+                for k, e in self.edges.items()
+            },
+            "build_s": round(self.build_seconds, 3),
+        }
+
+
+def _region(spec, key="region"):
+    region = spec.get(key)
+    if region is None:
+        return None
+    region = [float(x) for x in region]
+    if len(region) != 4:
+        raise GraphError(f"region {region} must be [lat_min, lat_max, lon_min, lon_max] in degrees")
+    return region
+
+
+def _widen(region, margin):
+    lat_min, lat_max, lon_min, lon_max = region
+    return [max(-90.0, lat_min - margin), min(90.0, lat_max + margin),
+            lon_min - margin, lon_max + margin]  # fmt: skip
+
+
+def _level(spec, key="level") -> int:
+    level = int(spec.get(key, -1))
+    if level < 0:
+        raise GraphError(f"icosahedral {key} must be a non-negative integer, got {spec.get(key)}")
+    return level
+
+
+def build_nodes(name: str, spec: dict) -> grids.NodeSet:
+    """Build one node set from its spec (see the module docstring for the types)."""
+    kind = spec.get("type")
+    if kind == "grid":
+        return grids.grid_from_name(spec["grid"], name)
+    if kind == "latlon":
+        return grids.latlon_grid(float(spec["resolution"]), name, _region(spec))
+    if kind == "icosahedral":
+        mesh = grids.icosahedral_mesh(_level(spec), name)
+        region = _region(spec)
+        if region is None:
+            return mesh
+        return grids.cut_out(mesh, _widen(region, float(spec.get("margin_deg", 0.0))))
+    if kind == "stretched_grid":
+        region = _region(spec)
+        fine = grids.latlon_grid(float(spec["regional_resolution"]), name, region)
+        return grids.stretched(fine, grids.grid_from_name(spec["global_grid"], name), region, name)
+    if kind == "stretched_mesh":
+        level, fine_level = _level(spec), _level(spec, "fine_level")
+        if fine_level < level:
+            raise GraphError(f"stretched mesh: fine_level {fine_level} < level {level}")
+        fine = grids.icosahedral_mesh(fine_level, name)
+        region = _widen(_region(spec), float(spec.get("margin_deg", 0.0)))
+        keep = (fine.mesh_levels <= level) | grids.in_box(fine.latlon, region)
+        nodes = grids.select(fine, keep, meta={"finest_level": fine_level})
+        return nodes
+    if kind == "points":
+        if "path" in spec:
+            path = Path(spec["path"])
+            if not path.is_file():
+                raise GraphError(f"point set {name!r}: file {path} not found")
+            with np.load(path) as f:
+                return grids.point_set(f["latitudes"], f["longitudes"], name)
+        return grids.point_set(spec["latitudes"], spec["longitudes"], name)
+    known = "grid, latlon, icosahedral, stretched_grid, stretched_mesh, points"
+    raise GraphError(f"node set {name!r}: unknown type {kind!r}; choose one of {known}")
+
+
+def build_graph(spec: dict, spec_hash: str = "") -> Graph:
+    """Build every node and edge set of ``spec`` (a plain dict; see the module docstring)."""
+    start = time.perf_counter()
+    if not spec.get("nodes") or not spec.get("edges"):
+        raise GraphError("graph spec needs non-empty 'nodes' and 'edges' sections")
+    try:
+        nodes = {name: build_nodes(name, dict(s)) for name, s in spec["nodes"].items()}
+        edges = {}
+        for name, s in spec["edges"].items():
+            s = dict(s)
+            for end in ("src", "dst"):
+                if s.get(end) not in nodes:
+                    raise GraphError(
+                        f"edge set {name!r}: {end}={s.get(end)!r} is not a node set "
+                        f"(have {sorted(nodes)})"
+                    )
+            src_set, dst_set = nodes[s["src"]], nodes[s["dst"]]
+            pairs = build_edges(s, src_set, dst_set)
+            edges[name] = EdgeSet.from_pairs(name, src_set, dst_set, *pairs)
+    except KeyError as err:
+        raise GraphError(f"graph spec {spec.get('name')!r}: missing key {err}") from None
+    except (TypeError, ValueError) as err:
+        raise GraphError(f"graph spec {spec.get('name')!r}: bad value ({err})") from None
+    return Graph(spec.get("name", "graph"), spec, spec_hash, nodes, edges,
+                 time.perf_counter() - start)  # fmt: skip
