@@ -1,0 +1,50 @@
+"""Graph build times on this machine: build each spec from scratch (no cache) and time it.
+
+    python profiling/bench_graphs.py [o96_l6 o320_l7 o1280_l8 ...]
+
+Prints a table and appends rows to profiling/results/graph_build.csv.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import append_rows, machine_info  # noqa: E402
+
+from squall.graphs import build_graph  # noqa: E402
+from squall.graphs.store import to_plain  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(names):
+    rows = []
+    for name in names:
+        spec = to_plain(OmegaConf.load(ROOT / "conf" / "graph" / f"{name}.yaml"))
+        start = time.perf_counter()
+        graph = build_graph(spec)
+        seconds = time.perf_counter() - start
+        stats = graph.statistics()
+        row = {
+            **machine_info(),
+            "graph": name,
+            "data_nodes": stats["nodes"]["data"],
+            "hidden_nodes": stats["nodes"]["hidden"],
+            **{f"{k}_edges": v["edges"] for k, v in stats["edges"].items()},
+            "build_s": round(seconds, 2),
+        }
+        rows.append(row)
+        print(f"{name:<12} data {row['data_nodes']:>10,} hidden {row['hidden_nodes']:>9,} "
+              f"edges {sum(v['edges'] for v in stats['edges'].values()):>11,} "
+              f"build {seconds:7.1f} s", flush=True)  # fmt: skip
+        del graph
+    append_rows("graph_build.csv", rows)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["o96_l6", "o320_l7", "o1280_l8"])

@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+
+from squall.errors import GraphError
+from squall.graphs import edges, grids
+from squall.graphs.attributes import edge_attributes, node_attributes
+
+
+def _brute_knn(src, dst, k):
+    d = np.linalg.norm(dst.xyz[:, None, :] - src.xyz[None, :, :], axis=-1)
+    return np.sort(np.argsort(d, axis=1, kind="stable")[:, :k], axis=1)
+
+
+def test_knn_matches_brute_force():
+    rng = np.random.default_rng(0)
+    src = grids.point_set(rng.uniform(-90, 90, 300), rng.uniform(0, 360, 300), "src")
+    dst = grids.point_set(rng.uniform(-90, 90, 120), rng.uniform(0, 360, 120), "dst")
+    s, d = edges.knn_edges(src, dst, 4)
+    assert len(s) == 4 * len(dst)
+    got = np.sort(s.reshape(len(dst), 4), axis=1)
+    assert np.array_equal(got, _brute_knn(src, dst, 4))
+    assert np.array_equal(d, np.repeat(np.arange(len(dst)), 4))
+
+
+def test_knn_k_larger_than_sources():
+    src = grids.icosahedral_mesh(0)
+    with pytest.raises(GraphError, match="k=13 must be between 1 and the number of source nodes"):
+        edges.knn_edges(src, grids.grid_from_name("O4"), 13)
+
+
+def test_cutoff_matches_brute_force_and_cap():
+    src, dst = grids.grid_from_name("O16"), grids.icosahedral_mesh(2)
+    s, d = edges.cutoff_edges(src, dst, 0.8)
+    radius = 0.8 * edges.nearest_neighbour_spacing(dst).max()
+    dist = np.linalg.norm(dst.xyz[:, None] - src.xyz[None], axis=-1)
+    want = set(zip(*np.nonzero(dist <= radius), strict=True))
+    assert set(zip(d.tolist(), s.tolist(), strict=True)) == want
+    s2, d2 = edges.cutoff_edges(src, dst, 0.8, max_neighbours=2)
+    assert np.bincount(d2).max() <= 2
+    # the kept ones are the nearest
+    for node in range(0, len(dst), 17):
+        kept = np.sort(dist[node, s2[d2 == node]])
+        assert np.allclose(kept, np.sort(dist[node])[: len(kept)])
+
+
+def test_cutoff_orphans_error_names_counts_and_fix():
+    src, dst = grids.grid_from_name("O8"), grids.icosahedral_mesh(4)
+    with pytest.raises(GraphError, match=r"leaves \d+ of 2562 destination nodes without edges; use a factor of at least"):
+        edges.cutoff_edges(src, dst, 0.3)
+    s, d = edges.cutoff_edges(src, dst, 0.3, min_neighbours=1)
+    assert np.bincount(d, minlength=len(dst)).min() >= 1
+
+
+def test_multiscale_counts_exact():
+    for level in range(0, 5):
+        mesh = grids.icosahedral_mesh(level)
+        s, d = edges.multiscale_edges(mesh)
+        assert len(s) == 60 * (4 ** (level + 1) - 1) // 3
+        pairs = set(zip(s.tolist(), d.tolist(), strict=True))
+        assert len(pairs) == len(s), "no duplicate edges"
+        assert all((b, a) in pairs for a, b in pairs), "both directions"
+
+
+def test_multiscale_needs_a_mesh():
+    with pytest.raises(GraphError, match="icosahedral"):
+        edges.multiscale_edges(grids.grid_from_name("O4"))
+
+
+def test_unknown_edge_type():
+    g = grids.grid_from_name("O4")
+    with pytest.raises(GraphError, match="unknown edge type 'radius'"):
+        edges.build_edges({"type": "radius"}, g, g)
+
+
+def test_attributes_in_range():
+    src, dst = grids.grid_from_name("O16"), grids.icosahedral_mesh(3)
+    s, d = edges.knn_edges(src, dst, 5)
+    a = edge_attributes(src.xyz[s], dst.xyz[d])
+    assert a.shape == (len(s), 3) and np.isfinite(a).all()
+    assert a[:, 0].min() >= 0 and np.isclose(a[:, 0].max(), 1.0)
+    assert np.allclose(np.hypot(a[:, 1], a[:, 2]), 1.0, atol=1e-5)
+    n = node_attributes(dst.latlon)
+    assert n.shape == (len(dst), 4) and np.abs(n).max() <= 1.0
+    assert np.allclose(n[:, 0] ** 2 + n[:, 1] ** 2, 1.0, atol=1e-6)
+
+
+def test_direction_points_towards_source():
+    # destination on the equator at lon 0; a source due north and one due east
+    dst = grids.point_set([0.0, 0.0], [0.0, 0.0])
+    src = grids.point_set([5.0, 0.0], [0.0, 5.0])
+    a = edge_attributes(src.xyz, dst.xyz)
+    assert np.allclose(a[0, 1:], [0.0, 1.0], atol=1e-6)
+    assert np.allclose(a[1, 1:], [1.0, 0.0], atol=1e-6)
