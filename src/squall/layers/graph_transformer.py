@@ -1,0 +1,119 @@
+"""GraphTransformer block: multi-head attention over each destination's incoming edges, then an MLP.
+
+Per destination node ``i`` with features ``x_i`` and source features ``s_j`` (``s = x`` on the
+mesh), with ``LN`` layer norms and per-head channels ``c = C / H``::
+
+    q_i = W_q LN(x_i),  k_j = W_k LN(s_j),  v_j = W_v LN(s_j),  e_ij = W_e a_ij + b_e
+    h_i = sum_j softmax_j(q_i . (k_j + e_ij) / sqrt(c)) (v_j + e_ij)        (per head)
+    x_i <- x_i + W_o h_i
+    x_i <- x_i + MLP(LN(x_i))
+
+``a_ij`` are the low-dimensional edge features (geometric attributes plus optional trainable
+ones); the edge projection ``W_e`` is handed to the attention kernel, which forms ``e_ij`` itself
+(``triton`` backend) or materialises it (``torch`` backend).
+
+Batches are folded into the head dimension: the graph is shared by every sample, so ``[B, N, C]``
+features become ``[N, B * H, c]`` and the edge projection is tiled ``B`` times.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from squall.kernels.edge_index import EdgeIndex
+from squall.kernels.gt_attention import gt_attention_fused
+
+
+class MLP(nn.Sequential):
+    def __init__(self, channels: int, ratio: int):
+        super().__init__(
+            nn.Linear(channels, ratio * channels), nn.GELU(), nn.Linear(ratio * channels, channels)
+        )
+
+
+class GraphTransformerBlock(nn.Module):
+    """One pre-norm GraphTransformer block.
+
+    Parameters
+    ----------
+    channels, heads : int
+        Node width ``C`` and number of heads ``H`` (``C % H == 0``; any ``H``, power of two or not).
+    edge_dim : int
+        Width of the low-dimensional edge features ``a_ij``.
+    mlp_ratio : int
+        Hidden width of the MLP over ``C``.
+    bipartite : bool
+        Whether sources and destinations are different node sets (mappers) or the same (processor).
+    backend : str
+        Attention backend, ``"torch"`` or ``"triton"``.
+    """
+
+    def __init__(self, channels, heads, edge_dim, mlp_ratio=4, bipartite=False, backend="torch"):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"channels {channels} must be divisible by heads {heads}")
+        self.heads, self.head_dim, self.bipartite, self.backend = (
+            heads,
+            channels // heads,
+            bipartite,
+            backend,
+        )
+        self.norm_dst = nn.LayerNorm(channels)
+        self.norm_src = nn.LayerNorm(channels) if bipartite else None
+        if bipartite:
+            self.q = nn.Linear(channels, channels)
+            self.kv = nn.Linear(channels, 2 * channels)
+        else:
+            self.qkv = nn.Linear(channels, 3 * channels)
+        self.edge_weight = nn.Parameter(torch.empty(edge_dim, channels))
+        self.edge_bias = nn.Parameter(torch.zeros(channels))
+        nn.init.normal_(self.edge_weight, std=1.0 / math.sqrt(edge_dim))
+        self.out = nn.Linear(channels, channels)
+        self.norm_mlp = nn.LayerNorm(channels)
+        self.mlp = MLP(channels, mlp_ratio)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, C]`` -> ``[N, B * H, c]``."""
+        b, n, _ = x.shape
+        return (
+            x.reshape(b, n, self.heads, self.head_dim)
+            .transpose(0, 1)
+            .reshape(n, b * self.heads, self.head_dim)
+        )
+
+    def forward(self, x_src, x_dst, edge_attr: torch.Tensor, index: EdgeIndex) -> torch.Tensor:
+        """Update destination features ``x_dst [B, N_dst, C]`` from ``x_src [B, N_src, C]``.
+
+        For the processor pass the same tensor as ``x_src`` and ``x_dst``.
+        """
+        batch, num_dst, channels = x_dst.shape
+        h_dst = self.norm_dst(x_dst)
+        if self.bipartite:
+            q = self.q(h_dst)
+            k, v = self.kv(self.norm_src(x_src)).chunk(2, dim=-1)
+        else:
+            q, k, v = self.qkv(h_dst).chunk(3, dim=-1)
+        weight, bias = self.edge_weight, self.edge_bias
+        if batch > 1:
+            weight, bias = weight.repeat(1, batch), bias.repeat(batch)
+        dtype = q.dtype
+        attn = gt_attention_fused(
+            self._heads(q), self._heads(k), self._heads(v),
+            edge_attr.to(dtype), weight.to(dtype), bias.to(dtype), index, self.backend,
+        )  # fmt: skip
+        attn = attn.reshape(num_dst, batch, channels).transpose(0, 1)
+        x = x_dst + self.out(attn)
+        return x + self.mlp(self.norm_mlp(x))
+
+    def flops_per_sample(self, num_src: int, num_dst: int, num_edges: int) -> int:
+        """Forward multiply-adds x 2 of one sample: projections, edge term, attention, MLP."""
+        c, d_e = self.out.in_features, self.edge_weight.shape[0]
+        mlp_hidden = self.mlp[0].out_features
+        proj = 2 * c * c * (num_dst + 2 * num_src + num_dst)  # q, k, v, out
+        mlp = 2 * 2 * c * mlp_hidden * num_dst
+        edge = 2 * d_e * c * num_edges
+        attention = num_edges * c * (2 + 2 + 2)  # q.(k+e), a*(v+e), and the two edge additions
+        return proj + mlp + edge + attention

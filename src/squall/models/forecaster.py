@@ -1,0 +1,218 @@
+"""Encoder-processor-decoder GraphTransformer forecaster (single device; never imports
+torch.distributed: parallelism is applied afterwards by ``squall.parallel``).
+
+Data flow for input ``x [B, T_in, G, V_in]`` (normalised), with ``C`` channels::
+
+    data latent   z_g = W_in [x_g (T_in * V_in values), node attributes]       [B, G, C]
+    mesh latent   z_m = W_mesh [mesh node attributes]                            [B, M, C]
+    encoder       z_m <- GT block over data -> mesh edges (z_g as sources)
+    processor     z_m <- L GT blocks over mesh -> mesh edges
+    decoder       z_g <- GT block over mesh -> data edges (z_m as sources, z_g as destinations)
+    output        y = W_out LN(z_g)                                              [B, G, V_out]
+    prognostic variables are predicted as a residual on the last input step.
+
+Edge features are each edge set's geometric attributes (length, direction) plus optional
+trainable per-edge features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from squall.graphs import Graph
+from squall.kernels.edge_index import EdgeIndex
+from squall.layers.graph_transformer import GraphTransformerBlock
+
+ROLES = ("encoder", "processor", "decoder")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_channels: int = 32
+    num_heads: int = 4
+    processor_layers: int = 2
+    mlp_ratio: int = 2
+    trainable_edge_features: int = 0
+    attention_backend: str = "torch"
+    checkpoint_encoder: bool = False
+    checkpoint_processor: bool = False
+    checkpoint_decoder: bool = False
+
+    @classmethod
+    def from_cfg(cls, cfg) -> ModelConfig:
+        ckpt = cfg.get("checkpoint", {}) or {}
+        return cls(
+            num_channels=int(cfg.num_channels),
+            num_heads=int(cfg.num_heads),
+            processor_layers=int(cfg.processor_layers),
+            mlp_ratio=int(cfg.get("mlp_ratio", 4)),
+            trainable_edge_features=int(cfg.get("trainable_edge_features", 0)),
+            attention_backend=str(cfg.get("attention_backend", "torch")),
+            checkpoint_encoder=bool(ckpt.get("encoder", False)),
+            checkpoint_processor=bool(ckpt.get("processor", False)),
+            checkpoint_decoder=bool(ckpt.get("decoder", False)),
+        )
+
+
+class GraphInputs(nn.Module):
+    """The graph as the model sees it: edge indices, edge and node attributes, as buffers.
+
+    ``EdgeIndex`` objects are not tensors, so they follow the module's device by hand.
+    """
+
+    def __init__(self, graph: Graph, data: str = "data", mesh: str = "hidden"):
+        super().__init__()
+        for role in ROLES:
+            if role not in graph.edges:
+                raise ValueError(f"graph {graph.name!r} has no {role!r} edge set")
+        self.data_name, self.mesh_name = data, mesh
+        self.num_data, self.num_mesh = len(graph.nodes[data]), len(graph.nodes[mesh])
+        self.register_buffer(
+            "data_attrs", torch.from_numpy(graph.node_attributes(data)), persistent=False
+        )
+        self.register_buffer(
+            "mesh_attrs", torch.from_numpy(graph.node_attributes(mesh)), persistent=False
+        )
+        self.register_buffer(
+            "area", torch.from_numpy(graph.nodes[data].area.astype(np.float32)), persistent=False
+        )
+        self.indices: dict[str, EdgeIndex] = {}
+        for role in ROLES:
+            e = graph.edges[role]
+            self.register_buffer(f"{role}_attrs", torch.from_numpy(e.attrs), persistent=False)
+            self.indices[role] = EdgeIndex(
+                e.num_src, e.num_dst,
+                *(torch.from_numpy(a) for a in (e.colptr, e.row, e.dst_index, e.rowptr, e.csr_perm)),
+            )  # fmt: skip
+        self.num_edges = {role: graph.edges[role].num_edges for role in ROLES}
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = self.area.device
+        if next(iter(self.indices.values())).colptr.device != device:
+            self.indices = {k: v.to(device) for k, v in self.indices.items()}
+        return self
+
+
+class GraphForecaster(nn.Module):
+    """Predict the next state from ``input_steps`` past states on one graph."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        cfg: ModelConfig,
+        num_input_vars: int,
+        num_output_vars: int,
+        input_steps: int,
+        residual_map: list[tuple[int, int]] | None = None,
+    ):
+        super().__init__()
+        self.cfg, self.input_steps = cfg, input_steps
+        self.graph = GraphInputs(graph)
+        c = cfg.num_channels
+        node_dim = self.graph.data_attrs.shape[1]
+        self.embed_data = nn.Linear(input_steps * num_input_vars + node_dim, c)
+        self.embed_mesh = nn.Linear(node_dim, c)
+        edge_dim = {}
+        self.edge_features = nn.ParameterDict()
+        for role in ROLES:
+            edge_dim[role] = (
+                getattr(self.graph, f"{role}_attrs").shape[1] + cfg.trainable_edge_features
+            )
+            if cfg.trainable_edge_features:
+                self.edge_features[role] = nn.Parameter(
+                    0.01 * torch.randn(self.graph.num_edges[role], cfg.trainable_edge_features)
+                )
+
+        def block(role, bipartite):
+            return GraphTransformerBlock(
+                c, cfg.num_heads, edge_dim[role], cfg.mlp_ratio, bipartite, cfg.attention_backend
+            )
+
+        self.encoder = block("encoder", True)
+        self.processor = nn.ModuleList(
+            block("processor", False) for _ in range(cfg.processor_layers)
+        )
+        self.decoder = block("decoder", True)
+        self.norm_out = nn.LayerNorm(c)
+        self.head = nn.Linear(c, num_output_vars)
+        # (output column, input column) pairs predicted as a residual on the last input step
+        pairs = residual_map or []
+        self.register_buffer(
+            "res_out", torch.tensor([p[0] for p in pairs], dtype=torch.long), persistent=False
+        )
+        self.register_buffer(
+            "res_in", torch.tensor([p[1] for p in pairs], dtype=torch.long), persistent=False
+        )
+
+    def edge_inputs(self, role: str) -> torch.Tensor:
+        attrs = getattr(self.graph, f"{role}_attrs")
+        if role in self.edge_features:
+            return torch.cat([attrs, self.edge_features[role]], dim=1)
+        return attrs
+
+    def _run(self, block, enabled, *args):
+        if enabled and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T_in, G, V_in]`` normalised -> next state ``[B, G, V_out]`` normalised."""
+        b, t, g, v = x.shape
+        if t != self.input_steps or g != self.graph.num_data:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)}: expected {self.input_steps} steps on "
+                f"{self.graph.num_data} grid points"
+            )
+        gi = self.graph
+        data_in = torch.cat(
+            [
+                x.permute(0, 2, 1, 3).reshape(b, g, t * v),
+                gi.data_attrs.expand(b, -1, -1).to(x.dtype),
+            ],
+            -1,
+        )
+        z_data = self.embed_data(data_in)
+        z_mesh = self.embed_mesh(gi.mesh_attrs).expand(b, -1, -1)
+        cfg = self.cfg
+        enc, proc, dec = (self.edge_inputs(r) for r in ROLES)
+        z_mesh = self._run(
+            self.encoder, cfg.checkpoint_encoder, z_data, z_mesh, enc, gi.indices["encoder"]
+        )
+        for layer in self.processor:
+            z_mesh = self._run(
+                layer, cfg.checkpoint_processor, z_mesh, z_mesh, proc, gi.indices["processor"]
+            )
+        z_data = self._run(
+            self.decoder, cfg.checkpoint_decoder, z_mesh, z_data, dec, gi.indices["decoder"]
+        )
+        y = self.head(self.norm_out(z_data))
+        if self.res_out.numel():
+            last = x[:, -1].index_select(-1, self.res_in).to(y.dtype)
+            y = y.index_add(-1, self.res_out, last)
+        return y
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_sample(self) -> int:
+        """Analytic forward FLOPs of one sample (a training step costs about 3x this)."""
+        gi, c = self.graph, self.cfg.num_channels
+        n = {"encoder": (gi.num_data, gi.num_mesh), "processor": (gi.num_mesh, gi.num_mesh),
+             "decoder": (gi.num_mesh, gi.num_data)}  # fmt: skip
+        total = (
+            2 * self.embed_data.in_features * c * gi.num_data
+            + 2 * self.embed_mesh.in_features * c * gi.num_mesh
+        )
+        total += self.encoder.flops_per_sample(*n["encoder"], gi.num_edges["encoder"])
+        total += sum(
+            layer.flops_per_sample(*n["processor"], gi.num_edges["processor"])
+            for layer in self.processor
+        )
+        total += self.decoder.flops_per_sample(*n["decoder"], gi.num_edges["decoder"])
+        return total + 2 * c * self.head.out_features * gi.num_data
