@@ -1,0 +1,52 @@
+"""Generate a synthetic dataset on a graph's data grid.
+
+    python -m jobs.make_dataset                                  # default graph and data config
+    python -m jobs.make_dataset graph=o96_l6 data.generator.num_times=800
+    python -m jobs.make_dataset data.path=/scratch/o32.zarr data.generator.overwrite=true
+
+Writes ``cfg.data.path`` (an anemoi-datasets-like zarr store, see ``squall.data.zarr_dataset``)
+and prints one JSON line: path, times, variables, grid points, seconds. An existing store is
+kept unless ``data.generator.overwrite=true``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from jobs._entry import setup_logging, user_errors
+from squall.data.setup import synthetic_settings
+from squall.data.synthetic import generate
+from squall.data.zarr_dataset import read_info
+from squall.graphs import load_or_build
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@user_errors
+def main(cfg: DictConfig) -> None:
+    setup_logging()
+    path = Path(str(cfg.data.path))
+    overwrite = bool((cfg.data.get("generator") or {}).get("overwrite", False))
+    start = time.perf_counter()
+    if path.exists() and not overwrite:
+        info = read_info(path)
+        print(f"dataset {path} exists ({info.shape[0]} times, {len(info.variables)} variables, "
+              f"{info.num_grid} points); pass data.generator.overwrite=true to regenerate")  # fmt: skip
+        return
+    settings = synthetic_settings(cfg.data)
+    nodes = load_or_build(cfg.graph, cfg.paths.cache + "/graphs").nodes["data"]
+    grid = str(nodes.meta.get("grid") or cfg.graph.get("name", ""))
+    generate(path, nodes, settings, grid_name=grid, overwrite=overwrite)
+    info = read_info(path)
+    print(json.dumps({"path": str(path), "times": info.shape[0], "variables": list(info.variables),
+                      "grid": grid, "points": info.num_grid, "start_date": str(info.dates[0]),
+                      "end_date": str(info.dates[-1]),
+                      "seconds": round(time.perf_counter() - start, 2)}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

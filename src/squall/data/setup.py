@@ -1,0 +1,139 @@
+"""From the Hydra config to a dataset on disk and the torch datasets of each split."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from squall.data.synthetic import SyntheticSettings, generate
+from squall.data.zarr_dataset import WindowDataset, read_info
+from squall.errors import DataError
+from squall.graphs.grids import NodeSet
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+
+
+def _plain(node):
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(node, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra
+        pass
+    return node
+
+
+def data_nodes(cfg) -> NodeSet:
+    """The graph's ``data`` node set, built from ``cfg.graph.nodes.data`` (no edges needed)."""
+    from squall.graphs.graph import build_nodes
+
+    spec = _plain(cfg.graph)
+    try:
+        return build_nodes("data", dict(spec["nodes"]["data"]))
+    except (KeyError, TypeError):
+        raise DataError(
+            f"graph {spec.get('name', '?')!r} has no nodes.data entry: the dataset's grid is the "
+            "graph's data node set"
+        ) from None
+
+
+def synthetic_settings(data_cfg) -> SyntheticSettings:
+    """:class:`SyntheticSettings` from ``cfg.data`` (``generator`` section plus ``frequency``)."""
+    d = _plain(data_cfg)
+    gen = dict(d.get("generator") or {})
+    gen.pop("overwrite", None)
+    variables = gen.pop("variables", None) or d.get("variables")
+    if variables:
+        gen["variables"] = tuple(variables)
+    if "lifetime_days" in gen:
+        gen["lifetime_days"] = tuple(gen["lifetime_days"])
+    gen.setdefault("frequency", d.get("frequency", "6h"))
+    known = set(SyntheticSettings.__dataclass_fields__)
+    unknown = sorted(set(gen) - known)
+    if unknown:
+        raise DataError(f"data.generator has unknown keys {unknown}; known: {sorted(known)}")
+    return SyntheticSettings(**gen)
+
+
+def ensure_dataset(cfg, nodes: NodeSet | None = None) -> Path:
+    """Path of the configured dataset, generating it first if it is synthetic and missing.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        Full config (``data`` and ``graph`` sections).
+    nodes : NodeSet, optional
+        The graph's data nodes if already built; else built from ``cfg.graph``.
+
+    Returns
+    -------
+    Path
+        The dataset path. Raises :class:`DataError` when it is missing and not synthetic, or,
+        when ``nodes`` is given, when its grid is not ``nodes``.
+    """
+    path = Path(str(cfg.data.path))
+    if path.exists():
+        if nodes is not None:
+            read_info(path).check_grid(len(nodes), nodes.latlon)
+        return path
+    source = str(cfg.data.get("source", "zarr"))
+    if source != "synthetic":
+        read_info(path)  # raises the missing-dataset error with the generation hint
+    nodes = nodes if nodes is not None else data_nodes(cfg)
+    settings = synthetic_settings(cfg.data)
+    grid = str(nodes.meta.get("grid") or cfg.graph.get("name", ""))
+    log.info("dataset %s not found: generating a synthetic one (%d times on %s, %d points)",
+             path, settings.num_times, grid, len(nodes))  # fmt: skip
+    return generate(path, nodes, settings, grid_name=grid)
+
+
+def build_dataset(cfg, split: str = "train", rollout: int = 1, grid_indices=None,
+                  normaliser=None) -> WindowDataset:  # fmt: skip
+    """The :class:`WindowDataset` of ``split`` as configured in ``cfg.data``.
+
+    The validation and test splits use the normaliser of the training statistics given by
+    ``normaliser`` (pass ``train.normaliser``); by default each uses the dataset statistics.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
+    d = cfg.data
+    rng = _plain(d.get(split)) or {}
+    return WindowDataset(
+        str(d.path),
+        variables=_plain(d.get("variables")),
+        input_steps=int(d.get("input_steps", 1)),
+        rollout=int(rollout),
+        start=rng.get("start"),
+        end=rng.get("end"),
+        timestep=d.get("timestep"),
+        grid_indices=grid_indices,
+        member=int(d.get("member", 0)),
+        normaliser=normaliser,
+        normalisation=_plain(d.get("normalisation")),
+    )
+
+
+def variable_roles(cfg, variables) -> dict[str, list[int]]:
+    """Indices (into ``variables``) of ``prognostic``, ``forcing`` and ``diagnostic`` variables.
+
+    Forcings are inputs only, diagnostics outputs only, prognostic variables both.
+    """
+    d = cfg.data
+    forcings = set(_plain(d.get("forcings")) or ())
+    diagnostics = set(_plain(d.get("diagnostics")) or ())
+    unknown = (forcings | diagnostics) - set(variables)
+    if unknown:
+        raise DataError(
+            f"data.forcings/diagnostics name {sorted(unknown)} which are not among the chosen "
+            f"variables {list(variables)}"
+        )
+    if forcings & diagnostics:
+        raise DataError(f"variables {sorted(forcings & diagnostics)} are both forcing and diagnostic")
+    return {
+        "prognostic": [i for i, v in enumerate(variables) if v not in forcings | diagnostics],
+        "forcing": [i for i, v in enumerate(variables) if v in forcings],
+        "diagnostic": [i for i, v in enumerate(variables) if v in diagnostics],
+    }
