@@ -17,22 +17,26 @@ Triton kernels (``backend="triton"``)
 -------------------------------------
 Forward: one program per ``DPP`` destinations (all heads), looping over the destination's edges in
 blocks of ``BLOCK_E`` with an online (base-2) softmax in fp32; it stores ``out`` in the input dtype
-and the log-sum-exp ``lse [N_dst, H]`` (fp32, base 2), nothing else.
+and the log-sum-exp ``lse [N_dst, H]`` (fp32, base 2). Backward needs ``q, k, v, edge`` and ``lse``
+only (not ``out``), with no atomics, so every gradient is bitwise identical run to run:
 
-Backward, no atomics, so every gradient is bitwise identical run to run:
-
-* per destination (CSC): recompute ``p_ij``, ``ds_ij = p_ij (dO_i . (v_j + e_ij) - dO_i . out_i)``;
-  accumulate ``dq_i``; write ``de_ij = p_ij dO_i + ds_ij q_i / sqrt(C)`` and the per-edge scalars
-  ``p, ds [E, H]`` (fp32);
-* per source (CSR view): ``dk_j = sum_i ds_ij q_i / sqrt(C)``, ``dv_j = sum_i p_ij dO_i``.
+* per destination (CSC): recompute ``p_ij`` and ``dp_ij = dO_i . (v_j + e_ij)``; write ``p`` and
+  ``p dp`` per edge (``[E, H]`` fp32) and ``delta_i = sum_j p_ij dp_ij`` (exact in fp32, unlike
+  ``dO . out`` from an output rounded to bf16, which made ``dq`` 3x noisier than torch in bf16);
+  ``dq_i = sum_j p_ij (dp_ij - delta_i) (k_j + e_ij) / sqrt(C)``, accumulated in one pass as
+  ``sum p dp kk - delta sum p kk``;
+* per source (CSR view), with ``ds_ij = p_ij dp_ij - p_ij delta_i``: ``dk_j = sum_i ds_ij q_i /
+  sqrt(C)``, ``dv_j = sum_i p_ij dO_i`` and, materialised, ``de_ij = p_ij dO_i + ds_ij q_i /
+  sqrt(C)`` (the same gathered ``q_i``, ``dO_i`` rows serve all three).
 
 Fused mode never forms ``e_ij`` as a ``[H, C]`` row at all: with ``a = [edge_attr_ij, 1]`` and
 ``W_aug = [W; b]``, ``q_i . e_ij = a . (W_aug q_i)`` and ``sum_j p_ij e_ij = (sum_j p_ij a_j) W_aug``,
 so each destination projects ``q_i`` (and ``dO_i``) onto the ``d_e + 1`` rows of ``W_aug`` once and
-each edge costs ``O(H d_e)`` extra flops. Backward writes ``d edge_attr`` per edge and the
-per-destination sums ``A_i = sum_j p_ij a_j``, ``B_i = sum_j ds_ij a_j / sqrt(C)``
-(``[N_dst, d_e + 1, H]``, fp32), from which ``dW_aug = sum_i A_i dO_i + B_i q_i`` is reduced in
-fixed-size row chunks, then summed over chunks in a fixed order (deterministic).
+each edge costs ``O(H d_e)`` extra flops. Backward writes ``d edge_attr`` per edge (a second, light
+pass over the destination's ``p`` rows once ``delta`` is known) and the per-destination sums
+``A_i = sum_j p_ij a_j``, ``B_i = sum_j ds_ij a_j / sqrt(C)`` (``[N_dst, d_e + 1, H]``, fp32), from
+which ``dW_aug = sum_i A_i dO_i + B_i q_i`` is reduced in fixed-size row chunks, then summed over
+chunks in a fixed order (deterministic).
 
 Nodes are launched per degree class (:mod:`squall.kernels.edge_index`), each class with its own
 autotuned ``BLOCK_E``, ``DPP`` and warps, keyed on ``(H, C, d_e)``.
@@ -180,13 +184,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _bwd_dst_kernel(
-        q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w_ptr, out_ptr, do_ptr, lse_ptr,
-        dq_ptr, de_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr, ds_ptr,
+        q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w_ptr, do_ptr, lse_ptr,
+        dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr, pdp_ptr, delta_ptr,
         colptr_ptr, row_ptr, order_ptr, order_start, n_order,
         H, C, sm_scale, qk_scale,
         FUSED: tl.constexpr, D_E: tl.constexpr, D_PAD: tl.constexpr,
         H_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
     ):  # fmt: skip
+        """Per destination: ``p``, ``p * dp`` per edge, exact ``delta = sum_j p dp``, ``dq``."""
         pid = tl.program_id(0)
         HC = H * C
         offs_h = tl.arange(0, H_PAD)
@@ -199,8 +204,6 @@ if HAS_TRITON:
         for t in range(DPP):
             slot = pid * DPP + t
             valid = slot < n_order
-            # the row masks take the node's validity as a vector (the interpreter rejects a
-            # scalar & block mask)
             hmask = mask_h & ((offs_h * 0 + slot) < n_order)
             row_mask = hmask[:, None] & (offs_c[None, :] < C)
             node = tl.load(order_ptr + order_start + slot, mask=valid, other=0).to(tl.int64)
@@ -208,15 +211,16 @@ if HAS_TRITON:
             end = tl.load(colptr_ptr + node + 1, mask=valid, other=0)
             q = tl.load(q_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
             do = tl.load(do_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
-            o = tl.load(out_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
             lse = tl.load(lse_ptr + node * H + offs_h, mask=hmask, other=0.0)
-            delta = tl.sum(do * o, 1)
-            dq = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
+            # dq = scale * sum_j p (dp - delta) kk = scale * (x_acc - delta * y_acc)
+            x_acc = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
+            y_acc = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
+            delta = tl.zeros([H_PAD], dtype=tl.float32)
             if FUSED:
                 qw = _project(q, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1, D_PAD)
                 gw = _project(do, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1, D_PAD)
                 sa = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
-                sb = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
+                sc = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
             for start in range(beg, end, BLOCK_E):
                 eid = start + offs_e
                 mask_e = eid < end
@@ -239,45 +243,57 @@ if HAS_TRITON:
                     dp = tl.sum(do[None] * (v + e), 2)
                 p = tl.exp2(s * qk_scale - lse[None, :])
                 p = tl.where(mask_e[:, None], p, 0.0)
-                ds = p * (dp - delta[None, :])
-                dq += tl.sum(ds[:, :, None] * k, 0)
-                ds_s = ds * sm_scale
+                pdp = p * dp
+                delta += tl.sum(pdp, 0)
+                x_acc += tl.sum(pdp[:, :, None] * k, 0)
+                y_acc += tl.sum(p[:, :, None] * k, 0)
                 ph = eid64[:, None] * H + offs_h[None, :]
                 mask_eh = mask_e[:, None] & mask_h[None, :]
                 tl.store(p_ptr + ph, p, mask=mask_eh)
-                tl.store(ds_ptr + ph, ds_s, mask=mask_eh)
+                tl.store(pdp_ptr + ph, pdp, mask=mask_eh)
                 if FUSED:
+                    sa += tl.sum(a[:, :, None] * p[:, None, :], 0)
+                    sc += tl.sum(a[:, :, None] * pdp[:, None, :], 0)
+            dq = (x_acc - delta[:, None] * y_acc) * sm_scale
+            tl.store(delta_ptr + node * H + offs_h, delta, mask=hmask)
+            if FUSED:
+                # B = scale * sum_j ds_j a_j with ds = p dp - p delta; the e-part of dq is B W_aug.
+                sb = (sc - delta[None, :] * sa) * sm_scale
+                dq += _expand(sb, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)
+                dh = node * (D_E + 1) * H + offs_d[:, None] * H + offs_h[None, :]
+                mask_dh = (offs_d[:, None] < D_E + 1) & hmask[None, :]
+                tl.store(sa_ptr + dh, sa, mask=mask_dh)
+                tl.store(sb_ptr + dh, sb, mask=mask_dh)
+                # Second pass over this node's edges, now that delta is known:
+                # d attr_j = sum_h p G + scale (p dp - p delta) Qw. Reads back the p, p dp rows
+                # this program just wrote (barrier: other threads of the program wrote them).
+                tl.debug_barrier()
+                for start in range(beg, end, BLOCK_E):
+                    eid = start + offs_e
+                    mask_e = eid < end
+                    eid64 = eid.to(tl.int64)
+                    ph = eid64[:, None] * H + offs_h[None, :]
+                    mask_eh = mask_e[:, None] & mask_h[None, :]
+                    p = tl.load(p_ptr + ph, mask=mask_eh, other=0.0)
+                    pdp = tl.load(pdp_ptr + ph, mask=mask_eh, other=0.0)
+                    ds_s = (pdp - p * delta[None, :]) * sm_scale
                     da = tl.sum(p[:, None, :] * gw[None] + ds_s[:, None, :] * qw[None], 2)
                     tl.store(
                         dattr_ptr + eid64[:, None] * D_E + offs_d[None, :],
                         da.to(dattr_ptr.dtype.element_ty),
                         mask=mask_e[:, None] & (offs_d[None, :] < D_E),
                     )
-                    sa += tl.sum(a[:, :, None] * p[:, None, :], 0)
-                    sb += tl.sum(a[:, :, None] * ds_s[:, None, :], 0)
-                else:
-                    de = p[:, :, None] * do[None] + ds_s[:, :, None] * q[None]
-                    tl.store(
-                        de_ptr + eid64[:, None, None] * HC + hc[None],
-                        de.to(de_ptr.dtype.element_ty),
-                        mask=m3,
-                    )
-            dq = dq * sm_scale
-            if FUSED:
-                dq += _expand(sb, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)
-                dh = node * (D_E + 1) * H + offs_d[:, None] * H + offs_h[None, :]
-                mask_dh = (offs_d[:, None] < D_E + 1) & hmask[None, :]
-                tl.store(sa_ptr + dh, sa, mask=mask_dh)
-                tl.store(sb_ptr + dh, sb, mask=mask_dh)
             tl.store(dq_ptr + node * HC + hc, dq.to(dq_ptr.dtype.element_ty), mask=row_mask)
 
     @triton.jit
     def _bwd_src_kernel(
-        q_ptr, do_ptr, p_ptr, ds_ptr, dk_ptr, dv_ptr,
+        q_ptr, do_ptr, p_ptr, pdp_ptr, delta_ptr, dk_ptr, dv_ptr, de_ptr,
         rowptr_ptr, csr_perm_ptr, csr_dst_ptr, order_ptr, order_start, n_order,
-        H, C,
+        H, C, sm_scale,
+        WRITE_DE: tl.constexpr,
         H_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
     ):  # fmt: skip
+        """Per source (CSR view): ``dk``, ``dv`` and, materialised, ``de`` of each out-edge."""
         pid = tl.program_id(0)
         HC = H * C
         offs_h = tl.arange(0, H_PAD)
@@ -289,8 +305,6 @@ if HAS_TRITON:
         for t in range(DPP):
             slot = pid * DPP + t
             valid = slot < n_order
-            # the row masks take the node's validity as a vector (the interpreter rejects a
-            # scalar & block mask)
             hmask = mask_h & ((offs_h * 0 + slot) < n_order)
             row_mask = hmask[:, None] & (offs_c[None, :] < C)
             node = tl.load(order_ptr + order_start + slot, mask=valid, other=0).to(tl.int64)
@@ -304,13 +318,25 @@ if HAS_TRITON:
                 eid = tl.load(csr_perm_ptr + pos, mask=mask_e, other=0).to(tl.int64)
                 dst = tl.load(csr_dst_ptr + pos, mask=mask_e, other=0).to(tl.int64)
                 mask_eh = mask_e[:, None] & mask_h[None, :]
-                p = tl.load(p_ptr + eid[:, None] * H + offs_h[None, :], mask=mask_eh, other=0.0)
-                ds = tl.load(ds_ptr + eid[:, None] * H + offs_h[None, :], mask=mask_eh, other=0.0)
+                ph = eid[:, None] * H + offs_h[None, :]
+                p = tl.load(p_ptr + ph, mask=mask_eh, other=0.0)
+                pdp = tl.load(pdp_ptr + ph, mask=mask_eh, other=0.0)
+                dlt = tl.load(delta_ptr + dst[:, None] * H + offs_h[None, :], mask=mask_eh, other=0.0)
+                ds_s = (pdp - p * dlt) * sm_scale
                 m3 = mask_e[:, None, None] & mask_hc[None, :, :]
                 qd = tl.load(q_ptr + dst[:, None, None] * HC + hc[None], mask=m3, other=0.0)
                 dod = tl.load(do_ptr + dst[:, None, None] * HC + hc[None], mask=m3, other=0.0)
-                dk += tl.sum(ds[:, :, None] * qd.to(tl.float32), 0)
-                dv += tl.sum(p[:, :, None] * dod.to(tl.float32), 0)
+                qd = qd.to(tl.float32)
+                dod = dod.to(tl.float32)
+                dk += tl.sum(ds_s[:, :, None] * qd, 0)
+                dv += tl.sum(p[:, :, None] * dod, 0)
+                if WRITE_DE:
+                    de = p[:, :, None] * dod + ds_s[:, :, None] * qd
+                    tl.store(
+                        de_ptr + eid[:, None, None] * HC + hc[None],
+                        de.to(de_ptr.dtype.element_ty),
+                        mask=m3,
+                    )
             tl.store(dk_ptr + node * HC + hc, dk.to(dk_ptr.dtype.element_ty), mask=row_mask)
             tl.store(dv_ptr + node * HC + hc, dv.to(dv_ptr.dtype.element_ty), mask=row_mask)
 
@@ -397,7 +423,7 @@ def _tuned_src(cls: int, tile: int):
             triton.Config({"BLOCK_E": be, "DPP": dpp}, num_warps=w)
             for be, dpp, w in _class_configs("bwd_src", cls, tile)
         ]
-        _TUNED[key] = triton.autotune(configs=configs, key=["H", "C"])(_bwd_src_kernel)
+        _TUNED[key] = triton.autotune(configs=configs, key=["H", "C", "WRITE_DE"])(_bwd_src_kernel)
     return _TUNED[key]
 
 
@@ -414,13 +440,27 @@ def _class_launches(counts: list[int]):
         start += n
 
 
+# Tests set this to fill every kernel output with NaN before launch, so an element a kernel fails
+# to write shows up as NaN (never left on in production: it costs one extra write per output).
+POISON_OUTPUTS = False
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if POISON_OUTPUTS and t.is_floating_point() else t
+
+
+def _new_like(x: torch.Tensor) -> torch.Tensor:
+    return _new(x.shape, x.dtype, x.device)
+
+
 def _launch_fwd(q, k, v, edge, attr, w_aug, colptr, row, order, counts):
     n_dst, h, c = q.shape
     h_pad, c_pad = _pads(h, c)
     fused = attr is not None
     d_e = attr.shape[1] if fused else 0
-    out = torch.empty_like(q)
-    lse = torch.empty((n_dst, h), dtype=torch.float32, device=q.device)
+    out = _new_like(q)
+    lse = _new((n_dst, h), dtype=torch.float32, device=q.device)
     dummy = q
     for cls, first, n in _class_launches(counts):
         kern = _tuned("fwd", cls, h_pad * c_pad)
@@ -434,7 +474,7 @@ def _launch_fwd(q, k, v, edge, attr, w_aug, colptr, row, order, counts):
     return out, lse
 
 
-def _launch_bwd(q, k, v, edge, attr, w_aug, out, lse, dout, kidx_tensors, dst_counts, src_counts):
+def _launch_bwd(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_counts, src_counts):
     colptr, row, rowptr, csr_perm, csr_dst, dst_order, src_order = kidx_tensors
     n_dst, h, c = q.shape
     n_edges = row.shape[0]
@@ -443,16 +483,18 @@ def _launch_bwd(q, k, v, edge, attr, w_aug, out, lse, dout, kidx_tensors, dst_co
     d_e = attr.shape[1] if fused else 0
     d_pad = triton.next_power_of_2(d_e + 1)
     dev = q.device
-    dq = torch.empty_like(q)
-    p = torch.empty((n_edges, h), dtype=torch.float32, device=dev)
-    ds = torch.empty((n_edges, h), dtype=torch.float32, device=dev)
+    f32 = torch.float32
+    dq = _new_like(q)
+    p = _new((n_edges, h), f32, dev)
+    pdp = _new((n_edges, h), f32, dev)
+    delta = _new((n_dst, h), f32, dev)
     if fused:
-        de = torch.empty(0, device=dev)
-        dattr = torch.empty_like(attr)
-        sa = torch.empty((n_dst, d_e + 1, h), dtype=torch.float32, device=dev)
-        sb = torch.empty_like(sa)
+        de = _new(0, f32, dev)
+        dattr = _new_like(attr)
+        sa = _new((n_dst, d_e + 1, h), f32, dev)
+        sb = _new_like(sa)
     else:
-        de = torch.empty_like(edge)
+        de = _new_like(edge)
         dattr = sa = sb = de
     dummy = q
     sm_scale = 1.0 / math.sqrt(c)
@@ -460,24 +502,24 @@ def _launch_bwd(q, k, v, edge, attr, w_aug, out, lse, dout, kidx_tensors, dst_co
         kern = _tuned("bwd_dst", cls, h_pad * c_pad)
         kern[lambda meta, n=n: (triton.cdiv(n, meta["DPP"]),)](
             q, k, v, edge if edge is not None else dummy, attr if fused else dummy,
-            w_aug if fused else dummy, out, dout, lse,
-            dq, de, dattr, sa, sb, p, ds,
+            w_aug if fused else dummy, dout, lse,
+            dq, dattr, sa, sb, p, pdp, delta,
             colptr, row, dst_order, first, n,
             h, c, sm_scale, sm_scale * LOG2E,
             FUSED=fused, D_E=d_e, D_PAD=d_pad, H_PAD=h_pad, C_PAD=c_pad,
         )  # fmt: skip
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dk = _new_like(k)
+    dv = _new_like(v)
     for cls, first, n in _class_launches(src_counts):
         kern = _tuned_src(cls, h_pad * c_pad)
         kern[lambda meta, n=n: (triton.cdiv(n, meta["DPP"]),)](
-            q, dout, p, ds, dk, dv, rowptr, csr_perm, csr_dst, src_order, first, n,
-            h, c, H_PAD=h_pad, C_PAD=c_pad,
+            q, dout, p, pdp, delta, dk, dv, de, rowptr, csr_perm, csr_dst, src_order, first, n,
+            h, c, sm_scale, WRITE_DE=not fused, H_PAD=h_pad, C_PAD=c_pad,
         )  # fmt: skip
     if not fused:
         return dq, dk, dv, de
     n_chunks = max(1, triton.cdiv(n_dst, DW_ROWS_PER_CHUNK))
-    part = torch.empty((n_chunks, d_e + 1, h * c), dtype=torch.float32, device=dev)
+    part = _new((n_chunks, d_e + 1, h * c), dtype=torch.float32, device=dev)
     _dw_chunk_kernel[(n_chunks, h)](
         sa, sb, q, dout, part, n_dst, h, c, DW_ROWS_PER_CHUNK,
         D_AUG=d_e + 1, D_PAD=max(16, d_pad), C_PAD=max(16, c_pad), BLOCK_N=32,
@@ -518,7 +560,7 @@ def _(q, k, v, edge, colptr, row, rowptr, csr_perm, csr_dst, dst_order, src_orde
 
 @torch.library.custom_op("squall::gt_attention_bwd", mutates_args=())
 def _op_bwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, edge: torch.Tensor, out: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, edge: torch.Tensor,
     lse: torch.Tensor, dout: torch.Tensor,
     colptr: torch.Tensor, row: torch.Tensor, rowptr: torch.Tensor, csr_perm: torch.Tensor,
     csr_dst: torch.Tensor, dst_order: torch.Tensor, src_order: torch.Tensor,
@@ -527,12 +569,12 @@ def _op_bwd(
     """Materialised-edge backward: ``(dq, dk, dv, de)``."""
     kt = (colptr, row, rowptr, csr_perm, csr_dst, dst_order, src_order)
     return _launch_bwd(
-        _c(q), _c(k), _c(v), _c(edge), None, None, _c(out), lse, _c(dout), kt, dst_counts, src_counts
+        _c(q), _c(k), _c(v), _c(edge), None, None, lse, _c(dout), kt, dst_counts, src_counts
     )
 
 
 @_op_bwd.register_fake
-def _(q, k, v, edge, out, lse, dout, *rest):
+def _(q, k, v, edge, lse, dout, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(edge)
 
 
@@ -540,13 +582,12 @@ def _setup_fwd(ctx, inputs, output):
     q, k, v, edge = inputs[:4]
     ctx.index = inputs[4:11]
     ctx.counts = inputs[11:13]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, edge, out, lse)
+    ctx.save_for_backward(q, k, v, edge, output[1])
 
 
 def _backward_fwd(ctx, dout, dlse):
-    q, k, v, edge, out, lse = ctx.saved_tensors
-    dq, dk, dv, de = _op_bwd(q, k, v, edge, out, lse, dout, *ctx.index, *ctx.counts)
+    q, k, v, edge, lse = ctx.saved_tensors
+    dq, dk, dv, de = _op_bwd(q, k, v, edge, lse, dout, *ctx.index, *ctx.counts)
     return (dq, dk, dv, de) + (None,) * 9
 
 
@@ -574,7 +615,7 @@ def _(q, k, v, attr, w_aug, *rest):
 @torch.library.custom_op("squall::gt_attention_fused_bwd", mutates_args=())
 def _op_fused_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attr: torch.Tensor, w_aug: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+    lse: torch.Tensor, dout: torch.Tensor,
     colptr: torch.Tensor, row: torch.Tensor, rowptr: torch.Tensor, csr_perm: torch.Tensor,
     csr_dst: torch.Tensor, dst_order: torch.Tensor, src_order: torch.Tensor,
     dst_counts: list[int], src_counts: list[int],
@@ -582,13 +623,13 @@ def _op_fused_bwd(
     """Fused-edge backward: ``(dq, dk, dv, d_attr, dw_aug)`` (``dw_aug`` in fp32)."""
     kt = (colptr, row, rowptr, csr_perm, csr_dst, dst_order, src_order)
     return _launch_bwd(
-        _c(q), _c(k), _c(v), None, _c(attr), _c(w_aug), _c(out), lse, _c(dout), kt,
+        _c(q), _c(k), _c(v), None, _c(attr), _c(w_aug), lse, _c(dout), kt,
         dst_counts, src_counts,
     )  # fmt: skip
 
 
 @_op_fused_bwd.register_fake
-def _(q, k, v, attr, w_aug, out, lse, dout, *rest):
+def _(q, k, v, attr, w_aug, lse, dout, *rest):
     dw = w_aug.new_empty(w_aug.shape, dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(attr), dw
 
@@ -597,15 +638,12 @@ def _setup_fused(ctx, inputs, output):
     q, k, v, attr, w_aug = inputs[:5]
     ctx.index = inputs[5:12]
     ctx.counts = inputs[12:14]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, attr, w_aug, out, lse)
+    ctx.save_for_backward(q, k, v, attr, w_aug, output[1])
 
 
 def _backward_fused(ctx, dout, dlse):
-    q, k, v, attr, w_aug, out, lse = ctx.saved_tensors
-    dq, dk, dv, dattr, dw = _op_fused_bwd(
-        q, k, v, attr, w_aug, out, lse, dout, *ctx.index, *ctx.counts
-    )
+    q, k, v, attr, w_aug, lse = ctx.saved_tensors
+    dq, dk, dv, dattr, dw = _op_fused_bwd(q, k, v, attr, w_aug, lse, dout, *ctx.index, *ctx.counts)
     return (dq, dk, dv, dattr, dw.to(w_aug.dtype)) + (None,) * 9
 
 

@@ -1,0 +1,234 @@
+"""Triton GT attention against the fp64 reference (CPU: interpreter; GPU: compiled kernels).
+
+Tolerance (STYLE.md habit 6): for the output and every gradient,
+``err(kernel, fp64) <= 2 * err(torch in the same dtype, fp64) + atol``, with ``err`` the largest
+absolute difference scaled by the reference's largest magnitude.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from squall.kernels import gt_attention as gta  # noqa: E402
+from squall.kernels.edge_index import DEGREE_CLASS_CAPS, EdgeIndex, degree_schedule  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and type(gta._fwd_kernel).__name__ != "InterpretedFunction":
+    pytest.skip(
+        "kernels were decorated without TRITON_INTERPRET=1 (module imported before the kernels "
+        "conftest) and no GPU is present",
+        allow_module_level=True,
+    )
+
+# Relative atol per dtype: a few ulps of fp32 (different summation order than the reference), half
+# an ulp of the 16-bit formats for outputs stored in them.
+ATOL = {torch.float32: 2e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(gta, "POISON_OUTPUTS", True)
+
+
+def random_graph(n_src: int, n_dst: int, max_deg: int, skew: int, gen: torch.Generator):
+    """CSC graph with zero-in-degree destinations and one destination of ``skew`` edges."""
+    deg = torch.randint(0, max_deg + 1, (n_dst,), generator=gen)
+    deg[0] = 0
+    deg[n_dst // 2] = skew
+    deg[-1] = 0
+    colptr = torch.zeros(n_dst + 1, dtype=torch.int64)
+    colptr[1:] = torch.cumsum(deg, 0)
+    row = torch.randint(0, n_src, (int(colptr[-1]),), generator=gen)
+    return EdgeIndex.from_csc(colptr, row, n_src).to(DEVICE)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(x).any(), "NaN (unwritten or invalid) elements"
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def make_inputs(n_src, n_dst, n_edges, heads, chans, d_e, dtype, gen):
+    def rnd(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+        return t.to(DEVICE, dtype)
+
+    return {
+        "q": rnd(n_dst, heads, chans),
+        "k": rnd(n_src, heads, chans),
+        "v": rnd(n_src, heads, chans),
+        "edge": rnd(n_edges, heads, chans),
+        "attr": rnd(n_edges, d_e),
+        "weight": rnd(d_e, heads * chans, scale=d_e**-0.5),
+        "bias": rnd(heads * chans, scale=0.3),
+    }
+
+
+def run(fn, inputs: dict, names: list[str], grad_out: torch.Tensor):
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in inputs.items() if n in names}
+    out = fn(**leaves)
+    grads = torch.autograd.grad(out, [leaves[n] for n in names], grad_out.to(out.dtype))
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+def materialised(index, backend):
+    return lambda q, k, v, edge: gta.gt_attention(q, k, v, edge, index, backend)
+
+
+def fused(index, backend):
+    return lambda q, k, v, attr, weight, bias: gta.gt_attention_fused(
+        q, k, v, attr, weight, bias, index, backend
+    )
+
+
+MAT = ["q", "k", "v", "edge"]
+FUSED = ["q", "k", "v", "attr", "weight", "bias"]
+
+CASES = [
+    # (heads, chans, d_e, max_deg, skew): non-powers of two, every degree class, a 300-edge node
+    pytest.param(3, 5, 3, 6, 300, id="H3-C5"),
+    pytest.param(2, 24, 5, 20, 40, id="H2-C24"),
+    pytest.param(4, 16, 16, 10, 120, id="H4-C16-de16"),
+]
+
+
+@pytest.mark.parametrize("mode", ["materialised", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("heads", "chans", "d_e", "max_deg", "skew"), CASES)
+def test_matches_reference(mode, dtype, heads, chans, d_e, max_deg, skew):
+    gen = torch.Generator().manual_seed(hash((mode, str(dtype), heads, chans)) % 2**31)
+    index = random_graph(37, 29, max_deg, skew, gen)
+    inputs = make_inputs(37, 29, index.num_edges, heads, chans, d_e, dtype, gen)
+    grad_out = torch.randn(29, heads, chans, generator=gen, dtype=torch.float64).to(DEVICE)
+    names, make = (MAT, materialised) if mode == "materialised" else (FUSED, fused)
+
+    exact = run(make(index, "torch"), {n: t.double() for n, t in inputs.items()}, names, grad_out)
+    torch_same = run(make(index, "torch"), inputs, names, grad_out)
+    kernel = run(make(index, "triton"), inputs, names, grad_out)
+    for what, ref, same, ker in zip(["out", *names], exact, torch_same, kernel, strict=True):
+        e_ker, e_torch = rel_err(ker, ref), rel_err(same, ref)
+        assert ker.dtype == same.dtype, what
+        assert e_ker <= 2 * e_torch + ATOL[dtype], f"{what}: kernel {e_ker:.2e}, torch {e_torch:.2e}"
+
+
+def test_zero_in_degree_gives_zero_and_finite_grads():
+    gen = torch.Generator().manual_seed(1)
+    index = random_graph(11, 9, 3, 5, gen)
+    inputs = make_inputs(11, 9, index.num_edges, 2, 8, 3, torch.float32, gen)
+    grad_out = torch.randn(9, 2, 8, generator=gen, dtype=torch.float64).to(DEVICE)
+    out, *grads = run(materialised(index, "triton"), inputs, MAT, grad_out)
+    empty = (index.colptr[1:] == index.colptr[:-1]).nonzero().flatten()
+    assert empty.numel() >= 2
+    assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+    assert torch.equal(grads[0][empty], torch.zeros_like(grads[0][empty]))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("mode", ["materialised", "fused"])
+def test_bitwise_deterministic(mode):
+    gen = torch.Generator().manual_seed(2)
+    index = random_graph(23, 19, 12, 90, gen)
+    inputs = make_inputs(23, 19, index.num_edges, 3, 12, 4, torch.bfloat16, gen)
+    grad_out = torch.randn(19, 3, 12, generator=gen, dtype=torch.float64).to(DEVICE)
+    names, make = (MAT, materialised) if mode == "materialised" else (FUSED, fused)
+    first = run(make(index, "triton"), inputs, names, grad_out)
+    second = run(make(index, "triton"), inputs, names, grad_out)
+    for what, a, b in zip(["out", *names], first, second, strict=True):
+        assert torch.equal(a, b), what
+
+
+def test_fused_equals_materialised():
+    gen = torch.Generator().manual_seed(3)
+    index = random_graph(31, 27, 9, 60, gen)
+    inputs = make_inputs(31, 27, index.num_edges, 3, 10, 6, torch.float32, gen)
+    grad_out = torch.randn(27, 3, 10, generator=gen, dtype=torch.float64).to(DEVICE)
+    f_out, f_dq, f_dk, f_dv, f_dattr, f_dw, f_db = run(fused(index, "triton"), inputs, FUSED, grad_out)
+    # Materialise e (with autograd) outside the kernel, then use the materialised kernel.
+    leaves = {n: inputs[n].detach().clone().requires_grad_(True) for n in FUSED}
+    edge = gta.project_edges(leaves["attr"], leaves["weight"], leaves["bias"], 3)
+    out = gta.gt_attention(leaves["q"], leaves["k"], leaves["v"], edge, index, "triton")
+    m_grads = torch.autograd.grad(out, [leaves[n] for n in FUSED], grad_out.float())
+    for what, a, b in zip(FUSED, [f_dq, f_dk, f_dv, f_dattr, f_dw, f_db], m_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=what)
+    torch.testing.assert_close(f_out, out.detach(), rtol=2e-5, atol=2e-5)
+
+
+def _op_samples(gen):
+    index = random_graph(13, 11, 6, 20, gen)
+    ki = index.kernel
+    tensors = (ki.colptr, ki.row, ki.rowptr, ki.csr_perm, ki.csr_dst, ki.dst_order, ki.src_order)
+    counts = (list(ki.dst_counts), list(ki.src_counts))
+    x = make_inputs(13, 11, index.num_edges, 2, 6, 3, torch.float32, gen)
+    for t in x.values():
+        t.requires_grad_(True)
+    w_aug = torch.cat([x["weight"], x["bias"][None]], 0).detach().requires_grad_(True)
+    mat = (x["q"], x["k"], x["v"], x["edge"], *tensors, *counts)
+    fus = (x["q"], x["k"], x["v"], x["attr"], w_aug, *tensors, *counts)
+    return mat, fus
+
+
+def test_opcheck():
+    mat, fus = _op_samples(torch.Generator().manual_seed(4))
+    torch.library.opcheck(gta._op_fwd, mat)
+    torch.library.opcheck(gta._op_fused_fwd, fus)
+
+
+def test_torch_compile_traces_through():
+    gen = torch.Generator().manual_seed(5)
+    index = random_graph(17, 15, 6, 30, gen)
+    x = make_inputs(17, 15, index.num_edges, 2, 8, 3, torch.float32, gen)
+    grad_out = torch.randn(15, 2, 8, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    def layer(q, k, v, attr, weight, bias):
+        return gta.gt_attention_fused(q, k, v, attr, weight, bias, index, "triton") * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    eager = run(layer, x, FUSED, grad_out)
+    traced = run(compiled, x, FUSED, grad_out)
+    for what, a, b in zip(["out", *FUSED], eager, traced, strict=True):
+        assert torch.equal(a, b), what
+
+
+def test_backend_choice(monkeypatch, caplog):
+    gen = torch.Generator().manual_seed(6)
+    index = random_graph(5, 4, 3, 4, gen).to("cpu")
+    x = make_inputs(5, 4, index.num_edges, 1, 4, 2, torch.float32, gen)
+    x = {n: t.cpu() for n, t in x.items()}
+    with pytest.raises(ValueError, match="'torch', 'triton'"):
+        gta.gt_attention(x["q"], x["k"], x["v"], x["edge"], index, "cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(gta, "_FELL_BACK", False)
+    with caplog.at_level(logging.INFO, logger=gta.__name__):
+        a = gta.gt_attention(x["q"], x["k"], x["v"], x["edge"], index, "triton")
+        gta.gt_attention(x["q"], x["k"], x["v"], x["edge"], index, "triton")
+    assert sum("falls back" in r.getMessage() for r in caplog.records) == 1
+    b = gta.gt_attention(x["q"], x["k"], x["v"], x["edge"], index, "torch")
+    assert torch.equal(a, b)
+
+
+def test_degree_schedule_and_move():
+    gen = torch.Generator().manual_seed(7)
+    index = random_graph(40, 50, 30, 200, gen)
+    ki = index.kernel
+    deg = (index.colptr[1:] - index.colptr[:-1]).cpu()
+    order, counts = degree_schedule(index.colptr.cpu())
+    assert sum(counts) == 50 and sorted(order.tolist()) == list(range(50))
+    bounds = (0, *DEGREE_CLASS_CAPS, 10**9)
+    first = 0
+    for cls, n in enumerate(counts):
+        members = order[first : first + n].long()
+        lo = bounds[cls] + 1 if cls else 0
+        assert ((deg[members] >= lo) & (deg[members] <= bounds[cls + 1])).all()
+        assert torch.equal(members, members.sort().values)  # ascending inside a class
+        first += n
+    assert torch.equal(ki.csr_dst.long(), index.dst[index.csr_perm])
+    moved = index.to("cpu")
+    assert moved.kernel.dst_counts == ki.dst_counts and moved.kernel.row.device.type == "cpu"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert DEVICE == "cpu"
