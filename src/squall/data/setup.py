@@ -131,7 +131,9 @@ def variable_roles(cfg, variables) -> dict[str, list[int]]:
             f"variables {list(variables)}"
         )
     if forcings & diagnostics:
-        raise DataError(f"variables {sorted(forcings & diagnostics)} are both forcing and diagnostic")
+        raise DataError(
+            f"variables {sorted(forcings & diagnostics)} are both forcing and diagnostic"
+        )
     return {
         "prognostic": [i for i, v in enumerate(variables) if v not in forcings | diagnostics],
         "forcing": [i for i, v in enumerate(variables) if v in forcings],

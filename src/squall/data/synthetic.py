@@ -59,7 +59,17 @@ DYNAMIC = ("z_500", "t_850", "u_850", "v_850", "2t", "msl", "10u", "10v", "tp")
 #: Every variable the generator can write.
 CATALOGUE = DYNAMIC + STATIC + TIME_FORCINGS
 #: Written by default: 6 prognostic, 1 diagnostic (tp), 7 forcings.
-DEFAULT_VARIABLES = ("z_500", "t_850", "u_850", "v_850", "2t", "msl", "tp", "lsm", "z") + TIME_FORCINGS
+DEFAULT_VARIABLES = (
+    "z_500",
+    "t_850",
+    "u_850",
+    "v_850",
+    "2t",
+    "msl",
+    "tp",
+    "lsm",
+    "z",
+) + TIME_FORCINGS
 
 
 @dataclass(frozen=True)
@@ -235,9 +245,10 @@ class SmoothNoise:
         c_lon = rng.uniform(0.0, 2 * np.pi, basis)
         var = np.radians(30.0) ** 2
         cos_d = np.cos(lon[None] - c_lon[:, None])
-        dot = np.cos(lat)[None] * np.cos(c_lat)[:, None] * cos_d + np.sin(lat)[None] * np.sin(
-            c_lat
-        )[:, None]
+        dot = (
+            np.cos(lat)[None] * np.cos(c_lat)[:, None] * cos_d
+            + np.sin(lat)[None] * np.sin(c_lat)[:, None]
+        )
         g = np.exp((dot - 1.0) / var)
         self.basis = g
         ddot_dlon = -np.cos(lat)[None] * np.cos(c_lat)[:, None] * np.sin(lon[None] - c_lon[:, None])
@@ -386,8 +397,12 @@ class Synthetic:
 
         out["lsm"] = np.broadcast_to(self.lsm, (T, len(lat)))
         out["z"] = np.broadcast_to(self.orography, (T, len(lat)))
-        for name, fn, arg in (("cos_latitude", np.cos, lat), ("sin_latitude", np.sin, lat),
-                              ("cos_longitude", np.cos, lon), ("sin_longitude", np.sin, lon)):
+        for name, fn, arg in (
+            ("cos_latitude", np.cos, lat),
+            ("sin_latitude", np.sin, lat),
+            ("cos_longitude", np.cos, lon),
+            ("sin_longitude", np.sin, lon),
+        ):
             if name in want:
                 out[name] = np.broadcast_to(fn(arg), (T, len(lat)))
         out["cos_local_time"], out["sin_local_time"] = np.cos(phase_local), np.sin(phase_local)

@@ -148,10 +148,14 @@ class DatasetWriter:
             raise DataError(f"dataset {self.path}: {missing} time steps were never written")
         m = self._sum / self._count
         var = np.maximum(self._sumsq / self._count - m * m, 0.0)
-        for name, value in zip(STATISTICS, (self._shift + m, np.sqrt(var), self._min, self._max)):
+        values = (self._shift + m, np.sqrt(var), self._min, self._max)
+        for name, value in zip(STATISTICS, values, strict=True):
             self.group.create_array(name, data=value)
         self.group.attrs.update(
-            {"statistics_start_date": str(self.dates[0]), "statistics_end_date": str(self.dates[-1])}
+            {
+                "statistics_start_date": str(self.dates[0]),
+                "statistics_end_date": str(self.dates[-1]),
+            }
         )
         if self.path.exists() and self.overwrite:
             shutil.rmtree(self.path)
@@ -181,7 +185,9 @@ class DatasetWriter:
 
 def _open_group(path: Path):
     if not path.exists():
-        raise DataError(f"dataset {path} does not exist: {GENERATE_HINT.replace('<path>', str(path))}")
+        raise DataError(
+            f"dataset {path} does not exist: {GENERATE_HINT.replace('<path>', str(path))}"
+        )
     try:
         group = _zarr().open_group(str(path), mode="r")
         data = group["data"]
@@ -257,7 +263,9 @@ class DatasetInfo:
             try:
                 date = np.datetime64(str(value), "s")
             except ValueError:
-                raise DataError(f"time range bound {value!r} is neither a date nor an index") from None
+                raise DataError(
+                    f"time range bound {value!r} is neither a date nor an index"
+                ) from None
             return int(np.searchsorted(self.dates, date, side=side)) - (side == "right")
 
         return max(to_index(start, 0, "left"), 0), min(to_index(end, n - 1, "right"), n - 1)
@@ -396,8 +404,10 @@ class WindowDataset(torch.utils.data.Dataset):
         self.num_windows = available - span + 1
         if grid_indices is not None:
             grid_indices = np.asarray(grid_indices, dtype=np.int64)
-            if grid_indices.ndim != 1 or grid_indices.size == 0 or (
-                grid_indices.min() < 0 or grid_indices.max() >= info.num_grid
+            if (
+                grid_indices.ndim != 1
+                or grid_indices.size == 0
+                or (grid_indices.min() < 0 or grid_indices.max() >= info.num_grid)
             ):
                 raise DataError(
                     f"grid_indices must be a non-empty 1-D array within [0, {info.num_grid})"

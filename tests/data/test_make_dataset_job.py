@@ -1,0 +1,41 @@
+"""``python -m jobs.make_dataset`` in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from squall.data.zarr_dataset import read_info
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*overrides, tmp_path):
+    args = [sys.executable, "-m", "jobs.make_dataset", f"paths.cache={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'out'}", *overrides]  # fmt: skip
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_job_writes_dataset(tmp_path):
+    path = tmp_path / "o32.zarr"
+    done = _run(f"data.path={path}", "data.generator.num_times=10", "data.generator.seed=4",
+                tmp_path=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["path"] == str(path) and summary["times"] == 10 and summary["points"] == 5248
+    info = read_info(path)
+    assert info.shape == (10, len(summary["variables"]), 1, 5248)
+    assert info.attrs["synthetic"]["seed"] == 4 and info.attrs["resolution"] == "O32"
+
+    again = _run(f"data.path={path}", tmp_path=tmp_path)
+    assert again.returncode == 0 and "exists" in again.stdout
+
+
+def test_job_reports_bad_input_in_one_line(tmp_path):
+    done = _run(f"data.path={tmp_path / 'x.zarr'}", "data.variables=[msl,q_700]",
+                tmp_path=tmp_path)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: synthetic generator cannot make ['q_700']")
+    assert len(done.stderr.strip().splitlines()) == 1
