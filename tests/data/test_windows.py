@@ -154,3 +154,21 @@ def test_normaliser_state_dict_round_trip():
     m.load_state_dict(n.state_dict())
     x = torch.tensor([[4.0, 6.0]])
     torch.testing.assert_close(m.normalise(x), torch.tensor([[1.0, 1.0]]))
+
+
+def test_epoch_sampler_partitions_and_resumes():
+    from squall.data.sampler import EpochSampler
+
+    ranks = [EpochSampler(10, shuffle=True, seed=3, rank=r, num_replicas=3) for r in range(3)]
+    for s in ranks:
+        s.set_epoch(2)
+    got = [list(s) for s in ranks]
+    assert all(len(g) == 4 for g in got)  # ceil(10 / 3), padded from the start of the order
+    assert set(sum(got, [])) == set(range(10))
+    assert list(ranks[0]) == got[0]  # pure function of (seed, epoch, rank)
+    ranks[0].set_epoch(3)
+    assert list(ranks[0]) != got[0]
+    ranks[1].set_position(2, 3)
+    assert list(ranks[1]) == got[1][3:] and len(ranks[1]) == 1
+    dropped = EpochSampler(10, shuffle=False, rank=2, num_replicas=3, drop_last=True)
+    assert list(dropped) == [2, 5, 8]

@@ -5,6 +5,7 @@ the generated fields.
 """
 
 from squall.data.normalise import Normaliser, area_weights_from_latitudes
+from squall.data.sampler import EpochSampler
 from squall.data.setup import build_dataset, data_nodes, ensure_dataset, variable_roles
 from squall.data.synthetic import SyntheticSettings, generate
 from squall.data.zarr_dataset import (
@@ -18,6 +19,7 @@ from squall.data.zarr_dataset import (
 __all__ = [
     "DatasetInfo",
     "DatasetWriter",
+    "EpochSampler",
     "Normaliser",
     "SyntheticSettings",
     "WindowDataset",
