@@ -165,3 +165,12 @@ def test_generator_settings_from_config():
         synthetic_settings(_cfg(["+data.generator.wind=3"]).data)
     with pytest.raises(DataError, match="not among the chosen"):
         variable_roles(_cfg(["data.variables=[msl]"]), ["msl"])
+
+
+def test_normaliser_must_match_variables(small_dataset):
+    path, _ = small_dataset
+    train = WindowDataset(path, ["msl", "z_500"], end=40)
+    val = WindowDataset(path, ["msl", "z_500"], start=41, normaliser=train.normaliser)
+    assert val.normaliser is train.normaliser  # validation uses the training statistics
+    with pytest.raises(DataError, match="normaliser variables"):
+        WindowDataset(path, ["z_500", "msl"], normaliser=train.normaliser)

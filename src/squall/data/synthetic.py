@@ -479,8 +479,10 @@ def generate(path, nodes: NodeSet, settings: SyntheticSettings, grid_name: str =
         for first in range(0, s.num_times, s.block):
             index = np.arange(first, min(first + s.block, s.num_times))
             fields = gen.fields(index)
-            block = np.stack([fields[v] for v in s.variables], axis=1)  # [T, V, N]
-            writer.write(first, block[:, :, None, :].astype(np.float32))
+            block = np.empty((len(index), len(s.variables), 1, len(nodes)), dtype=np.float32)
+            for i, name in enumerate(s.variables):
+                block[:, i, 0] = fields[name]
+            writer.write(first, block)
     log.info("synthetic dataset: %d times x %d variables x %d points in %.1f s -> %s",
              s.num_times, len(s.variables), len(nodes), time.perf_counter() - start, path)  # fmt: skip
     return Path(path)

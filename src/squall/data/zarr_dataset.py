@@ -132,15 +132,16 @@ class DatasetWriter:
             raise DataError(f"block at time index {first} holds NaN or inf values")
         self.data[first : first + len(block)] = block
         self._written[first : first + len(block)] = True
-        x = block.astype(np.float64).transpose(1, 0, 2, 3).reshape(block.shape[1], -1)
         if self._shift is None:
-            self._shift = x.mean(axis=1)
-        d = x - self._shift[:, None]
-        self._sum += d.sum(axis=1)
-        self._sumsq += (d * d).sum(axis=1)
-        self._min = np.minimum(self._min, x.min(axis=1))
-        self._max = np.maximum(self._max, x.max(axis=1))
-        self._count += x.shape[1]
+            self._shift = block.mean(axis=(0, 2, 3), dtype=np.float64)
+        for v in range(block.shape[1]):  # one variable at a time: no full float64 copy
+            x = block[:, v].ravel()
+            d = x.astype(np.float64) - self._shift[v]
+            self._sum[v] += d.sum()
+            self._sumsq[v] += d @ d
+            self._min[v] = min(self._min[v], float(x.min()))
+            self._max[v] = max(self._max[v], float(x.max()))
+        self._count += block[:, 0].size
 
     def close(self) -> None:
         if not self._written.all():
@@ -416,6 +417,11 @@ class WindowDataset(torch.utils.data.Dataset):
         if normaliser is None:
             stats = {k: v[self.var_index] for k, v in info.statistics.items()}
             normaliser = Normaliser.from_statistics(self.variables, stats, normalisation)
+        if tuple(normaliser.variables) != self.variables:
+            raise DataError(
+                f"normaliser variables {list(normaliser.variables)} differ from the dataset's "
+                f"{list(self.variables)}: build both from the same data config"
+            )
         self.normaliser = normaliser
         self._offset = normaliser.offset.numpy().astype(np.float32)
         self._scale = normaliser.scale.numpy().astype(np.float32)
