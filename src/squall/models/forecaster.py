@@ -141,6 +141,9 @@ class GraphForecaster(nn.Module):
         self.decoder = block("decoder", True)
         self.norm_out = nn.LayerNorm(c)
         self.head = nn.Linear(c, num_output_vars)
+        # Start as persistence (zero tendency): training then only has to learn the change.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
         # (output column, input column) pairs predicted as a residual on the last input step
         pairs = residual_map or []
         self.register_buffer(

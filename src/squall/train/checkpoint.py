@@ -1,0 +1,90 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+One file holds the model, optimiser and scheduler states, the step, the number of samples drawn
+(the data position), and the RNG states of python, numpy, torch and CUDA. Files are written to a
+temporary name and renamed, so a job killed mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from squall.errors import SquallError
+
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, scheduler, step: int, samples_seen: int, extra=None):
+    """Atomically write a checkpoint to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT_VERSION,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": int(step),
+        "samples_seen": int(samples_seen),
+        "rng": rng_state(),
+        "extra": extra or {},
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng=True) -> dict:
+    """Restore states from ``path`` into the given objects; return the checkpoint dict."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise SquallError(f"checkpoint {path} not found") from None
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise SquallError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to start afresh"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise SquallError(
+            f"checkpoint {path} is not a squall checkpoint of format {FORMAT_VERSION}"
+        )
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise SquallError(
+            f"checkpoint {path} does not fit this model ({first}); use another run_dir or the "
+            "same model and graph config"
+        ) from None
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    if restore_rng:
+        set_rng_state(payload["rng"])
+    return payload

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+
+from squall.graphs import build_graph
+from squall.models.forecaster import GraphForecaster, ModelConfig
+
+
+def make(graph, **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_channels=kw.pop("channels", 24), num_heads=kw.pop("heads", 3), **kw)
+    return GraphForecaster(graph, cfg, num_input_vars=5, num_output_vars=4, input_steps=2,
+                           residual_map=[(0, 0), (1, 1), (2, 2)])  # fmt: skip
+
+
+def test_shapes_and_every_parameter_gets_a_gradient(tiny_graph):
+    model = make(tiny_graph, trainable_edge_features=2)
+    nn_init_nonzero(model)
+    x = torch.randn(2, 2, 544, 5)
+    y = model(x)
+    assert y.shape == (2, 544, 4)
+    y.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
+
+
+def nn_init_nonzero(model):
+    # the output head starts at zero (persistence); give it weights so gradients reach everything
+    torch.nn.init.normal_(model.head.weight, std=0.1)
+
+
+def test_starts_as_persistence(tiny_graph):
+    model = make(tiny_graph)
+    x = torch.randn(1, 2, 544, 5)
+    y = model(x)
+    assert torch.equal(y[..., :3], x[:, -1, :, :3]) and torch.equal(y[..., 3], torch.zeros(1, 544))
+
+
+def test_batch_equals_single_samples(tiny_graph):
+    model = make(tiny_graph)
+    nn_init_nonzero(model)
+    x = torch.randn(3, 2, 544, 5)
+    together = model(x)
+    for b in range(3):
+        assert torch.allclose(together[b], model(x[b : b + 1])[0], atol=1e-6)
+
+
+def test_permuting_grid_nodes_permutes_the_output(o8_latlon_deg, tiny_spec):
+    lat, lon = o8_latlon_deg[:, 0], o8_latlon_deg[:, 1]
+    perm = np.random.default_rng(0).permutation(len(lat))
+    g0 = build_graph(tiny_spec(lat, lon))
+    g1 = build_graph(tiny_spec(lat[perm], lon[perm]))
+    m0, m1 = make(g0), make(g1)
+    nn_init_nonzero(m0)
+    m1.load_state_dict(m0.state_dict())
+    x = torch.randn(1, 2, len(lat), 5)
+    y0, y1 = m0(x), m1(x[:, :, perm])
+    assert torch.allclose(y0[:, perm], y1, atol=1e-5)
+
+
+def test_checkpointing_gives_identical_gradients(tiny_graph):
+    x = torch.randn(1, 2, 544, 5)
+    grads = []
+    for flag in (False, True):
+        model = make(
+            tiny_graph, checkpoint_encoder=flag, checkpoint_processor=flag, checkpoint_decoder=flag
+        )
+        nn_init_nonzero(model)
+        model(x).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_bad_input_shape(tiny_graph):
+    with pytest.raises(ValueError, match="expected 2 steps on 544 grid points"):
+        make(tiny_graph)(torch.randn(1, 2, 500, 5))
+
+
+def test_heads_must_divide_channels(tiny_graph):
+    with pytest.raises(ValueError, match="divisible"):
+        make(tiny_graph, channels=25, heads=3)
+
+
+def test_flops_and_parameters(tiny_graph):
+    model = make(tiny_graph)
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters()) > 0
+    # the processor's q/k/v/out projections alone: 4 * 2 * C^2 per mesh node per layer
+    assert model.flops_per_sample() > 2 * 4 * 2 * 24**2 * 162
+
+
+def test_tiny_model_overfits_a_tiny_dataset(tiny_graph):
+    torch.manual_seed(1)
+    model = make(tiny_graph, channels=32, heads=4)
+    # a smooth target: a function of position and the input the model must learn
+    lat = torch.from_numpy(tiny_graph.nodes["data"].latlon[:, 0]).float()
+    x = torch.randn(4, 2, 544, 5) * 0.1 + torch.sin(3 * lat)[None, None, :, None]
+    target = x[:, -1, :, :4] + 0.5 * torch.cos(2 * lat)[None, :, None] * x[:, 0, :, 1:5]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for step in range(300):
+        loss = (model(x) - target).square().mean()
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < first / 10, (first, float(loss))
