@@ -11,6 +11,7 @@ import zarr
 
 from squall.data.normalise import Normaliser, area_weights_from_latitudes
 from squall.data.zarr_dataset import DatasetWriter, WindowDataset, make_dataloader
+from squall.errors import DataError
 from squall.graphs.grids import latlon_grid, octahedral_gaussian
 
 VARS = ["msl", "z_500", "lsm", "insolation"]  # any order, a subset
@@ -172,3 +173,15 @@ def test_epoch_sampler_partitions_and_resumes():
     assert list(ranks[1]) == got[1][3:] and len(ranks[1]) == 1
     dropped = EpochSampler(10, shuffle=False, rank=2, num_replicas=3, drop_last=True)
     assert list(dropped) == [2, 5, 8]
+
+
+def test_normalisation_methods():
+    stats = {"mean": np.array([2.0, 2.0, 2.0, 2.0, 2.0]), "stdev": np.array([4.0] * 5),
+             "minimum": np.array([-1.0] * 5), "maximum": np.array([9.0] * 5)}  # fmt: skip
+    names = ["a", "b", "c", "d", "e"]
+    methods = {"default": "mean-std", "std": ["b"], "min-max": ["c"], "max": ["d"], "none": ["e"]}
+    n = Normaliser.from_statistics(names, stats, methods)
+    x = torch.full((1, 5), 9.0)
+    torch.testing.assert_close(n.normalise(x), torch.tensor([[1.75, 2.25, 1.0, 1.0, 9.0]]))
+    with pytest.raises(DataError, match="unknown"):
+        Normaliser.from_statistics(names, stats, {"log": ["a"]})

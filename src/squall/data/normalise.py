@@ -7,7 +7,7 @@ import torch
 
 from squall.errors import DataError
 
-METHODS = ("mean-std", "min-max", "none")
+METHODS = ("mean-std", "std", "min-max", "max", "none")
 # A variable whose spread is below this fraction of its magnitude (or exactly zero) is constant
 # over the dataset (land-sea mask, orography in time, ...): it is only shifted, never divided by
 # a near-zero spread. 1e-6 is ~10 float32 ulps, below any real variability.
@@ -38,9 +38,11 @@ class Normaliser(torch.nn.Module):
             ``mean``, ``stdev``, ``minimum``, ``maximum``, each ``[variable]`` in ``variables``
             order.
         methods : dict, optional
-            ``{"default": "mean-std", "min-max": [names], "none": [names]}``; ``mean-std`` maps
-            to zero mean and unit variance, ``min-max`` to [0, 1], ``none`` leaves values as
-            they are (for forcings already in [-1, 1]).
+            ``{"default": "mean-std", "min-max": [names], "none": [names], ...}``: ``mean-std``
+            maps to zero mean and unit variance; ``std`` divides by the stdev only (skewed
+            positive fields such as precipitation keep 0 at 0); ``min-max`` maps to [0, 1];
+            ``max`` divides by the maximum (orography); ``none`` leaves values as they are (for
+            forcings already in [-1, 1]).
         """
         methods = dict(methods or {})
         default = methods.pop("default", "mean-std")
@@ -60,8 +62,12 @@ class Normaliser(torch.nn.Module):
             method = per_var[name]
             if method == "mean-std":
                 offset[i], scale[i] = mean[i], std[i]
+            elif method == "std":
+                scale[i] = std[i]
             elif method == "min-max":
                 offset[i], scale[i] = lo[i], hi[i] - lo[i]
+            elif method == "max":
+                scale[i] = hi[i]
             tiny = CONSTANT_RTOL * max(abs(mean[i]), abs(lo[i]), abs(hi[i]), 1.0)
             if method != "none" and not scale[i] > tiny:
                 scale[i] = 1.0
