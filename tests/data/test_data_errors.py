@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from squall.data.zarr_dataset import WindowDataset, read_info
 from squall.errors import DataError
 from squall.graphs.grids import grid_from_name
 
-CONF = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "conf")
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def _one_line(err):
