@@ -424,22 +424,30 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def allreduce_rank_sum() -> int:
-    """Job function for launch tests: join the group from the environment, sum the ranks.
+def rank_sum_check(timeout_s: float = 60.0) -> tuple[DistEnv, int]:
+    """Launch check, run as a job's function: join the group from the environment, sum ranks.
+
+    Parameters
+    ----------
+    timeout_s : float
+        Rendezvous timeout; a task that cannot reach its peers fails instead of hanging.
 
     Returns
     -------
-    int
-        ``sum(range(world_size))`` computed with an all-reduce, as seen by this rank.
+    env : DistEnv
+        What this task read from its launcher.
+    total : int
+        All-reduce (gloo) of every rank id: ``world_size * (world_size - 1) / 2`` when all went
+        well.
     """
     import torch
     import torch.distributed as dist
 
     env = dist_env(backend="gloo")
-    init_distributed(env, timeout_s=60.0)
+    init_distributed(env, timeout_s=timeout_s)
     try:
         value = torch.tensor([env.rank], dtype=torch.int64)
         dist.all_reduce(value)
-        return int(value.item())
+        return env, int(value.item())
     finally:
         destroy_distributed()

@@ -1,0 +1,362 @@
+"""Metric names (units in the key), step timing, peak memory and the job's own GPU statistics.
+
+Every number squall records goes through a name defined here, so that MLflow's compare views and
+``jobs/report.py`` line up across runs. A name ends in its unit (``_s``, ``_GiB``, ``_per_s``,
+``_pct``); ratios and counts carry none.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+# Run-level, per logging window or per run.
+LOSS_TRAIN = "loss/train"
+LOSS_VAL = "loss/val"
+LR = "optim/lr"
+GRAD_NORM = "optim/grad_norm"
+SAMPLES_PER_S = "throughput/samples_per_s"
+STEP_S = "time/step_s"  # median over the measured (post warm-up) steps
+STEP_P10_S = "time/step_p10_s"
+STEP_P90_S = "time/step_p90_s"
+STEP_SPREAD = "time/step_spread"  # (p90 - p10) / median, dimensionless
+COMM_S = "time/comm_s"
+DATA_S = "time/data_s"
+MEASURED_STEPS = "time/measured_steps"
+PEAK_ALLOCATED_GIB = "memory/peak_allocated_GiB"
+PEAK_RESERVED_GIB = "memory/peak_reserved_GiB"
+PEAK_RSS_GIB = "memory/peak_rss_GiB"
+HALO_ROWS_SENT = "halo/rows_sent"
+HALO_BYTES_PER_STEP = "halo/bytes_per_step"
+EDGE_IMBALANCE = "partition/edge_imbalance"
+KERNEL_GBPS = "kernel/achieved_GBps"
+GPU_UTILIZATION_PCT = "system/gpu_utilization_pct"
+GPU_MEMORY_USED_GIB = "system/gpu_memory_used_GiB"
+
+GIB = 1024**3
+
+
+def per_rank(name: str, rank: int) -> str:
+    """Key of a per-rank value, e.g. ``memory/peak_allocated_GiB/rank3``."""
+    return f"{name}/rank{rank}"
+
+
+def per_device(name: str, device: int | str) -> str:
+    """Key of a per-GPU value, e.g. ``system/gpu_utilization_pct/gpu0``."""
+    return f"{name}/gpu{device}"
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Timing of the measured steps (warm-up excluded).
+
+    Attributes
+    ----------
+    steps : int
+        Number of measured steps.
+    median_s, p10_s, p90_s : float
+        Median and 10th/90th percentiles of the step time.
+    samples_per_s : float
+        Measured samples over measured time.
+    """
+
+    steps: int
+    median_s: float
+    p10_s: float
+    p90_s: float
+    samples_per_s: float
+
+    @property
+    def spread(self) -> float:
+        """``(p90 - p10) / median``: 0.1 means the middle 80 % of steps lie within 10 %."""
+        return (self.p90_s - self.p10_s) / self.median_s if self.median_s > 0 else 0.0
+
+    def as_metrics(self) -> dict[str, float]:
+        """The stats under their metric names."""
+        return {
+            STEP_S: self.median_s,
+            STEP_P10_S: self.p10_s,
+            STEP_P90_S: self.p90_s,
+            STEP_SPREAD: self.spread,
+            SAMPLES_PER_S: self.samples_per_s,
+            MEASURED_STEPS: float(self.steps),
+        }
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated quantile of an already sorted, non-empty list."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+class StepTimer:
+    """Wall time of training steps, excluding the first ``warmup`` (compilation, autotuning).
+
+    Parameters
+    ----------
+    warmup : int
+        Steps to discard at the start.
+    sync : callable, optional
+        Called before reading the clock at both ends of a step; defaults to
+        ``torch.cuda.synchronize`` when CUDA is initialised, so GPU work is counted in its step.
+    clock : callable
+        Seconds as a float; ``time.perf_counter`` by default.
+
+    Examples
+    --------
+    >>> timer = StepTimer(warmup=2)
+    >>> for batch in range(5):
+    ...     with timer.step(samples=8):
+    ...         pass
+    >>> timer.stats().steps
+    3
+    """
+
+    def __init__(self, warmup: int = 0, sync: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if warmup < 0:
+            raise ValueError(f"warmup={warmup} must be >= 0")
+        self.warmup = warmup
+        self._sync = sync if sync is not None else _default_sync()
+        self._clock = clock
+        self._seen = 0
+        self._times: list[float] = []
+        self._samples: list[int] = []
+
+    @contextmanager
+    def step(self, samples: int = 1) -> Iterator[None]:
+        """Time one step that processes ``samples`` samples."""
+        self._sync()
+        start = self._clock()
+        yield
+        self._sync()
+        self.record(self._clock() - start, samples)
+
+    def record(self, seconds: float, samples: int = 1) -> None:
+        """Add a step timed elsewhere; it is discarded while still in warm-up."""
+        self._seen += 1
+        if self._seen > self.warmup:
+            self._times.append(seconds)
+            self._samples.append(samples)
+
+    @property
+    def measured_steps(self) -> int:
+        """Steps recorded after warm-up."""
+        return len(self._times)
+
+    def stats(self) -> StepStats:
+        """Summary of the measured steps.
+
+        Raises
+        ------
+        ValueError
+            If no step has been measured yet (all still in warm-up).
+        """
+        if not self._times:
+            raise ValueError(f"no step measured yet: {self._seen} seen, warm-up {self.warmup}")
+        ordered = sorted(self._times)
+        total = sum(self._times)
+        return StepStats(
+            steps=len(ordered),
+            median_s=statistics.median(ordered),
+            p10_s=_quantile(ordered, 0.1),
+            p90_s=_quantile(ordered, 0.9),
+            samples_per_s=sum(self._samples) / total if total > 0 else float("inf"),
+        )
+
+    def reset(self, keep_warmup_done: bool = True) -> None:
+        """Forget measured steps (a new logging window); warm-up is not repeated by default."""
+        self._times.clear()
+        self._samples.clear()
+        if not keep_warmup_done:
+            self._seen = 0
+
+
+def _default_sync() -> Callable[[], None]:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def peak_memory(device: int | None = None, reset: bool = True) -> dict[str, float]:
+    """Peak memory since the last reset, in GiB, then reset the peak (one logging window).
+
+    Parameters
+    ----------
+    device : int, optional
+        CUDA device; the current one when omitted. Ignored on CPU.
+    reset : bool
+        Reset CUDA's peak statistics so the next call covers the next window.
+
+    Returns
+    -------
+    dict
+        On CUDA :data:`PEAK_ALLOCATED_GIB` and :data:`PEAK_RESERVED_GIB`. Without CUDA,
+        :data:`PEAK_RSS_GIB`, the process's peak resident memory since it started (the kernel
+        cannot reset it).
+    """
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        dev = torch.cuda.current_device() if device is None else device
+        out = {
+            PEAK_ALLOCATED_GIB: torch.cuda.max_memory_allocated(dev) / GIB,
+            PEAK_RESERVED_GIB: torch.cuda.max_memory_reserved(dev) / GIB,
+        }
+        if reset:
+            torch.cuda.reset_peak_memory_stats(dev)
+        return out
+    # ru_maxrss is in KiB on Linux.
+    return {PEAK_RSS_GIB: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+
+
+def own_gpu_ids() -> list[str]:
+    """Identifiers of the GPUs this job may use, as NVML knows them (indices or UUIDs).
+
+    From ``CUDA_VISIBLE_DEVICES`` when set (Slurm sets it to the job's GPUs); otherwise every GPU
+    torch sees. Empty without CUDA.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+class GpuSampler:
+    """Background sampling of utilisation and memory of this job's own GPUs only.
+
+    Uses NVML (``pynvml``) when installed, restricted to :func:`own_gpu_ids`, so neighbours on a
+    shared node are never reported; without NVML it reads ``torch.cuda`` for the current device
+    only (``mem_get_info`` would create a CUDA context on every other device). A no-op without
+    CUDA.
+
+    Parameters
+    ----------
+    interval_s : float
+        Seconds between samples; 5 s keeps the NVML cost negligible next to a training step.
+
+    Examples
+    --------
+    >>> with GpuSampler(interval_s=1.0) as sampler:
+    ...     pass
+    >>> sampler.collect()  # doctest: +SKIP
+    {'system/gpu_utilization_pct/gpu0': 97.0, ...}
+    """
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self._readers = _gpu_readers()
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether there is any GPU of this job to sample."""
+        return bool(self._readers)
+
+    def sample(self) -> None:
+        """Take one sample of every own GPU now."""
+        for read in self._readers:
+            values = read()
+            with self._lock:
+                for key, value in values.items():
+                    self._sums[key] = self._sums.get(key, 0.0) + value
+                    self._counts[key] = self._counts.get(key, 0) + 1
+
+    def collect(self) -> dict[str, float]:
+        """Mean of each value since the last collect, then start a new window."""
+        with self._lock:
+            out = {k: self._sums[k] / self._counts[k] for k in self._sums}
+            self._sums.clear()
+            self._counts.clear()
+        return out
+
+    def start(self) -> GpuSampler:
+        """Start sampling in a daemon thread (nothing happens without GPUs)."""
+        if self.enabled and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="squall-gpu-sampler",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread; samples taken so far stay available to :meth:`collect`."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> GpuSampler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _gpu_readers() -> list[Callable[[], dict[str, float]]]:
+    """One callable per own GPU returning its utilisation and used memory."""
+    ids = own_gpu_ids()
+    if not ids:
+        return []
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # pynvml missing or no driver: fall back to torch for the current device
+        return _torch_reader()
+
+    readers = []
+    for label, ident in enumerate(ids):
+        if ident.isdigit():
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(ident))
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(ident)
+
+        def read(handle=handle, label=label) -> dict[str, float]:
+            util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            return {per_device(GPU_UTILIZATION_PCT, label): float(util.gpu),
+                    per_device(GPU_MEMORY_USED_GIB, label): mem.used / GIB}
+
+        readers.append(read)
+    return readers
+
+
+def _torch_reader() -> list[Callable[[], dict[str, float]]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    dev = torch.cuda.current_device()
+
+    def read() -> dict[str, float]:
+        free, total = torch.cuda.mem_get_info(dev)
+        out = {per_device(GPU_MEMORY_USED_GIB, dev): (total - free) / GIB}
+        try:
+            out[per_device(GPU_UTILIZATION_PCT, dev)] = float(torch.cuda.utilization(dev))
+        except Exception:  # torch.cuda.utilization needs NVML; memory alone is still useful
+            pass
+        return out
+
+    return [read]

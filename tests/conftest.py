@@ -1,0 +1,121 @@
+"""Shared fixtures: the real local Slurm (.ci/slurm/start.sh) and a real MLflow tracking server.
+
+Both listen on 127.0.0.1 only. ``SQUALL_REQUIRE_SLURM=1`` (set in CI) turns "Slurm cannot be
+started" from a skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+START = REPO / ".ci" / "slurm" / "start.sh"
+# Fresh CI machine: apt-get update + install about 15 s, daemons under 5 s; 300 s bounds a slow
+# mirror without letting a broken set-up hang the run.
+SLURM_START_TIMEOUT_S = 300
+# mlflow server came up in 8 to 11 s on 2 cores (RECIPE.md); 90 s allows a loaded CI machine.
+MLFLOW_START_TIMEOUT_S = 90
+
+
+@dataclass(frozen=True)
+class LocalSlurm:
+    """The running single-node Slurm.
+
+    Attributes
+    ----------
+    conf : Path
+        slurm.conf, also exported as ``SLURM_CONF`` for the session.
+    partition : str
+        Default partition.
+    state_dir : Path
+        Where logs (``log/``) and state live.
+    """
+
+    conf: Path
+    partition: str
+    state_dir: Path
+
+
+@pytest.fixture(scope="session")
+def local_slurm() -> LocalSlurm:
+    """Start (or reuse) the local Slurm once per session; skip when it cannot run here."""
+    state_dir = Path(os.environ.get("SQUALL_SLURM_DIR", "/tmp/squall-slurm"))
+    partition = os.environ.get("SQUALL_SLURM_PARTITION", "debug")
+    required = os.environ.get("SQUALL_REQUIRE_SLURM") == "1"
+    try:
+        done = subprocess.run(["bash", str(START)], capture_output=True, text=True,
+                              timeout=SLURM_START_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        done = None
+    if done is None or done.returncode != 0:
+        detail = "timed out" if done is None else (done.stderr.strip().splitlines() or ["?"])[-1]
+        if done is not None and done.returncode != 3:
+            detail = done.stderr.strip()[-2000:]
+        reason = f"local Slurm could not be started by {START.relative_to(REPO)}: {detail}"
+        if required:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    conf = state_dir / "etc" / "slurm.conf"
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    yield LocalSlurm(conf=conf, partition=partition, state_dir=state_dir)
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, artifacts in tmp); yields its URL."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = root / "server.log"
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts")]
+    with open(log_path, "w") as log_file:
+        # Own session, so teardown can stop the server and its workers by process group id.
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=root,
+                                start_new_session=True)
+    deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text()[-2000:]
+                pytest.fail(f"mlflow server did not come up on {url} (log {log_path}):\n{tail}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
