@@ -145,6 +145,9 @@ def test_ensure_dataset_generates_synthetic_once(tmp_path, caplog):
     assert len(train) == 12 - 2
     with pytest.raises(DataError, match="holds 0 times"):
         build_dataset(cfg, "test")
+    cfg.data.frequency = "3h"
+    with pytest.raises(DataError, match="frequency 6h but data.frequency is 3h"):
+        build_dataset(cfg, "train")
     roles = variable_roles(cfg, train.variables)
     assert [train.variables[i] for i in roles["diagnostic"]] == ["tp"]
     assert len(roles["prognostic"]) == 6 and len(roles["forcing"]) == 7

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from squall.data.synthetic import SyntheticSettings, generate
-from squall.data.zarr_dataset import WindowDataset, read_info
+from squall.data.zarr_dataset import WindowDataset, format_timedelta, parse_timedelta, read_info
 from squall.errors import DataError
 from squall.graphs.grids import NodeSet
 
@@ -101,7 +101,7 @@ def build_dataset(cfg, split: str = "train", rollout: int = 1, grid_indices=None
         raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
     d = cfg.data
     rng = _plain(d.get(split)) or {}
-    return WindowDataset(
+    dataset = WindowDataset(
         str(d.path),
         variables=_plain(d.get("variables")),
         input_steps=int(d.get("input_steps", 1)),
@@ -114,6 +114,13 @@ def build_dataset(cfg, split: str = "train", rollout: int = 1, grid_indices=None
         normaliser=normaliser,
         normalisation=_plain(d.get("normalisation")),
     )
+    expected = d.get("frequency")
+    if expected is not None and parse_timedelta(expected) != dataset.info.frequency:
+        raise DataError(
+            f"dataset {dataset.path} has frequency {format_timedelta(dataset.info.frequency)} but "
+            f"data.frequency is {expected}: set data.frequency to match the dataset"
+        )
+    return dataset
 
 
 def variable_roles(cfg, variables) -> dict[str, list[int]]:
