@@ -113,7 +113,9 @@ def test_matches_reference(mode, dtype, heads, chans, d_e, max_deg, skew):
     for what, ref, same, ker in zip(["out", *names], exact, torch_same, kernel, strict=True):
         e_ker, e_torch = rel_err(ker, ref), rel_err(same, ref)
         assert ker.dtype == same.dtype, what
-        assert e_ker <= 2 * e_torch + ATOL[dtype], f"{what}: kernel {e_ker:.2e}, torch {e_torch:.2e}"
+        assert e_ker <= 2 * e_torch + ATOL[dtype], (
+            f"{what}: kernel {e_ker:.2e}, torch {e_torch:.2e}"
+        )
 
 
 def test_zero_in_degree_gives_zero_and_finite_grads():
@@ -147,7 +149,9 @@ def test_fused_equals_materialised():
     index = random_graph(31, 27, 9, 60, gen)
     inputs = make_inputs(31, 27, index.num_edges, 3, 10, 6, torch.float32, gen)
     grad_out = torch.randn(27, 3, 10, generator=gen, dtype=torch.float64).to(DEVICE)
-    f_out, f_dq, f_dk, f_dv, f_dattr, f_dw, f_db = run(fused(index, "triton"), inputs, FUSED, grad_out)
+    f_out, f_dq, f_dk, f_dv, f_dattr, f_dw, f_db = run(
+        fused(index, "triton"), inputs, FUSED, grad_out
+    )
     # Materialise e (with autograd) outside the kernel, then use the materialised kernel.
     leaves = {n: inputs[n].detach().clone().requires_grad_(True) for n in FUSED}
     edge = gta.project_edges(leaves["attr"], leaves["weight"], leaves["bias"], 3)

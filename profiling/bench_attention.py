@@ -1,0 +1,370 @@
+"""Benchmark GT attention (forward + backward, bf16) on the AIFS graphs; rows to a CSV.
+
+Providers: ``ref_eager`` (the pure-torch reference), ``ref_compiled`` (the same under
+``torch.compile``), ``triton`` (materialised ``edge [E, H, C]``) and ``triton_fused`` (``edge_attr
+[E, d_e]`` with ``W``, ``b``). Graphs: era_to_h (encoder, cutoff), h_to_h (processor, multi-scale),
+h_to_era (decoder, knn 3) of o96_l6 (H=16, C=64) and o320_l7 (H=16, C=32), built by
+``squall.graphs`` from ``conf/graph/*.yaml`` (synthetic graphs of the same sizes and degrees when
+that package is not importable; the ``graph_source`` column says which).
+
+Columns: median ms of one forward + backward, achieved GB/s over the byte floor, ratio of the time
+to the floor time (floor bytes / copy bandwidth measured on the same card in the same run), peak
+memory above the inputs. Byte floor: forward reads q, k, v, e and writes out; backward reads q, k,
+v, e, out, dO and writes dq, dk, dv, de, each once (fused: e -> edge_attr plus W, b; dW, db).
+
+Usage::
+
+    python profiling/bench_attention.py --csv profiling/results/attention.csv
+    python profiling/bench_attention.py --render profiling/results/attention.csv  # markdown only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from squall.kernels import gt_attention as gta
+from squall.kernels.edge_index import EdgeIndex
+
+REPO = Path(__file__).resolve().parents[1]
+GRAPHS = {"o96_l6": (16, 64), "o320_l7": (16, 32), "tiny": (3, 12)}  # tiny: CPU smoke test
+ROLES = {"era_to_h": "encoder", "h_to_h": "processor", "h_to_era": "decoder"}
+# Edge features of the model: 3 geometric attributes + 8 trainable (conf/model/o96.yaml).
+D_E = 11
+PROVIDERS = ("ref_eager", "ref_compiled", "triton", "triton_fused")
+FIELDS = [
+    "date", "gpu", "torch", "triton", "git_sha", "graph", "graph_source", "edges_name", "n_src",
+    "n_dst", "n_edges", "heads", "chans", "d_e", "dtype", "provider", "median_ms", "floor_ms",
+    "ratio_to_floor", "achieved_GBps", "copy_GBps", "peak_above_inputs_MiB", "max_rel_err",
+]  # fmt: skip
+
+
+def synthetic_csc(n_src: int, n_dst: int, degrees: torch.Tensor, gen: torch.Generator):
+    """Random local-ish CSC graph: destination d draws sources near d * n_src / n_dst."""
+    colptr = torch.zeros(n_dst + 1, dtype=torch.int64)
+    colptr[1:] = torch.cumsum(degrees, 0)
+    centre = torch.repeat_interleave(torch.arange(n_dst) * n_src // n_dst, degrees)
+    row = (centre + torch.randint(-32, 33, centre.shape, generator=gen)).clamp(0, n_src - 1)
+    return colptr, row
+
+
+def load_graphs(name: str):
+    """``{role: (colptr, row, n_src, source)}`` from squall.graphs, else synthetic of equal size."""
+    try:
+        if name == "tiny":
+            raise KeyError("tiny is synthetic")
+        import yaml
+
+        from squall.graphs import build_graph
+
+        spec = yaml.safe_load((REPO / "conf" / "graph" / f"{name}.yaml").read_text())
+        graph = build_graph(spec)
+        out = {}
+        for role, key in ROLES.items():
+            es = graph.edges[key]
+            colptr = torch.as_tensor(es.colptr, dtype=torch.int64)
+            out[role] = (colptr, torch.as_tensor(es.row, dtype=torch.int64), es.num_src, "squall")
+        return out
+    except Exception as exc:  # noqa: BLE001 - fall back, and say so in the rows
+        print(f"squall.graphs unavailable ({exc!r}); synthetic graphs of the same sizes")
+    gen = torch.Generator().manual_seed(0)
+    grid, mesh = {"o96_l6": (40320, 40962), "o320_l7": (421120, 163842), "tiny": (50, 40)}[name]
+    hh_edges = {"o96_l6": 327660, "o320_l7": 1310700, "tiny": 320}[name]
+    out = {}
+    deg = torch.randint(2, 7, (mesh,), generator=gen)
+    out["era_to_h"] = (*synthetic_csc(grid, mesh, deg, gen), grid, "synthetic")
+    deg = torch.full((mesh,), hh_edges // mesh)
+    deg[: hh_edges - int(deg.sum())] += 1
+    deg[:12] += 30  # the coarse-level nodes of a multi-scale mesh
+    deg[12 : 12 + 360] -= 1
+    deg[-1] = max(0, int(deg[-1]) - 1)
+    out["h_to_h"] = (*synthetic_csc(mesh, mesh, deg, gen), mesh, "synthetic")
+    out["h_to_era"] = (*synthetic_csc(mesh, grid, torch.full((grid,), 3), gen), mesh, "synthetic")
+    return out
+
+
+def copy_bandwidth_GBps(device) -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written over median time."""
+    import triton
+
+    src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def floor_bytes(n_src, n_dst, n_edges, h, c, itemsize, fused: bool, d_e: int) -> dict:
+    """Fewest bytes each pass must move: every input read once, every output written once."""
+    row_dst = n_dst * h * c * itemsize
+    row_src = n_src * h * c * itemsize
+    if fused:
+        edge = n_edges * d_e * itemsize + (d_e + 1) * h * c * itemsize  # edge_attr and W, b
+    else:
+        edge = n_edges * h * c * itemsize
+    fwd = row_dst + 2 * row_src + edge + row_dst  # q, k, v, e -> out
+    bwd = 3 * row_dst + 2 * row_src + edge + row_dst + 2 * row_src + edge  # q, out, dO, k, v, e
+    return {"fwd": fwd, "bwd": bwd, "total": fwd + bwd}  # -> dq, dk, dv, de
+
+
+def median_ms(fn, warmup: int, rep: int, grad_to_none=None) -> float:
+    """Median wall time of ``fn``: CUDA events through triton's do_bench, else a host clock."""
+    if torch.cuda.is_available():
+        import triton
+
+        return triton.testing.do_bench(
+            fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"
+        )
+    import time
+
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[1]
+
+
+def breakdown(index, x, grad_out, fused: bool, copy_bw: float, warmup: int, rep: int) -> str:
+    """Time the Triton forward and backward launchers alone, each against its own floor."""
+    kt, dc, sc = gta._kidx_args(index)
+    q, k, v = x["q"], x["k"], x["v"]
+    if fused:
+        w_aug = torch.cat([x["weight"], x["bias"][None]], 0)
+        edge, attr = None, x["attr"]
+    else:
+        edge, attr, w_aug = x["edge"], None, None
+    n_src, (n_dst, h, c) = k.shape[0], q.shape
+    fb = floor_bytes(n_src, n_dst, index.num_edges, h, c, 2, fused, D_E)
+    _, lse = gta._launch_fwd(q, k, v, edge, attr, w_aug, kt[0], kt[1], kt[5], dc)
+    t_f = median_ms(lambda: gta._launch_fwd(q, k, v, edge, attr, w_aug, kt[0], kt[1], kt[5], dc),
+                    warmup, rep)  # fmt: skip
+    t_b = median_ms(lambda: gta._launch_bwd(q, k, v, edge, attr, w_aug, lse, grad_out, kt, dc, sc),
+                    warmup, rep)  # fmt: skip
+    f_f = fb["fwd"] / (copy_bw * 1e9) * 1e3
+    f_b = fb["bwd"] / (copy_bw * 1e9) * 1e3
+    return f"fwd {t_f:.3f} ms (x{t_f / f_f:.2f} floor)  bwd {t_b:.3f} ms (x{t_b / f_b:.2f} floor)"
+
+
+def make_case(colptr, row, n_src, h, c, dtype, device, gen):
+    index = EdgeIndex.from_csc(colptr, row, n_src).to(device)
+    n_dst, n_edges = index.num_dst, index.num_edges
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+
+    x = {
+        "q": rnd(n_dst, h, c), "k": rnd(n_src, h, c), "v": rnd(n_src, h, c),
+        "edge": rnd(n_edges, h, c), "attr": rnd(n_edges, D_E),
+        "weight": rnd(D_E, h * c, scale=D_E**-0.5), "bias": rnd(h * c, scale=0.1),
+    }  # fmt: skip
+    grad_out = rnd(n_dst, h, c)
+    return index, x, grad_out
+
+
+def provider_fn(provider, index, x, grad_out, compiled_ref):
+    """A closure running forward + backward once, and the list of leaves it differentiates."""
+    if provider == "triton_fused":
+        names = ["q", "k", "v", "attr", "weight", "bias"]
+
+        def fwd(t):
+            return gta.gt_attention_fused(
+                t["q"], t["k"], t["v"], t["attr"], t["weight"], t["bias"], index, "triton"
+            )
+    else:
+        names = ["q", "k", "v", "edge"]
+        if provider == "triton":
+
+            def fwd(t):
+                return gta.gt_attention(t["q"], t["k"], t["v"], t["edge"], index, "triton")
+        else:
+            ref = compiled_ref if provider == "ref_compiled" else gta.gt_attention_reference
+
+            def fwd(t):
+                return ref(t["q"], t["k"], t["v"], t["edge"], index.colptr, index.row, index.dst)
+
+    leaves = {n: x[n].detach().requires_grad_(True) for n in names}
+
+    def step():
+        out = fwd(leaves)
+        out.backward(grad_out)
+        return out
+
+    return step, leaves
+
+
+def max_rel_err(provider, index, x, grad_out, compiled_ref) -> float:
+    """Worst over out and grads of err(provider) / (2 err(torch bf16) + 4e-3), all vs fp32."""
+    step, leaves = provider_fn(provider, index, x, grad_out, compiled_ref)
+    out = step().detach()
+    res = [out] + [leaves[n].grad for n in leaves]
+
+    def ref_run(t, fused):
+        names = ["q", "k", "v", "attr", "weight", "bias"] if fused else ["q", "k", "v", "edge"]
+        lv = {n: t[n].detach().clone().requires_grad_(True) for n in names}
+        if fused:
+            o = gta.gt_attention_fused(
+                lv["q"], lv["k"], lv["v"], lv["attr"], lv["weight"], lv["bias"], index, "torch"
+            )
+        else:
+            o = gta.gt_attention(lv["q"], lv["k"], lv["v"], lv["edge"], index, "torch")
+        o.backward(grad_out.to(o.dtype))
+        return [o.detach()] + [lv[n].grad for n in names]
+
+    fused = provider == "triton_fused"
+    exact = ref_run({n: t.float() for n, t in x.items()}, fused)
+    same = ref_run(x, fused)
+    worst = 0.0
+    for a, s, r in zip(res, same, exact, strict=True):
+        scale = r.abs().max().clamp_min(1e-30)
+        e_k = ((a.float() - r).abs().max() / scale).item()
+        e_t = ((s.float() - r).abs().max() / scale).item()
+        worst = max(worst, e_k / (2 * e_t + 4e-3))
+    return worst
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_above_inputs_MiB(step) -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench(args):
+    import triton
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch._dynamo.config.cache_size_limit = 64
+    compiled_ref = torch.compile(gta.gt_attention_reference, dynamic=False)
+    copy_bw = copy_bandwidth_GBps(device) if device.type == "cuda" else 1.0
+    print(f"copy bandwidth {copy_bw:.0f} GB/s (read + write)")
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu-interpreter",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "git_sha": sha or "unknown",
+    }
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(row_):  # one row at a time, so a run cut short keeps what it measured
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow(row_)
+
+    gen = torch.Generator().manual_seed(0)
+    for gname in args.graphs:
+        h, c = GRAPHS[gname]
+        graphs = load_graphs(gname)
+        for role in args.roles:
+            colptr, row, n_src, source = graphs[role]
+            index, x, grad_out = make_case(colptr, row, n_src, h, c, torch.bfloat16, device, gen)
+            for provider in args.providers:
+                fused = provider == "triton_fused"
+                fb = floor_bytes(n_src, index.num_dst, index.num_edges, h, c, 2, fused, D_E)
+                fb = fb["total"]
+                step, leaves = provider_fn(provider, index, x, grad_out, compiled_ref)
+                step()  # compile / autotune
+                sync()
+                check = args.check and provider.startswith("triton")
+                err = max_rel_err(provider, index, x, grad_out, compiled_ref) if check else ""
+                for t in leaves.values():
+                    t.grad = None
+                peak = peak_above_inputs_MiB(step)
+                ms = median_ms(step, args.warmup, args.rep, list(leaves.values()))
+                floor_ms = fb / (copy_bw * 1e9) * 1e3
+                row_ = dict(
+                    meta, graph=gname, graph_source=source, edges_name=role, n_src=n_src,
+                    n_dst=index.num_dst, n_edges=index.num_edges, heads=h, chans=c, d_e=D_E,
+                    dtype="bf16", provider=provider, median_ms=f"{ms:.4f}",
+                    floor_ms=f"{floor_ms:.4f}", ratio_to_floor=f"{ms / floor_ms:.2f}",
+                    achieved_GBps=f"{fb / (ms * 1e-3) / 1e9:.0f}", copy_GBps=f"{copy_bw:.0f}",
+                    peak_above_inputs_MiB=f"{peak:.0f}",
+                    max_rel_err=f"{err:.2f}" if err != "" else "",
+                )  # fmt: skip
+                append(row_)
+                print(
+                    f"{gname:8s} {role:9s} {provider:13s} {ms:9.3f} ms  floor {floor_ms:7.3f} "
+                    f"x{ms / floor_ms:5.2f}  {fb / (ms * 1e-3) / 1e9:6.0f} GB/s  "
+                    f"peak {peak:8.0f} MiB  err/tol {row_['max_rel_err']}",
+                    flush=True,
+                )
+                if args.breakdown and provider.startswith("triton"):
+                    print(
+                        "    "
+                        + breakdown(index, x, grad_out, fused, copy_bw, args.warmup, args.rep)
+                    )
+                del step, leaves
+            del index, x, grad_out
+            torch.cuda.empty_cache()
+    render(path)
+
+
+def render(path: Path) -> None:
+    """Write ``<csv>.md``-style markdown (attention.md beside the CSV) from every row."""
+    with Path(path).open() as fh:
+        rows = list(csv.DictReader(fh))
+    cols = [
+        "date", "gpu", "git_sha", "graph", "edges_name", "n_edges", "heads", "chans", "provider",
+        "median_ms", "achieved_GBps", "ratio_to_floor", "peak_above_inputs_MiB", "max_rel_err",
+    ]  # fmt: skip
+    lines = [
+        "# GT attention benchmark (bf16, forward + backward)",
+        "",
+        "Generated by `profiling/bench_attention.py` from `attention.csv`; `ratio_to_floor` is "
+        "time over (byte floor / copy bandwidth measured in the same run); `max_rel_err` is the "
+        "worst err(kernel) / (2 err(torch bf16) + 4e-3) over out and grads vs fp32 (<= 1 passes).",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    Path(path).with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--csv", default=str(REPO / "profiling" / "results" / "attention.csv"))
+    p.add_argument("--render", help="only regenerate the markdown table of this CSV")
+    p.add_argument("--graphs", nargs="+", default=["o96_l6", "o320_l7"])
+    p.add_argument("--roles", nargs="+", default=list(ROLES))
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS))
+    p.add_argument("--no-check", dest="check", action="store_false")
+    p.add_argument("--breakdown", action="store_true", help="also time triton fwd / bwd alone")
+    p.add_argument("--warmup", type=int, default=25, help="ms")
+    p.add_argument("--rep", type=int, default=150, help="ms")
+    args = p.parse_args(argv)
+    if args.render:
+        render(Path(args.render))
+        return 0
+    if not torch.cuda.is_available() and args.graphs != ["tiny"]:
+        print("no GPU: only --graphs tiny runs (interpreter smoke test)", file=sys.stderr)
+        return 1
+    bench(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
