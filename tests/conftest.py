@@ -7,6 +7,7 @@ started" from a skip into a failure.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -82,10 +83,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def unused_port() -> int:
+    """A port on 127.0.0.1 with nothing listening (for "server unreachable" cases)."""
+    return free_port()
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+def mlflow_schema_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An sqlite database holding MLflow's schema and only its "Default" experiment.
+
+    Creating the schema takes 5 to 10 s on 2 cores; tests (and the server) that only need *a*
+    store start from a copy. Creation from nothing is tested in tests/tracking.
+    """
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-schema") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, mlflow_schema_db: Path) -> str:
     """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, artifacts in tmp); yields its URL."""
     root = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copy(mlflow_schema_db, root / "mlflow.db")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = root / "server.log"
@@ -93,10 +115,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> str:
     cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(root / "artifacts")]
+    # The server's background job runner (a pool of huey consumers) serves no test here.
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     with open(log_path, "w") as log_file:
         # Own session, so teardown can stop the server and its workers by process group id.
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=root,
-                                start_new_session=True)
+                                env=env, start_new_session=True)
     deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
     try:
         while True:
@@ -117,5 +141,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> str:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                pass
+        try:  # whatever of the group outlived its leader
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
