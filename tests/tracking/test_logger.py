@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -175,3 +177,27 @@ def test_flatten_config():
     assert flat["ref"] == "8"
     assert flat["todo"] == "???"
     assert len(flat["long"]) == MAX_PARAM_VALUE_LENGTH and flat["long"].endswith(TRUNCATED)
+
+
+RACE_SCRIPT = """
+import sys
+from squall.tracking import create_logger
+run = create_logger({"experiment": "race"}, store_dir=sys.argv[1], log_environment=False)
+run.finish()
+print(run.experiment_id, run.run_id)
+"""
+
+
+def test_parallel_jobs_share_a_fresh_embedded_store(tmp_path, no_env_uri):
+    # Three sweep points starting at once into a store that does not exist yet: unguarded, one
+    # fails ("duplicate column name") or lands in another experiment (RECIPE.md).
+    procs = [subprocess.Popen([sys.executable, "-c", RACE_SCRIPT, str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in outs]
+    ids = [out.split() for out, _ in outs]
+    assert len({experiment for experiment, _ in ids}) == 1
+    client = MlflowClient(tracking_uri=local_store_uri(tmp_path))
+    runs = client.search_runs([ids[0][0]])
+    assert {r.info.run_id for r in runs} == {run for _, run in ids}
