@@ -110,6 +110,7 @@ class GraphForecaster(nn.Module):
         num_output_vars: int,
         input_steps: int,
         residual_map: list[tuple[int, int]] | None = None,
+        residual_scale: list[float] | None = None,
     ):
         super().__init__()
         self.cfg, self.input_steps = cfg, input_steps
@@ -152,6 +153,12 @@ class GraphForecaster(nn.Module):
         self.register_buffer(
             "res_in", torch.tensor([p[1] for p in pairs], dtype=torch.long), persistent=False
         )
+        # Typical size of one step's change of each output (1 for diagnostics): the head predicts
+        # tendencies in units of their own spread, so its outputs are O(1) whatever the time step.
+        scale = torch.ones(num_output_vars)
+        if residual_scale is not None:
+            scale[self.res_out] = torch.as_tensor(residual_scale, dtype=torch.float32)
+        self.register_buffer("output_scale", scale)
 
     def edge_inputs(self, role: str) -> torch.Tensor:
         attrs = getattr(self.graph, f"{role}_attrs")
@@ -194,7 +201,7 @@ class GraphForecaster(nn.Module):
         z_data = self._run(
             self.decoder, cfg.checkpoint_decoder, z_mesh, z_data, dec, gi.indices["decoder"]
         )
-        y = self.head(self.norm_out(z_data))
+        y = self.head(self.norm_out(z_data)) * self.output_scale.to(x.dtype)
         if self.res_out.numel():
             last = x[:, -1].index_select(-1, self.res_in).to(y.dtype)
             y = y.index_add(-1, self.res_out, last)

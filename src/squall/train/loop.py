@@ -8,13 +8,19 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from squall.tracking import metrics as M
+from squall.tracking.metrics import StepTimer, peak_memory
 from squall.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
+
+LOSS_VAL_PROGNOSTIC = "loss/val_prognostic"
+LOSS_VAL_PERSISTENCE = "loss/val_persistence"  # prognostic variables, repeating the last state
+SKILL_VS_PERSISTENCE = "skill/val_vs_persistence"  # 1 - loss/val_prognostic / loss/val_persistence
 
 
 @dataclass(frozen=True)
@@ -85,26 +91,6 @@ class ResumableSampler(torch.utils.data.Sampler):
         return 2**62
 
 
-@dataclass
-class StepTimes:
-    """Wall time per step, warm-up excluded from the summary."""
-
-    warmup: int
-    times: list[float] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        measured = sorted(self.times[self.warmup :])
-        if not measured:
-            return {}
-        median = measured[len(measured) // 2]
-        return {
-            "median": median,
-            "p10": measured[len(measured) // 10],
-            "p90": measured[(9 * len(measured)) // 10],
-            "count": len(measured),
-        }
-
-
 class Trainer:
     """Train ``model`` on windows from ``loader`` with the settings of ``cfg`` (``conf/training``).
 
@@ -152,41 +138,29 @@ class Trainer:
 
     # -- maths ----------------------------------------------------------------------------------
 
-    def rollout_loss(self, batch: dict) -> torch.Tensor:
-        """Mean area-weighted MSE over ``rollout`` autoregressive steps (normalised space)."""
+    def rollout(self, batch: dict):
+        """Yield ``(prediction, truth)`` ``[B, G, V_out]`` for each of ``rollout`` autoregressive
+        steps; later steps start from earlier predictions (forcings from the data)."""
         x = batch["x"].to(self.device, non_blocking=True)
         y = batch["y"].to(self.device, non_blocking=True)
         state = x.index_select(-1, self.inputs)
-        area = self.model.graph.area
-        loss = 0.0
         for r in range(y.shape[1]):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 pred = self.model(state)
             truth = y[:, r]
-            loss = loss + area_weighted_mse(pred, truth.index_select(-1, self.outputs), area)
+            yield pred, truth.index_select(-1, self.outputs)
             if r + 1 < y.shape[1]:
-                nxt = truth.index_select(-1, self.inputs)  # forcings come from the data
+                nxt = truth.index_select(-1, self.inputs)
                 nxt = nxt.index_copy(
                     -1, self.prog_in, pred.index_select(-1, self.prog_out).to(nxt.dtype)
                 )
                 state = torch.cat([state[:, 1:], nxt.unsqueeze(1)], dim=1)
-        return loss / y.shape[1]
 
-    @torch.no_grad()
-    def persistence_loss(self, batch: dict) -> torch.Tensor:
-        """The same loss for a forecast that repeats the last input state (diagnostics: zero
-        anomaly, i.e. their mean)."""
-        x = batch["x"].to(self.device)
-        y = batch["y"].to(self.device)
-        last = x[:, -1].index_select(-1, self.outputs)
-        return torch.stack(
-            [
-                area_weighted_mse(
-                    last, y[:, r].index_select(-1, self.outputs), self.model.graph.area
-                )
-                for r in range(y.shape[1])
-            ]
-        ).mean()
+    def rollout_loss(self, batch: dict) -> torch.Tensor:
+        """Mean area-weighted MSE over the rollout steps (normalised space)."""
+        area = self.model.graph.area
+        losses = [area_weighted_mse(pred, truth, area) for pred, truth in self.rollout(batch)]
+        return sum(losses) / len(losses)
 
     # -- loop -----------------------------------------------------------------------------------
 
@@ -206,19 +180,28 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, loader, max_batches: int) -> dict:
+        """Validation loss, and the prognostic variables' error against persistence (repeating
+        the last input state over the rollout): ``skill = 1 - model / persistence``."""
         self.model.eval()
-        losses, persist = [], []
-        for i, batch in enumerate(loader):
-            if i >= max_batches:
+        area = self.model.graph.area
+        total, prog, base, batches = 0.0, 0.0, 0.0, 0
+        for batch in loader:
+            if batches >= max_batches:
                 break
-            losses.append(float(self.rollout_loss(batch)))
-            persist.append(float(self.persistence_loss(batch)))
-        loss, base = sum(losses) / len(losses), sum(persist) / len(persist)
-        return {
-            "val/loss": loss,
-            "val/persistence_loss": base,
-            "val/skill_vs_persistence": 1 - loss / base,
-        }
+            last = (
+                batch["x"][:, -1].to(self.device).index_select(-1, self.inputs)[..., self.prog_in]
+            )
+            steps = list(self.rollout(batch))
+            for pred, truth in steps:
+                total += float(area_weighted_mse(pred, truth, area)) / len(steps)
+                prog += float(
+                    area_weighted_mse(pred[..., self.prog_out], truth[..., self.prog_out], area)
+                ) / len(steps)
+                base += float(area_weighted_mse(last, truth[..., self.prog_out], area)) / len(steps)
+            batches += 1
+        total, prog, base = total / batches, prog / batches, base / batches
+        return {M.LOSS_VAL: total, LOSS_VAL_PROGNOSTIC: prog, LOSS_VAL_PERSISTENCE: base,
+                SKILL_VS_PERSISTENCE: 1 - prog / base}  # fmt: skip
 
     def save(self):
         if self.checkpoint_path is not None:
@@ -242,60 +225,55 @@ class Trainer:
         builds a loader starting at the data position (after a resume)."""
         cfg = self.cfg
         max_steps = int(cfg.max_steps)
+        signals = (signal.SIGTERM, signal.SIGUSR1)
         previous = (
-            {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
-            if _main_thread()
-            else {}
+            {s: signal.signal(s, self._request_stop) for s in signals} if _main_thread() else {}
         )
-        times = StepTimes(
-            warmup=min(int(cfg.get("timing_warmup_steps", 5)), max(0, max_steps - self.step - 1))
-        )
+        warmup = min(int(cfg.get("timing_warmup_steps", 5)), max(0, max_steps - self.step - 1))
+        timer = StepTimer(warmup=warmup)
         history, last = [], {}
         try:
             loader = iter(make_train_loader(self.samples_seen))
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
+            peak_memory(reset=True)
             while self.step < max_steps and not self.stop_requested:
                 batch = next(loader)
                 start = time.perf_counter()
                 loss, grad_norm = self.train_step(batch)
                 loss = float(loss)  # the one host sync per step: the value is logged anyway
-                times.times.append(time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                timer.record(seconds, batch["x"].shape[0])
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {self.step}")
                 history.append(loss)
-                metrics = {"train/loss": loss, "train/grad_norm": float(grad_norm), "train/lr": self.scheduler.get_last_lr()[0],
-                           "time/step_s": times.times[-1], "throughput/samples_per_s": batch["x"].shape[0] / times.times[-1]}  # fmt: skip
                 if self.step % int(cfg.log_every) == 0 or self.step == max_steps:
-                    metrics.update(memory_metrics(self.device))
+                    metrics = {M.LOSS_TRAIN: loss, M.GRAD_NORM: float(grad_norm),
+                               M.LR: self.scheduler.get_last_lr()[0], "time/last_step_s": seconds,
+                               **peak_memory(reset=True)}  # fmt: skip
                     self.logger.log_metrics(metrics, self.step)
                     log.info("step %d/%d loss %.4g lr %.2e %.3f s/step", self.step, max_steps, loss,
-                             metrics["train/lr"], times.times[-1])  # fmt: skip
+                             metrics[M.LR], seconds)  # fmt: skip
                 if val_loader is not None and (
                     self.step % int(cfg.val_every) == 0 or self.step == max_steps
                 ):
                     last = self.validate(val_loader, int(cfg.val_batches))
                     self.logger.log_metrics(last, self.step)
-                    log.info("step %d validation loss %.4g persistence %.4g skill %.3f", self.step,
-                             last["val/loss"], last["val/persistence_loss"], last["val/skill_vs_persistence"])  # fmt: skip
+                    log.info("step %d validation loss %.4g, prognostic %.4g vs persistence %.4g: skill %.3f",
+                             self.step, last[M.LOSS_VAL], last[LOSS_VAL_PROGNOSTIC],
+                             last[LOSS_VAL_PERSISTENCE], last[SKILL_VS_PERSISTENCE])  # fmt: skip
                 if self.step % int(cfg.checkpoint_every) == 0:
                     self.save()
             self.save()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        timing = times.summary()
         summary = {
             "step": self.step,
             "stopped_early": self.stop_requested,
             "losses": history,
             **last,
         }
-        if timing:
-            summary.update({"time/step_s_median": timing["median"], "time/step_s_p10": timing["p10"],
-                            "time/step_s_p90": timing["p90"],
-                            "throughput/samples_per_s": int(cfg.batch_size) / timing["median"]})  # fmt: skip
-        summary.update(memory_metrics(self.device))
+        if timer.measured_steps:
+            summary.update(timer.stats().as_metrics())
         return summary
 
 
@@ -303,13 +281,3 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def memory_metrics(device) -> dict:
-    """Peak memory of this process: GPU allocator peak on CUDA, resident set size on CPU."""
-    if device.type == "cuda":
-        return {"memory/peak_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30,
-                "memory/peak_reserved_GiB": torch.cuda.max_memory_reserved(device) / 2**30}  # fmt: skip
-    import resource
-
-    return {"memory/peak_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}

@@ -1,0 +1,116 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from squall.errors import DataError
+from squall.train.loop import VariableLayout, area_weighted_mse, lr_lambda
+from squall.train.runner import train
+
+from conftest import tiny_overrides  # noqa: I001 - tests/train is on sys.path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_variable_layout_and_residual_pairs():
+    layout = VariableLayout.from_roles(
+        {"prognostic": [0, 2, 5], "forcing": [1, 4], "diagnostic": [3]}
+    )
+    assert layout.inputs == [0, 1, 2, 4, 5] and layout.outputs == [0, 2, 3, 5]
+    assert layout.residual == [(0, 0), (1, 2), (3, 4)]
+
+
+def test_area_weighted_mse_weights_cells():
+    pred, target = torch.zeros(1, 2, 1), torch.tensor([[[1.0], [3.0]]])
+    assert float(area_weighted_mse(pred, target, torch.tensor([1.5, 0.5]))) == pytest.approx(
+        (1.5 + 4.5) / 2
+    )
+
+
+def test_schedule_warms_up_then_decays():
+    f = lr_lambda(10, 100, 0.01)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.505) and f(100) == pytest.approx(0.01)
+
+
+def test_kill_and_resume_gives_identical_losses(tiny_cfg, recording_logger):
+    overrides = (
+        "training.max_steps=12",
+        "training.deterministic=true",
+        "training.checkpoint_every=100",
+    )
+    whole = train(tiny_cfg(*overrides, "training.run_dir=${paths.cache}/whole"), recording_logger())
+    killed_log = recording_logger(signal_at=6)
+    cut = tiny_cfg(*overrides, "training.run_dir=${paths.cache}/cut")
+    first = train(cut, killed_log)
+    assert first["stopped_early"] and first["step"] == 6
+    resumed = train(cut, recording_logger())
+    assert resumed["step"] == 12
+    assert first["losses"] + resumed["losses"] == whole["losses"], "bitwise identical after resume"
+
+
+def test_fresh_run_ignores_checkpoint_when_resume_false(tiny_cfg, recording_logger):
+    cfg = tiny_cfg("training.max_steps=3", "training.run_dir=${paths.cache}/r")
+    train(cfg, recording_logger())
+    again = train(
+        tiny_cfg(
+            "training.max_steps=3", "training.run_dir=${paths.cache}/r", "training.resume=false"
+        ),
+        recording_logger(),
+    )
+    assert again["step"] == 3 and len(again["losses"]) == 3
+
+
+def test_missing_variable_and_short_split_are_clear(tiny_cfg, recording_logger):
+    with pytest.raises(DataError, match="no_such_var"):
+        train(
+            tiny_cfg("training.max_steps=1", "data.variables=[z_500,no_such_var]"),
+            recording_logger(),
+        )
+    with pytest.raises(DataError, match="needs"):
+        train(tiny_cfg("training.max_steps=1", "data.validation.start=58"), recording_logger())
+
+
+def run_train_job(tmp_path, *extra, env_extra=None):
+    env = {**os.environ, "SQUALL_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    args = [a for a in tiny_overrides(tmp_path) if not a.startswith("paths.cache")]
+    cmd = [sys.executable, "-m", "jobs.train", *args, *extra, f"hydra.run.dir={tmp_path}/hydra"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_train_job_records_run_in_local_mlflow(tmp_path):
+    out = run_train_job(tmp_path, "training.max_steps=6")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])["summary"]
+    assert summary["step"] == 6 and summary["time/step_s"] > 0
+    from mlflow.tracking import MlflowClient
+
+    from squall.tracking import local_store_uri
+
+    client = MlflowClient(local_store_uri(tmp_path / "mlflow"))
+    exp = client.get_experiment_by_name("squall")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert (
+        run.data.params["model.num_channels"] == "16" and run.data.params["graph.name"] == "o8_l2"
+    )
+    history = client.get_metric_history(run.info.run_id, "loss/train")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert "loss/val" in run.data.metrics and "throughput/samples_per_s" in run.data.metrics
+    assert run.data.tags["env.torch"] == torch.__version__ and "env.git_sha" in run.data.tags
+
+
+def test_train_job_bad_input_is_one_line(tmp_path):
+    out = run_train_job(tmp_path, "data.source=zarr", "data.path=/nonexistent/ds.zarr")
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("error:")
+        and "/nonexistent/ds.zarr" in last
+        and "Traceback" not in out.stderr
+    )
