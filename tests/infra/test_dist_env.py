@@ -191,7 +191,7 @@ def test_single_process_group_of_one():
     destroy_distributed()  # a second call is harmless
 
 
-def _worker(rank: int, world: int, job_id: str, out: dict) -> None:
+def _worker(rank: int, world: int, job_id: str, backend: str, out: dict) -> None:
     """One rank with the variables srun gives task ``rank`` of a one-node step."""
     os.environ.update({
         "SLURM_JOB_ID": job_id, "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank),
@@ -199,28 +199,41 @@ def _worker(rank: int, world: int, job_id: str, out: dict) -> None:
         "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_NUM_NODES": "1",
         "SLURM_STEP_TASKS_PER_NODE": str(world),
     })
-    env = dist_env(backend="gloo")
+    env = dist_env(backend=backend)
     init_distributed(env, timeout_s=60)
     try:
-        value = torch.tensor([float(env.rank + 1)])
+        device = torch.device("cuda") if env.backend == "nccl" else torch.device("cpu")
+        value = torch.tensor([float(env.rank + 1)], device=device)
         dist.all_reduce(value)
-        gathered = [torch.zeros(1) for _ in range(world)]
-        dist.all_gather(gathered, torch.tensor([float(env.rank)]))
+        gathered = [torch.zeros(1, device=device) for _ in range(world)]
+        dist.all_gather(gathered, torch.tensor([float(env.rank)], device=device))
+        cuda_device = torch.cuda.current_device() if env.backend == "nccl" else None
         out[rank] = (env.rank, env.local_rank, env.world_size, value.item(),
-                     [g.item() for g in gathered])
+                     [g.item() for g in gathered], cuda_device)
     finally:
         destroy_distributed()
 
 
-def test_two_process_gloo_from_slurm_variables():
+def run_two_ranks(backend: str) -> dict:
     world = 2
     # Unique id: the rendezvous file is named after the job id.
     job_id = str(uuid.uuid4().int % 10**9)
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, job_id, out), nprocs=world, join=True)
-        results = dict(out)
-    assert results == {
-        0: (0, 0, 2, 3.0, [0.0, 1.0]),
-        1: (1, 1, 2, 3.0, [0.0, 1.0]),
+        mp.spawn(_worker, args=(world, job_id, backend, out), nprocs=world, join=True)
+        return dict(out)
+
+
+def test_two_process_gloo_from_slurm_variables():
+    assert run_two_ranks("gloo") == {
+        0: (0, 0, 2, 3.0, [0.0, 1.0], None),
+        1: (1, 1, 2, 3.0, [0.0, 1.0], None),
+    }
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_process_nccl_sets_device_from_local_rank():
+    assert run_two_ranks("nccl") == {
+        0: (0, 0, 2, 3.0, [0.0, 1.0], 0),
+        1: (1, 1, 2, 3.0, [0.0, 1.0], 1),
     }

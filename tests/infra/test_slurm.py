@@ -7,10 +7,12 @@ All jobs are submitted at once by one module fixture, so they run side by side o
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -117,3 +119,24 @@ def test_job_over_its_time_limit_is_reported_failed(jobs):
     assert job.state in ("FAILED", "TIMEOUT")
     with pytest.raises(submitit.core.utils.UncompletedJobError, match="timed-out|TIMEOUT"):
         job.result()
+
+
+def listeners(port: int) -> set[str]:
+    """Local addresses (hex, as the kernel lists them) listening on TCP ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            addr, hex_port = fields[1].split(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(addr)
+    return found
+
+
+def test_daemons_listen_on_loopback_only(local_slurm):
+    conf = local_slurm.conf.read_text() + (local_slurm.conf.parent / "slurmdbd.conf").read_text()
+    ports = [int(p) for p in re.findall(r"^(?:SlurmctldPort|SlurmdPort|DbdPort)=(\d+)", conf,
+                                        re.MULTILINE)]
+    assert len(ports) == 3
+    for port in ports:
+        assert listeners(port) == {"0100007F"}, f"port {port}"  # 127.0.0.1, little-endian hex
