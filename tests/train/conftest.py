@@ -42,6 +42,11 @@ class RecordingLogger(NullLogger):
             signal.raise_signal(signal.SIGUSR1)
 
 
+@pytest.fixture(name="tiny_overrides")
+def tiny_overrides_fixture():
+    return tiny_overrides
+
+
 @pytest.fixture
 def recording_logger():
     return RecordingLogger

@@ -11,8 +11,6 @@ from squall.errors import DataError
 from squall.train.loop import VariableLayout, area_weighted_mse, lr_lambda
 from squall.train.runner import train
 
-from conftest import tiny_overrides  # noqa: I001 - tests/train is on sys.path
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -75,7 +73,7 @@ def test_missing_variable_and_short_split_are_clear(tiny_cfg, recording_logger):
         train(tiny_cfg("training.max_steps=1", "data.validation.start=58"), recording_logger())
 
 
-def run_train_job(tmp_path, *extra, env_extra=None):
+def run_train_job(tmp_path, tiny_overrides, *extra, env_extra=None):
     env = {**os.environ, "SQUALL_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     args = [a for a in tiny_overrides(tmp_path) if not a.startswith("paths.cache")]
@@ -83,8 +81,8 @@ def run_train_job(tmp_path, *extra, env_extra=None):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_train_job_records_run_in_local_mlflow(tmp_path):
-    out = run_train_job(tmp_path, "training.max_steps=6")
+def test_train_job_records_run_in_local_mlflow(tmp_path, tiny_overrides):
+    out = run_train_job(tmp_path, tiny_overrides, "training.max_steps=6")
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])["summary"]
     assert summary["step"] == 6 and summary["time/step_s"] > 0
@@ -105,8 +103,8 @@ def test_train_job_records_run_in_local_mlflow(tmp_path):
     assert run.data.tags["env.torch"] == torch.__version__ and "env.git_sha" in run.data.tags
 
 
-def test_train_job_bad_input_is_one_line(tmp_path):
-    out = run_train_job(tmp_path, "data.source=zarr", "data.path=/nonexistent/ds.zarr")
+def test_train_job_bad_input_is_one_line(tmp_path, tiny_overrides):
+    out = run_train_job(tmp_path, tiny_overrides, "data.source=zarr", "data.path=/nonexistent/ds.zarr")
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert (
