@@ -104,7 +104,9 @@ def test_train_job_records_run_in_local_mlflow(tmp_path, tiny_overrides):
 
 
 def test_train_job_bad_input_is_one_line(tmp_path, tiny_overrides):
-    out = run_train_job(tmp_path, tiny_overrides, "data.source=zarr", "data.path=/nonexistent/ds.zarr")
+    out = run_train_job(
+        tmp_path, tiny_overrides, "data.source=zarr", "data.path=/nonexistent/ds.zarr"
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert (
@@ -112,3 +114,31 @@ def test_train_job_bad_input_is_one_line(tmp_path, tiny_overrides):
         and "/nonexistent/ds.zarr" in last
         and "Traceback" not in out.stderr
     )
+
+
+def test_forecast_rolls_out_scores_and_writes_zarr(tiny_cfg, recording_logger, tmp_path):
+    import numpy as np
+    import zarr
+
+    from squall.train.forecast import forecast
+
+    extra = ("training.max_steps=4", "training.run_dir=${paths.cache}/fc", "forecast.steps=3",
+             "forecast.max_starts=2", "data.test.start=40", "data.test.end=59",
+             f"forecast.output={tmp_path}/fc.zarr")  # fmt: skip
+    train(tiny_cfg(*extra), recording_logger())
+    result = forecast(tiny_cfg(*extra))
+    assert result["lead_hours"] == [6.0, 12.0, 18.0] and result["starts"] == 2
+    assert all(np.isfinite(result["rmse_model"])) and all(r > 0 for r in result["rmse_persistence"])
+    out = zarr.open_group(result["output"], mode="r")
+    assert out["data"].shape == (2, 3, len(out.attrs["variables"]), 544)
+    assert np.isfinite(out["data"][:]).all()
+    # persistence error grows with lead time on smoothly evolving fields
+    assert result["rmse_persistence"][2] > result["rmse_persistence"][0]
+
+
+def test_forecast_without_checkpoint_is_clear(tiny_cfg):
+    from squall.errors import SquallError
+    from squall.train.forecast import forecast
+
+    with pytest.raises(SquallError, match="checkpoint .* not found"):
+        forecast(tiny_cfg("forecast.checkpoint=/nonexistent/ckpt.pt"))
