@@ -77,9 +77,9 @@ def test_peak_memory_window():
     if torch.cuda.is_available():
         torch.cuda.init()
         x = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # 0.25 GiB
-        first = peak_memory()
         del x
-        second = peak_memory()
+        first = peak_memory()  # this window saw x; a reset restarts from what is allocated now
+        second = peak_memory()  # this one did not
         assert first[metrics.PEAK_ALLOCATED_GIB] >= 0.25
         assert second[metrics.PEAK_ALLOCATED_GIB] < first[metrics.PEAK_ALLOCATED_GIB]
     else:
