@@ -13,6 +13,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def git_sha() -> str:
+    """Short sha (+dirty) of the checkout; ``SQUALL_GIT_SHA`` wins (device machines carry no .git)."""
+    if os.environ.get("SQUALL_GIT_SHA"):
+        return os.environ["SQUALL_GIT_SHA"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=RESULTS.parent, timeout=10)  # fmt: skip
