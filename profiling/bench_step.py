@@ -95,9 +95,6 @@ def time_step(graph, args, backend: str, checkpoint: bool) -> dict:
         "model_TFLOP_per_step": round(flops / 1e12, 3),
         "achieved_TFLOPs": round(flops / median / 1e12, 1),
     }
-    del model, opt, x, y
-    gc.collect()
-    torch.cuda.empty_cache()
     return row
 
 
