@@ -43,12 +43,19 @@ def sleep_long() -> None:
     time.sleep(3600)
 
 
-def wait_done(job: submitit.Job, deadline_s: float) -> None:
-    """Poll Slurm (sacct) until ``job`` is done; fail instead of hanging past ``deadline_s``."""
+def wait_done(job: submitit.Job, deadline_s: float) -> str:
+    """Poll Slurm (sacct) until ``job`` has ended there; fail instead of hanging past ``deadline_s``.
+
+    ``job.done()`` alone is not enough: it turns true as soon as the job wrote its result file,
+    while Slurm may still show the job RUNNING or COMPLETING for a moment.
+    """
     end = time.monotonic() + deadline_s
-    while not job.done(force_check=True):
+    while True:
+        state = job.watcher.get_state(job.job_id, mode="force")
+        if job.watcher.is_done(job.job_id, mode="cache"):
+            return state
         if time.monotonic() > end:
-            pytest.fail(f"job {job.job_id} not done after {deadline_s} s (state {job.state})")
+            pytest.fail(f"job {job.job_id} not done after {deadline_s} s (state {state})")
         time.sleep(2)
 
 
