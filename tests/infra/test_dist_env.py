@@ -104,6 +104,22 @@ def test_slurm_single_node_uses_a_file_rendezvous():
     assert env.init_method.startswith("file://") and "123457" in env.init_method
 
 
+def test_rendezvous_file_is_new_for_each_launch():
+    one_node = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+                "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "vm",
+                "SLURM_JOB_NODELIST": "vm", "SLURM_STEP_NUM_NODES": "1",
+                "SLURM_JOB_NUM_NODES": "1", "SLURM_STEP_TASKS_PER_NODE": "2",
+                "SLURM_TASKS_PER_NODE": "2", "SLURM_STEP_LAUNCHER_PORT": "40001"}
+
+    def url(**changes):
+        return dist_env(slurm_step(**{**one_node, **changes}), backend="gloo").init_method
+
+    assert url() == url(SLURM_PROCID="1", SLURM_LOCALID="1")  # the step's tasks meet
+    assert url(SLURM_RESTART_COUNT="1") != url()  # a requeued job
+    assert url(SLURM_STEP_LAUNCHER_PORT="40002") != url()  # same id after a wiped state
+    assert url(SLURM_STEP_ID="1") != url()
+
+
 def test_master_port_and_addr_overrides():
     env = dist_env(slurm_step(MASTER_PORT="31111", MASTER_ADDR="10.0.0.1"), backend="gloo")
     assert (env.master_addr, env.master_port) == ("10.0.0.1", 31111)

@@ -20,6 +20,7 @@ the temporary directory when every rank is on this host, so nothing listens on t
 from __future__ import annotations
 
 import datetime
+import hashlib
 import itertools
 import os
 import re
@@ -251,7 +252,13 @@ def _int(env: Mapping[str, str], *names: str, default: int | None = None) -> int
 def _file_store(key: str) -> str:
     """``file://`` URL unique to one launch, shared by the ranks of one host."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
-    return "file://" + os.path.join(tempfile.gettempdir(), f"squall-rendezvous-{safe}")
+    name = f"squall-rendezvous-{os.getuid()}-{safe}"  # per user: /tmp's sticky bit
+    return "file://" + os.path.join(tempfile.gettempdir(), name)
+
+
+def _short_hash(text: str) -> str:
+    """12 hex digits identifying ``text`` (keeps file names short)."""
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def _init_method(num_nodes: int, world_size: int, addr: str, port: int, key: str) -> str:
@@ -303,7 +310,9 @@ def _from_submitit_local(env: Mapping[str, str], backend: str) -> DistEnv:
         master_port=port,
         backend=backend,
         source="submitit-local",
-        init_method=_init_method(1, world, "127.0.0.1", port, f"submitit-{job_id}"),
+        # The job id is the controller's pid, so the job's folder is part of the key too.
+        init_method=_init_method(1, world, "127.0.0.1", port,
+                                 f"submitit-{job_id}-{_short_hash(env.get('SUBMITIT_FOLDER', ''))}"),
     )
 
 
@@ -350,8 +359,11 @@ def _from_slurm(env: Mapping[str, str], backend: str) -> DistEnv:
     job_id = env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", "0"))
     port = _int(env, "MASTER_PORT", default=port_from_job_id(job_id))
     addr = env.get("MASTER_ADDR", hosts[0])
-    # A requeued job keeps its id: the restart count keeps its rendezvous file fresh.
-    key = f"slurm-{job_id}.{env.get('SLURM_STEP_ID', 'x')}.{env.get('SLURM_RESTART_COUNT', '0')}"
+    # A stale file (a killed run) must never be reused: a requeued job keeps its id, so the key
+    # holds the restart count, and ids restart when a cluster's state is wiped, so it holds the
+    # port of this step's srun too (shared by the step's tasks, new for each step).
+    key = (f"slurm-{job_id}.{env.get('SLURM_STEP_ID', 'x')}.{env.get('SLURM_RESTART_COUNT', '0')}"
+           f".{env.get('SLURM_STEP_LAUNCHER_PORT', 'x')}")
     return DistEnv(
         rank=_int(env, "SLURM_PROCID"),
         local_rank=_int(env, "SLURM_LOCALID", default=0),
