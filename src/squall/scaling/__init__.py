@@ -1,0 +1,1 @@
+"""Scaling experiments: point plans, the point runner, sweep bookkeeping, launchers, reports."""

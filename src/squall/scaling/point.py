@@ -1,0 +1,372 @@
+"""One point of a scaling sweep: join the process group, build, warm up, time N training steps.
+
+Run by every rank of the point (``jobs/scale.py``). The order:
+
+1. :func:`~squall.scaling.plan.plan_point` checks the layout; the launcher's world size must match.
+2. ``torch.distributed`` from the launcher's environment (:mod:`squall.parallel.env`): NCCL on
+   GPUs, gloo on CPU.
+3. Rank 0 builds graph, dataset and model first (it may write the graph cache and the synthetic
+   dataset), the others after a barrier. Data-parallel points wrap the model in DDP.
+4. ``scale.warmup_steps`` untimed steps, then ``scale.steps`` timed ones, each a real training
+   step (:meth:`squall.train.loop.Trainer.train_step`) on batches drawn for this data-parallel
+   rank. A checkpoint every ``scale.checkpoint_every`` steps; on SIGUSR1/SIGUSR2/SIGTERM all
+   ranks agree to stop after the current step, rank 0 checkpoints, and under submitit the job is
+   requeued (its own handler runs) and resumes here, warm-up repeated, timed steps kept.
+5. The gradient all-reduce measured alone (``time/comm_s``, ``comm/bytes_per_step``), peak memory
+   of every rank, the job's own GPU statistics; rank 0 logs all of it to the point's MLflow run.
+
+Anything that goes wrong is recorded on the run (``squall.failure_reason`` tag, status FAILED)
+before it propagates, so the sweep's report can show why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf, open_dict
+
+from squall.data.sampler import EpochSampler
+from squall.data.zarr_dataset import make_dataloader
+from squall.errors import SquallError
+from squall.parallel.env import DistEnv, destroy_distributed, dist_env, init_distributed
+from squall.scaling.plan import LayoutError, PointPlan, plan_point
+from squall.scaling.sweep import FAILURE_TAG, INTERRUPT_TAG
+from squall.tracking import NullLogger, RunLogger
+from squall.tracking import metrics as M
+from squall.tracking.environment import collect_environment
+from squall.tracking.metrics import GpuSampler, StepTimer, peak_memory
+from squall.train.checkpoint import load_checkpoint, save_checkpoint
+from squall.train.runner import build_run
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+#: DDP's default gradient bucket (torch.nn.parallel.DistributedDataParallel bucket_cap_mb=25):
+#: the comm probe all-reduces buckets of this size, as DDP does.
+DDP_BUCKET_BYTES = 25 * 1024**2
+
+
+class PointInterrupted(SquallError):
+    """The point stopped on a signal after writing its checkpoint; rerunning it resumes."""
+
+
+def one_line(err: BaseException, limit: int = 500) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters (for tags and tables)."""
+    text = str(err).strip().splitlines()
+    msg = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+@dataclass
+class Progress:
+    """What survives a requeue, stored in the checkpoint's ``extra``."""
+
+    measured_s: list[float] = field(default_factory=list)
+    data_s: list[float] = field(default_factory=list)
+    attempts: int = 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _point_config(cfg, plan: PointPlan, device: torch.device):
+    """The training config of this point: per-rank batch, step budget, device."""
+    point = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(point):
+        point.training.batch_size = plan.batch_per_rank
+        point.training.max_steps = int(cfg.scale.warmup_steps) + int(cfg.scale.steps)
+        point.training.device = str(device)
+    return point
+
+
+def _batches(dataset, batch: int, seed: int, rank: int, replicas: int, workers: int,
+             start_batch: int, pin: bool) -> Iterator[dict]:
+    """Endless batches of this data-parallel rank, continuing after ``start_batch`` batches."""
+    sampler = EpochSampler(len(dataset), shuffle=True, seed=seed, rank=rank,
+                           num_replicas=replicas, drop_last=True)
+    per_epoch = sampler.per_rank // batch
+    if per_epoch < 1:
+        raise LayoutError(f"{len(dataset)} training windows give no batch of {batch} to each of "
+                          f"{replicas} data-parallel ranks; lower scale.batch or use more data")
+    epoch, done = divmod(start_batch, per_epoch)
+    while True:
+        sampler.set_position(epoch, done * batch)
+        loader = make_dataloader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+                                 drop_last=True, pin_memory=pin)
+        yield from loader
+        epoch, done = epoch + 1, 0
+
+
+def _gradient_allreduce_s(model: torch.nn.Module, device: torch.device, repeats: int) -> tuple[float, int]:
+    """Median time of all-reducing the model's gradient bytes in DDP-sized buckets, alone.
+
+    DDP overlaps these all-reduces with the backward pass, so ``time/comm_s / time/step_s`` is
+    the share communication would take without overlap: an upper bound of its true cost.
+    Returns ``(seconds, bytes per rank per step)``; ``(0, 0)`` for one rank.
+    """
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    if dist.get_world_size() == 1 or nbytes == 0:
+        return 0.0, 0
+    elements = [min(DDP_BUCKET_BYTES, nbytes - i) // 4 for i in range(0, nbytes, DDP_BUCKET_BYTES)]
+    buckets = [torch.ones(max(1, n), device=device) for n in elements]
+    times = []
+    for _ in range(repeats + 1):  # the first round sets up the connections: not timed
+        dist.barrier()
+        _sync(device)
+        start = time.perf_counter()
+        for b in buckets:
+            dist.all_reduce(b)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]), nbytes
+
+
+class _StopFlag:
+    """Signal handlers that ask for a stop at the end of the step; restores the previous ones."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopFlag:
+        from threading import current_thread, main_thread
+
+        if current_thread() is main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        log.warning("signal %s: checkpointing after this step, then stopping",
+                    signal.Signals(signum).name)
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, device: torch.device) -> int:
+        """The signal any rank received (0 if none): every rank stops at the same step."""
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def _under_submitit() -> bool:
+    return "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ
+
+
+def run_point(cfg, logger_factory) -> dict:
+    """Run this rank's part of the point described by ``cfg``; return rank 0's summary.
+
+    Parameters
+    ----------
+    cfg : DictConfig
+        Composed ``conf/scale.yaml``.
+    logger_factory : callable
+        ``logger_factory(env, plan) -> RunLogger`` for rank 0 (other ranks get a null logger).
+
+    Returns
+    -------
+    dict
+        Summary metrics (rank 0; other ranks return theirs, unlogged).
+
+    Raises
+    ------
+    LayoutError
+        If the layout cannot run, or the launcher started a different number of ranks.
+    PointInterrupted
+        After a stop signal, once the checkpoint is written (when not requeued by submitit).
+    """
+    plan = plan_point(cfg)
+    env = dist_env(backend=cfg.cluster.get("backend"))
+    if env.world_size != plan.gpus:
+        raise LayoutError(
+            f"point asks for parallel.gpus={plan.gpus} ranks but runs as {env.world_size} "
+            f"process(es) ({env.source}): launch it with --multirun (the launcher starts the ranks) "
+            f"or srun/torchrun with {plan.gpus} tasks"
+        )
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads and threads.isdigit():
+        torch.set_num_threads(int(threads))
+    init_distributed(env, timeout_s=float(cfg.scale.get("collective_timeout_s", 300)))
+    logger: RunLogger = NullLogger()
+    try:
+        if env.is_main:
+            logger = logger_factory(env, plan)
+        try:
+            summary = _measure(cfg, plan, env, logger)
+        except SystemExit:  # submitit requeued the job (tagged already) or it was told to exit
+            logger.finish("KILLED")
+            raise
+        except BaseException as err:
+            interrupted = isinstance(err, PointInterrupted | KeyboardInterrupt)
+            logger.set_tags({INTERRUPT_TAG if interrupted else FAILURE_TAG: one_line(err)})
+            logger.finish("KILLED" if interrupted else "FAILED")
+            raise
+        logger.finish("FINISHED")
+        return summary
+    finally:
+        destroy_distributed()
+
+
+def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger) -> dict:
+    s = cfg.scale
+    device = torch.device("cuda", env.local_rank) if env.backend == "nccl" else torch.device("cpu")
+    point = _point_config(cfg, plan, device)
+    if env.is_main:
+        logger.log_config(point)
+        logger.log_params(plan.as_params())
+        env_info = collect_environment()
+        logger.set_tags({f"env.{k}": v for k, v in env_info.items()} | {
+            "point.layout": plan.layout, "point.gpus": plan.gpus, "point.nodes": plan.nodes,
+            "point.backend": env.backend, "point.attention_backend": cfg.model.attention_backend,
+            "point.graph": cfg.graph.name, "point.model": cfg.model.name,
+            "point.rank0_host": env_info["hostname"],
+        })
+    # Rank 0 first: it may build the graph cache and generate the synthetic dataset.
+    if not env.is_main:
+        dist.barrier()
+    parts = build_run(point, NullLogger(), device=device)
+    if env.is_main:
+        dist.barrier()
+    model, trainer = parts.model, parts.trainer
+    if plan.data_parallel > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if device.type == "cuda" else None)
+        ddp.graph = model.graph  # Trainer reads model.graph.area
+        trainer.model = ddp
+
+    ckpt = Path(str(point.training.run_dir)) / "checkpoint.pt"
+    progress, start = Progress(), 0
+    if ckpt.exists() and bool(point.training.resume):
+        payload = load_checkpoint(ckpt, model, trainer.optimizer, trainer.scheduler)
+        start = int(payload["step"])
+        progress = Progress(**payload["extra"].get("progress", {}))
+        log.info("resumed point at step %d from %s", start, ckpt)
+    progress.attempts += 1
+    trainer.step = start
+    warmup, steps = int(s.warmup_steps), int(s.steps)
+    todo = steps - len(progress.measured_s)
+    total = start + warmup + todo  # warm-up is repeated after a resume; timed steps are kept
+    if env.is_main:
+        logger.set_tags({"point.attempts": progress.attempts})
+
+    dp_rank = env.rank // plan.model_parallel
+    batches = _batches(parts.train_set, plan.batch_per_rank, int(point.training.seed), dp_rank,
+                       plan.data_parallel, int(point.data.get("num_workers", 0)), start,
+                       device.type == "cuda")
+    pending: list[tuple[dict, int]] = []
+
+    def flush() -> None:
+        for metrics, step in pending:
+            logger.log_metrics(metrics, step)
+        pending.clear()
+
+    def save() -> None:
+        if env.is_main:
+            save_checkpoint(ckpt, model, trainer.optimizer, trainer.scheduler, trainer.step,
+                            trainer.samples_seen, extra={"progress": vars(progress)})
+        dist.barrier()
+
+    sampler = GpuSampler() if env.local_rank == 0 else None
+    peak_memory(reset=True)
+    stopped_by = 0
+    with _StopFlag() as stop, (sampler or _Nothing()):
+        first = trainer.step
+        while trainer.step < total:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            waited = time.perf_counter() - t0
+            _sync(device)
+            t0 = time.perf_counter()
+            loss, grad_norm = trainer.train_step(batch)
+            loss = float(loss)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+            timed = trainer.step - first > warmup
+            if timed:
+                progress.measured_s.append(seconds)
+                progress.data_s.append(waited)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {trainer.step}")
+            pending.append(({M.LOSS_TRAIN: loss, M.GRAD_NORM: float(grad_norm),
+                             M.LR: trainer.scheduler.get_last_lr()[0], "time/last_step_s": seconds,
+                             "time/last_data_s": waited, "time/timed": float(timed)}, trainer.step))
+            stopped_by = stop.agreed(device)
+            if trainer.step % int(s.checkpoint_every) == 0 or stopped_by:
+                flush()
+                save()
+            if stopped_by:
+                break
+        flush()
+        if sampler:
+            sampler.sample()  # at least one sample, however short the point
+    if stopped_by:  # after the handlers are restored: submitit's is the one to call
+        _interrupted(stopped_by, trainer.step, ckpt, env, logger)
+    save()
+
+    comm_s, comm_bytes = _gradient_allreduce_s(model, device, int(s.comm_repeats))
+    memory = peak_memory(reset=False)
+    gpu = sampler.collect() if sampler else {}
+    gathered: list = [None] * env.world_size
+    dist.all_gather_object(gathered, {"rank": env.rank, "node": env.node_rank, "memory": memory,
+                                      "gpu": gpu})
+    timer = StepTimer(warmup=0, sync=lambda: None)
+    for sec in progress.measured_s:
+        timer.record(sec, plan.global_batch)
+    stats = timer.stats()
+    summary = stats.as_metrics() | {
+        M.COMM_S: comm_s, M.COMM_BYTES_PER_STEP: float(comm_bytes),
+        M.COMM_SHARE: comm_s / stats.median_s if stats.median_s > 0 else 0.0,
+        M.DATA_S: statistics.median(progress.data_s),
+        M.SAMPLES_PER_S_PER_GPU: stats.samples_per_s / plan.gpus,
+        # Data-parallel points exchange no halo; model-parallel ones report theirs (issue 6).
+        M.HALO_BYTES_PER_STEP: 0.0, M.HALO_ROWS_SENT: 0.0,
+        "model/parameters": float(model.num_parameters()),
+        "model/gflop_per_sample": model.flops_per_sample() / 1e9,
+    }
+    for entry in gathered:
+        for key, value in entry["memory"].items():
+            summary[M.per_rank(key, entry["rank"])] = value
+        for key, value in entry["gpu"].items():
+            summary[f"{key}/node{entry['node']}"] = value
+    for key in gathered[0]["memory"]:
+        summary[key] = max(entry["memory"][key] for entry in gathered)
+    if env.is_main:
+        logger.log_metrics(summary, trainer.step)
+        log.info("point %s: %.4g s/step (spread %.2f), %.4g samples/s, comm %.3g s", plan.layout,
+                 stats.median_s, stats.spread, stats.samples_per_s, comm_s)
+    return summary
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _interrupted(signum: int, step: int, ckpt: Path, env: DistEnv, logger: RunLogger) -> None:
+    """Hand a stop over: to submitit's own handler (requeue) on rank 0, else raise."""
+    name = signal.Signals(signum).name
+    message = f"{name} at step {step}; checkpoint {ckpt}"
+    previous = signal.getsignal(signal.SIGUSR2)
+    if env.is_main and _under_submitit() and callable(previous):
+        logger.set_tags({INTERRUPT_TAG: message + "; requeued"})
+        logger.finish("KILLED")
+        destroy_distributed()
+        previous(signal.SIGUSR2, None)  # submitit: checkpoint the launcher, requeue, exit
+    raise PointInterrupted(message + "; run the point again to resume")
