@@ -89,13 +89,31 @@ class GraphTransformerBlock(nn.Module):
 
         For the processor pass the same tensor as ``x_src`` and ``x_dst``.
         """
-        batch, num_dst, channels = x_dst.shape
-        h_dst = self.norm_dst(x_dst)
         if self.bipartite:
-            q = self.q(h_dst)
-            k, v = self.kv(self.norm_src(x_src)).chunk(2, dim=-1)
+            q = self.project_q(x_dst)
+            k, v = self.project_kv(x_src)
         else:
-            q, k, v = self.qkv(h_dst).chunk(3, dim=-1)
+            q, k, v = self.project_qkv(x_dst)
+        return self.update(x_dst, self.attend(q, k, v, edge_attr, index))
+
+    # The steps of forward, for callers that update a subset of destinations (squall.parallel).
+
+    def project_q(self, x_dst: torch.Tensor) -> torch.Tensor:
+        """Queries ``[B, N_dst, C]`` of a bipartite block."""
+        return self.q(self.norm_dst(x_dst))
+
+    def project_kv(self, x_src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, N_src, C]`` of a bipartite block."""
+        return self.kv(self.norm_src(x_src)).chunk(2, dim=-1)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values ``[B, N, C]`` of every row of a processor block."""
+        return self.qkv(self.norm_dst(x)).chunk(3, dim=-1)
+
+    def attend(self, q, k, v, edge_attr: torch.Tensor, index: EdgeIndex) -> torch.Tensor:
+        """Attention ``[B, N_dst, C]`` of queries ``q [B, N_dst, C]`` over keys and values
+        ``[B, N_src, C]`` along the edges of ``index`` (features ``edge_attr [E, d_e]``)."""
+        batch, num_dst, channels = q.shape
         weight, bias = self.edge_weight, self.edge_bias
         if batch > 1:
             weight, bias = weight.repeat(1, batch), bias.repeat(batch)
@@ -104,7 +122,10 @@ class GraphTransformerBlock(nn.Module):
             self._heads(q), self._heads(k), self._heads(v),
             edge_attr.to(dtype), weight.to(dtype), bias.to(dtype), index, self.backend,
         )  # fmt: skip
-        attn = attn.reshape(num_dst, batch, channels).transpose(0, 1)
+        return attn.reshape(num_dst, batch, channels).transpose(0, 1)
+
+    def update(self, x_dst: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual output projection and MLP: the new ``x_dst``."""
         x = x_dst + self.out(attn)
         return x + self.mlp(self.norm_mlp(x))
 

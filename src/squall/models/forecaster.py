@@ -171,6 +171,11 @@ class GraphForecaster(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
+    def run_block(self, role: str, block, x_src, x_dst, edge_attr) -> torch.Tensor:
+        """One GT block over edge set ``role`` (the step ``squall.parallel`` overrides)."""
+        enabled = getattr(self.cfg, f"checkpoint_{role}")
+        return self._run(block, enabled, x_src, x_dst, edge_attr, self.graph.indices[role])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, T_in, G, V_in]`` normalised -> next state ``[B, G, V_out]`` normalised."""
         b, t, g, v = x.shape
@@ -189,18 +194,11 @@ class GraphForecaster(nn.Module):
         )
         z_data = self.embed_data(data_in)
         z_mesh = self.embed_mesh(gi.mesh_attrs).expand(b, -1, -1)
-        cfg = self.cfg
         enc, proc, dec = (self.edge_inputs(r) for r in ROLES)
-        z_mesh = self._run(
-            self.encoder, cfg.checkpoint_encoder, z_data, z_mesh, enc, gi.indices["encoder"]
-        )
+        z_mesh = self.run_block("encoder", self.encoder, z_data, z_mesh, enc)
         for layer in self.processor:
-            z_mesh = self._run(
-                layer, cfg.checkpoint_processor, z_mesh, z_mesh, proc, gi.indices["processor"]
-            )
-        z_data = self._run(
-            self.decoder, cfg.checkpoint_decoder, z_mesh, z_data, dec, gi.indices["decoder"]
-        )
+            z_mesh = self.run_block("processor", layer, z_mesh, z_mesh, proc)
+        z_data = self.run_block("decoder", self.decoder, z_mesh, z_data, dec)
         y = self.head(self.norm_out(z_data)) * self.output_scale.to(x.dtype)
         if self.res_out.numel():
             last = x[:, -1].index_select(-1, self.res_in).to(y.dtype)

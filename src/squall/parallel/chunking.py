@@ -1,0 +1,118 @@
+"""Update a subset of a block's destinations: the unit of sharding, overlap and chunking.
+
+A :class:`~squall.parallel.halo.SubGraph` (destinations, the sources they read, their edges) is
+turned into device tensors once (:class:`DeviceSubGraph`); :func:`subgraph_block` then runs one
+GraphTransformer block for those destinations only, through the block's own steps
+(``project_* -> attend -> update``), so every destination sees the same rows, edges and CSC order as
+on one device and its result is the same arithmetic.
+
+Sequential processing (``chunks = K``) runs a mapper as ``K`` such subsets one after another, each
+under ``torch.utils.checkpoint``: the forward keeps only each chunk's output, and the backward
+recomputes one chunk at a time, so the mapper's peak activation memory falls roughly as ``1/K``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from squall.kernels.edge_index import EdgeIndex
+from squall.parallel.halo import SubGraph
+
+
+def _index_or_none(ids: np.ndarray, n: int, device) -> torch.Tensor | None:
+    """``None`` when ``ids`` is ``arange(n)`` (no gather needed), else the ids as a tensor."""
+    if len(ids) == n and np.array_equal(ids, np.arange(n)):
+        return None
+    return torch.from_numpy(np.ascontiguousarray(ids)).to(device)
+
+
+class DeviceSubGraph:
+    """A :class:`SubGraph` as device tensors; ``None`` gathers stand for "all rows, in order".
+
+    Parameters
+    ----------
+    sub : SubGraph
+    num_dst, num_src, num_edges : int
+        Local destinations, local sources (owned + halo) and local edges of the rank.
+    device : torch.device or str
+    """
+
+    def __init__(self, sub: SubGraph, num_dst: int, num_src: int, num_edges: int, device="cpu"):
+        self.sub, self.shape = sub, (num_dst, num_src, num_edges)
+        self.num_dst, self.square = sub.num_dst, sub.square
+        self.dst = _index_or_none(sub.dst, num_dst, device)
+        self.src = _index_or_none(sub.src, num_src, device)
+        self.edges = _index_or_none(sub.edges, num_edges, device)
+        self.index = None
+        if sub.num_dst:
+            self.index = EdgeIndex.from_csc(
+                torch.from_numpy(sub.colptr), torch.from_numpy(sub.row), len(sub.src)
+            ).to(device)
+
+    def to(self, device) -> DeviceSubGraph:
+        return DeviceSubGraph(self.sub, *self.shape, device)
+
+
+def subgraph_block(block, sub: DeviceSubGraph, x_src, x_dst, edge_attr) -> torch.Tensor:
+    """New features ``[B, n_d, C]`` of the destinations of ``sub`` after ``block``.
+
+    Parameters
+    ----------
+    block : GraphTransformerBlock
+    sub : DeviceSubGraph
+        Must have at least one destination.
+    x_src : torch.Tensor
+        ``[B, N_src, C]`` local sources (owned, then halo); ``sub.src`` indexes it. For a square
+        (processor) subset the first ``n_d`` gathered rows are the destinations themselves.
+    x_dst : torch.Tensor
+        ``[B, N_dst, C]`` local destinations (bipartite blocks only; ignored when square).
+    edge_attr : torch.Tensor
+        ``[E_local, d_e]`` local edge features.
+    """
+    xs = x_src if sub.src is None else x_src.index_select(1, sub.src)
+    ea = edge_attr if sub.edges is None else edge_attr.index_select(0, sub.edges)
+    if sub.square:
+        xd = xs[:, : sub.num_dst]
+        q, k, v = block.project_qkv(xs)
+        q = q[:, : sub.num_dst]
+    else:
+        xd = x_dst if sub.dst is None else x_dst.index_select(1, sub.dst)
+        q = block.project_q(xd)
+        k, v = block.project_kv(xs)
+    return block.update(xd, block.attend(q, k, v, ea, sub.index))
+
+
+def run_subgraph(block, sub: DeviceSubGraph, x_src, x_dst, edge_attr, recompute: bool):
+    """:func:`subgraph_block`, under activation checkpointing when ``recompute`` (and grads are
+    on); an empty subset gives ``[B, 0, C]``."""
+    if sub.num_dst == 0:
+        return x_dst.new_zeros((x_dst.shape[0], 0, x_dst.shape[2]))
+    fn = partial(subgraph_block, block, sub)
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(fn, x_src, x_dst, edge_attr, use_reentrant=False)
+    return fn(x_src, x_dst, edge_attr)
+
+
+def merge_order(subs: list[SubGraph], num_dst: int) -> np.ndarray:
+    """``perm`` such that ``cat(outputs of subs)[:, perm]`` is in local destination order.
+
+    Raises
+    ------
+    ValueError
+        If the subsets' destinations do not partition ``range(num_dst)``.
+    """
+    cat = np.concatenate([s.dst for s in subs]) if subs else np.zeros(0, dtype=np.int64)
+    if len(cat) != num_dst or not np.array_equal(np.sort(cat), np.arange(num_dst)):
+        raise ValueError(f"subsets cover {len(cat)} destinations, not a partition of {num_dst}")
+    perm = np.empty(num_dst, dtype=np.int64)
+    perm[cat] = np.arange(num_dst)
+    return perm
+
+
+def merge(outputs: list[torch.Tensor], perm: torch.Tensor) -> torch.Tensor:
+    """Concatenate per-subset outputs ``[B, n_i, C]`` and put rows back in destination order."""
+    return torch.cat(outputs, 1).index_select(1, perm)

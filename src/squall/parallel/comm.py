@@ -1,0 +1,168 @@
+"""Communication of model parallelism: halo exchange (autograd, optionally asynchronous), node
+gathers for evaluation, loss reduction.
+
+Every tensor moved here is node-major on the wire: ``[rows, B, C]``, so that the split sizes of
+``all_to_all_single`` count nodes. Model tensors are ``[B, N, C]``.
+
+gloo implements ``all_to_all_single`` with uneven split sizes (alltoallv) on CPU and NCCL on GPU,
+so one code path serves both; an asynchronous call returns a work handle whose ``wait`` blocks on
+gloo and only orders streams on NCCL (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.autograd import Function
+
+from squall.parallel.halo import HaloPlan
+
+
+class _Pending:
+    """Work handle of one asynchronous exchange, and its send buffer kept alive until the wait."""
+
+    __slots__ = ("send", "work")
+
+    def __init__(self) -> None:
+        self.work = None
+        self.send = None
+
+
+class _HaloStart(Function):
+    """Forward: gather the owned rows each peer needs and start ``all_to_all_single``; the
+    returned ``[n_recv, B, C]`` buffer is only valid after :class:`_HaloWait`.
+
+    Backward: receives the gradient of the halo rows, sends each block back to the rank that owns
+    those rows (the reverse all-to-all, split sizes swapped) and adds what comes back into the
+    gradient of the owned rows it was gathered from (a row sent to several peers sums their
+    gradients, one peer at a time in rank order, so the result is deterministic).
+    """
+
+    @staticmethod
+    def forward(ctx, x, exchange: HaloExchange, pending: _Pending):
+        send = x.index_select(1, exchange.send_index).transpose(0, 1).contiguous()
+        recv = x.new_empty((exchange.num_recv, x.shape[0], x.shape[2]))
+        pending.send = send
+        pending.work = dist.all_to_all_single(
+            recv, send, exchange.recv_splits, exchange.send_splits, group=exchange.group,
+            async_op=True,
+        )  # fmt: skip
+        ctx.exchange, ctx.shape = exchange, x.shape
+        return recv
+
+    @staticmethod
+    def backward(ctx, grad_recv):
+        ex = ctx.exchange
+        b, n, c = ctx.shape
+        grad_send = grad_recv.new_empty((ex.num_send, b, c))
+        dist.all_to_all_single(
+            grad_send, grad_recv.contiguous(), ex.send_splits, ex.recv_splits, group=ex.group
+        )
+        grad = grad_recv.new_zeros((n, b, c))
+        start = 0
+        for count in ex.send_splits:
+            if count:
+                idx = ex.send_index[start : start + count]  # unique within one peer
+                grad[idx] += grad_send[start : start + count]
+            start += count
+        return grad.transpose(0, 1), None, None
+
+
+class _HaloWait(Function):
+    """Forward: wait for the exchange started by :class:`_HaloStart`, return the halo rows as
+    ``[B, n_recv, C]``. Backward: hand the gradient back in wire layout (no communication)."""
+
+    @staticmethod
+    def forward(ctx, recv, pending: _Pending):
+        pending.work.wait()
+        pending.work = pending.send = None
+        return recv.transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.transpose(0, 1).contiguous(), None
+
+
+class PendingHalo:
+    """An exchange in flight; :meth:`wait` returns the halo rows ``[B, n_recv, C]``."""
+
+    def __init__(self, recv: torch.Tensor, pending: _Pending):
+        self._recv, self._pending = recv, pending
+
+    def wait(self) -> torch.Tensor:
+        return _HaloWait.apply(self._recv, self._pending)
+
+
+class HaloExchange:
+    """Halo exchange of one edge set on one rank of a model-parallel group.
+
+    Parameters
+    ----------
+    plan : HaloPlan
+        This rank's plan (its ``rank`` is the rank in ``group``).
+    group : ProcessGroup, optional
+        The model-parallel group (default: the world).
+    device : torch.device or str
+        Where the send index lives (the model's device).
+    """
+
+    def __init__(self, plan: HaloPlan, group=None, device="cpu"):
+        self.plan, self.group = plan, group
+        self.send_index = torch.from_numpy(plan.send_index).to(device)
+        self.send_splits = [int(c) for c in plan.send_counts]
+        self.recv_splits = [int(c) for c in plan.recv_counts]
+        self.num_send, self.num_recv = sum(self.send_splits), sum(self.recv_splits)
+
+    def to(self, device) -> HaloExchange:
+        """Same exchange with its index on ``device``."""
+        return HaloExchange(self.plan, self.group, device)
+
+    def start(self, x: torch.Tensor) -> PendingHalo:
+        """Start sending the owned rows of ``x [B, n_own, C]`` that peers need."""
+        pending = _Pending()
+        return PendingHalo(_HaloStart.apply(x, self, pending), pending)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Blocking exchange: the halo rows ``[B, n_recv, C]`` of the owned rows ``x``."""
+        return self.start(x).wait()
+
+
+def gather_nodes(x: torch.Tensor, owned: list[np.ndarray], group=None, dim: int = 1):
+    """All ranks of ``group`` assemble the full node dimension from every rank's owned rows.
+
+    For evaluation, tests and writing forecasts only (never inside a training step: it moves
+    the whole grid). Not differentiable.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        This rank's rows along ``dim`` (``owned[rank]`` global ids, ascending).
+    owned : list of numpy.ndarray
+        Global ids owned by every rank of ``group``, index = rank in the group.
+    dim : int
+        Node dimension of ``x``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``x`` with ``sum(len(o) for o in owned)`` rows along ``dim``, in global order.
+    """
+    size = max(len(o) for o in owned)
+    xt = x.movedim(dim, 0)
+    padded = xt.new_zeros((size, *xt.shape[1:]))
+    padded[: xt.shape[0]] = xt
+    parts = [torch.empty_like(padded) for _ in owned]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    total = sum(len(o) for o in owned)
+    out = xt.new_empty((total, *xt.shape[1:]))
+    for part, ids in zip(parts, owned, strict=True):
+        out[torch.from_numpy(ids).to(x.device)] = part[: len(ids)]
+    return out.movedim(0, dim)
+
+
+def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of a (detached) tensor over ``group``, returned as a new tensor."""
+    y = x.detach().clone()
+    dist.all_reduce(y, group=group)
+    return y

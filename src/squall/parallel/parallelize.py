@@ -1,0 +1,357 @@
+"""Apply model parallelism, overlap, sequential chunking and gradient reduction to a forecaster.
+
+:func:`parallelize` works on a single-device :class:`GraphForecaster` in place, in this order:
+
+1. degree checks (:class:`Layout` against the graph and the config), errors print every number;
+2. partition of every node set (:func:`make_partition`, pure; identical on every rank);
+3. halo plans of the encoder, processor and decoder for this rank (pure, built once per run);
+4. the graph inputs become this rank's rows and edges (:class:`ShardedGraphInputs`), and the
+   model's class becomes :class:`ParallelForecaster`, which runs every block on the local
+   destinations: halo exchange of the block's sources, interior destinations while the halo is in
+   flight (``overlap``), boundary destinations after, and the encoder and decoder in ``chunks``
+   recomputed pieces;
+5. gradient reduction over all ranks (:class:`GradReducer`), at the end of every backward.
+
+Parameters and their names stay as they were (``state_dict`` keys are unchanged, as FSDP2 does
+it with ``fully_shard``), so checkpoints move freely between layouts.
+
+Inputs and outputs of the parallel model hold this rank's grid rows only,
+``[B, T, G_local, V] -> [B, G_local, V]``, in ascending global order
+(:func:`local_grid_indices`; a full-grid input is also accepted and cut). Its ``graph.area`` is the
+local rows' area scaled by ``G_local / G``, so that the trainer's ``mean`` of an area-weighted error
+over local rows is this rank's share of the global mean: the shares of a model group sum to the
+single-device loss, and so do their gradients (hence gradients are *summed* over the model group,
+then averaged over the data-parallel replicas).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from squall.graphs import Graph
+from squall.models.forecaster import ROLES, GraphForecaster, GraphInputs
+from squall.parallel.chunking import DeviceSubGraph, merge, merge_order, run_subgraph
+from squall.parallel.comm import HaloExchange, all_reduce_sum, gather_nodes
+from squall.parallel.halo import HaloPlan, build_halo_plans, chunk_subgraphs
+from squall.parallel.layout import Layout, LayoutError, ProcessGroups, build_groups
+from squall.parallel.partition import METHODS, Partition, partition_graph
+
+MAPPERS = ("encoder", "decoder")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """``conf/parallel`` settings.
+
+    Attributes
+    ----------
+    model_parallel : int
+        Ranks sharing one sample's graph.
+    partition : str
+        ``"sfc"`` (locality-aware) or ``"ranges"`` (index ranges, the baseline).
+    overlap : bool
+        Compute interior destinations while the halo is in flight.
+    chunks : int
+        Sequential pieces of the encoder and decoder per rank (1 = off), each recomputed in
+        backward.
+    """
+
+    model_parallel: int = 1
+    partition: str = "sfc"
+    overlap: bool = True
+    chunks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.partition not in METHODS:
+            raise LayoutError(f"parallel.partition={self.partition!r}: choose one of {METHODS}")
+        if self.model_parallel < 1 or self.chunks < 1:
+            raise LayoutError(
+                f"parallel.model_parallel={self.model_parallel} and parallel.chunks={self.chunks} "
+                "must be >= 1"
+            )
+
+    @classmethod
+    def from_cfg(cls, cfg) -> ParallelConfig:
+        cfg = cfg or {}
+        return cls(
+            model_parallel=int(cfg.get("model_parallel", 1)),
+            partition=str(cfg.get("partition", "sfc")),
+            overlap=bool(cfg.get("overlap", True)),
+            chunks=int(cfg.get("chunks", 1)),
+        )
+
+
+def make_partition(graph: Graph, cfg: ParallelConfig, processor_layers: int) -> Partition:
+    """The run's partition (the processor's edges weigh ``processor_layers`` in the balance)."""
+    return partition_graph(
+        graph, cfg.model_parallel, cfg.partition, edge_weights={"processor": processor_layers}
+    )
+
+
+def local_grid_indices(graph: Graph, cfg: ParallelConfig, model_rank: int, processor_layers: int):
+    """Global grid-point ids owned by ``model_rank``, ascending: the dataset's ``grid_indices``."""
+    return make_partition(graph, cfg, processor_layers).owned("data", model_rank)
+
+
+class LocalEdges:
+    """One edge set on this rank: plan, exchange (``None`` when the group exchanges nothing) and
+    the subgraphs run by the forward (``full``; ``interior`` / ``boundary``; ``chunks``)."""
+
+    def __init__(self, plan: HaloPlan, group, chunks, device):
+        self.plan, self.group, self.chunk_subs = plan, group, chunks
+        self.exchange = HaloExchange(plan, group, device) if plan.group_exchanges else None
+        n = (len(plan.owned_dst), plan.num_local_src, len(plan.edge_ids))
+        self.full = DeviceSubGraph(plan.full, *n, device)
+        self.interior = DeviceSubGraph(plan.interior, *n, device)
+        self.boundary = DeviceSubGraph(plan.boundary, *n, device)
+        self.overlap_perm = torch.from_numpy(merge_order([plan.interior, plan.boundary], n[0])).to(
+            device
+        )
+        self.chunks = None
+        if chunks:
+            self.chunks = [DeviceSubGraph(s, *n, device) for s in chunks]
+            self.chunk_perm = torch.from_numpy(merge_order(chunks, n[0])).to(device)
+
+    def to(self, device) -> LocalEdges:
+        return LocalEdges(self.plan, self.group, self.chunk_subs, device)
+
+
+class ShardedGraphInputs(nn.Module):
+    """This rank's part of :class:`GraphInputs`: owned node rows, local edges, halo plans.
+
+    Attributes
+    ----------
+    num_data, num_mesh : int
+        Owned grid points and mesh nodes (``num_data`` is what inputs must have).
+    data_ids, mesh_ids : numpy.ndarray
+        Their global ids, ascending.
+    area : torch.Tensor
+        ``[num_data]`` cell areas of the owned points times ``num_data / G`` (see the module
+        docstring).
+    local : dict of str to LocalEdges
+        Per edge set.
+    full_counts : SimpleNamespace
+        The whole graph's ``num_data``, ``num_mesh`` and ``num_edges`` (for FLOP counts).
+    """
+
+    def __init__(self, graph: GraphInputs, plans: dict[str, HaloPlan], group, chunks: dict):
+        super().__init__()
+        device = graph.area.device
+        self.data_name, self.mesh_name = graph.data_name, graph.mesh_name
+        self.full_counts = SimpleNamespace(
+            num_data=graph.num_data, num_mesh=graph.num_mesh, num_edges=dict(graph.num_edges)
+        )
+        self.data_ids = plans["decoder"].owned_dst
+        self.mesh_ids = plans["processor"].owned_dst
+        self.num_data, self.num_mesh = len(self.data_ids), len(self.mesh_ids)
+        data_idx = torch.from_numpy(self.data_ids).to(device)
+        mesh_idx = torch.from_numpy(self.mesh_ids).to(device)
+        self.register_buffer("data_ids_t", data_idx, persistent=False)
+        self.register_buffer(
+            "data_attrs", graph.data_attrs.index_select(0, data_idx), persistent=False
+        )
+        self.register_buffer(
+            "mesh_attrs", graph.mesh_attrs.index_select(0, mesh_idx), persistent=False
+        )
+        share = self.num_data / graph.num_data
+        self.register_buffer("area", graph.area.index_select(0, data_idx) * share, persistent=False)
+        self.num_edges = {}
+        for role in ROLES:
+            ids = torch.from_numpy(plans[role].edge_ids).to(device)
+            attrs = getattr(graph, f"{role}_attrs").index_select(0, ids)
+            self.register_buffer(f"{role}_attrs", attrs, persistent=False)
+            self.register_buffer(f"{role}_edge_ids", ids, persistent=False)
+            self.num_edges[role] = len(ids)
+        self.local = {role: LocalEdges(plans[role], group, chunks.get(role), device)
+                      for role in ROLES}  # fmt: skip
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = self.area.device
+        if self.local["processor"].overlap_perm.device != device:
+            self.local = {k: v.to(device) for k, v in self.local.items()}
+        return self
+
+
+class ParallelForecaster(GraphForecaster):
+    """A :class:`GraphForecaster` whose blocks run on this rank's destinations (see the module
+    docstring); made by :func:`parallelize`, never constructed directly."""
+
+    parallel: ParallelConfig
+    groups: ProcessGroups
+
+    def edge_inputs(self, role: str) -> torch.Tensor:
+        attrs = getattr(self.graph, f"{role}_attrs")
+        if role in self.edge_features:
+            ids = getattr(self.graph, f"{role}_edge_ids")
+            return torch.cat([attrs, self.edge_features[role].index_select(0, ids)], dim=1)
+        return attrs
+
+    def run_block(self, role: str, block, x_src, x_dst, edge_attr) -> torch.Tensor:
+        le = self.graph.local[role]
+        recompute = bool(getattr(self.cfg, f"checkpoint_{role}"))
+        chunked = le.chunks is not None
+        if le.exchange is None:
+            x_all = x_src
+        elif self.parallel.overlap and not chunked:
+            pending = le.exchange.start(x_src)
+            inner = run_subgraph(block, le.interior, x_src, x_dst, edge_attr, recompute)
+            x_all = torch.cat([x_src, pending.wait()], 1)
+            outer = run_subgraph(block, le.boundary, x_all, x_dst, edge_attr, recompute)
+            return merge([inner, outer], le.overlap_perm)
+        else:
+            x_all = torch.cat([x_src, le.exchange(x_src)], 1)
+        if not chunked:
+            return run_subgraph(block, le.full, x_all, x_dst, edge_attr, recompute)
+        outs = [run_subgraph(block, s, x_all, x_dst, edge_attr, True) for s in le.chunks]
+        return merge(outs, le.chunk_perm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T_in, G_local, V_in]`` (or the full grid, then cut) -> ``[B, G_local, V_out]``."""
+        full = self.graph.full_counts.num_data
+        if x.shape[2] == full and full != self.graph.num_data:
+            x = x.index_select(2, self.graph.data_ids_t)
+        return super().forward(x)
+
+    def flops_per_sample(self) -> int:
+        """Forward FLOPs of one sample of the whole (unsharded) model."""
+        view = SimpleNamespace(
+            **{
+                k: getattr(self, k)
+                for k in (
+                    "cfg",
+                    "embed_data",
+                    "embed_mesh",
+                    "encoder",
+                    "processor",
+                    "decoder",
+                    "head",
+                )
+            }
+        )
+        view.graph = self.graph.full_counts
+        return GraphForecaster.flops_per_sample(view)
+
+    def gather(self, y: torch.Tensor) -> torch.Tensor:
+        """Full-grid ``[B, G, V]`` from every model rank's ``[B, G_local, V]`` (evaluation only)."""
+        if self.groups.model is None:
+            return y
+        owned = [self.partition.owned("data", r) for r in range(self.parallel.model_parallel)]
+        return gather_nodes(y, owned, self.groups.model, dim=1)
+
+
+class GradReducer:
+    """Sum gradients over all ranks and divide by the data-parallel degree, once per backward.
+
+    Model-parallel ranks each hold their nodes' share of every parameter's gradient (the halo
+    backward has already moved contributions to the ranks that own the rows): summing over the
+    model group gives the full gradient. Data-parallel replicas average. Both are one all-reduce
+    over the world with the factor ``1 / data_parallel``, run when autograd finishes the backward
+    (queued from the first gradient hook), over one flat buffer of every gradient.
+    """
+
+    def __init__(self, model: nn.Module, group, data_parallel: int):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.group, self.scale = group, 1.0 / data_parallel
+        self._queued = False
+        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params]
+
+    def _ready(self, _param) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.reduce)
+
+    def reduce(self) -> None:
+        """All-reduce every gradient now (also callable by hand, e.g. after ``no_sync`` steps)."""
+        self._queued = False
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.group)
+        if self.scale != 1.0:
+            flat.mul_(self.scale)
+        for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads),
+                              strict=True):  # fmt: skip
+            g.copy_(reduced)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def parallelize(
+    model: GraphForecaster,
+    graph: Graph,
+    cfg: ParallelConfig,
+    groups: ProcessGroups | None = None,
+) -> ParallelForecaster:
+    """Shard ``model`` over its model-parallel group, in place (see the module docstring).
+
+    Parameters
+    ----------
+    model : GraphForecaster
+        Single-device model, already on its device, identical on every rank.
+    graph : Graph
+        The graph the model was built from.
+    cfg : ParallelConfig
+    groups : ProcessGroups, optional
+        From :func:`build_groups`; default: ``Layout(world_size, cfg.model_parallel)`` over the
+        initialised default group (or one process).
+
+    Returns
+    -------
+    ParallelForecaster
+        The same object, now taking and returning this rank's grid rows.
+    """
+    if groups is None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        groups = build_groups(Layout(world, cfg.model_parallel))
+    layout = groups.layout
+    if layout.model_parallel != cfg.model_parallel:
+        raise LayoutError(
+            f"parallel.model_parallel={cfg.model_parallel} but the process groups were built for "
+            f"model_parallel={layout.model_parallel} (world_size={layout.world_size})"
+        )
+    layout.check({k: len(v) for k, v in graph.nodes.items()}, batch_size=1)
+    if isinstance(model, ParallelForecaster):
+        raise ValueError("model is already parallelized")
+    partition = make_partition(graph, cfg, model.cfg.processor_layers)
+    rank = groups.model_rank
+    plans = {role: build_halo_plans(graph.edges[role], partition)[rank] for role in ROLES}
+    chunks = {}
+    if cfg.chunks > 1:
+        for role in MAPPERS:
+            dst_xyz = graph.nodes[graph.edges[role].dst].xyz
+            chunks[role] = chunk_subgraphs(plans[role], dst_xyz, cfg.chunks)
+    model.graph = ShardedGraphInputs(model.graph, plans, groups.model, chunks)
+    model.__class__ = ParallelForecaster
+    model.parallel, model.groups, model.partition = cfg, groups, partition
+    if layout.world_size > 1:
+        model.grad_reducer = GradReducer(model, groups.world, layout.data_parallel)
+    return model
+
+
+def reduce_loss(loss: torch.Tensor, groups: ProcessGroups) -> torch.Tensor:
+    """The global loss (for logging) from each rank's share: sum over the model group, mean over
+    the data-parallel replicas. One all-reduce; call it where the value is synchronised anyway."""
+    if groups.world is None:
+        return loss.detach()
+    return all_reduce_sum(loss, groups.world) / groups.layout.data_parallel
+
+
+def model_rank_of(model) -> int:
+    """Part of the graph ``model`` computes (0 for an unparallelized model)."""
+    return model.groups.model_rank if isinstance(model, ParallelForecaster) else 0
+
+
+__all__ = [
+    "GradReducer", "LocalEdges", "ParallelConfig", "ParallelForecaster", "ShardedGraphInputs",
+    "local_grid_indices", "make_partition", "model_rank_of", "parallelize", "reduce_loss",
+]  # fmt: skip
