@@ -253,3 +253,20 @@ def test_two_process_nccl_sets_device_from_local_rank():
         0: (0, 0, 2, 3.0, [0.0, 1.0], 0),
         1: (1, 1, 2, 3.0, [0.0, 1.0], 1),
     }
+
+
+def test_submitit_local_executor_two_tasks(tmp_path):
+    # submitit's local executor really starts two tasks; each reads its DistEnv and all-reduces.
+    import submitit
+
+    from squall.parallel.env import rank_sum_check
+
+    executor = submitit.LocalExecutor(folder=tmp_path / "%j")
+    executor.update_parameters(tasks_per_node=2, nodes=1, timeout_min=2)
+    job = executor.submit(rank_sum_check)
+    results = job.results()
+    envs = sorted((env for env, _ in results), key=lambda e: e.rank)
+    assert [(e.rank, e.local_rank, e.world_size, e.source) for e in envs] == [
+        (0, 0, 2, "submitit-local"), (1, 1, 2, "submitit-local")]
+    assert envs[0].init_method == envs[1].init_method != ""
+    assert [total for _, total in results] == [1, 1]
