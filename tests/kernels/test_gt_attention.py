@@ -101,6 +101,18 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(("heads", "chans", "d_e", "max_deg", "skew"), CASES)
 def test_matches_reference(mode, dtype, heads, chans, d_e, max_deg, skew):
+    check_against_reference(mode, dtype, heads, chans, d_e, max_deg, skew)
+
+
+@pytest.mark.parametrize("mode", ["materialised", "fused"])
+@pytest.mark.parametrize("candidate", [0, 1])
+def test_every_launch_candidate(monkeypatch, mode, candidate):
+    """Each autotune candidate (all heads per program, or head blocks) is right on its own."""
+    monkeypatch.setattr(gta, "FORCE_CANDIDATE", candidate)
+    check_against_reference(mode, torch.bfloat16, 5, 12, 4, 20, 70)
+
+
+def check_against_reference(mode, dtype, heads, chans, d_e, max_deg, skew):
     gen = torch.Generator().manual_seed(hash((mode, str(dtype), heads, chans)) % 2**31)
     index = random_graph(37, 29, max_deg, skew, gen)
     inputs = make_inputs(37, 29, index.num_edges, heads, chans, d_e, dtype, gen)
@@ -165,7 +177,7 @@ def test_fused_equals_materialised():
 def _op_samples(gen):
     index = random_graph(13, 11, 6, 20, gen)
     ki = index.kernel
-    tensors = (ki.colptr, ki.row, ki.rowptr, ki.csr_perm, ki.csr_dst, ki.dst_order, ki.src_order)
+    tensors = (ki.colptr, ki.row, ki.rowptr, ki.csr_perm, ki.csr_dst, ki.dst_sched, ki.src_sched)
     counts = (list(ki.dst_counts), list(ki.src_counts))
     x = make_inputs(13, 11, index.num_edges, 2, 6, 3, torch.float32, gen)
     for t in x.values():
@@ -232,6 +244,10 @@ def test_degree_schedule_and_move():
         assert torch.equal(members, members.sort().values)  # ascending inside a class
         first += n
     assert torch.equal(ki.csr_dst.long(), index.dst[index.csr_perm])
+    assert torch.equal(ki.dst_sched[0], order.to(ki.dst_sched.device))
+    nodes = ki.dst_sched[0].long()
+    assert torch.equal(ki.dst_sched[1].long(), index.colptr[nodes])
+    assert torch.equal(ki.dst_sched[2].long(), index.colptr[nodes + 1])
     moved = index.to("cpu")
     assert moved.kernel.dst_counts == ki.dst_counts and moved.kernel.row.device.type == "cpu"
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -50,9 +50,11 @@ class KernelIndex:
     """int32 views and degree-class launch schedules for the Triton attention kernels.
 
     ``colptr``, ``row``, ``rowptr``, ``csr_perm`` mirror :class:`EdgeIndex` in int32; ``csr_dst
-    [E]`` is the destination of each edge in CSR order (``dst[csr_perm]``). ``dst_order`` /
-    ``src_order`` list destinations / sources grouped by degree class, with ``dst_counts`` /
-    ``src_counts`` nodes per class.
+    [E]`` is the destination of each edge in CSR order (``dst[csr_perm]``). ``dst_sched`` /
+    ``src_sched`` (``[3, n]`` int32) list destinations / sources grouped by degree class (row 0)
+    with each one's first and one-past-last edge position (rows 1, 2: the pointer at the node and
+    the node + 1), so a kernel reads a node's edge range without a dependent load; ``dst_counts`` /
+    ``src_counts`` hold the nodes per class.
     """
 
     colptr: torch.Tensor
@@ -60,9 +62,9 @@ class KernelIndex:
     rowptr: torch.Tensor
     csr_perm: torch.Tensor
     csr_dst: torch.Tensor
-    dst_order: torch.Tensor
+    dst_sched: torch.Tensor
     dst_counts: tuple[int, ...]
-    src_order: torch.Tensor
+    src_sched: torch.Tensor
     src_counts: tuple[int, ...]
 
     @classmethod
@@ -73,10 +75,15 @@ class KernelIndex:
         i32 = torch.int32
         dst_order, dst_counts = degree_schedule(colptr)
         src_order, src_counts = degree_schedule(rowptr)
+
+        def sched(order, ptr):
+            o = order.long()
+            return torch.stack([order, ptr[o].to(i32), ptr[o + 1].to(i32)])
+
         return cls(
             colptr.to(i32), row.to(i32), rowptr.to(i32), csr_perm.to(i32),
             dst.index_select(0, csr_perm).to(i32),
-            dst_order, dst_counts, src_order, src_counts,
+            sched(dst_order, colptr), dst_counts, sched(src_order, rowptr), src_counts,
         )  # fmt: skip
 
     def to(self, device: torch.device | str) -> KernelIndex:

@@ -32,14 +32,16 @@ only (not ``out``), with no atomics, so every gradient is bitwise identical run 
 Fused mode never forms ``e_ij`` as a ``[H, C]`` row at all: with ``a = [edge_attr_ij, 1]`` and
 ``W_aug = [W; b]``, ``q_i . e_ij = a . (W_aug q_i)`` and ``sum_j p_ij e_ij = (sum_j p_ij a_j) W_aug``,
 so each destination projects ``q_i`` (and ``dO_i``) onto the ``d_e + 1`` rows of ``W_aug`` once and
-each edge costs ``O(H d_e)`` extra flops. Backward writes ``d edge_attr`` per edge (a second, light
-pass over the destination's ``p`` rows once ``delta`` is known) and the per-destination sums
+each edge costs ``O(H d_e)`` extra flops. Backward writes ``d edge_attr`` per edge and head block
+(fp32; a second, light pass over the destination's ``p`` rows once ``delta`` is known; the head
+blocks are then summed in a fixed order) and the per-destination sums
 ``A_i = sum_j p_ij a_j``, ``B_i = sum_j ds_ij a_j / sqrt(C)`` (``[N_dst, d_e + 1, H]``, fp32), from
 which ``dW_aug = sum_i A_i dO_i + B_i q_i`` is reduced in fixed-size row chunks, then summed over
 chunks in a fixed order (deterministic).
 
 Nodes are launched per degree class (:mod:`squall.kernels.edge_index`), each class with its own
-autotuned ``BLOCK_E``, ``DPP`` and warps, keyed on ``(H, C, d_e)``.
+autotuned edge block ``BLOCK_E``, nodes per program ``DPP``, heads per program ``BLOCK_H`` and
+warps, keyed on ``(H, C)`` (``d_e``, dtypes and the class's config candidates are compile-time).
 """
 
 from __future__ import annotations
@@ -84,23 +86,11 @@ def _interpreting() -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _project(x, w_ptr, hc, mask_hc, offs_d, HC, D_AUG: tl.constexpr, D_PAD: tl.constexpr):
-        """``[D_PAD, H_PAD]``: row d holds ``sum_c x[h, c] W_aug[d, h, c]`` (zero past D_AUG)."""
-        res = tl.zeros([D_PAD, x.shape[0]], dtype=tl.float32)
-        for d in tl.static_range(D_AUG):
-            w = tl.load(w_ptr + d * HC + hc, mask=mask_hc, other=0.0).to(tl.float32)
-            res = tl.where(offs_d[:, None] == d, tl.sum(x * w, 1)[None, :], res)
-        return res
-
-    @triton.jit
-    def _expand(coef, w_ptr, hc, mask_hc, offs_d, HC, D_AUG: tl.constexpr):
-        """``[H_PAD, C_PAD]``: ``sum_d coef[d, h] W_aug[d, h, c]``."""
-        res = tl.zeros(hc.shape, dtype=tl.float32)
-        for d in tl.static_range(D_AUG):
-            w = tl.load(w_ptr + d * HC + hc, mask=mask_hc, other=0.0).to(tl.float32)
-            cd = tl.sum(tl.where(offs_d[:, None] == d, coef, 0.0), 0)
-            res += cd[:, None] * w
-        return res
+    def _load_w(w_ptr, hc, mask_hc, offs_d, HC, D_AUG: tl.constexpr):
+        """``W_aug`` rows for this program's heads, ``[D_PAD, BLOCK_H, C_PAD]`` fp32 (0 past D_AUG)."""
+        mask = (offs_d[:, None, None] < D_AUG) & mask_hc[None, :, :]
+        w = tl.load(w_ptr + offs_d[:, None, None] * HC + hc[None, :, :], mask=mask, other=0.0)
+        return w.to(tl.float32)
 
     @triton.jit
     def _load_attr(attr_ptr, eid, mask_e, offs_d, D_E: tl.constexpr):
@@ -115,37 +105,40 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_kernel(
         q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w_ptr, out_ptr, lse_ptr,
-        colptr_ptr, row_ptr, order_ptr, order_start, n_order,
+        row_ptr, sched_ptr, n_sched, order_start, order_end,
         qk_scale, H: tl.constexpr, C: tl.constexpr,
         FUSED: tl.constexpr, D_E: tl.constexpr, D_PAD: tl.constexpr,
-        H_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
+        C_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         HC = H * C
-        offs_h = tl.arange(0, H_PAD)
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_c = tl.arange(0, C_PAD)
         offs_e = tl.arange(0, BLOCK_E)
         offs_d = tl.arange(0, D_PAD)
         mask_h = offs_h < H
         hc = offs_h[:, None] * C + offs_c[None, :]
         mask_hc = mask_h[:, None] & (offs_c[None, :] < C)
+        if FUSED:
+            w3 = _load_w(w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)  # once per program
         for t in range(DPP):
-            slot = pid * DPP + t
-            valid = slot < n_order
+            slot = order_start + pid * DPP + t
+            valid = slot < order_end
             # the row masks take the node's validity as a vector (the interpreter rejects a
             # scalar & block mask)
-            hmask = mask_h & ((offs_h * 0 + slot) < n_order)
+            hmask = mask_h & ((offs_h * 0 + slot) < order_end)
             row_mask = hmask[:, None] & (offs_c[None, :] < C)
-            node = tl.load(order_ptr + order_start + slot, mask=valid, other=0).to(tl.int64)
-            beg = tl.load(colptr_ptr + node, mask=valid, other=0)
-            end = tl.load(colptr_ptr + node + 1, mask=valid, other=0)
+            # node id and edge range come from the schedule rows at once (no dependent load)
+            node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
+            beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
+            end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
             q = tl.load(q_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
-            m = tl.full([H_PAD], -1e30, tl.float32)
-            l_sum = tl.zeros([H_PAD], dtype=tl.float32)
-            acc = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
+            m = tl.full([BLOCK_H], -1e30, tl.float32)
+            l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
             if FUSED:
-                qw = _project(q, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1, D_PAD)
-                pa = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
+                qw = tl.sum(q[None, :, :] * w3, 2)  # [D_PAD, BLOCK_H]
+                pa = tl.zeros([D_PAD, BLOCK_H], dtype=tl.float32)
             for start in range(beg, end, BLOCK_E):
                 eid = start + offs_e
                 mask_e = eid < end
@@ -174,7 +167,7 @@ if HAS_TRITON:
                     pa = pa * alpha[None, :] + tl.sum(a[:, :, None] * p[:, None, :], 0)
                 m = m_new
             if FUSED:
-                acc += _expand(pa, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)
+                acc += tl.sum(pa[:, :, None] * w3, 0)
             has = l_sum > 0
             l_safe = tl.where(has, l_sum, 1.0)
             out = acc / l_safe[:, None]
@@ -186,41 +179,44 @@ if HAS_TRITON:
     def _bwd_dst_kernel(
         q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w_ptr, do_ptr, lse_ptr,
         dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr, pdp_ptr, delta_ptr,
-        colptr_ptr, row_ptr, order_ptr, order_start, n_order,
+        row_ptr, sched_ptr, n_sched, order_start, order_end, n_edges,
         sm_scale, qk_scale, H: tl.constexpr, C: tl.constexpr,
         FUSED: tl.constexpr, D_E: tl.constexpr, D_PAD: tl.constexpr,
-        H_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
+        C_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
     ):  # fmt: skip
         """Per destination: ``p``, ``p * dp`` per edge, exact ``delta = sum_j p dp``, ``dq``."""
         pid = tl.program_id(0)
         HC = H * C
-        offs_h = tl.arange(0, H_PAD)
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_c = tl.arange(0, C_PAD)
         offs_e = tl.arange(0, BLOCK_E)
         offs_d = tl.arange(0, D_PAD)
         mask_h = offs_h < H
         hc = offs_h[:, None] * C + offs_c[None, :]
         mask_hc = mask_h[:, None] & (offs_c[None, :] < C)
+        if FUSED:
+            w3 = _load_w(w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)  # once per program
         for t in range(DPP):
-            slot = pid * DPP + t
-            valid = slot < n_order
-            hmask = mask_h & ((offs_h * 0 + slot) < n_order)
+            slot = order_start + pid * DPP + t
+            valid = slot < order_end
+            hmask = mask_h & ((offs_h * 0 + slot) < order_end)
             row_mask = hmask[:, None] & (offs_c[None, :] < C)
-            node = tl.load(order_ptr + order_start + slot, mask=valid, other=0).to(tl.int64)
-            beg = tl.load(colptr_ptr + node, mask=valid, other=0)
-            end = tl.load(colptr_ptr + node + 1, mask=valid, other=0)
+            # node id and edge range come from the schedule rows at once (no dependent load)
+            node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
+            beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
+            end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
             q = tl.load(q_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
             do = tl.load(do_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
             lse = tl.load(lse_ptr + node * H + offs_h, mask=hmask, other=0.0)
             # dq = scale * sum_j p (dp - delta) kk = scale * (x_acc - delta * y_acc)
-            x_acc = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
-            y_acc = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
-            delta = tl.zeros([H_PAD], dtype=tl.float32)
+            x_acc = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
+            y_acc = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
+            delta = tl.zeros([BLOCK_H], dtype=tl.float32)
             if FUSED:
-                qw = _project(q, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1, D_PAD)
-                gw = _project(do, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1, D_PAD)
-                sa = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
-                sc = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
+                qw = tl.sum(q[None, :, :] * w3, 2)  # [D_PAD, BLOCK_H]
+                gw = tl.sum(do[None, :, :] * w3, 2)
+                sa = tl.zeros([D_PAD, BLOCK_H], dtype=tl.float32)
+                sc = tl.zeros([D_PAD, BLOCK_H], dtype=tl.float32)
             for start in range(beg, end, BLOCK_E):
                 eid = start + offs_e
                 mask_e = eid < end
@@ -259,13 +255,14 @@ if HAS_TRITON:
             if FUSED:
                 # B = scale * sum_j ds_j a_j with ds = p dp - p delta; the e-part of dq is B W_aug.
                 sb = (sc - delta[None, :] * sa) * sm_scale
-                dq += _expand(sb, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)
+                dq += tl.sum(sb[:, :, None] * w3, 0)
                 dh = node * (D_E + 1) * H + offs_d[:, None] * H + offs_h[None, :]
                 mask_dh = (offs_d[:, None] < D_E + 1) & hmask[None, :]
                 tl.store(sa_ptr + dh, sa, mask=mask_dh)
                 tl.store(sb_ptr + dh, sb, mask=mask_dh)
                 # Second pass over this node's edges, now that delta is known:
-                # d attr_j = sum_h p G + scale (p dp - p delta) Qw. Reads back the p, p dp rows
+                # d attr_j = sum_h p G + scale (p dp - p delta) Qw, summed over this program's
+                # heads into its own fp32 slice dattr[head block, j]. Reads back the p, p dp rows
                 # this program just wrote (barrier: other threads of the program wrote them).
                 tl.debug_barrier()
                 for start in range(beg, end, BLOCK_E):
@@ -278,9 +275,10 @@ if HAS_TRITON:
                     pdp = tl.load(pdp_ptr + ph, mask=mask_eh, other=0.0)
                     ds_s = (pdp - p * delta[None, :]) * sm_scale
                     da = tl.sum(p[:, None, :] * gw[None] + ds_s[:, None, :] * qw[None], 2)
+                    slab = tl.program_id(1).to(tl.int64) * n_edges + eid64
                     tl.store(
-                        dattr_ptr + eid64[:, None] * D_E + offs_d[None, :],
-                        da.to(dattr_ptr.dtype.element_ty),
+                        dattr_ptr + slab[:, None] * D_E + offs_d[None, :],
+                        da,
                         mask=mask_e[:, None] & (offs_d[None, :] < D_E),
                     )
             tl.store(dq_ptr + node * HC + hc, dq.to(dq_ptr.dtype.element_ty), mask=row_mask)
@@ -288,30 +286,31 @@ if HAS_TRITON:
     @triton.jit
     def _bwd_src_kernel(
         q_ptr, do_ptr, p_ptr, pdp_ptr, delta_ptr, dk_ptr, dv_ptr, de_ptr,
-        rowptr_ptr, csr_perm_ptr, csr_dst_ptr, order_ptr, order_start, n_order,
+        csr_perm_ptr, csr_dst_ptr, sched_ptr, n_sched, order_start, order_end,
         sm_scale, H: tl.constexpr, C: tl.constexpr,
         WRITE_DE: tl.constexpr,
-        H_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
+        C_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
     ):  # fmt: skip
         """Per source (CSR view): ``dk``, ``dv`` and, materialised, ``de`` of each out-edge."""
         pid = tl.program_id(0)
         HC = H * C
-        offs_h = tl.arange(0, H_PAD)
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_c = tl.arange(0, C_PAD)
         offs_e = tl.arange(0, BLOCK_E)
         mask_h = offs_h < H
         hc = offs_h[:, None] * C + offs_c[None, :]
         mask_hc = mask_h[:, None] & (offs_c[None, :] < C)
         for t in range(DPP):
-            slot = pid * DPP + t
-            valid = slot < n_order
-            hmask = mask_h & ((offs_h * 0 + slot) < n_order)
+            slot = order_start + pid * DPP + t
+            valid = slot < order_end
+            hmask = mask_h & ((offs_h * 0 + slot) < order_end)
             row_mask = hmask[:, None] & (offs_c[None, :] < C)
-            node = tl.load(order_ptr + order_start + slot, mask=valid, other=0).to(tl.int64)
-            beg = tl.load(rowptr_ptr + node, mask=valid, other=0)
-            end = tl.load(rowptr_ptr + node + 1, mask=valid, other=0)
-            dk = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
-            dv = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
+            # node id and edge range come from the schedule rows at once (no dependent load)
+            node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
+            beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
+            end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
+            dk = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
             for start in range(beg, end, BLOCK_E):
                 pos = start + offs_e
                 mask_e = pos < end
@@ -380,52 +379,50 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 # Launch configurations and host launchers
 # ----------------------------------------------------------------------------------------------
-def _class_configs(kernel: str, cls: int, tile: int) -> list[tuple[int, int, int]]:
-    """Candidate ``(BLOCK_E, DPP, num_warps)`` for one degree class and ``H_pad * C_pad = tile``.
+def _class_configs(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool) -> list:
+    """Candidate ``(BLOCK_E, DPP, BLOCK_H, num_warps)`` for one degree class.
 
-    The class cap (4, 8, 16 edges; 16+ for the open class) sets the largest useful edge block; the
-    register budget ``MAX_TILE_ELEMS`` caps it for wide rows. Low classes pack several nodes per
-    program. TODO(measure): candidates to be narrowed from the H100 autotune log.
+    The class cap (4, 8, 16 edges; 32 for the open class) bounds the edge block; ``MAX_TILE_ELEMS``
+    bounds ``BLOCK_E * BLOCK_H * C_pad``. Candidates: all heads in one program, and a quarter of the
+    heads per program (4x the programs, each a quarter of the registers, so more nodes in flight per
+    SM; H100 v1 run: all-heads tiles at 8 warps left 2 programs per SM and h_to_h at 2.4x the
+    no-reuse gather time). TODO(measure): prune from the H100 autotune choices.
     """
     cap = DEGREE_CLASS_CAPS[cls] if cls < len(DEGREE_CLASS_CAPS) else 2 * DEGREE_CLASS_CAPS[-1]
-    reg_cap = max(2, MAX_TILE_ELEMS // tile)
-    be = min(cap, 1 << (reg_cap.bit_length() - 1))
-    warps = 4 if tile * be <= 4096 else 8
-    if cls == 0:
-        cands = [(be, 4, warps), (be, 2, warps)]
-    elif cls == 1:
-        cands = [(be, 2, warps), (be, 1, warps)]
-    else:
-        cands = [(be, 1, warps), (be, 1, 12 - warps)]
+    heads = [h_pad, _min_block_h(h_pad)]
+    cands = []
+    for bh in dict.fromkeys(heads):
+        fit = max(2, MAX_TILE_ELEMS // (bh * c_pad))
+        be = min(cap, 1 << (fit.bit_length() - 1))
+        warps = 4 if be * bh * c_pad <= 4096 else 8
+        cands.append((be, 2 if cls == 0 else 1, bh, warps))
+    if FORCE_CANDIDATE is not None:
+        return [cands[min(FORCE_CANDIDATE, len(cands) - 1)]]
     if _interpreting() or os.environ.get("SQUALL_AUTOTUNE", "1") == "0":
         return cands[:1]  # the interpreter cannot time; SQUALL_AUTOTUNE=0 skips tuning compiles
     return cands
 
 
+def _min_block_h(h_pad: int) -> int:
+    return max(1, h_pad // 4)
+
+
+# Tests set this to run one candidate of every class (0: all heads, 1: head blocks).
+FORCE_CANDIDATE: int | None = None
 _TUNED: dict = {}
 
 
-def _tuned(kernel: str, cls: int, tile: int):
-    """Autotuned wrapper of one kernel for one degree class (configs fixed per class and tile)."""
-    key = (kernel, cls, tile)
+def _tuned(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool):
+    """Autotuned wrapper of one kernel for one degree class (candidates fixed per class)."""
+    cands = tuple(_class_configs(kernel, cls, h_pad, c_pad, fused))
+    key = (kernel, cls, cands, fused)
     if key not in _TUNED:
         fn = {"fwd": _fwd_kernel, "bwd_dst": _bwd_dst_kernel, "bwd_src": _bwd_src_kernel}[kernel]
         configs = [
-            triton.Config({"BLOCK_E": be, "DPP": dpp}, num_warps=w)
-            for be, dpp, w in _class_configs(kernel, cls, tile)
+            triton.Config({"BLOCK_E": be, "DPP": dpp, "BLOCK_H": bh}, num_warps=w)
+            for be, dpp, bh, w in cands
         ]
-        _TUNED[key] = triton.autotune(configs=configs, key=["H", "C", "D_E"])(fn)
-    return _TUNED[key]
-
-
-def _tuned_src(cls: int, tile: int):
-    key = ("bwd_src", cls, tile)
-    if key not in _TUNED:
-        configs = [
-            triton.Config({"BLOCK_E": be, "DPP": dpp}, num_warps=w)
-            for be, dpp, w in _class_configs("bwd_src", cls, tile)
-        ]
-        _TUNED[key] = triton.autotune(configs=configs, key=["H", "C", "WRITE_DE"])(_bwd_src_kernel)
+        _TUNED[key] = triton.autotune(configs=configs, key=["H", "C"])(fn)
     return _TUNED[key]
 
 
@@ -434,12 +431,16 @@ def _pads(h: int, c: int) -> tuple[int, int]:
 
 
 def _class_launches(counts: list[int]):
-    """Yield ``(class, first slot, node count)`` for every non-empty degree class."""
+    """Yield ``(class, first slot, one-past-last slot)`` for every non-empty degree class."""
     start = 0
     for cls, n in enumerate(counts):
         if n:
-            yield cls, start, n
+            yield cls, start, start + n
         start += n
+
+
+def _grid(n: int, h: int):
+    return lambda meta: (triton.cdiv(n, meta["DPP"]), triton.cdiv(h, meta["BLOCK_H"]))
 
 
 # Tests set this to fill every kernel output with NaN before launch, so an element a kernel fails
@@ -456,29 +457,27 @@ def _new_like(x: torch.Tensor) -> torch.Tensor:
     return _new(x.shape, x.dtype, x.device)
 
 
-def _launch_fwd(q, k, v, edge, attr, w_aug, colptr, row, order, counts):
+def _launch_fwd(q, k, v, edge, attr, w_aug, row, sched, counts):
     n_dst, h, c = q.shape
     h_pad, c_pad = _pads(h, c)
     fused = attr is not None
     d_e = attr.shape[1] if fused else 0
     out = _new_like(q)
-    lse = _new((n_dst, h), dtype=torch.float32, device=q.device)
-    dummy = q
-    for cls, first, n in _class_launches(counts):
-        kern = _tuned("fwd", cls, h_pad * c_pad)
-        kern[lambda meta, n=n: (triton.cdiv(n, meta["DPP"]),)](
-            q, k, v, edge if edge is not None else dummy, attr if fused else dummy,
-            w_aug if fused else dummy, out, lse, colptr, row, order, first, n,
+    lse = _new((n_dst, h), torch.float32, q.device)
+    for cls, first, last in _class_launches(counts):
+        _tuned("fwd", cls, h_pad, c_pad, fused)[_grid(last - first, h)](
+            q, k, v, edge if edge is not None else q, attr if fused else q,
+            w_aug if fused else q, out, lse, row, sched, n_dst, first, last,
             LOG2E / math.sqrt(c), H=h, C=c,
-            FUSED=fused, D_E=d_e, D_PAD=triton.next_power_of_2(d_e + 1),
-            H_PAD=h_pad, C_PAD=c_pad,
+            FUSED=fused, D_E=d_e, D_PAD=triton.next_power_of_2(d_e + 1), C_PAD=c_pad,
         )  # fmt: skip
     return out, lse
 
 
 def _launch_bwd(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_counts, src_counts):
-    colptr, row, rowptr, csr_perm, csr_dst, dst_order, src_order = kidx_tensors
+    row, csr_perm, csr_dst, dst_sched, src_sched = kidx_tensors
     n_dst, h, c = q.shape
+    n_src = k.shape[0]
     n_edges = row.shape[0]
     h_pad, c_pad = _pads(h, c)
     fused = attr is not None
@@ -492,31 +491,32 @@ def _launch_bwd(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_counts,
     delta = _new((n_dst, h), f32, dev)
     if fused:
         de = _new(0, f32, dev)
-        dattr = _new_like(attr)
+        # d edge_attr per head block, summed below in a fixed order; zeroed because the head
+        # blocks a class uses depend on the config its autotuner picks (unused slices stay 0).
+        dattr = torch.zeros(
+            (triton.cdiv(h, _min_block_h(h_pad)), n_edges, d_e), dtype=f32, device=dev
+        )
         sa = _new((n_dst, d_e + 1, h), f32, dev)
         sb = _new_like(sa)
     else:
         de = _new_like(edge)
         dattr = sa = sb = de
-    dummy = q
     sm_scale = 1.0 / math.sqrt(c)
-    for cls, first, n in _class_launches(dst_counts):
-        kern = _tuned("bwd_dst", cls, h_pad * c_pad)
-        kern[lambda meta, n=n: (triton.cdiv(n, meta["DPP"]),)](
-            q, k, v, edge if edge is not None else dummy, attr if fused else dummy,
-            w_aug if fused else dummy, dout, lse,
+    for cls, first, last in _class_launches(dst_counts):
+        _tuned("bwd_dst", cls, h_pad, c_pad, fused)[_grid(last - first, h)](
+            q, k, v, edge if edge is not None else q, attr if fused else q,
+            w_aug if fused else q, dout, lse,
             dq, dattr, sa, sb, p, pdp, delta,
-            colptr, row, dst_order, first, n,
+            row, dst_sched, n_dst, first, last, n_edges,
             sm_scale, sm_scale * LOG2E, H=h, C=c,
-            FUSED=fused, D_E=d_e, D_PAD=d_pad, H_PAD=h_pad, C_PAD=c_pad,
+            FUSED=fused, D_E=d_e, D_PAD=d_pad, C_PAD=c_pad,
         )  # fmt: skip
     dk = _new_like(k)
     dv = _new_like(v)
-    for cls, first, n in _class_launches(src_counts):
-        kern = _tuned_src(cls, h_pad * c_pad)
-        kern[lambda meta, n=n: (triton.cdiv(n, meta["DPP"]),)](
-            q, dout, p, pdp, delta, dk, dv, de, rowptr, csr_perm, csr_dst, src_order, first, n,
-            sm_scale, H=h, C=c, WRITE_DE=not fused, H_PAD=h_pad, C_PAD=c_pad,
+    for cls, first, last in _class_launches(src_counts):
+        _tuned("bwd_src", cls, h_pad, c_pad, fused)[_grid(last - first, h)](
+            q, dout, p, pdp, delta, dk, dv, de, csr_perm, csr_dst, src_sched, n_src, first, last,
+            sm_scale, H=h, C=c, WRITE_DE=not fused, C_PAD=c_pad,
         )  # fmt: skip
     if not fused:
         return dq, dk, dv, de
@@ -528,12 +528,12 @@ def _launch_bwd(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_counts,
         num_warps=4,
     )  # fmt: skip
     dw_aug = part.sum(0)
-    return dq, dk, dv, dattr, dw_aug
+    return dq, dk, dv, dattr.sum(0).to(attr.dtype), dw_aug
 
 
 def _kidx_args(index: EdgeIndex):
     ki = index.kernel
-    tensors = (ki.colptr, ki.row, ki.rowptr, ki.csr_perm, ki.csr_dst, ki.dst_order, ki.src_order)
+    tensors = (ki.colptr, ki.row, ki.rowptr, ki.csr_perm, ki.csr_dst, ki.dst_sched, ki.src_sched)
     return tensors, list(ki.dst_counts), list(ki.src_counts)
 
 
@@ -548,17 +548,15 @@ def _c(x: torch.Tensor) -> torch.Tensor:
 def _op_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, edge: torch.Tensor,
     colptr: torch.Tensor, row: torch.Tensor, rowptr: torch.Tensor, csr_perm: torch.Tensor,
-    csr_dst: torch.Tensor, dst_order: torch.Tensor, src_order: torch.Tensor,
+    csr_dst: torch.Tensor, dst_sched: torch.Tensor, src_sched: torch.Tensor,
     dst_counts: list[int], src_counts: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Materialised-edge forward: ``(out, lse)``."""
-    return _launch_fwd(
-        _c(q), _c(k), _c(v), _c(edge), None, None, colptr, row, dst_order, dst_counts
-    )
+    return _launch_fwd(_c(q), _c(k), _c(v), _c(edge), None, None, row, dst_sched, dst_counts)
 
 
 @_op_fwd.register_fake
-def _(q, k, v, edge, colptr, row, rowptr, csr_perm, csr_dst, dst_order, src_order, dc, sc):
+def _(q, k, v, edge, colptr, row, rowptr, csr_perm, csr_dst, dst_sched, src_sched, dc, sc):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -567,11 +565,11 @@ def _op_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, edge: torch.Tensor,
     lse: torch.Tensor, dout: torch.Tensor,
     colptr: torch.Tensor, row: torch.Tensor, rowptr: torch.Tensor, csr_perm: torch.Tensor,
-    csr_dst: torch.Tensor, dst_order: torch.Tensor, src_order: torch.Tensor,
+    csr_dst: torch.Tensor, dst_sched: torch.Tensor, src_sched: torch.Tensor,
     dst_counts: list[int], src_counts: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Materialised-edge backward: ``(dq, dk, dv, de)``."""
-    kt = (colptr, row, rowptr, csr_perm, csr_dst, dst_order, src_order)
+    kt = (row, csr_perm, csr_dst, dst_sched, src_sched)
     return _launch_bwd(
         _c(q), _c(k), _c(v), _c(edge), None, None, lse, _c(dout), kt, dst_counts, src_counts
     )
@@ -602,13 +600,11 @@ _op_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 def _op_fused_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attr: torch.Tensor, w_aug: torch.Tensor,
     colptr: torch.Tensor, row: torch.Tensor, rowptr: torch.Tensor, csr_perm: torch.Tensor,
-    csr_dst: torch.Tensor, dst_order: torch.Tensor, src_order: torch.Tensor,
+    csr_dst: torch.Tensor, dst_sched: torch.Tensor, src_sched: torch.Tensor,
     dst_counts: list[int], src_counts: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Fused-edge forward, ``w_aug = [W; b]`` of shape ``[d_e + 1, H*C]``: ``(out, lse)``."""
-    return _launch_fwd(
-        _c(q), _c(k), _c(v), None, _c(attr), _c(w_aug), colptr, row, dst_order, dst_counts
-    )
+    return _launch_fwd(_c(q), _c(k), _c(v), None, _c(attr), _c(w_aug), row, dst_sched, dst_counts)
 
 
 @_op_fused_fwd.register_fake
@@ -621,11 +617,11 @@ def _op_fused_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attr: torch.Tensor, w_aug: torch.Tensor,
     lse: torch.Tensor, dout: torch.Tensor,
     colptr: torch.Tensor, row: torch.Tensor, rowptr: torch.Tensor, csr_perm: torch.Tensor,
-    csr_dst: torch.Tensor, dst_order: torch.Tensor, src_order: torch.Tensor,
+    csr_dst: torch.Tensor, dst_sched: torch.Tensor, src_sched: torch.Tensor,
     dst_counts: list[int], src_counts: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Fused-edge backward: ``(dq, dk, dv, d_attr, dw_aug)`` (``dw_aug`` in fp32)."""
-    kt = (colptr, row, rowptr, csr_perm, csr_dst, dst_order, src_order)
+    kt = (row, csr_perm, csr_dst, dst_sched, src_sched)
     return _launch_bwd(
         _c(q), _c(k), _c(v), None, _c(attr), _c(w_aug), lse, _c(dout), kt,
         dst_counts, src_counts,
