@@ -145,13 +145,17 @@ start_slurmctld() {
     wait_for "$TIMEOUT_S" slurmctld scontrol ping
 }
 
-# node_ready: slurmd registered after $SLURMD_T0 and the node is idle (or already running jobs).
-node_ready() {
+# node_registered: the node's slurmd registered after $SLURMD_T0 (not a state-file leftover).
+node_registered() {
     local line start_epoch
     line=$(scontrol -o show node "$HOST") || return 1
     start_epoch=$(date -d "$(sed -n 's/.*SlurmdStartTime=\([^ ]*\).*/\1/p' <<<"$line")" +%s) || return 1
-    [ "$start_epoch" -ge "$SLURMD_T0" ] || return 1
-    grep -Eq 'State=(IDLE|MIXED|ALLOCATED)( |$)' <<<"$line"
+    [ "$start_epoch" -ge "$SLURMD_T0" ]
+}
+
+# node_idle: ready for jobs (or already running some).
+node_idle() {
+    scontrol -o show node "$HOST" | grep -Eq 'State=(IDLE|MIXED|ALLOCATED)( |$)'
 }
 
 start_slurmd() {
@@ -162,7 +166,13 @@ start_slurmd() {
         SLURMD_T0=$(date +%s)
         slurmd 9>&- || fail "slurmd did not start"
     fi
-    wait_for "$TIMEOUT_S" "node $HOST idle" node_ready
+    wait_for "$TIMEOUT_S" "slurmd of node $HOST registering" node_registered
+    # A node drained by an earlier crash (e.g. "Kill task failed") stays drained across restarts.
+    if scontrol -o show node "$HOST" | grep -q 'State=[A-Z+]*DRAIN'; then
+        log "node $HOST was drained ($(scontrol -o show node "$HOST" | sed -n 's/.*Reason=\(.*\)/\1/p')); resuming it"
+        scontrol update NodeName="$HOST" State=RESUME
+    fi
+    wait_for "$TIMEOUT_S" "node $HOST idle" node_idle
 }
 
 if [ "$(id -u)" -ne 0 ]; then
