@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import yaml  # noqa: E402
 from _results import append_rows, machine_info  # noqa: E402
 from bench_step import matmul_tflops  # noqa: E402
-
-import yaml  # noqa: E402
 
 from squall.graphs import build_graph  # noqa: E402
 from squall.models.forecaster import GraphForecaster, ModelConfig  # noqa: E402
