@@ -1,0 +1,152 @@
+"""Partition and halo plans: pure functions, checked without any process group."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from parallel_workers import tiny_graph
+
+from squall.graphs import build_graph
+from squall.parallel.halo import build_halo_plans, chunk_subgraphs
+from squall.parallel.layout import Layout, LayoutError
+from squall.parallel.parallelize import ParallelConfig
+from squall.parallel.partition import (
+    hilbert_index,
+    partition_graph,
+    partition_report,
+    sfc_keys,
+    split_weighted,
+)
+
+
+def test_hilbert_curve_visits_every_cell_once_through_neighbours():
+    bits = 4
+    x, y = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    d = hilbert_index(x.ravel(), y.ravel(), bits)
+    assert np.array_equal(np.sort(d), np.arange(256))
+    order = np.argsort(d)
+    steps = np.abs(np.diff(x.ravel()[order])) + np.abs(np.diff(y.ravel()[order]))
+    assert (steps == 1).all()
+
+
+def test_sfc_keys_keep_neighbours_close():
+    g = tiny_graph("O16", 3)
+    xyz = g.nodes["hidden"].xyz
+    order = np.argsort(sfc_keys(xyz))
+    # consecutive nodes along the curve are mostly neighbours: median gap below 2 mesh spacings
+    gaps = np.linalg.norm(np.diff(xyz[order], axis=0), axis=1)
+    spacing = np.median(
+        np.linalg.norm(xyz[g.edges["processor"].row] - xyz[g.edges["processor"].dst_index], axis=1)
+    )
+    assert np.median(gaps) < 2 * spacing
+
+
+def test_split_weighted_keeps_parts_non_empty_and_balanced():
+    w = np.ones(10)
+    w[0] = 1000.0  # one huge node must not empty the other parts
+    owner = split_weighted(np.arange(10), w, 4)
+    assert np.array_equal(np.unique(owner), np.arange(4))
+    owner = split_weighted(np.arange(12)[::-1], np.ones(12), 3)
+    assert np.array_equal(np.bincount(owner), [4, 4, 4]) and owner[11] == 0
+
+
+@pytest.mark.parametrize("method", ["sfc", "ranges"])
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 7])
+def test_partition_and_plan_invariants(method, parts):
+    g = tiny_graph()
+    part = partition_graph(g, parts, method, edge_weights={"processor": 2})
+    for name, nodes in g.nodes.items():
+        owner = part.owner[name]
+        assert owner.shape == (len(nodes),) and owner.min() >= 0 and owner.max() < parts
+        assert (part.counts(name) > 0).all(), f"{name}: an empty part"
+    for e in g.edges.values():
+        plans = build_halo_plans(e, part)
+        seen = np.concatenate([p.edge_ids for p in plans])
+        assert np.array_equal(np.sort(seen), np.arange(e.num_edges)), "every edge exactly once"
+        for r, p in enumerate(plans):
+            assert np.array_equal(p.owned_dst, part.owned(e.dst, r))
+            assert np.array_equal(p.owned_src, part.owned(e.src, r))
+            # every edge sits on its destination's owner, in global CSC order
+            dst_local = np.repeat(np.arange(len(p.owned_dst)), np.diff(p.colptr))
+            assert np.array_equal(p.owned_dst[dst_local], e.dst_index[p.edge_ids])
+            assert (np.diff(p.edge_ids) > 0).all()
+            # local sources = [owned; halo] map back to the global sources
+            local_src = np.concatenate([p.owned_src, p.halo_src])
+            assert np.array_equal(local_src[p.row], e.row[p.edge_ids])
+            # halo: not owned, grouped by owner ascending, ascending ids inside a group
+            src_owner = part.owner[e.src][p.halo_src]
+            assert (src_owner != r).all() and (np.diff(src_owner) >= 0).all()
+            for q in range(parts):
+                assert (np.diff(p.halo_src[src_owner == q]) > 0).all()
+            assert np.array_equal(p.recv_counts, np.bincount(src_owner, minlength=parts))
+            # what r sends to q is exactly q's halo rows owned by r, in q's order
+            starts = np.concatenate([[0], np.cumsum(p.send_counts)])
+            for q, other in enumerate(plans):
+                sent = p.owned_src[p.send_index[starts[q] : starts[q + 1]]]
+                wanted = other.halo_src[part.owner[e.src][other.halo_src] == r]
+                assert np.array_equal(sent, wanted)
+                assert p.send_counts[q] == other.recv_counts[r]
+            # interior destinations read owned rows only, boundary ones at least one halo row
+            n_own = p.num_owned_src
+            assert (p.interior.src < n_own).all()
+            for j, d in enumerate(p.boundary.dst):
+                assert (p.row[p.colptr[d] : p.colptr[d + 1]] >= n_own).any(), j
+            assert np.array_equal(np.sort(np.concatenate([p.interior.dst, p.boundary.dst])),
+                                  np.arange(len(p.owned_dst)))  # fmt: skip
+            for sub in (p.full, p.interior, p.boundary):
+                assert np.array_equal(sub.src[sub.row], p.row[sub.edges])
+                if sub.square:
+                    assert np.array_equal(sub.src[: sub.num_dst], sub.dst)
+            chunks = chunk_subgraphs(p, g.nodes[e.dst].xyz, min(3, len(p.owned_dst)))
+            cat = np.concatenate([c.dst for c in chunks])
+            assert np.array_equal(np.sort(cat), np.arange(len(p.owned_dst)))
+            assert np.array_equal(np.sort(np.concatenate([c.edges for c in chunks])),
+                                  np.arange(len(p.edge_ids)))  # fmt: skip
+            for c in chunks:
+                assert np.array_equal(c.src[c.row], p.row[c.edges])
+        assert all(len(p.halo_src) == 0 for p in plans) == (not plans[0].group_exchanges)
+        if parts == 1:
+            assert not plans[0].group_exchanges
+
+
+def test_report_matches_the_plans():
+    g = tiny_graph()
+    part = partition_graph(g, 3, "sfc")
+    rep = partition_report(g, part)
+    for role, e in g.edges.items():
+        plans = build_halo_plans(e, part)
+        assert rep.halo_rows[role] == sum(len(p.halo_src) for p in plans)
+        for r, p in enumerate(plans):
+            assert rep.parts[r].edges[role] == len(p.edge_ids)
+            assert rep.parts[r].halo_rows[role] == len(p.halo_src)
+            assert set(rep.parts[r].peers[role]) == {q for q in range(3) if p.recv_counts[q] > 0}
+    assert rep.edge_imbalance["total"] >= 1.0 and "part 2" in rep.table()
+
+
+def test_locality_aware_partition_cuts_the_halo():
+    """Plan-only: the SFC partition needs far fewer halo rows than index ranges (o32_l4; the
+    o320_l7 numbers are in profiling/results/parallel_partition.md)."""
+    from pathlib import Path
+
+    import yaml
+
+    spec = yaml.safe_load(Path(__file__).parents[2].joinpath("conf/graph/o32_l4.yaml").read_text())
+    g = build_graph(spec)
+    for parts, target in ((4, 0.30), (16, 0.50)):
+        halo = {m: partition_report(g, partition_graph(g, parts, m)).halo_rows["total"]
+                for m in ("sfc", "ranges")}  # fmt: skip
+        assert halo["sfc"] <= (1 - target) * halo["ranges"], (parts, halo)
+
+
+def test_degree_errors_print_every_number():
+    with pytest.raises(LayoutError, match=r"world_size=6 .*model_parallel=4.*1\.5"):
+        Layout(6, 4)
+    with pytest.raises(LayoutError, match=r"model_parallel=8 exceeds gpus_per_node=4"):
+        Layout(8, 8).check({"data": 100, "hidden": 50}, batch_size=2, gpus_per_node=4)
+    with pytest.raises(LayoutError, match=r"'hidden': 3"):
+        Layout(4, 4).check({"data": 100, "hidden": 3}, batch_size=1)
+    with pytest.raises(LayoutError, match="partition"):
+        ParallelConfig(partition="metis")
+    lay = Layout(8, 2)
+    assert lay.data_parallel == 4 and lay.model_groups()[1] == [2, 3]
+    assert lay.data_groups()[1] == [1, 3, 5, 7] and lay.model_rank(5) == 1 and lay.data_rank(5) == 2
