@@ -345,6 +345,11 @@ def bench(args):
                     f"peak {peak:8.0f} MiB  err/tol {row_['max_rel_err']}",
                     flush=True,
                 )
+                if provider.startswith("triton"):
+                    for (kern, cls, _, fused_), tuner in sorted(gta._TUNED.items(), key=str):
+                        best = getattr(tuner, "best_config", None)
+                        if best is not None and fused_ == fused:
+                            print(f"    {kern:8s} class {cls}: {best}")
                 if args.breakdown and provider.startswith("triton"):
                     print(
                         "    "

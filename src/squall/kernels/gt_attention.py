@@ -383,19 +383,20 @@ def _class_configs(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool) -
     """Candidate ``(BLOCK_E, DPP, BLOCK_H, num_warps)`` for one degree class.
 
     The class cap (4, 8, 16 edges; 32 for the open class) bounds the edge block; ``MAX_TILE_ELEMS``
-    bounds ``BLOCK_E * BLOCK_H * C_pad``. Candidates: all heads in one program, and a quarter of the
-    heads per program (4x the programs, each a quarter of the registers, so more nodes in flight per
-    SM; H100 v1 run: all-heads tiles at 8 warps left 2 programs per SM and h_to_h at 2.4x the
-    no-reuse gather time). TODO(measure): prune from the H100 autotune choices.
+    bounds ``BLOCK_E * BLOCK_H * C_pad``. Candidates: all, half or a quarter of the heads per
+    program (smaller programs, more nodes in flight per SM; H100 v1 run: all-heads tiles at 8 warps
+    left 2 programs per SM and h_to_h at 2.4x the no-reuse gather time); class 0 also packs 2 or 4
+    nodes per program. TODO(measure): prune from the H100 autotune choices.
     """
     cap = DEGREE_CLASS_CAPS[cls] if cls < len(DEGREE_CLASS_CAPS) else 2 * DEGREE_CLASS_CAPS[-1]
-    heads = [h_pad, _min_block_h(h_pad)]
     cands = []
-    for bh in dict.fromkeys(heads):
+    for bh in dict.fromkeys([h_pad, _min_block_h(h_pad), max(1, h_pad // 2)]):
         fit = max(2, MAX_TILE_ELEMS // (bh * c_pad))
         be = min(cap, 1 << (fit.bit_length() - 1))
         warps = 4 if be * bh * c_pad <= 4096 else 8
         cands.append((be, 2 if cls == 0 else 1, bh, warps))
+        if cls == 0:
+            cands.append((be, 4, bh, warps))
     if FORCE_CANDIDATE is not None:
         return [cands[min(FORCE_CANDIDATE, len(cands) - 1)]]
     if _interpreting() or os.environ.get("SQUALL_AUTOTUNE", "1") == "0":
