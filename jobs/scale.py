@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> dict:
         return point_logger(cfg, job_num, sweep_dir, name)
 
     summary = run_point(cfg, logger_factory)
-    if not multirun:
+    if not multirun and summary:  # rank 0 only
         keys = ("time/step_s", "time/step_spread", "throughput/samples_per_s", "time/comm_s")
         print(json.dumps({"point": {k: summary[k] for k in keys if k in summary}}))
     return {"status": "ok", **summary}

@@ -11,7 +11,9 @@ from squall.scaling.launcher import ShapedSweepLauncher
 
 
 class SquallLocalLauncher(ShapedSweepLauncher, LocalLauncher):
-    """Points as local processes (one per rank), grouped by shape."""
+    """Points as local processes (one per rank), one point at a time."""
+
+    serial_points = True
 
 
 class SquallSlurmLauncher(ShapedSweepLauncher, SlurmLauncher):

@@ -64,6 +64,9 @@ class ShapedSweepLauncher(BaseSubmititLauncher):
     :mod:`hydra_plugins.squall_scaling` (Hydra takes launchers from that namespace only).
     """
 
+    #: Run points one after the other (local machine) instead of as one array per shape.
+    serial_points = False
+
     def _shape_params(self, plan: PointPlan, uses_gpus: bool) -> dict[str, Any]:
         shape = {"nodes": plan.nodes, "tasks_per_node": plan.tasks_per_node}
         if uses_gpus:
@@ -123,31 +126,41 @@ class ShapedSweepLauncher(BaseSubmititLauncher):
             groups[tuple(sorted(shape.items()))].append(
                 (pos, idx, overrides, run_id, f"{self.config.hydra.job.name}-{plan.gpus}g"))
 
-        submitted = []
+        # One point at a time where points share the machine (timings must not overlap); on a
+        # cluster each point has its own nodes: every shape goes out at once, one array each.
+        pending = []
         for shape, members in groups.items():
             executor = self._executor(dict(shape), members[0][4])
-            args = [(m[2], "hydra.sweep.dir", m[1], f"job_id_for_{m[1]}", Singleton.get_state())
-                    for m in members]
-            jobs = executor.map_array(self, *zip(*args, strict=True))
-            submitted.extend(zip(members, jobs, strict=True))
-
-        for (pos, idx, overrides, run_id, _), job in submitted:
-            try:
-                ret = job.results()[0]
-            except Exception as err:  # killed, out of memory, out of time: no result pickle
-                tail = _stderr_tail(job)
-                reason = (f"job {job.job_id} ended {job.state} without a result"
-                          + (f": {tail}" if tail else f" ({type(err).__name__})"))
-                record_failure(state, run_id, reason)
-                log.error("point #%d failed: %s", idx, reason)
-                results[pos] = self._failed_return(overrides, idx, reason)
-                continue
-            if ret.status == JobStatus.FAILED:
-                from squall.scaling.point import one_line
-
-                reason = one_line(ret._return_value)
-                record_failure(state, run_id, reason)
-                log.error("point #%d failed: %s", idx, reason)
-                ret.status, ret.return_value = JobStatus.COMPLETED, failed_point(reason)
-            results[pos] = ret
+            for chunk in [[m] for m in members] if self.serial_points else [members]:
+                args = [(m[2], "hydra.sweep.dir", m[1], f"job_id_for_{m[1]}",
+                         Singleton.get_state()) for m in chunk]
+                jobs = executor.map_array(self, *zip(*args, strict=True))
+                pending.extend(zip(chunk, jobs, strict=True))
+                if self.serial_points:
+                    for member, job in pending:
+                        results[member[0]] = self._collect(state, member, job)
+                    pending.clear()
+        for member, job in pending:
+            results[member[0]] = self._collect(state, member, job)
         return results  # type: ignore[return-value]
+
+    def _collect(self, state, member: tuple, job) -> JobReturn:
+        """Rank 0's JobReturn of a finished point; a failure recorded and turned into a value."""
+        _, idx, overrides, run_id, _ = member
+        try:
+            ret = job.results()[0]
+        except Exception as err:  # killed, out of memory, out of time: no result pickle
+            tail = _stderr_tail(job)
+            reason = (f"job {job.job_id} ended {job.state} without a result"
+                      + (f": {tail}" if tail else f" ({type(err).__name__})"))
+            record_failure(state, run_id, reason)
+            log.error("point #%d failed: %s", idx, reason)
+            return self._failed_return(overrides, idx, reason)
+        if ret.status == JobStatus.FAILED:
+            from squall.scaling.point import one_line
+
+            reason = one_line(ret._return_value)
+            record_failure(state, run_id, reason)
+            log.error("point #%d failed: %s", idx, reason)
+            ret.status, ret.return_value = JobStatus.COMPLETED, failed_point(reason)
+        return ret

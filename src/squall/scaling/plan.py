@@ -117,7 +117,9 @@ def plan_point(cfg) -> PointPlan:
         nodes = _positive_int(p.nodes, "parallel.nodes")
     problems = []
     if gpus % nodes:
-        problems.append(f"parallel.gpus={gpus} does not split evenly over parallel.nodes={nodes}")
+        how = "parallel.nodes" if p.nodes is not None else (
+            f"nodes (more than one {c.name} node of cluster.gpus_per_node={per_node})")
+        problems.append(f"parallel.gpus={gpus} does not split evenly over {nodes} {how}")
     elif gpus // nodes > per_node:
         problems.append(f"{gpus // nodes} GPUs per node (parallel.gpus={gpus} over {nodes} "
                         f"node(s)) but a {c.name} node has cluster.gpus_per_node={per_node}")

@@ -21,6 +21,7 @@ before it propagates, so the sweep's report can show why.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
@@ -36,8 +37,10 @@ import torch.distributed as dist
 from omegaconf import OmegaConf, open_dict
 
 from squall.data.sampler import EpochSampler
+from squall.data.setup import ensure_dataset
 from squall.data.zarr_dataset import make_dataloader
 from squall.errors import SquallError
+from squall.graphs import load_or_build
 from squall.parallel.env import DistEnv, destroy_distributed, dist_env, init_distributed
 from squall.scaling.plan import LayoutError, PointPlan, plan_point
 from squall.scaling.sweep import FAILURE_TAG, INTERRUPT_TAG
@@ -180,7 +183,7 @@ def run_point(cfg, logger_factory) -> dict:
     Returns
     -------
     dict
-        Summary metrics (rank 0; other ranks return theirs, unlogged).
+        Summary metrics on rank 0; an empty dict on the other ranks.
 
     Raises
     ------
@@ -216,7 +219,7 @@ def run_point(cfg, logger_factory) -> dict:
             logger.finish("KILLED" if interrupted else "FAILED")
             raise
         logger.finish("FINISHED")
-        return summary
+        return summary if env.is_main else {}
     finally:
         destroy_distributed()
 
@@ -236,7 +239,9 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger) -> dict:
             "point.rank0_host": env_info["hostname"],
         })
     # Rank 0 first: it may build the graph cache and generate the synthetic dataset.
-    if not env.is_main:
+    if env.is_main:
+        _prepare(point)
+    else:
         dist.barrier()
     parts = build_run(point, NullLogger(), device=device)
     if env.is_main:
@@ -349,6 +354,20 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger) -> dict:
         log.info("point %s: %.4g s/step (spread %.2f), %.4g samples/s, comm %.3g s", plan.layout,
                  stats.median_s, stats.spread, stats.samples_per_s, comm_s)
     return summary
+
+
+def _prepare(point) -> None:
+    """Build the graph cache and the synthetic dataset if missing, one point at a time: points
+    of a sweep that run side by side (a Slurm array) share the cache directory."""
+    cache = Path(str(point.paths.cache))
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            graph = load_or_build(point.graph, cache / "graphs")
+            ensure_dataset(point, graph.nodes["data"])
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class _Nothing:

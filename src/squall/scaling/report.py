@@ -56,6 +56,7 @@ class Row:
     spread: float
     samples_per_s: float
     peak_memory_gib: float
+    memory_kind: str
     halo_bytes: float
     comm_share: float
     status: str
@@ -87,11 +88,15 @@ def _fmt(value, pattern: str) -> str:
     return pattern.format(value)
 
 
-def _peak_memory(metrics: dict) -> float:
-    for key in (M.PEAK_ALLOCATED_GIB, M.PEAK_RSS_GIB):
+MEMORY_KINDS = {M.PEAK_ALLOCATED_GIB: "GPU memory allocated", M.PEAK_RSS_GIB: "resident memory"}
+
+
+def _peak_memory(metrics: dict) -> tuple[float, str]:
+    """Largest rank's peak and what it measures (GPU allocations, or RSS on CPU)."""
+    for key, kind in MEMORY_KINDS.items():
         if key in metrics:
-            return metrics[key]
-    return math.nan
+            return metrics[key], kind
+    return math.nan, ""
 
 
 def _series(overrides: str) -> str:
@@ -144,7 +149,7 @@ def collect_rows(state: SweepState) -> list[Row]:
             global_batch=float(params.get("point.global_batch", "nan")),
             step_s=metrics.get(M.STEP_S, math.nan), spread=metrics.get(M.STEP_SPREAD, math.nan),
             samples_per_s=metrics.get(M.SAMPLES_PER_S, math.nan),
-            peak_memory_gib=_peak_memory(metrics),
+            peak_memory_gib=_peak_memory(metrics)[0], memory_kind=_peak_memory(metrics)[1],
             halo_bytes=metrics.get(M.HALO_BYTES_PER_STEP, math.nan),
             comm_share=metrics.get(M.COMM_SHARE, math.nan),
             status=status, reason=" ".join(reason.split()), run_id=run.info.run_id))
@@ -187,6 +192,7 @@ def plot(rows: list[Row], out_dir: Path, title: str) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     ok = [r for r in rows if r.ok and r.gpus]
     failed = [r for r in rows if not r.ok]
@@ -214,6 +220,9 @@ def plot(rows: list[Row], out_dir: Path, title: str) -> list[Path]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     ax_t.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax_t.yaxis.set_major_formatter(plain)
+    ax_t.yaxis.set_minor_formatter(plain)
     ax_t.set_ylabel("throughput (samples/s)")
     ax_t.set_title("throughput")
     ax_e.set_ylabel("parallel efficiency (%)")
@@ -233,7 +242,8 @@ def plot(rows: list[Row], out_dir: Path, title: str) -> list[Path]:
     ax.set_xscale("log", base=2)
     ax.set_xticks(all_gpus or [1], [str(g) for g in all_gpus or [1]])
     ax.set_xlabel("GPUs (ranks)")
-    ax.set_ylabel("peak memory per rank (GiB)")
+    kinds = sorted({r.memory_kind for r in ok if r.memory_kind})
+    ax.set_ylabel(f"peak {' / '.join(kinds) or 'memory'} per rank (GiB)")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -269,7 +279,7 @@ def report_sweep(state: SweepState, out_dir: str | Path | None = None,
     out = Path(out_dir) if out_dir is not None else Path(state.sweep_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     failed = [r for r in rows if not r.ok]
-    title = f"sweep {state.sweep_id}"
+    title = f"{state.title} (sweep {state.sweep_id})" if state.title else f"sweep {state.sweep_id}"
     table = markdown_table(rows)
     failed_line = (f"{len(failed)} of {len(rows)} point(s) failed; reasons in the table.\n"
                    if failed else "")

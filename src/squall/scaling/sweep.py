@@ -64,6 +64,8 @@ class SweepState:
         The configured server that did not answer, when the sweep fell back to the local store.
     points : dict
         Hydra job number (as a string) to the point's run id.
+    title : str
+        What was swept where, for the report (experiment, cluster, graph and model).
     """
 
     sweep_id: str
@@ -74,6 +76,7 @@ class SweepState:
     parent_run_id: str | None = None
     fallback_from: str | None = None
     points: dict[str, str] = field(default_factory=dict)
+    title: str = ""
 
     def save(self) -> None:
         """Write atomically (points read it while the launcher adds to it)."""
@@ -122,11 +125,13 @@ def ensure_sweep(config: DictConfig) -> SweepState:
     # The directory name is a timestamp; the suffix keeps two sweeps started in one second apart.
     sweep_id = f"{name}-{sweep_dir.name}-{uuid.uuid4().hex[:6]}"
     tracking = config.tracking
+    choices = config.hydra.runtime.choices
+    title = (f"{choices.get('experiment') or name} on {config.cluster.name}: "
+             f"{config.graph.name} / {config.model.name}")
     if not tracking.get("enabled", True):
-        state = SweepState(sweep_id, str(sweep_dir), None, str(tracking.experiment))
+        state = SweepState(sweep_id, str(sweep_dir), None, str(tracking.experiment), title=title)
         state.save()
         return state
-    choices = config.hydra.runtime.choices
     parent = start_sweep_parent(sweep_id, uri=tracking.get("uri"),
                                 experiment=str(tracking.experiment), store_dir=store_dir(config),
                                 run_name=f"sweep {choices.get('experiment') or name} "
@@ -147,7 +152,7 @@ def ensure_sweep(config: DictConfig) -> SweepState:
         print(f"tracking server {parent.fallback_from} unreachable: this sweep is recorded in "
               f"{parent.tracking_uri}")
     state = SweepState(sweep_id, str(sweep_dir), parent.tracking_uri, str(tracking.experiment),
-                       parent.experiment_id, parent.run_id, parent.fallback_from)
+                       parent.experiment_id, parent.run_id, parent.fallback_from, title=title)
     state.save()
     return state
 
