@@ -35,7 +35,7 @@ CATEGORIES = [
     ("communication", re.compile(r"nccl", re.I)),
     ("optimizer", re.compile(r"multi_tensor|adam", re.I)),
     ("attention", re.compile(r"_fwd_kernel|_bwd_dst_kernel|_bwd_src_kernel|_dw_chunk|segment_reduce|"
-                             r"index_select|indexselect|scatter|index_add|gather|indexing_backward", re.I)),
+                             r"index_select|indexselect|indexfunc|scatter|index_add|gather|indexing_backward", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|sm90_|cublas|wgmma", re.I)),
     ("norm", re.compile(r"layer_norm|layernorm", re.I)),
 ]  # fmt: skip
@@ -97,7 +97,7 @@ def main():
         for _ in range(args.steps):
             with torch.profiler.record_function("squall::step"):
                 step()
-            torch.cuda.synchronize()
+                torch.cuda.synchronize()  # the CPU range then spans the step's GPU work too
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
