@@ -408,8 +408,10 @@ def _min_block_h(h_pad: int) -> int:
     return max(1, h_pad // 4)
 
 
-# Tests set this to run one candidate of every class (0: all heads, 1: head blocks).
-FORCE_CANDIDATE: int | None = None
+# Run one candidate of every class instead of autotuning (tests; ncu runs through the environment).
+FORCE_CANDIDATE: int | None = (
+    int(os.environ["SQUALL_FORCE_CANDIDATE"]) if "SQUALL_FORCE_CANDIDATE" in os.environ else None
+)
 _TUNED: dict = {}
 
 
