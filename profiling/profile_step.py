@@ -103,23 +103,16 @@ def main():
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
     steps = [
-        e
-        for e in events
-        if e.get("name") == "squall::step"
-        and e.get("ph") == "X"
-        and e.get("cat") == "gpu_user_annotation"
+        e for e in events if e.get("name") == "squall::step" and e.get("cat") == "user_annotation"
     ]
-    if (
-        not steps
-    ):  # older kineto: only the CPU-side range; GPU work lags it but ends before the sync
-        steps = [e for e in events if e.get("name") == "squall::step" and e.get("ph") == "X"]
-    kernels = [e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
-    wall_us = sum(e["dur"] for e in steps)
+    lo, hi = min(e["ts"] for e in steps), max(e["ts"] + e["dur"] for e in steps)
+    kernels = [e for e in events if e.get("cat") == "kernel" and lo <= e["ts"] <= hi]
+    wall_us = hi - lo  # steps run back to back; the annotation may appear once per thread
     by_cat = defaultdict(float)
     for k in kernels:
         by_cat[categorise(k["name"])] += k["dur"]
     busy = union_length([(k["ts"], k["ts"] + k["dur"]) for k in kernels])
-    n = len(steps)
+    n = args.steps
     rate = matmul_tflops()
     flops = 3 * model.flops_per_sample()
     floor_ms = flops / (rate * 1e12) * 1e3
