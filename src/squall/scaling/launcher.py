@@ -88,6 +88,12 @@ class ShapedSweepLauncher(BaseSubmititLauncher):
         executor.update_parameters(**params)
         return executor
 
+    def sbatch_script(self, plan: PointPlan, uses_gpus: bool, name: str = "scale") -> str:
+        """The batch script submitit would submit for a point of ``plan``'s shape (a single job;
+        an array adds only ``--array``). Slurm launcher only; for checks and dry runs."""
+        inner = self._executor(self._shape_params(plan, uses_gpus), name)._executor
+        return inner._make_submission_file_text(inner._submitit_command_str, "uid")
+
     def _failed_return(self, overrides: list[str], idx: int, reason: str) -> JobReturn:
         ret = JobReturn(overrides=overrides, working_dir=str(Path(str(self.config.hydra.sweep.dir))
                                                              / str(idx)),

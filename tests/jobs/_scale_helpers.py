@@ -1,0 +1,46 @@
+"""Helpers of the scaling-job tests: config composition, a tiny fast problem, running jobs.scale.
+
+Imported by the test modules of this directory (pytest puts it on sys.path); a unique name so it
+clashes with no other test directory's module.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[2]
+CONF = str(REPO / "conf")
+CLUSTERS = ("local", "h100", "h200")
+EXPERIMENTS = ("strong_scaling", "weak_scaling", "kernel_compare", "partition_compare")
+
+# O8 grid + level-2 mesh, 60 synthetic times, a 16-channel model: a point builds in a few seconds
+# and one step takes milliseconds on 2 cores, so a point's time is mostly process start-up.
+TINY = [
+    "graph.name=o8_l2", "graph.nodes.data.grid=O8", "graph.nodes.hidden.level=2",
+    "graph.edges.encoder.factor=0.8", "data.generator.num_times=60", "data.num_workers=0",
+    "data.train.start=0", "data.train.end=39", "data.validation.start=40", "data.validation.end=59",
+    "data.test.start=40", "data.test.end=59", "model.num_channels=16", "model.num_heads=2",
+    "scale.warmup_steps=1", "scale.steps=3", "scale.comm_repeats=2",
+]  # fmt: skip
+# A whole local sweep of 2 to 4 tiny points: process start-up (torch, mlflow) dominates.
+SWEEP_TIMEOUT_S = 400
+
+
+def compose_scale(*overrides: str, hydra: bool = False):
+    """Compose conf/scale.yaml as jobs/scale.py would (``hydra=True`` keeps the hydra node)."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("scale", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def run_scale(args: list[str], cache: Path, timeout: float = SWEEP_TIMEOUT_S,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m jobs.scale ARGS`` in the repository, with its cache (graphs, data, MLflow)."""
+    full = dict(os.environ, SQUALL_CACHE=str(cache), OMP_NUM_THREADS="1", **(env or {}))
+    full.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "jobs.scale", *args], cwd=REPO, env=full,
+                          capture_output=True, text=True, timeout=timeout)
