@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from squall.config import to_container
 from squall.data.synthetic import SyntheticSettings, generate
 from squall.data.zarr_dataset import WindowDataset, format_timedelta, parse_timedelta, read_info
 from squall.errors import DataError
@@ -15,22 +16,11 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 
 
-def _plain(node):
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(node, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf comes with hydra
-        pass
-    return node
-
-
 def data_nodes(cfg) -> NodeSet:
     """The graph's ``data`` node set, built from ``cfg.graph.nodes.data`` (no edges needed)."""
     from squall.graphs.graph import build_nodes
 
-    spec = _plain(cfg.graph)
+    spec = to_container(cfg.graph)
     try:
         return build_nodes("data", dict(spec["nodes"]["data"]))
     except (KeyError, TypeError):
@@ -42,7 +32,7 @@ def data_nodes(cfg) -> NodeSet:
 
 def synthetic_settings(data_cfg) -> SyntheticSettings:
     """:class:`SyntheticSettings` from ``cfg.data`` (``generator`` section plus ``frequency``)."""
-    d = _plain(data_cfg)
+    d = to_container(data_cfg)
     gen = dict(d.get("generator") or {})
     gen.pop("overwrite", None)
     variables = gen.pop("variables", None) or d.get("variables")
@@ -100,10 +90,10 @@ def build_dataset(cfg, split: str = "train", rollout: int = 1, grid_indices=None
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
     d = cfg.data
-    rng = _plain(d.get(split)) or {}
+    rng = to_container(d.get(split)) or {}
     dataset = WindowDataset(
         str(d.path),
-        variables=_plain(d.get("variables")),
+        variables=to_container(d.get("variables")),
         input_steps=int(d.get("input_steps", 1)),
         rollout=int(rollout),
         start=rng.get("start"),
@@ -112,7 +102,7 @@ def build_dataset(cfg, split: str = "train", rollout: int = 1, grid_indices=None
         grid_indices=grid_indices,
         member=int(d.get("member", 0)),
         normaliser=normaliser,
-        normalisation=_plain(d.get("normalisation")),
+        normalisation=to_container(d.get("normalisation")),
     )
     expected = d.get("frequency")
     if expected is not None and parse_timedelta(expected) != dataset.info.frequency:
@@ -129,8 +119,8 @@ def variable_roles(cfg, variables) -> dict[str, list[int]]:
     Forcings are inputs only, diagnostics outputs only, prognostic variables both.
     """
     d = cfg.data
-    forcings = set(_plain(d.get("forcings")) or ())
-    diagnostics = set(_plain(d.get("diagnostics")) or ())
+    forcings = set(to_container(d.get("forcings")) or ())
+    diagnostics = set(to_container(d.get("diagnostics")) or ())
     unknown = (forcings | diagnostics) - set(variables)
     if unknown:
         raise DataError(

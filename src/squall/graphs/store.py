@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from squall.config import to_container
 from squall.errors import GraphCacheError, GraphError
 from squall.graphs.graph import EdgeSet, Graph, build_graph
 from squall.graphs.grids import NodeSet
@@ -30,15 +31,8 @@ _EDGE_FIELDS = ("colptr", "row", "rowptr", "csr_perm", "attrs")
 
 
 def to_plain(spec) -> dict:
-    """A plain dict from a dict or OmegaConf node (interpolations resolved)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(spec, DictConfig):
-            return OmegaConf.to_container(spec, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf comes with hydra
-        pass
-    return json.loads(json.dumps(spec))
+    """A plain dict from a dict or OmegaConf node (interpolations resolved), safe to hash."""
+    return json.loads(json.dumps(to_container(spec)))
 
 
 def spec_hash(spec: dict) -> str:
