@@ -4,12 +4,15 @@ parallel, uneven parts."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from parallel_workers import make_model, spawn, tiny_graph
 
+from squall.parallel.halo import build_halo_plans
 from squall.parallel.layout import Layout, build_groups
 from squall.parallel.parallelize import ParallelConfig, parallelize, reduce_loss
+from squall.parallel.partition import Partition
 from squall.train.loop import area_weighted_mse
 
 # Relative to the largest gradient entry of each parameter: fp32 sums of a few thousand terms in
@@ -59,20 +62,48 @@ CONFIGS = [  # (parallel config overrides, model overrides)
 ]
 
 
+def _lopsided_partition(g):
+    """P = 2: part 0 owns mesh node 0 and the grid points reading it; part 1 the rest, so part 1's
+    decoder has no boundary destination but still sends mesh rows to part 0."""
+    dec = g.edges["decoder"]
+    reads_m0 = np.zeros(dec.num_dst, dtype=bool)
+    reads_m0[dec.dst_index[dec.row == 0]] = True
+    mesh = np.ones(dec.num_src, dtype=np.int32)
+    mesh[0] = 0
+    return Partition(
+        2, "hand-made", {"hidden": mesh, "data": np.where(reads_m0, 0, 1).astype(np.int32)}
+    )
+
+
 def _model_parallel(rank, world, method, configs):
     g = tiny_graph()
     x, y = _data(0)
+    if method == "lopsided":
+        part = _lopsided_partition(g)
+        plan = build_halo_plans(g.edges["decoder"], part)[1]
+        assert plan.boundary.num_dst == 0 and plan.send_counts.sum() > 0
     for pkw, mkw in configs:
         (ref_out,), ref_loss, grads = _reference(mkw, [(x, y)])
-        model = parallelize(make_model(g, **mkw), g, ParallelConfig(world, method, **pkw))
+        if method == "lopsided":
+            pcfg = ParallelConfig(world, "sfc", **pkw)
+            model = parallelize(make_model(g, **mkw), g, pcfg, partition=_lopsided_partition(g))
+        else:
+            model = parallelize(make_model(g, **mkw), g, ParallelConfig(world, method, **pkw))
         out, loss = _run(model, x, y)
         ids = model.graph.data_ids_t
-        assert torch.equal(out, ref_out[:, ids]), (pkw, "forward not bitwise equal")
+        if method == "lopsided":
+            # a part of one mesh node makes 2-row matrix products, for which the CPU BLAS takes
+            # another kernel (bitwise equal from 4 rows up, measured): equal to rounding only
+            assert torch.allclose(out, ref_out[:, ids], rtol=1e-5, atol=1e-6), pkw
+        else:
+            assert torch.equal(out, ref_out[:, ids]), (pkw, "forward not bitwise equal")
         total = float(reduce_loss(loss, model.groups))
         assert abs(total - ref_loss) <= 1e-6 * ref_loss, (total, ref_loss)
         _assert_grads_close(model, grads, pkw)
         full = model.gather(out.detach())
-        assert torch.equal(full, ref_out)
+        assert torch.equal(full[:, ids], out.detach())
+        if method != "lopsided":
+            assert torch.equal(full, ref_out)
 
 
 def _model_x_data(rank, world):
@@ -116,7 +147,12 @@ def test_one_part_and_chunks_equal_the_unsharded_model():
 
 @pytest.mark.parametrize(
     ("world", "method", "configs"),
-    [(2, "sfc", CONFIGS), (3, "ranges", CONFIGS[:1]), (4, "sfc", CONFIGS[2:])],
+    [
+        (2, "sfc", CONFIGS),
+        (3, "ranges", CONFIGS[:1]),
+        (4, "sfc", CONFIGS[2:]),
+        (2, "lopsided", CONFIGS[:1]),
+    ],
 )
 def test_sharded_model_equals_the_unsharded_one(world, method, configs):
     spawn(_model_parallel, world, method, configs)

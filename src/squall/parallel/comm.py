@@ -20,23 +20,25 @@ from squall.parallel.halo import HaloPlan
 
 
 class _Pending:
-    """Work handle of one asynchronous exchange, and its send buffer kept alive until the wait."""
+    """Shared state of one exchange: the work handle in flight and the buffers it uses, kept
+    alive until the wait (forward), and the reverse exchange of the backward."""
 
-    __slots__ = ("send", "work")
+    __slots__ = ("exchange", "send", "work", "grad_send", "grad_recv", "bwork")
 
-    def __init__(self) -> None:
-        self.work = None
-        self.send = None
+    def __init__(self, exchange: HaloExchange) -> None:
+        self.exchange = exchange
+        self.work = self.send = None
+        self.bwork = self.grad_send = self.grad_recv = None
 
 
 class _HaloStart(Function):
-    """Forward: gather the owned rows each peer needs and start ``all_to_all_single``; the
-    returned ``[n_recv, B, C]`` buffer is only valid after :class:`_HaloWait`.
+    """Forward: gather the owned rows each peer needs (``send_index``) and start
+    ``all_to_all_single`` into a ``[n_recv, B, C]`` buffer, valid only after :class:`_HaloWait`.
 
-    Backward: receives the gradient of the halo rows, sends each block back to the rank that owns
-    those rows (the reverse all-to-all, split sizes swapped) and adds what comes back into the
-    gradient of the owned rows it was gathered from (a row sent to several peers sums their
-    gradients, one peer at a time in rank order, so the result is deterministic).
+    Backward: wait for the reverse exchange that :class:`_HaloWait`'s backward started (the
+    gradients of the rows this rank sent, coming back from every rank that received them) and
+    add them into the gradient of the owned rows they were gathered from. A row sent to several
+    peers sums their gradients one peer at a time in rank order, so the result is deterministic.
     """
 
     @staticmethod
@@ -48,18 +50,18 @@ class _HaloStart(Function):
             recv, send, exchange.recv_splits, exchange.send_splits, group=exchange.group,
             async_op=True,
         )  # fmt: skip
-        ctx.exchange, ctx.shape = exchange, x.shape
+        exchange.bytes_sent += send.numel() * send.element_size()
+        ctx.exchange, ctx.shape, ctx.pending = exchange, x.shape, pending
         return recv
 
     @staticmethod
-    def backward(ctx, grad_recv):
-        ex = ctx.exchange
+    def backward(ctx, _grad_recv):
+        ex, pending = ctx.exchange, ctx.pending
         b, n, c = ctx.shape
-        grad_send = grad_recv.new_empty((ex.num_send, b, c))
-        dist.all_to_all_single(
-            grad_send, grad_recv.contiguous(), ex.send_splits, ex.recv_splits, group=ex.group
-        )
-        grad = grad_recv.new_zeros((n, b, c))
+        pending.bwork.wait()
+        grad_send = pending.grad_send
+        pending.bwork = pending.grad_send = pending.grad_recv = None
+        grad = grad_send.new_zeros((n, b, c))
         start = 0
         for count in ex.send_splits:
             if count:
@@ -70,18 +72,32 @@ class _HaloStart(Function):
 
 
 class _HaloWait(Function):
-    """Forward: wait for the exchange started by :class:`_HaloStart`, return the halo rows as
-    ``[B, n_recv, C]``. Backward: hand the gradient back in wire layout (no communication)."""
+    """Forward: wait for the exchange started by :class:`_HaloStart` and return the halo rows as
+    ``[B, n_recv, C]``.
+
+    Backward: start the reverse exchange: send the gradient of every halo row back to the rank
+    that owns it (split sizes swapped). It runs while autograd works through the destinations
+    computed before the wait (the interior ones), and :class:`_HaloStart`'s backward waits for it.
+    """
 
     @staticmethod
     def forward(ctx, recv, pending: _Pending):
         pending.work.wait()
         pending.work = pending.send = None
+        ctx.pending, ctx.exchange = pending, pending.exchange
         return recv.transpose(0, 1).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.transpose(0, 1).contiguous(), None
+        ex, pending = ctx.exchange, ctx.pending
+        grad_recv = grad.transpose(0, 1).contiguous()
+        grad_send = grad_recv.new_empty((ex.num_send, *grad_recv.shape[1:]))
+        pending.grad_recv, pending.grad_send = grad_recv, grad_send
+        pending.bwork = dist.all_to_all_single(
+            grad_send, grad_recv, ex.send_splits, ex.recv_splits, group=ex.group, async_op=True
+        )
+        ex.bytes_sent += grad_recv.numel() * grad_recv.element_size()
+        return grad_recv, None
 
 
 class PendingHalo:
@@ -113,6 +129,8 @@ class HaloExchange:
         self.send_splits = [int(c) for c in plan.send_counts]
         self.recv_splits = [int(c) for c in plan.recv_counts]
         self.num_send, self.num_recv = sum(self.send_splits), sum(self.recv_splits)
+        # bytes this rank sent so far, forward and backward (host-side count: no device sync)
+        self.bytes_sent = 0
 
     def to(self, device) -> HaloExchange:
         """Same exchange with its index on ``device``."""
@@ -120,7 +138,7 @@ class HaloExchange:
 
     def start(self, x: torch.Tensor) -> PendingHalo:
         """Start sending the owned rows of ``x [B, n_own, C]`` that peers need."""
-        pending = _Pending()
+        pending = _Pending(self)
         return PendingHalo(_HaloStart.apply(x, self, pending), pending)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

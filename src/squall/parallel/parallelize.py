@@ -202,7 +202,13 @@ class ParallelForecaster(GraphForecaster):
             pending = le.exchange.start(x_src)
             inner = run_subgraph(block, le.interior, x_src, x_dst, edge_attr, recompute)
             x_all = torch.cat([x_src, pending.wait()], 1)
-            outer = run_subgraph(block, le.boundary, x_all, x_dst, edge_attr, recompute)
+            if le.boundary.num_dst:
+                outer = run_subgraph(block, le.boundary, x_all, x_dst, edge_attr, recompute)
+            else:
+                # nothing reads the halo here, but the backward must still join the reverse
+                # exchange (peers send back gradients of rows this rank sent): an empty slice
+                # keeps x_all, hence the exchange, on the autograd path
+                outer = x_all.narrow(1, 0, 0)
             return merge([inner, outer], le.overlap_perm)
         else:
             x_all = torch.cat([x_src, le.exchange(x_src)], 1)
@@ -291,6 +297,7 @@ def parallelize(
     graph: Graph,
     cfg: ParallelConfig,
     groups: ProcessGroups | None = None,
+    partition: Partition | None = None,
 ) -> ParallelForecaster:
     """Shard ``model`` over its model-parallel group, in place (see the module docstring).
 
@@ -304,6 +311,8 @@ def parallelize(
     groups : ProcessGroups, optional
         From :func:`build_groups`; default: ``Layout(world_size, cfg.model_parallel)`` over the
         initialised default group (or one process).
+    partition : Partition, optional
+        Overrides :func:`make_partition` (same on every rank; ``num_parts == model_parallel``).
 
     Returns
     -------
@@ -322,7 +331,12 @@ def parallelize(
     layout.check({k: len(v) for k, v in graph.nodes.items()}, batch_size=1)
     if isinstance(model, ParallelForecaster):
         raise ValueError("model is already parallelized")
-    partition = make_partition(graph, cfg, model.cfg.processor_layers)
+    if partition is None:
+        partition = make_partition(graph, cfg, model.cfg.processor_layers)
+    if partition.num_parts != cfg.model_parallel:
+        raise LayoutError(
+            f"partition into {partition.num_parts} parts for model_parallel={cfg.model_parallel}"
+        )
     rank = groups.model_rank
     plans = {role: build_halo_plans(graph.edges[role], partition)[rank] for role in ROLES}
     chunks = {}
