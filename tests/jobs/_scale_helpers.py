@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = str(REPO / "conf")
-CLUSTERS = ("local", "h100", "h200")
+CLUSTERS = ("local", "local_slurm", "h100", "h200")
 EXPERIMENTS = ("strong_scaling", "weak_scaling", "kernel_compare", "partition_compare")
 
 # O8 grid + level-2 mesh, 60 synthetic times, a 16-channel model: a point builds in a few seconds

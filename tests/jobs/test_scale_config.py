@@ -12,7 +12,8 @@ from _scale_helpers import CLUSTERS, EXPERIMENTS, compose_scale, run_scale
 
 LAUNCHERS = {"local": "hydra_plugins.squall_scaling.SquallLocalLauncher",
              "h100": "hydra_plugins.squall_scaling.SquallSlurmLauncher",
-             "h200": "hydra_plugins.squall_scaling.SquallSlurmLauncher"}
+             "h200": "hydra_plugins.squall_scaling.SquallSlurmLauncher",
+             "local_slurm": "hydra_plugins.squall_scaling.SquallSlurmLauncher"}
 
 
 @pytest.mark.parametrize("cluster", CLUSTERS)
@@ -39,7 +40,7 @@ def test_every_cluster_and_experiment_composes(cluster, experiment):
     if experiment == "partition_compare":
         point = compose_scale(f"cluster={cluster}", f"experiment={experiment}")
         assert point.parallel.model_parallel == point.parallel.gpus == 2
-    if cluster != "local":
+    if cluster in ("h100", "h200"):
         launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
         assert launcher["timeout_min"] == cfg.cluster.time_min
         assert launcher["max_num_timeout"] >= 1  # requeue after a timeout or preemption
@@ -49,6 +50,7 @@ def test_every_cluster_and_experiment_composes(cluster, experiment):
         assert cfg.hydra.job.env_set.OMP_NUM_THREADS == str(cfg.cluster.cpus_per_gpu)
     else:
         assert cfg.training.device == "cpu" and cfg.cluster.backend == "gloo"
+        assert cfg.cluster.gpus_per_node == 2  # the CI machine's 2 cores
         assert cfg.hydra.job.env_set.OMP_NUM_THREADS == "1"
 
 

@@ -212,8 +212,12 @@ def plot(rows: list[Row], out_dir: Path, title: str) -> list[Path]:
         ax_e.plot(gpus, [100 * r.efficiency for r in pts], "o-", color=line.get_color(),
                   label=label)
     ax_e.axhline(100, color="grey", linestyle="--", linewidth=1, label="ideal")
-    all_gpus = sorted({r.gpus for r in ok})
+    all_gpus = sorted({r.gpus for r in rows if r.gpus})
+    lost = sorted({r.gpus for r in failed if r.gpus})
     for ax in (ax_t, ax_e):
+        if lost:  # failed points as red crosses on the axis, at their GPU counts
+            ax.plot(lost, [0.03] * len(lost), "x", color="tab:red", markersize=9, mew=2,
+                    transform=ax.get_xaxis_transform(), clip_on=False, label="failed")
         ax.set_xscale("log", base=2)
         ax.set_xticks(all_gpus or [1], [str(g) for g in all_gpus or [1]])
         ax.set_xlabel("GPUs (ranks)")
@@ -239,6 +243,9 @@ def plot(rows: list[Row], out_dir: Path, title: str) -> list[Path]:
         pts = sorted((r for r in ok if r.series == name), key=lambda r: r.gpus)
         ax.plot([r.gpus for r in pts], [r.peak_memory_gib for r in pts], "o-",
                 label=name if len(series) > 1 else "largest rank")
+    if lost:
+        ax.plot(lost, [0.03] * len(lost), "x", color="tab:red", markersize=9, mew=2,
+                transform=ax.get_xaxis_transform(), clip_on=False, label="failed")
     ax.set_xscale("log", base=2)
     ax.set_xticks(all_gpus or [1], [str(g) for g in all_gpus or [1]])
     ax.set_xlabel("GPUs (ranks)")
