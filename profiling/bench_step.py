@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_rows, machine_info  # noqa: E402
 
 from squall.graphs import build_graph  # noqa: E402
-from squall.models.forecaster import GraphForecaster, ModelConfig  # noqa: E402
+from squall.models.forecaster import GraphForecaster, ModelConfig, compile_blocks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,8 @@ def time_step(graph, args, backend: str, checkpoint: bool) -> dict:
     torch.manual_seed(0)
     v = args.vars
     model = GraphForecaster(graph, cfg, v, v, 2, [(i, i) for i in range(v)]).cuda()
+    if args.compile:
+        compile_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(1, 2, model.graph.num_data, v, device="cuda")
     y = torch.randn(1, model.graph.num_data, v, device="cuda")
@@ -109,6 +111,7 @@ def main():
     p.add_argument("--backend", nargs="+", default=["torch"])
     p.add_argument("--checkpoint", nargs="+", default=["off", "on"])
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile every block")
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
     spec = yaml.safe_load((ROOT / "conf" / "graph" / f"{args.graph}.yaml").read_text())

@@ -28,7 +28,7 @@ from _results import append_rows, machine_info  # noqa: E402
 from bench_step import matmul_tflops  # noqa: E402
 
 from squall.graphs import build_graph  # noqa: E402
-from squall.models.forecaster import GraphForecaster, ModelConfig  # noqa: E402
+from squall.models.forecaster import GraphForecaster, ModelConfig, compile_blocks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = [
@@ -66,6 +66,7 @@ def main():
     p.add_argument("--vars", type=int, default=100)
     p.add_argument("--backend", default="torch")
     p.add_argument("--checkpoint", default="off")
+    p.add_argument("--compile", action="store_true", help="torch.compile every block")
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
     graph = build_graph(
@@ -78,6 +79,8 @@ def main():
     torch.manual_seed(0)
     v = args.vars
     model = GraphForecaster(graph, cfg, v, v, 2, [(i, i) for i in range(v)]).cuda()
+    if args.compile:
+        compile_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(1, 2, model.graph.num_data, v, device="cuda")
     y = torch.randn(1, model.graph.num_data, v, device="cuda")
@@ -127,7 +130,7 @@ def main():
         ms = (wall_us - busy) / n / 1e3 if cat == "idle" else by_cat.get(cat, 0.0) / n / 1e3
         print(f"{cat:<14}{ms:>10.1f}{ms / step_ms:>8.1%}")
         rows.append({**info, "graph": args.graph, "channels": args.channels, "layers": args.layers,
-                     "backend": args.backend, "checkpoint": args.checkpoint, "category": cat,
+                     "backend": args.backend, "checkpoint": args.checkpoint, "compile": args.compile, "category": cat,
                      "ms_per_step": round(ms, 2), "share": round(ms / step_ms, 4),
                      "step_ms": round(step_ms, 1), "floor_ms": round(floor_ms, 1),
                      "matmul_TFLOPs": round(rate, 1)})  # fmt: skip

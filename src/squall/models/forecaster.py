@@ -224,3 +224,14 @@ class GraphForecaster(nn.Module):
         )
         total += self.decoder.flops_per_sample(*n["decoder"], gi.num_edges["decoder"])
         return total + 2 * c * self.head.out_features * gi.num_data
+
+
+def compile_blocks(model: GraphForecaster) -> GraphForecaster:
+    """``torch.compile`` every GraphTransformer block in place (state-dict keys unchanged).
+
+    Fuses each block's layer norms, bias adds, GELU, residual adds and casts around the attention
+    custom op; shapes are static per graph, so ``dynamic=False``.
+    """
+    for block in (model.encoder, *model.processor, model.decoder):
+        block.compile(dynamic=False)
+    return model

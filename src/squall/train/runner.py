@@ -18,7 +18,7 @@ from squall.data.setup import build_dataset, ensure_dataset, variable_roles
 from squall.data.zarr_dataset import make_dataloader
 from squall.errors import ConfigError
 from squall.graphs import Graph, load_or_build
-from squall.models.forecaster import GraphForecaster, ModelConfig
+from squall.models.forecaster import GraphForecaster, ModelConfig, compile_blocks
 from squall.train.loop import ResumableSampler, Trainer, VariableLayout
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,8 @@ def build_run(cfg, logger, device: torch.device | None = None) -> RunParts:
         graph, ModelConfig.from_cfg(cfg.model), len(layout.inputs), len(layout.outputs),
         train_set.input_steps, layout.residual, tendency_spread(train_set, layout),
     ).to(device)  # fmt: skip
+    if bool(cfg.model.get("compile", False)):
+        compile_blocks(model)
     run_dir = Path(str(t.run_dir))
     trainer = Trainer(model, layout, t, device, logger, run_dir / "checkpoint.pt")
     return RunParts(graph, model, trainer, train_set, val_set, layout)
