@@ -394,9 +394,14 @@ def _class_configs(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool) -
         fit = max(2, MAX_TILE_ELEMS // (bh * c_pad))
         be = min(cap, 1 << (fit.bit_length() - 1))
         warps = 4 if be * bh * c_pad <= 4096 else 8
-        cands.append((be, 2 if cls == 0 else 1, bh, warps))
-        if cls == 0:
-            cands.append((be, 4, bh, warps))
+        for dpp in (2, 4) if cls == 0 else (1,) if bh == h_pad else (1, 2):
+            cands.append((be, dpp, bh, warps))
+    if cls >= 2:
+        # high-degree classes: the class-1 tile looping over more blocks (H100 v2 ncu, o96 h_to_h:
+        # the 32-edge 8-warp tile ran 1 program per SM, 12.5% occupancy, class 3 at 525 us)
+        bh = _min_block_h(h_pad)
+        be = min(8, max(2, MAX_TILE_ELEMS // (bh * c_pad)))
+        cands.append((be, 1, bh, 4))
     if FORCE_CANDIDATE is not None:
         return [cands[min(FORCE_CANDIDATE, len(cands) - 1)]]
     if _interpreting() or os.environ.get("SQUALL_AUTOTUNE", "1") == "0":
