@@ -58,12 +58,14 @@ class EdgeSet:
     @classmethod
     def from_pairs(cls, name, src_set: grids.NodeSet, dst_set: grids.NodeSet, src, dst) -> EdgeSet:
         """Sort ``(src, dst)`` pairs into CSC order once and compute the CSR view and attributes."""
-        order = np.lexsort((src, dst))
+        # One sort of a combined key (destination major, source minor) instead of a lexsort.
+        key = dst.astype(np.int64) * len(src_set) + src
+        order = np.argsort(key, kind="stable")
         src, dst = src[order].astype(np.int64), dst[order].astype(np.int64)
         colptr = _pointer(dst, len(dst_set))
         csr_perm = np.argsort(src, kind="stable").astype(np.int64)
         rowptr = _pointer(src[csr_perm], len(src_set))
-        attrs = edge_attributes(src_set.xyz[src], dst_set.xyz[dst])
+        attrs = edge_attributes(src_set.xyz, dst_set.xyz, src, dst)
         return cls(name, src_set.name, dst_set.name, len(src_set), len(dst_set),
                    colptr, src, rowptr, csr_perm, attrs)  # fmt: skip
 
