@@ -15,57 +15,21 @@ import argparse
 import gc
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_rows, machine_info  # noqa: E402
-
-from squall.graphs import build_graph  # noqa: E402
-from squall.models.forecaster import GraphForecaster, ModelConfig, compile_blocks  # noqa: E402
+from _step import add_model_args, load_graph, make_step, matmul_tflops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
-
-
 def time_step(graph, args, backend: str, checkpoint: bool) -> dict:
-    cfg = ModelConfig(
-        num_channels=args.channels, num_heads=args.heads, processor_layers=args.layers,
-        mlp_ratio=4, trainable_edge_features=args.edge_features, attention_backend=backend,
-        checkpoint_encoder=checkpoint, checkpoint_processor=checkpoint, checkpoint_decoder=checkpoint,
-    )  # fmt: skip
-    torch.manual_seed(0)
+    model, step = make_step(graph, args, backend, checkpoint)
     v = args.vars
-    model = GraphForecaster(graph, cfg, v, v, 2, [(i, i) for i in range(v)]).cuda()
-    if args.compile:
-        compile_blocks(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randn(1, 2, model.graph.num_data, v, device="cuda")
-    y = torch.randn(1, model.graph.num_data, v, device="cuda")
     inputs_gib = torch.cuda.memory_allocated() / 2**30
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = (model(x).float() - y).square().mean()
-        loss.backward()
-        opt.step()
-
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
@@ -89,6 +53,7 @@ def time_step(graph, args, backend: str, checkpoint: bool) -> dict:
         "vars": v,
         "backend": backend,
         "checkpoint": checkpoint,
+        "compile": args.compile,
         "params_M": round(model.num_parameters() / 1e6, 2),
         "step_ms_median": round(median * 1e3, 1),
         "step_ms_min": round(min(times) * 1e3, 1),
@@ -102,20 +67,13 @@ def time_step(graph, args, backend: str, checkpoint: bool) -> dict:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--graph", default="o96_l6")
-    p.add_argument("--channels", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vars", type=int, default=100)
-    p.add_argument("--edge-features", type=int, default=8)
+    add_model_args(p)
     p.add_argument("--backend", nargs="+", default=["torch"])
     p.add_argument("--checkpoint", nargs="+", default=["off", "on"])
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="torch.compile every block")
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
-    spec = yaml.safe_load((ROOT / "conf" / "graph" / f"{args.graph}.yaml").read_text())
-    graph = build_graph(spec)
+    graph = load_graph(args.graph)
     info = machine_info()
     rate = matmul_tflops()
     print(f"{info['gpu']}: bf16 matmul {rate:.0f} TFLOP/s (8192^3, random data)", flush=True)

@@ -23,12 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import yaml  # noqa: E402
 from _results import append_rows, machine_info  # noqa: E402
-from bench_step import matmul_tflops  # noqa: E402
-
-from squall.graphs import build_graph  # noqa: E402
-from squall.models.forecaster import GraphForecaster, ModelConfig, compile_blocks  # noqa: E402
+from _step import add_model_args, load_graph, make_step, matmul_tflops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = [
@@ -59,38 +55,13 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--graph", default="o96_l6")
-    p.add_argument("--channels", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--vars", type=int, default=100)
+    add_model_args(p)
     p.add_argument("--backend", default="torch")
     p.add_argument("--checkpoint", default="off")
-    p.add_argument("--compile", action="store_true", help="torch.compile every block")
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
-    graph = build_graph(
-        yaml.safe_load((ROOT / "conf" / "graph" / f"{args.graph}.yaml").read_text())
-    )
-    ckpt = args.checkpoint == "on"
-    cfg = ModelConfig(num_channels=args.channels, num_heads=args.heads, processor_layers=args.layers,
-                      mlp_ratio=4, trainable_edge_features=8, attention_backend=args.backend,
-                      checkpoint_encoder=ckpt, checkpoint_processor=ckpt, checkpoint_decoder=ckpt)  # fmt: skip
-    torch.manual_seed(0)
-    v = args.vars
-    model = GraphForecaster(graph, cfg, v, v, 2, [(i, i) for i in range(v)]).cuda()
-    if args.compile:
-        compile_blocks(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randn(1, 2, model.graph.num_data, v, device="cuda")
-    y = torch.randn(1, model.graph.num_data, v, device="cuda")
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = (model(x).float() - y).square().mean()
-        loss.backward()
-        opt.step()
+    graph = load_graph(args.graph)
+    model, step = make_step(graph, args, args.backend, args.checkpoint == "on")
 
     for _ in range(3):
         step()
