@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from _scale_helpers import CLUSTERS, EXPERIMENTS, compose_scale, run_scale
 from omegaconf import OmegaConf
 
 from squall.scaling import plan as plan_module
 from squall.scaling.plan import LayoutError, plan_point
-
-from _scale_helpers import CLUSTERS, EXPERIMENTS, compose_scale, run_scale
 
 LAUNCHERS = {"local": "hydra_plugins.squall_scaling.SquallLocalLauncher",
              "h100": "hydra_plugins.squall_scaling.SquallSlurmLauncher",

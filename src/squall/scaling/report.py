@@ -99,10 +99,18 @@ def _peak_memory(metrics: dict) -> tuple[float, str]:
     return math.nan, ""
 
 
-def _series(overrides: str) -> str:
-    kept = [o for o in overrides.split() if o.split("=", 1)[0].lstrip("+~") not in SHAPE_KEYS
-            and o != "(none)"]
-    return " ".join(kept) or "-"
+def _overrides(text: str) -> dict[str, str]:
+    """``key=value`` overrides of a point (tag ``squall.overrides``) as a mapping."""
+    pairs = (o.split("=", 1) for o in text.split() if "=" in o)
+    return {k.lstrip("+~"): v for k, v in pairs}
+
+
+def _series_labels(all_overrides: list[dict[str, str]]) -> list[str]:
+    """Label of each point's series: the swept keys other than the shape whose values differ
+    between points (``-`` when only the shape was swept)."""
+    keys = sorted({k for o in all_overrides for k in o} - set(SHAPE_KEYS))
+    varying = [k for k in keys if len({o.get(k) for o in all_overrides}) > 1]
+    return [" ".join(f"{k}={o[k]}" for k in varying if k in o) or "-" for o in all_overrides]
 
 
 def _int_or_none(value) -> int | None:
@@ -134,7 +142,8 @@ def collect_rows(state: SweepState) -> list[Row]:
         raise ReportError(f"cannot read sweep {state.sweep_id} from {state.tracking_uri}: "
                           f"{err.message.splitlines()[0]}") from err
     rows = []
-    for run in runs:
+    labels = _series_labels([_overrides(r.data.tags.get(OVERRIDES_TAG, "")) for r in runs])
+    for run, series in zip(runs, labels, strict=True):
         tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
         overrides = tags.get(OVERRIDES_TAG, "")
         status = run.info.status
@@ -142,7 +151,7 @@ def collect_rows(state: SweepState) -> list[Row]:
         if status == "FINISHED":
             reason = ""
         rows.append(Row(
-            job=int(tags.get(JOB_TAG, -1)), series=_series(overrides),
+            job=int(tags.get(JOB_TAG, -1)), series=series,
             gpus=_int_or_none(params.get("point.gpus", tags.get(GPUS_TAG))) or _gpus_from(overrides),
             nodes=_int_or_none(params.get("point.nodes")),
             layout=params.get("point.layout", "-"),

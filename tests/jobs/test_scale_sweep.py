@@ -1,0 +1,104 @@
+"""Real sweeps end to end: `python -m jobs.scale --multirun` on this machine (submitit's local
+executor, gloo ranks) and through the local Slurm into a real MLflow server over HTTP."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from _scale_helpers import TINY, run_scale
+from mlflow.tracking import MlflowClient
+
+from squall.scaling.sweep import FAILURE_TAG, SweepState
+from squall.tracking import local_store_uri
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_state(stdout: str) -> SweepState:
+    found = re.search(r"^sweep \S+: points in (\S+), runs in", stdout, re.M)
+    assert found, stdout[-3000:]
+    return SweepState.load(found.group(1))
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """Cells of the printed scaling table, header row excluded."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("| ")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
+
+
+def test_default_local_sweep_falls_back_to_local_store_and_prints_table(tmp_path, unused_port):
+    # The README's main command on the tiny problem, with a tracking server that is down.
+    dead = f"http://127.0.0.1:{unused_port}"
+    done = run_scale(["--multirun", *TINY, f"tracking.uri={dead}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = local_store_uri(tmp_path / "mlflow")
+    assert f"tracking server {dead} unreachable: this sweep is recorded in {store}" in done.stdout
+    rows = table_rows(done.stdout)
+    assert [r[:4] for r in rows] == [["0", "1", "1", "dp1"], ["1", "2", "1", "dp2"]]
+    assert [r[-2] for r in rows] == ["FINISHED", "FINISHED"]
+    assert rows[0][8:10] == ["1.00", "100%"] and rows[1][9].endswith("%")
+
+    state = sweep_state(done.stdout)
+    assert state.tracking_uri == store and state.fallback_from == dead
+    client = MlflowClient(tracking_uri=store)
+    parent = client.get_run(state.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert {f.path for f in client.list_artifacts(state.parent_run_id, "report")} >= {
+        "report/scaling.md", "report/scaling.csv", "report/throughput_efficiency.png",
+        "report/memory.png"}
+    for job, gpus in (("0", 1), ("1", 2)):
+        run = client.get_run(state.points[job])
+        data = run.data
+        assert run.info.status == "FINISHED"
+        assert data.tags["mlflow.parentRunId"] == state.parent_run_id
+        assert data.tags["sweep_id"] == state.sweep_id
+        assert data.params["point.layout"] == f"dp{gpus}" and data.params["point.gpus"] == str(gpus)
+        assert data.tags["point.backend"] == "gloo" and data.tags["env.git_sha"]
+        assert {"env.torch", "env.gpu_name", "env.hostname"} <= set(data.tags)
+        # Every rank's memory, the step-time spread and communication of the point.
+        ranks = {k for k in data.metrics if k.startswith("memory/peak_rss_GiB/rank")}
+        assert ranks == {f"memory/peak_rss_GiB/rank{r}" for r in range(gpus)}
+        assert data.metrics["time/measured_steps"] == 3
+        assert data.metrics["time/step_p10_s"] <= data.metrics["time/step_s"] <= \
+            data.metrics["time/step_p90_s"]
+        assert (data.metrics["comm/bytes_per_step"] > 0) == (gpus > 1)
+        history = client.get_metric_history(run.info.run_id, "time/last_step_s")
+        assert [m.step for m in history] == [1, 2, 3, 4]  # warm-up 1 + 3 timed, every step
+    assert (tmp_path / "sweeps").is_dir()
+
+
+@pytest.mark.slurm
+def test_slurm_sweep_into_mlflow_server_with_failing_points(local_slurm, mlflow_server, tmp_path):
+    # Through sbatch on the local Slurm: two good points side by side, one that fails in its job
+    # (a batch the data cannot give: a crash inside the point) and one refused before launch.
+    done = run_scale(["--multirun", "cluster=local_slurm", "experiment=weak_scaling", *TINY,
+                      f"tracking.uri={mlflow_server}", "tracking.experiment=slurm-sweep",
+                      "parallel.gpus=1,2,3", "scale.batch=1,64"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = sweep_state(done.stdout)
+    assert state.tracking_uri == mlflow_server
+    rows = table_rows(done.stdout)
+    # One series per batch (the other swept key), not one per command-line override.
+    assert [r[1] for r in rows] == ["scale.batch=1", "scale.batch=64"] * 3
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs([state.experiment_id], f"tags.sweep_id = '{state.sweep_id}'")
+    points = {r.info.run_id: r for r in runs if r.data.tags.get("run_kind") == "point"}
+    assert len(points) == 6 and set(points) == set(state.points.values())
+    status = {(int(r.data.tags["point.gpus"]), r.data.tags["squall.overrides"].split()[-1]):
+              r for r in points.values()}
+    assert status[(1, "scale.batch=1")].info.status == "FINISHED"
+    assert status[(2, "scale.batch=1")].info.status == "FINISHED"
+    for gpus in (1, 2):
+        crashed = status[(gpus, "scale.batch=64")]
+        assert crashed.info.status == "FAILED"
+        assert "training windows give no batch of 64" in crashed.data.tags[FAILURE_TAG]
+    for batch in (1, 64):
+        refused = status[(3, f"scale.batch={batch}")]
+        assert refused.info.status == "FAILED"
+        assert "parallel.gpus=3 does not split evenly" in refused.data.tags[FAILURE_TAG]
+    assert "4 of 6 point(s) failed" in done.stdout
+    # The good points ran as Slurm jobs: their rank 0 saw Slurm's variables.
+    good = status[(2, "scale.batch=1")]
+    assert good.data.metrics["throughput/samples_per_s"] > 0
+    assert good.data.params["point.global_batch"] == "2"
