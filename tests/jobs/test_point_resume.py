@@ -1,0 +1,65 @@
+"""A point stopped by Slurm's warning signal checkpoints, and the rerun resumes it: timed steps
+are kept across attempts, warm-up is repeated, the same run records both attempts."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from _scale_helpers import TINY, compose_scale
+
+from squall.scaling.point import PointInterrupted, run_point
+from squall.scaling.sweep import INTERRUPT_TAG
+from squall.tracking import NullLogger
+from squall.train.loop import Trainer
+
+LAUNCHER_VARIABLES = ("SLURM_PROCID", "SLURM_JOB_ID", "SUBMITIT_EXECUTOR", "RANK", "WORLD_SIZE",
+                      "TORCHELASTIC_RUN_ID", "SUBMITIT_LOCAL_GLOBALID")
+
+
+class RecordingLogger(NullLogger):
+    """Keeps what a point logs, across attempts (as its one MLflow run would)."""
+
+    def __init__(self):
+        self.metrics, self.tags, self.finished = [], {}, []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def set_tags(self, tags):
+        self.tags.update({k: str(v) for k, v in tags.items()})
+
+    def finish(self, status="FINISHED"):
+        self.finished.append(status)
+
+
+def test_signal_checkpoints_and_rerun_resumes(tmp_path, monkeypatch):
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cfg = compose_scale(*TINY, "scale.warmup_steps=1", "scale.steps=5", "scale.checkpoint_every=100",
+                        f"paths.cache={tmp_path}", f"training.run_dir={tmp_path / 'run'}")
+    logger = RecordingLogger()
+    original = Trainer.train_step
+
+    def signalled_at_step_3(self, batch):
+        out = original(self, batch)
+        if self.step == 3:  # Slurm's warning arrives during the third step
+            signal.raise_signal(signal.SIGUSR1)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_at_step_3)
+    with pytest.raises(PointInterrupted, match=r"SIGUSR1 at step 3; checkpoint .*checkpoint.pt"):
+        run_point(cfg, lambda env, plan: logger)
+    assert logger.finished == ["KILLED"] and "SIGUSR1 at step 3" in logger.tags[INTERRUPT_TAG]
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert [step for step, m in logger.metrics if "time/last_step_s" in m] == [1, 2, 3]
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers given back
+
+    monkeypatch.setattr(Trainer, "train_step", original)
+    summary = run_point(cfg, lambda env, plan: logger)
+    assert logger.finished == ["KILLED", "FINISHED"] and logger.tags["point.attempts"] == "2"
+    steps = [(step, m["time/timed"]) for step, m in logger.metrics if "time/last_step_s" in m]
+    # Attempt 1: step 1 warm-up, 2-3 timed. Attempt 2 resumes at 3: step 4 warm-up, 5-7 timed.
+    assert steps == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 0.0), (5, 1.0), (6, 1.0), (7, 1.0)]
+    assert summary["time/measured_steps"] == 5
+    assert summary["throughput/samples_per_s"] > 0 and summary["time/comm_s"] == 0.0
