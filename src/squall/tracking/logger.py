@@ -289,6 +289,9 @@ class MlflowLogger(RunLogger):
         Nest this run under that one.
     log_environment : bool
         Tag the run with :func:`squall.tracking.environment.collect_environment` (``env.*``).
+    run_id : str, optional
+        Continue this existing run (created ahead by a sweep's launcher, or before a requeue)
+        instead of creating one: it is set back to RUNNING and ``tags`` are added to it.
 
     Attributes
     ----------
@@ -299,7 +302,8 @@ class MlflowLogger(RunLogger):
     def __init__(self, uri: str | None = None, experiment: str = "squall",
                  store_dir: str | Path = ".", run_name: str | None = None,
                  tags: Mapping[str, Any] | None = None, sweep_id: str | None = None,
-                 parent_run_id: str | None = None, log_environment: bool = True) -> None:
+                 parent_run_id: str | None = None, log_environment: bool = True,
+                 run_id: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
         target = resolve_tracking_uri(uri, store_dir)
@@ -336,6 +340,14 @@ class MlflowLogger(RunLogger):
         if self.fallback_from is not None:
             all_tags["squall.tracking_fallback_from"] = self.fallback_from
         all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+        if run_id is not None and self.fallback_from is not None:
+            # The planned run lives on the unreachable server: record here, and say which it was.
+            all_tags["squall.planned_run_id"] = run_id
+        elif run_id is not None:
+            self.run_id = run_id
+            self._client.update_run(run_id, status="RUNNING", name=run_name)
+            self.set_tags(all_tags)
+            return
         run = self._client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
 
