@@ -41,6 +41,9 @@ def main(cfg: DictConfig) -> dict:
         logger.log_metrics(final, summary["step"])
     if losses:
         log.info("loss %.4g -> %.4g over %d steps", losses[0], losses[-1], len(losses))
+    if logger.run_id:
+        log.info("MLflow run %s in %s (browse: mlflow ui --backend-store-uri %s --host 127.0.0.1)",
+                 logger.run_id, logger.tracking_uri, logger.tracking_uri)  # fmt: skip
     print(json.dumps({"summary": final}))
     return final
 
