@@ -50,7 +50,7 @@ def test_split_weighted_keeps_parts_non_empty_and_balanced():
     assert np.array_equal(np.bincount(owner), [4, 4, 4]) and owner[11] == 0
 
 
-@pytest.mark.parametrize("method", ["sfc", "ranges"])
+@pytest.mark.parametrize("method", ["sfc", "ranges", "bands"])
 @pytest.mark.parametrize("parts", [1, 2, 3, 4, 7])
 def test_partition_and_plan_invariants(method, parts):
     g = tiny_graph()
@@ -134,8 +134,9 @@ def test_locality_aware_partition_cuts_the_halo():
     g = build_graph(spec)
     for parts, target in ((4, 0.30), (16, 0.50)):
         halo = {m: partition_report(g, partition_graph(g, parts, m)).halo_rows["total"]
-                for m in ("sfc", "ranges")}  # fmt: skip
+                for m in ("sfc", "ranges", "bands")}  # fmt: skip
         assert halo["sfc"] <= (1 - target) * halo["ranges"], (parts, halo)
+        assert halo["sfc"] < halo["bands"], (parts, halo)
 
 
 def test_degree_errors_print_every_number():

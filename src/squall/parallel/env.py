@@ -134,8 +134,9 @@ def expand_hostlist(hostlist: str, name: str = "SLURM_JOB_NODELIST") -> list[str
         pieces = re.split(r"\[([^\[\]]*)\]", pattern)
         if "[" in "".join(pieces[::2]) or "]" in "".join(pieces[::2]):
             raise DistEnvError(f"{name}={hostlist!r}: unbalanced brackets in {pattern!r}")
-        choices = [[p] if i % 2 == 0 else _expand_ranges(p, hostlist, name) for i, p in
-                   enumerate(pieces)]
+        choices = [
+            [p] if i % 2 == 0 else _expand_ranges(p, hostlist, name) for i, p in enumerate(pieces)
+        ]
         names.extend("".join(parts) for parts in itertools.product(*choices))
     return names
 
@@ -270,8 +271,11 @@ def _init_method(num_nodes: int, world_size: int, addr: str, port: int, key: str
 
 
 def _from_torchrun(env: Mapping[str, str], backend: str) -> DistEnv:
-    missing = [n for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-               if n not in env]
+    missing = [
+        n
+        for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        if n not in env
+    ]
     if missing:
         raise DistEnvError(f"torchrun environment incomplete: {', '.join(missing)} not set")
     world = _int(env, "WORLD_SIZE")
@@ -311,8 +315,13 @@ def _from_submitit_local(env: Mapping[str, str], backend: str) -> DistEnv:
         backend=backend,
         source="submitit-local",
         # The job id is the controller's pid, so the job's folder is part of the key too.
-        init_method=_init_method(1, world, "127.0.0.1", port,
-                                 f"submitit-{job_id}-{_short_hash(env.get('SUBMITIT_FOLDER', ''))}"),
+        init_method=_init_method(
+            1,
+            world,
+            "127.0.0.1",
+            port,
+            f"submitit-{job_id}-{_short_hash(env.get('SUBMITIT_FOLDER', ''))}",
+        ),
     )
 
 
@@ -327,20 +336,24 @@ def _from_slurm(env: Mapping[str, str], backend: str) -> DistEnv:
             )
         return DistEnv(backend=backend, source="slurm")
     node_rank = _int(env, "SLURM_NODEID", default=0)
-    list_name = next((n for n in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-                      if n in env), None)
+    list_name = next(
+        (n for n in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if n in env),
+        None,
+    )
     if list_name is None:
         raise DistEnvError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not")
     hosts = expand_hostlist(env[list_name], list_name)
-    num_nodes = _int(env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES",
-                     default=len(hosts))
+    num_nodes = _int(
+        env, "SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES", default=len(hosts)
+    )
     if num_nodes != len(hosts):
         raise DistEnvError(
             f"{list_name}={env[list_name]!r} names {len(hosts)} hosts but the job has "
             f"{num_nodes} nodes (SLURM_STEP_NUM_NODES/SLURM_JOB_NUM_NODES)"
         )
-    tpn_name = next((n for n in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
-                     if n in env), None)
+    tpn_name = next(
+        (n for n in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE") if n in env), None
+    )
     if tpn_name is not None:
         per_node = expand_tasks_per_node(env[tpn_name], tpn_name)
         if len(per_node) != num_nodes or sum(per_node) != world:
@@ -352,8 +365,10 @@ def _from_slurm(env: Mapping[str, str], backend: str) -> DistEnv:
             raise DistEnvError(f"SLURM_NODEID={node_rank} not in [0, {num_nodes})")
         local_world = per_node[node_rank]
     elif world % num_nodes:
-        raise DistEnvError(f"SLURM_NTASKS={world} does not split evenly over {num_nodes} nodes "
-                           "and SLURM_TASKS_PER_NODE is not set")
+        raise DistEnvError(
+            f"SLURM_NTASKS={world} does not split evenly over {num_nodes} nodes "
+            "and SLURM_TASKS_PER_NODE is not set"
+        )
     else:
         local_world = world // num_nodes
     job_id = env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", "0"))
@@ -362,8 +377,10 @@ def _from_slurm(env: Mapping[str, str], backend: str) -> DistEnv:
     # A stale file (a killed run) must never be reused: a requeued job keeps its id, so the key
     # holds the restart count, and ids restart when a cluster's state is wiped, so it holds the
     # port of this step's srun too (shared by the step's tasks, new for each step).
-    key = (f"slurm-{job_id}.{env.get('SLURM_STEP_ID', 'x')}.{env.get('SLURM_RESTART_COUNT', '0')}"
-           f".{env.get('SLURM_STEP_LAUNCHER_PORT', 'x')}")
+    key = (
+        f"slurm-{job_id}.{env.get('SLURM_STEP_ID', 'x')}.{env.get('SLURM_RESTART_COUNT', '0')}"
+        f".{env.get('SLURM_STEP_LAUNCHER_PORT', 'x')}"
+    )
     return DistEnv(
         rank=_int(env, "SLURM_PROCID"),
         local_rank=_int(env, "SLURM_LOCALID", default=0),
@@ -421,11 +438,17 @@ def init_distributed(env: DistEnv, timeout_s: float = 300.0) -> None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     timeout = datetime.timedelta(seconds=timeout_s)
     if env.world_size == 1:
-        dist.init_process_group(env.backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timeout)
+        dist.init_process_group(
+            env.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
         return
-    dist.init_process_group(env.backend, init_method=env.init_method, rank=env.rank,
-                            world_size=env.world_size, timeout=timeout)
+    dist.init_process_group(
+        env.backend,
+        init_method=env.init_method,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+    )
 
 
 def destroy_distributed() -> None:

@@ -39,7 +39,7 @@ from squall.parallel.chunking import DeviceSubGraph, merge, merge_order, run_sub
 from squall.parallel.comm import HaloExchange, all_reduce_sum, gather_nodes
 from squall.parallel.halo import HaloPlan, build_halo_plans, chunk_subgraphs
 from squall.parallel.layout import Layout, LayoutError, ProcessGroups, build_groups
-from squall.parallel.partition import METHODS, Partition, partition_graph
+from squall.parallel.partition import ALIASES, METHODS, Partition, partition_graph
 
 MAPPERS = ("encoder", "decoder")
 
@@ -53,9 +53,12 @@ class ParallelConfig:
     model_parallel : int
         Ranks sharing one sample's graph.
     partition : str
-        ``"sfc"`` (locality-aware) or ``"ranges"`` (index ranges, the baseline).
+        ``"sfc"`` (locality-aware), or the baselines ``"ranges"`` (index ranges) and ``"bands"``
+        (latitude bands); see :mod:`squall.parallel.partition`.
     overlap : bool
-        Compute interior destinations while the halo is in flight.
+        Compute interior destinations while the halo is in flight. Off by default: on 2 and 4
+        H100s (o320_l7, 1024 channels) the split cost 4 to 7 % of the step against a halo of 1
+        to 3 % (profiling/results/parallel.md).
     chunks : int
         Sequential pieces of the encoder and decoder per rank (1 = off), each recomputed in
         backward.
@@ -63,12 +66,17 @@ class ParallelConfig:
 
     model_parallel: int = 1
     partition: str = "sfc"
-    overlap: bool = True
+    overlap: bool = False
     chunks: int = 1
 
     def __post_init__(self) -> None:
+        if self.partition in ALIASES:
+            object.__setattr__(self, "partition", ALIASES[self.partition])
         if self.partition not in METHODS:
-            raise LayoutError(f"parallel.partition={self.partition!r}: choose one of {METHODS}")
+            raise LayoutError(
+                f"parallel.partition={self.partition!r}: choose one of {METHODS} or "
+                f"{tuple(ALIASES)}"
+            )
         if self.model_parallel < 1 or self.chunks < 1:
             raise LayoutError(
                 f"parallel.model_parallel={self.model_parallel} and parallel.chunks={self.chunks} "
@@ -80,8 +88,8 @@ class ParallelConfig:
         cfg = cfg or {}
         return cls(
             model_parallel=int(cfg.get("model_parallel", 1)),
-            partition=str(cfg.get("partition", "sfc")),
-            overlap=bool(cfg.get("overlap", True)),
+            partition=str(cfg.get("partition") or "sfc"),
+            overlap=bool(cfg.get("overlap", False)),
             chunks=int(cfg.get("chunks", 1)),
         )
 

@@ -15,6 +15,11 @@ Methods
 ``"ranges"``
     Baseline: each node set on its own, contiguous index ranges of equal weight (latitude bands on
     Gaussian grids, refinement order on icosahedral meshes).
+``"bands"``
+    Baseline: each node set on its own, sorted by latitude (north to south, then longitude) and
+    cut into bands of equal weight: index ranges made fair to the mesh.
+
+Aliases: ``"space_filling_curve"`` for ``"sfc"``, ``"index_ranges"`` for ``"ranges"``.
 
 Weights: a node's weight is ``1 / N`` plus, for every edge set ending at its node set, its in-degree
 divided by that edge set's edge count times the edge set's weight (``edge_weights``, default 1;
@@ -33,7 +38,8 @@ import numpy as np
 
 from squall.graphs import Graph
 
-METHODS = ("sfc", "ranges")
+METHODS = ("sfc", "ranges", "bands")
+ALIASES = {"space_filling_curve": "sfc", "index_ranges": "ranges", "latitude_bands": "bands"}
 
 # Hilbert curve order per cube face: 2**16 cells per side is ~0.1 km on Earth at the face centre,
 # far below any grid spacing squall builds (O1280 is ~9 km), so no two nodes of a set that matter
@@ -176,17 +182,25 @@ def partition_graph(
     ValueError
         On an unknown method, or more parts than nodes in some node set.
     """
+    method = ALIASES.get(method, method)
     if method not in METHODS:
-        raise ValueError(f"unknown partition method {method!r}; choose one of {METHODS}")
+        raise ValueError(
+            f"unknown partition method {method!r}; choose one of {METHODS} or {tuple(ALIASES)}"
+        )
     names = list(graph.nodes)
     sizes = {name: len(graph.nodes[name]) for name in names}
     small = {name: n for name, n in sizes.items() if n < parts}
     if parts < 1 or small:
         raise ValueError(f"cannot split into {parts} parts: node set sizes {sizes}")
     weights = {name: node_weights(graph, name, edge_weights) for name in names}
-    if method == "ranges":
-        owner = {name: split_weighted(np.arange(sizes[name]), weights[name], parts)
-                 for name in names}  # fmt: skip
+    if method in ("ranges", "bands"):
+        owner = {}
+        for name in names:
+            order = np.arange(sizes[name])
+            if method == "bands":
+                lat, lon = graph.nodes[name].latlon[:, 0], graph.nodes[name].latlon[:, 1]
+                order = np.lexsort((lon, -lat))
+            owner[name] = split_weighted(order, weights[name], parts)
         return Partition(parts, method, owner)
     keys = np.concatenate([sfc_keys(graph.nodes[name].xyz) for name in names])
     order = np.argsort(keys, kind="stable")
