@@ -151,3 +151,30 @@ def test_degree_errors_print_every_number():
     lay = Layout(8, 2)
     assert lay.data_parallel == 4 and lay.model_groups()[1] == [2, 3]
     assert lay.data_groups()[1] == [1, 3, 5, 7] and lay.model_rank(5) == 1 and lay.data_rank(5) == 2
+
+
+def test_dry_run_estimates_match_the_plans():
+    from squall.models.forecaster import ModelConfig
+    from squall.parallel.estimate import estimate, format_estimate
+
+    g = tiny_graph()
+    mcfg = ModelConfig(num_channels=16, num_heads=4, processor_layers=3)
+    pcfg = ParallelConfig(model_parallel=2)
+    layout, ranks, params = estimate(g, mcfg, pcfg, world_size=4, batch=2, num_vars=(5, 4))
+    assert layout.data_parallel == 2 and len(ranks) == 2
+    part = partition_graph(g, 2, "sfc", edge_weights={"processor": 3})
+    for r in ranks:
+        halo = {
+            k: len(build_halo_plans(e, part)[r.model_rank].halo_src) for k, e in g.edges.items()
+        }
+        assert r.halo_rows == halo
+        uses = {"encoder": 1, "processor": 3, "decoder": 1}
+        # forward and backward, batch 2, 16 channels, 2 bytes (bf16)
+        assert r.halo_bytes_per_step == sum(2 * uses[k] * v * 2 * 16 * 2 for k, v in halo.items())
+        assert r.static_gib * 1024**3 == 20 * params  # params, grads, AdamW, all-reduce buffer
+        assert r.grad_allreduce_bytes_per_step == int(1.5 * 4 * params)  # ring over 4 ranks
+        assert r.activation_gib > 0
+    assert sum(r.nodes["data"] for r in ranks) == len(g.nodes["data"])
+    assert "data_parallel=2" in format_estimate(layout, ranks, params, g, mcfg, pcfg, 2)
+    with pytest.raises(LayoutError, match="world_size=6.*model_parallel=4"):
+        estimate(g, mcfg, ParallelConfig(model_parallel=4), world_size=6, batch=1)
