@@ -103,167 +103,243 @@ if HAS_TRITON:
         return tl.where((offs_d[None, :] == D_E) & mask_e[:, None], 1.0, a)
 
     @triton.jit
+    def _fwd_block(
+        start, end, q, qw, m, l_sum, acc, pa,
+        k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr, hc, mask_hc, offs_d, qk_scale,
+        HC: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):  # fmt: skip
+        """One block of a destination's edges: online-softmax update of ``(m, l, acc, pa)``."""
+        eid = start + tl.arange(0, BLOCK_E)
+        mask_e = eid < end
+        eid64 = eid.to(tl.int64)
+        src = tl.load(row_ptr + eid, mask=mask_e, other=0).to(tl.int64)
+        m3 = mask_e[:, None, None] & mask_hc[None, :, :]
+        k = tl.load(k_ptr + src[:, None, None] * HC + hc[None], mask=m3, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + src[:, None, None] * HC + hc[None], mask=m3, other=0.0).to(tl.float32)
+        if FUSED:
+            a = _load_attr(attr_ptr, eid64, mask_e, offs_d, D_E)
+            s = tl.sum(q[None] * k, 2) + tl.sum(a[:, :, None] * qw[None], 1)
+        else:
+            e = tl.load(e_ptr + eid64[:, None, None] * HC + hc[None], mask=m3, other=0.0)
+            e = e.to(tl.float32)
+            v = v + e
+            s = tl.sum(q[None] * (k + e), 2)
+        s = tl.where(mask_e[:, None], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_sum = l_sum * alpha + tl.sum(p, 0)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 0)
+        if FUSED:
+            pa = pa * alpha[None, :] + tl.sum(a[:, :, None] * p[:, None, :], 0)
+        return m_new, l_sum, acc, pa
+
+    @triton.jit
+    def _fwd_node(
+        slot, order_end, sched_ptr, n_sched, q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w3,
+        out_ptr, lse_ptr, row_ptr, offs_h, offs_c, offs_d, mask_h, hc, mask_hc, qk_scale,
+        H: tl.constexpr, C: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr,
+        D_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_E: tl.constexpr, SINGLE: tl.constexpr,
+    ):  # fmt: skip
+        HC = H * C
+        valid = slot < order_end
+        # the row masks take the node's validity as a vector (the interpreter rejects a scalar &
+        # block mask); node id and edge range come from the schedule rows (no dependent load)
+        hmask = mask_h & ((offs_h * 0 + slot) < order_end)
+        row_mask = hmask[:, None] & (offs_c[None, :] < C)
+        node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
+        beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
+        end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
+        q = tl.load(q_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
+        m = tl.full([BLOCK_H], -1e30, tl.float32)
+        l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
+        pa = tl.zeros([D_PAD, BLOCK_H], dtype=tl.float32)
+        if FUSED:
+            qw = tl.sum(q[None, :, :] * w3, 2)  # [D_PAD, BLOCK_H]
+        else:
+            qw = pa
+        if SINGLE:  # the class guarantees degree <= BLOCK_E
+            m, l_sum, acc, pa = _fwd_block(
+                beg, end, q, qw, m, l_sum, acc, pa, k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr,
+                hc, mask_hc, offs_d, qk_scale, HC, FUSED, D_E, BLOCK_E,
+            )  # fmt: skip
+        else:
+            for start in range(beg, end, BLOCK_E):
+                m, l_sum, acc, pa = _fwd_block(
+                    start, end, q, qw, m, l_sum, acc, pa, k_ptr, v_ptr, e_ptr, attr_ptr,
+                    row_ptr, hc, mask_hc, offs_d, qk_scale, HC, FUSED, D_E, BLOCK_E,
+                )  # fmt: skip
+        if FUSED:
+            acc += tl.sum(pa[:, :, None] * w3, 0)
+        has = l_sum > 0
+        l_safe = tl.where(has, l_sum, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(has, m + tl.log2(l_safe), 0.0)
+        tl.store(out_ptr + node * HC + hc, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+        tl.store(lse_ptr + node * H + offs_h, lse, mask=hmask)
+
+    @triton.jit
     def _fwd_kernel(
         q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w_ptr, out_ptr, lse_ptr,
         row_ptr, sched_ptr, n_sched, order_start, order_end,
         qk_scale, H: tl.constexpr, C: tl.constexpr,
         FUSED: tl.constexpr, D_E: tl.constexpr, D_PAD: tl.constexpr,
         C_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
+        SINGLE: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
+        """``DPP`` destinations x ``BLOCK_H`` heads per program; ``out`` and base-2 ``lse``.
+
+        ``SINGLE`` (classes whose degree fits one edge block) makes the loop over destinations a
+        software-pipelined ``tl.range`` of ``STAGES`` stages: the schedule, source-index and row
+        gathers of the next destinations are issued as async copies while this one computes.
+        """
         pid = tl.program_id(0)
-        HC = H * C
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_c = tl.arange(0, C_PAD)
-        offs_e = tl.arange(0, BLOCK_E)
         offs_d = tl.arange(0, D_PAD)
         mask_h = offs_h < H
         hc = offs_h[:, None] * C + offs_c[None, :]
         mask_hc = mask_h[:, None] & (offs_c[None, :] < C)
         if FUSED:
-            w3 = _load_w(w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)  # once per program
-        for t in range(DPP):
-            slot = order_start + pid * DPP + t
-            valid = slot < order_end
-            # the row masks take the node's validity as a vector (the interpreter rejects a
-            # scalar & block mask)
-            hmask = mask_h & ((offs_h * 0 + slot) < order_end)
-            row_mask = hmask[:, None] & (offs_c[None, :] < C)
-            # node id and edge range come from the schedule rows at once (no dependent load)
-            node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
-            beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
-            end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
-            q = tl.load(q_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
-            m = tl.full([BLOCK_H], -1e30, tl.float32)
-            l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
-            if FUSED:
-                qw = tl.sum(q[None, :, :] * w3, 2)  # [D_PAD, BLOCK_H]
-                pa = tl.zeros([D_PAD, BLOCK_H], dtype=tl.float32)
-            for start in range(beg, end, BLOCK_E):
-                eid = start + offs_e
-                mask_e = eid < end
-                eid64 = eid.to(tl.int64)
-                src = tl.load(row_ptr + eid, mask=mask_e, other=0).to(tl.int64)
-                m3 = mask_e[:, None, None] & mask_hc[None, :, :]
-                k = tl.load(k_ptr + src[:, None, None] * HC + hc[None], mask=m3, other=0.0)
-                v = tl.load(v_ptr + src[:, None, None] * HC + hc[None], mask=m3, other=0.0)
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-                if FUSED:
-                    a = _load_attr(attr_ptr, eid64, mask_e, offs_d, D_E)
-                    s = tl.sum(q[None] * k, 2) + tl.sum(a[:, :, None] * qw[None], 1)
-                else:
-                    e = tl.load(e_ptr + eid64[:, None, None] * HC + hc[None], mask=m3, other=0.0)
-                    e = e.to(tl.float32)
-                    v = v + e
-                    s = tl.sum(q[None] * (k + e), 2)
-                s = tl.where(mask_e[:, None], s * qk_scale, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, 0))
-                alpha = tl.exp2(m - m_new)
-                p = tl.exp2(s - m_new[None, :])
-                l_sum = l_sum * alpha + tl.sum(p, 0)
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 0)
-                if FUSED:
-                    pa = pa * alpha[None, :] + tl.sum(a[:, :, None] * p[:, None, :], 0)
-                m = m_new
-            if FUSED:
-                acc += tl.sum(pa[:, :, None] * w3, 0)
-            has = l_sum > 0
-            l_safe = tl.where(has, l_sum, 1.0)
-            out = acc / l_safe[:, None]
-            lse = tl.where(has, m + tl.log2(l_safe), 0.0)
-            tl.store(out_ptr + node * HC + hc, out.to(out_ptr.dtype.element_ty), mask=row_mask)
-            tl.store(lse_ptr + node * H + offs_h, lse, mask=hmask)
+            w3 = _load_w(w_ptr, hc, mask_hc, offs_d, H * C, D_E + 1)  # once per program
+        else:
+            w3 = tl.zeros([1, 1, 1], dtype=tl.float32)
+        first = order_start + pid * DPP
+        if SINGLE:
+            for t in tl.range(0, DPP, num_stages=STAGES):
+                _fwd_node(
+                    first + t, order_end, sched_ptr, n_sched, q_ptr, k_ptr, v_ptr, e_ptr,
+                    attr_ptr, w3, out_ptr, lse_ptr, row_ptr, offs_h, offs_c, offs_d, mask_h, hc,
+                    mask_hc, qk_scale, H, C, FUSED, D_E, D_PAD, C_PAD, BLOCK_H, BLOCK_E, True,
+                )  # fmt: skip
+        else:
+            for t in range(DPP):
+                _fwd_node(
+                    first + t, order_end, sched_ptr, n_sched, q_ptr, k_ptr, v_ptr, e_ptr,
+                    attr_ptr, w3, out_ptr, lse_ptr, row_ptr, offs_h, offs_c, offs_d, mask_h, hc,
+                    mask_hc, qk_scale, H, C, FUSED, D_E, D_PAD, C_PAD, BLOCK_H, BLOCK_E, False,
+                )  # fmt: skip
 
     @triton.jit
-    def _bwd_dst_kernel(
-        q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w_ptr, do_ptr, lse_ptr,
-        dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr, pdp_ptr, delta_ptr,
-        row_ptr, sched_ptr, n_sched, order_start, order_end, n_edges,
-        sm_scale, qk_scale, H: tl.constexpr, C: tl.constexpr,
-        FUSED: tl.constexpr, D_E: tl.constexpr, D_PAD: tl.constexpr,
-        C_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
+    def _bwd_dst_block(
+        start, end, q, do, lse, qw, gw, x_acc, y_acc, delta, sa, sc,
+        k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr, p_ptr, pdp_ptr, hc, mask_hc, offs_h, mask_h,
+        offs_d, qk_scale,
+        H: tl.constexpr, HC: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr,
+        BLOCK_E: tl.constexpr,
     ):  # fmt: skip
-        """Per destination: ``p``, ``p * dp`` per edge, exact ``delta = sum_j p dp``, ``dq``."""
-        pid = tl.program_id(0)
-        HC = H * C
-        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        offs_c = tl.arange(0, C_PAD)
-        offs_e = tl.arange(0, BLOCK_E)
-        offs_d = tl.arange(0, D_PAD)
-        mask_h = offs_h < H
-        hc = offs_h[:, None] * C + offs_c[None, :]
-        mask_hc = mask_h[:, None] & (offs_c[None, :] < C)
+        """One block of a destination's edges: ``p``, ``p dp`` out; dq / delta / A / C sums."""
+        eid = start + tl.arange(0, BLOCK_E)
+        mask_e = eid < end
+        eid64 = eid.to(tl.int64)
+        src = tl.load(row_ptr + eid, mask=mask_e, other=0).to(tl.int64)
+        m3 = mask_e[:, None, None] & mask_hc[None, :, :]
+        k = tl.load(k_ptr + src[:, None, None] * HC + hc[None], mask=m3, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + src[:, None, None] * HC + hc[None], mask=m3, other=0.0).to(tl.float32)
         if FUSED:
-            w3 = _load_w(w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)  # once per program
-        for t in range(DPP):
-            slot = order_start + pid * DPP + t
-            valid = slot < order_end
-            hmask = mask_h & ((offs_h * 0 + slot) < order_end)
-            row_mask = hmask[:, None] & (offs_c[None, :] < C)
-            # node id and edge range come from the schedule rows at once (no dependent load)
-            node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
-            beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
-            end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
-            q = tl.load(q_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
-            do = tl.load(do_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
-            lse = tl.load(lse_ptr + node * H + offs_h, mask=hmask, other=0.0)
-            # dq = scale * sum_j p (dp - delta) kk = scale * (x_acc - delta * y_acc)
-            x_acc = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
-            y_acc = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
-            delta = tl.zeros([BLOCK_H], dtype=tl.float32)
-            if FUSED:
-                qw = tl.sum(q[None, :, :] * w3, 2)  # [D_PAD, BLOCK_H]
-                gw = tl.sum(do[None, :, :] * w3, 2)
-                sa = tl.zeros([D_PAD, BLOCK_H], dtype=tl.float32)
-                sc = tl.zeros([D_PAD, BLOCK_H], dtype=tl.float32)
+            a = _load_attr(attr_ptr, eid64, mask_e, offs_d, D_E)
+            s = tl.sum(q[None] * k, 2) + tl.sum(a[:, :, None] * qw[None], 1)
+            dp = tl.sum(do[None] * v, 2) + tl.sum(a[:, :, None] * gw[None], 1)
+        else:
+            e = tl.load(e_ptr + eid64[:, None, None] * HC + hc[None], mask=m3, other=0.0)
+            e = e.to(tl.float32)
+            k = k + e
+            s = tl.sum(q[None] * k, 2)
+            dp = tl.sum(do[None] * (v + e), 2)
+        p = tl.exp2(s * qk_scale - lse[None, :])
+        p = tl.where(mask_e[:, None], p, 0.0)
+        pdp = p * dp
+        delta += tl.sum(pdp, 0)
+        x_acc += tl.sum(pdp[:, :, None] * k, 0)
+        y_acc += tl.sum(p[:, :, None] * k, 0)
+        ph = eid64[:, None] * H + offs_h[None, :]
+        mask_eh = mask_e[:, None] & mask_h[None, :]
+        tl.store(p_ptr + ph, p, mask=mask_eh)
+        tl.store(pdp_ptr + ph, pdp, mask=mask_eh)
+        if FUSED:
+            sa += tl.sum(a[:, :, None] * p[:, None, :], 0)
+            sc += tl.sum(a[:, :, None] * pdp[:, None, :], 0)
+        return x_acc, y_acc, delta, sa, sc, p, pdp
+
+    @triton.jit
+    def _store_dattr(
+        dattr_ptr, p, pdp, delta, gw, qw, eid64, mask_e, offs_d, n_edges, sm_scale,
+        D_E: tl.constexpr,
+    ):  # fmt: skip
+        """``d attr_j = sum_h p G + scale (p dp - p delta) Qw`` over this program's heads, into
+        its own fp32 slice ``dattr[head block, j]``."""
+        ds_s = (pdp - p * delta[None, :]) * sm_scale
+        da = tl.sum(p[:, None, :] * gw[None] + ds_s[:, None, :] * qw[None], 2)
+        slab = tl.program_id(1).to(tl.int64) * n_edges + eid64
+        mask = mask_e[:, None] & (offs_d[None, :] < D_E)
+        tl.store(dattr_ptr + slab[:, None] * D_E + offs_d[None, :], da, mask=mask)
+
+    @triton.jit
+    def _bwd_dst_node(
+        slot, order_end, sched_ptr, n_sched, q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w3, do_ptr,
+        lse_ptr, dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr, pdp_ptr, delta_ptr, row_ptr, n_edges,
+        offs_h, offs_c, offs_d, mask_h, hc, mask_hc, sm_scale, qk_scale,
+        H: tl.constexpr, C: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr,
+        D_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_E: tl.constexpr, SINGLE: tl.constexpr,
+    ):  # fmt: skip
+        HC = H * C
+        valid = slot < order_end
+        hmask = mask_h & ((offs_h * 0 + slot) < order_end)
+        row_mask = hmask[:, None] & (offs_c[None, :] < C)
+        node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
+        beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
+        end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
+        q = tl.load(q_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + node * H + offs_h, mask=hmask, other=0.0)
+        # dq = scale * sum_j p (dp - delta) kk = scale * (x_acc - delta * y_acc)
+        x_acc = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
+        y_acc = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
+        delta = tl.zeros([BLOCK_H], dtype=tl.float32)
+        sa = tl.zeros([D_PAD, BLOCK_H], dtype=tl.float32)
+        sc = tl.zeros([D_PAD, BLOCK_H], dtype=tl.float32)
+        if FUSED:
+            qw = tl.sum(q[None, :, :] * w3, 2)  # [D_PAD, BLOCK_H]
+            gw = tl.sum(do[None, :, :] * w3, 2)
+        else:
+            qw = sa
+            gw = sa
+        if SINGLE:
+            x_acc, y_acc, delta, sa, sc, p, pdp = _bwd_dst_block(
+                beg, end, q, do, lse, qw, gw, x_acc, y_acc, delta, sa, sc, k_ptr, v_ptr, e_ptr,
+                attr_ptr, row_ptr, p_ptr, pdp_ptr, hc, mask_hc, offs_h, mask_h, offs_d,
+                qk_scale, H, HC, FUSED, D_E, BLOCK_E,
+            )  # fmt: skip
+        else:
             for start in range(beg, end, BLOCK_E):
-                eid = start + offs_e
-                mask_e = eid < end
-                eid64 = eid.to(tl.int64)
-                src = tl.load(row_ptr + eid, mask=mask_e, other=0).to(tl.int64)
-                m3 = mask_e[:, None, None] & mask_hc[None, :, :]
-                k = tl.load(k_ptr + src[:, None, None] * HC + hc[None], mask=m3, other=0.0)
-                v = tl.load(v_ptr + src[:, None, None] * HC + hc[None], mask=m3, other=0.0)
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-                if FUSED:
-                    a = _load_attr(attr_ptr, eid64, mask_e, offs_d, D_E)
-                    s = tl.sum(q[None] * k, 2) + tl.sum(a[:, :, None] * qw[None], 1)
-                    dp = tl.sum(do[None] * v, 2) + tl.sum(a[:, :, None] * gw[None], 1)
-                else:
-                    e = tl.load(e_ptr + eid64[:, None, None] * HC + hc[None], mask=m3, other=0.0)
-                    e = e.to(tl.float32)
-                    k = k + e
-                    s = tl.sum(q[None] * k, 2)
-                    dp = tl.sum(do[None] * (v + e), 2)
-                p = tl.exp2(s * qk_scale - lse[None, :])
-                p = tl.where(mask_e[:, None], p, 0.0)
-                pdp = p * dp
-                delta += tl.sum(pdp, 0)
-                x_acc += tl.sum(pdp[:, :, None] * k, 0)
-                y_acc += tl.sum(p[:, :, None] * k, 0)
-                ph = eid64[:, None] * H + offs_h[None, :]
-                mask_eh = mask_e[:, None] & mask_h[None, :]
-                tl.store(p_ptr + ph, p, mask=mask_eh)
-                tl.store(pdp_ptr + ph, pdp, mask=mask_eh)
-                if FUSED:
-                    sa += tl.sum(a[:, :, None] * p[:, None, :], 0)
-                    sc += tl.sum(a[:, :, None] * pdp[:, None, :], 0)
-            dq = (x_acc - delta[:, None] * y_acc) * sm_scale
-            tl.store(delta_ptr + node * H + offs_h, delta, mask=hmask)
-            if FUSED:
-                # B = scale * sum_j ds_j a_j with ds = p dp - p delta; the e-part of dq is B W_aug.
-                sb = (sc - delta[None, :] * sa) * sm_scale
-                dq += tl.sum(sb[:, :, None] * w3, 0)
-                dh = node * (D_E + 1) * H + offs_d[:, None] * H + offs_h[None, :]
-                mask_dh = (offs_d[:, None] < D_E + 1) & hmask[None, :]
-                tl.store(sa_ptr + dh, sa, mask=mask_dh)
-                tl.store(sb_ptr + dh, sb, mask=mask_dh)
-                # Second pass over this node's edges, now that delta is known:
-                # d attr_j = sum_h p G + scale (p dp - p delta) Qw, summed over this program's
-                # heads into its own fp32 slice dattr[head block, j]. Reads back the p, p dp rows
-                # this program just wrote (barrier: other threads of the program wrote them).
+                x_acc, y_acc, delta, sa, sc, p, pdp = _bwd_dst_block(
+                    start, end, q, do, lse, qw, gw, x_acc, y_acc, delta, sa, sc, k_ptr, v_ptr,
+                    e_ptr, attr_ptr, row_ptr, p_ptr, pdp_ptr, hc, mask_hc, offs_h, mask_h,
+                    offs_d, qk_scale, H, HC, FUSED, D_E, BLOCK_E,
+                )  # fmt: skip
+        dq = (x_acc - delta[:, None] * y_acc) * sm_scale
+        tl.store(delta_ptr + node * H + offs_h, delta, mask=hmask)
+        if FUSED:
+            # B = scale * sum_j ds_j a_j with ds = p dp - p delta; the e-part of dq is B W_aug.
+            sb = (sc - delta[None, :] * sa) * sm_scale
+            dq += tl.sum(sb[:, :, None] * w3, 0)
+            dh = node * (D_E + 1) * H + offs_d[:, None] * H + offs_h[None, :]
+            mask_dh = (offs_d[:, None] < D_E + 1) & hmask[None, :]
+            tl.store(sa_ptr + dh, sa, mask=mask_dh)
+            tl.store(sb_ptr + dh, sb, mask=mask_dh)
+            offs_e = tl.arange(0, BLOCK_E)
+            if SINGLE:  # p, p dp of the node's only block are still in registers
+                eid = beg + offs_e
+                _store_dattr(
+                    dattr_ptr, p, pdp, delta, gw, qw, eid.to(tl.int64), eid < end, offs_d,
+                    n_edges, sm_scale, D_E,
+                )  # fmt: skip
+            else:
+                # second pass now that delta is known: read back the p, p dp rows this program
+                # wrote (barrier: other threads of the program wrote them)
                 tl.debug_barrier()
                 for start in range(beg, end, BLOCK_E):
                     eid = start + offs_e
@@ -273,15 +349,114 @@ if HAS_TRITON:
                     mask_eh = mask_e[:, None] & mask_h[None, :]
                     p = tl.load(p_ptr + ph, mask=mask_eh, other=0.0)
                     pdp = tl.load(pdp_ptr + ph, mask=mask_eh, other=0.0)
-                    ds_s = (pdp - p * delta[None, :]) * sm_scale
-                    da = tl.sum(p[:, None, :] * gw[None] + ds_s[:, None, :] * qw[None], 2)
-                    slab = tl.program_id(1).to(tl.int64) * n_edges + eid64
-                    tl.store(
-                        dattr_ptr + slab[:, None] * D_E + offs_d[None, :],
-                        da,
-                        mask=mask_e[:, None] & (offs_d[None, :] < D_E),
-                    )
-            tl.store(dq_ptr + node * HC + hc, dq.to(dq_ptr.dtype.element_ty), mask=row_mask)
+                    _store_dattr(
+                        dattr_ptr, p, pdp, delta, gw, qw, eid64, mask_e, offs_d, n_edges,
+                        sm_scale, D_E,
+                    )  # fmt: skip
+        tl.store(dq_ptr + node * HC + hc, dq.to(dq_ptr.dtype.element_ty), mask=row_mask)
+
+    @triton.jit
+    def _bwd_dst_kernel(
+        q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w_ptr, do_ptr, lse_ptr,
+        dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr, pdp_ptr, delta_ptr,
+        row_ptr, sched_ptr, n_sched, order_start, order_end, n_edges,
+        sm_scale, qk_scale, H: tl.constexpr, C: tl.constexpr,
+        FUSED: tl.constexpr, D_E: tl.constexpr, D_PAD: tl.constexpr,
+        C_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
+        SINGLE: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        """Per destination: ``p``, ``p * dp`` per edge, exact ``delta = sum_j p dp``, ``dq``."""
+        pid = tl.program_id(0)
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        offs_c = tl.arange(0, C_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        mask_h = offs_h < H
+        hc = offs_h[:, None] * C + offs_c[None, :]
+        mask_hc = mask_h[:, None] & (offs_c[None, :] < C)
+        if FUSED:
+            w3 = _load_w(w_ptr, hc, mask_hc, offs_d, H * C, D_E + 1)  # once per program
+        else:
+            w3 = tl.zeros([1, 1, 1], dtype=tl.float32)
+        first = order_start + pid * DPP
+        if SINGLE:
+            for t in tl.range(0, DPP, num_stages=STAGES):
+                _bwd_dst_node(
+                    first + t, order_end, sched_ptr, n_sched, q_ptr, k_ptr, v_ptr, e_ptr,
+                    attr_ptr, w3, do_ptr, lse_ptr, dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr,
+                    pdp_ptr, delta_ptr, row_ptr, n_edges, offs_h, offs_c, offs_d, mask_h, hc,
+                    mask_hc, sm_scale, qk_scale, H, C, FUSED, D_E, D_PAD, C_PAD, BLOCK_H,
+                    BLOCK_E, True,
+                )  # fmt: skip
+        else:
+            for t in range(DPP):
+                _bwd_dst_node(
+                    first + t, order_end, sched_ptr, n_sched, q_ptr, k_ptr, v_ptr, e_ptr,
+                    attr_ptr, w3, do_ptr, lse_ptr, dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr,
+                    pdp_ptr, delta_ptr, row_ptr, n_edges, offs_h, offs_c, offs_d, mask_h, hc,
+                    mask_hc, sm_scale, qk_scale, H, C, FUSED, D_E, D_PAD, C_PAD, BLOCK_H,
+                    BLOCK_E, False,
+                )  # fmt: skip
+
+    @triton.jit
+    def _bwd_src_block(
+        start, end, dk, dv, q_ptr, do_ptr, p_ptr, pdp_ptr, delta_ptr, de_ptr, csr_perm_ptr,
+        csr_dst_ptr, hc, mask_hc, offs_h, mask_h, sm_scale,
+        H: tl.constexpr, HC: tl.constexpr, WRITE_DE: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):  # fmt: skip
+        pos = start + tl.arange(0, BLOCK_E)
+        mask_e = pos < end
+        eid = tl.load(csr_perm_ptr + pos, mask=mask_e, other=0).to(tl.int64)
+        dst = tl.load(csr_dst_ptr + pos, mask=mask_e, other=0).to(tl.int64)
+        mask_eh = mask_e[:, None] & mask_h[None, :]
+        ph = eid[:, None] * H + offs_h[None, :]
+        p = tl.load(p_ptr + ph, mask=mask_eh, other=0.0)
+        pdp = tl.load(pdp_ptr + ph, mask=mask_eh, other=0.0)
+        dlt = tl.load(delta_ptr + dst[:, None] * H + offs_h[None, :], mask=mask_eh, other=0.0)
+        ds_s = (pdp - p * dlt) * sm_scale
+        m3 = mask_e[:, None, None] & mask_hc[None, :, :]
+        qd = tl.load(q_ptr + dst[:, None, None] * HC + hc[None], mask=m3, other=0.0)
+        dod = tl.load(do_ptr + dst[:, None, None] * HC + hc[None], mask=m3, other=0.0)
+        qd = qd.to(tl.float32)
+        dod = dod.to(tl.float32)
+        dk += tl.sum(ds_s[:, :, None] * qd, 0)
+        dv += tl.sum(p[:, :, None] * dod, 0)
+        if WRITE_DE:
+            de = p[:, :, None] * dod + ds_s[:, :, None] * qd
+            tl.store(
+                de_ptr + eid[:, None, None] * HC + hc[None], de.to(de_ptr.dtype.element_ty), mask=m3
+            )
+        return dk, dv
+
+    @triton.jit
+    def _bwd_src_node(
+        slot, order_end, sched_ptr, n_sched, q_ptr, do_ptr, p_ptr, pdp_ptr, delta_ptr, dk_ptr,
+        dv_ptr, de_ptr, csr_perm_ptr, csr_dst_ptr, offs_h, offs_c, mask_h, hc, mask_hc, sm_scale,
+        H: tl.constexpr, C: tl.constexpr, WRITE_DE: tl.constexpr, C_PAD: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, SINGLE: tl.constexpr,
+    ):  # fmt: skip
+        HC = H * C
+        valid = slot < order_end
+        hmask = mask_h & ((offs_h * 0 + slot) < order_end)
+        row_mask = hmask[:, None] & (offs_c[None, :] < C)
+        node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
+        beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
+        end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
+        dk = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
+        if SINGLE:
+            dk, dv = _bwd_src_block(
+                beg, end, dk, dv, q_ptr, do_ptr, p_ptr, pdp_ptr, delta_ptr, de_ptr, csr_perm_ptr,
+                csr_dst_ptr, hc, mask_hc, offs_h, mask_h, sm_scale, H, HC, WRITE_DE, BLOCK_E,
+            )  # fmt: skip
+        else:
+            for start in range(beg, end, BLOCK_E):
+                dk, dv = _bwd_src_block(
+                    start, end, dk, dv, q_ptr, do_ptr, p_ptr, pdp_ptr, delta_ptr, de_ptr,
+                    csr_perm_ptr, csr_dst_ptr, hc, mask_hc, offs_h, mask_h, sm_scale, H, HC,
+                    WRITE_DE, BLOCK_E,
+                )  # fmt: skip
+        tl.store(dk_ptr + node * HC + hc, dk.to(dk_ptr.dtype.element_ty), mask=row_mask)
+        tl.store(dv_ptr + node * HC + hc, dv.to(dv_ptr.dtype.element_ty), mask=row_mask)
 
     @triton.jit
     def _bwd_src_kernel(
@@ -290,56 +465,30 @@ if HAS_TRITON:
         sm_scale, H: tl.constexpr, C: tl.constexpr,
         WRITE_DE: tl.constexpr,
         C_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
+        SINGLE: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         """Per source (CSR view): ``dk``, ``dv`` and, materialised, ``de`` of each out-edge."""
         pid = tl.program_id(0)
-        HC = H * C
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_c = tl.arange(0, C_PAD)
-        offs_e = tl.arange(0, BLOCK_E)
         mask_h = offs_h < H
         hc = offs_h[:, None] * C + offs_c[None, :]
         mask_hc = mask_h[:, None] & (offs_c[None, :] < C)
-        for t in range(DPP):
-            slot = order_start + pid * DPP + t
-            valid = slot < order_end
-            hmask = mask_h & ((offs_h * 0 + slot) < order_end)
-            row_mask = hmask[:, None] & (offs_c[None, :] < C)
-            # node id and edge range come from the schedule rows at once (no dependent load)
-            node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
-            beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
-            end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
-            dk = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
-            for start in range(beg, end, BLOCK_E):
-                pos = start + offs_e
-                mask_e = pos < end
-                eid = tl.load(csr_perm_ptr + pos, mask=mask_e, other=0).to(tl.int64)
-                dst = tl.load(csr_dst_ptr + pos, mask=mask_e, other=0).to(tl.int64)
-                mask_eh = mask_e[:, None] & mask_h[None, :]
-                ph = eid[:, None] * H + offs_h[None, :]
-                p = tl.load(p_ptr + ph, mask=mask_eh, other=0.0)
-                pdp = tl.load(pdp_ptr + ph, mask=mask_eh, other=0.0)
-                dlt = tl.load(
-                    delta_ptr + dst[:, None] * H + offs_h[None, :], mask=mask_eh, other=0.0
-                )
-                ds_s = (pdp - p * dlt) * sm_scale
-                m3 = mask_e[:, None, None] & mask_hc[None, :, :]
-                qd = tl.load(q_ptr + dst[:, None, None] * HC + hc[None], mask=m3, other=0.0)
-                dod = tl.load(do_ptr + dst[:, None, None] * HC + hc[None], mask=m3, other=0.0)
-                qd = qd.to(tl.float32)
-                dod = dod.to(tl.float32)
-                dk += tl.sum(ds_s[:, :, None] * qd, 0)
-                dv += tl.sum(p[:, :, None] * dod, 0)
-                if WRITE_DE:
-                    de = p[:, :, None] * dod + ds_s[:, :, None] * qd
-                    tl.store(
-                        de_ptr + eid[:, None, None] * HC + hc[None],
-                        de.to(de_ptr.dtype.element_ty),
-                        mask=m3,
-                    )
-            tl.store(dk_ptr + node * HC + hc, dk.to(dk_ptr.dtype.element_ty), mask=row_mask)
-            tl.store(dv_ptr + node * HC + hc, dv.to(dv_ptr.dtype.element_ty), mask=row_mask)
+        first = order_start + pid * DPP
+        if SINGLE:
+            for t in tl.range(0, DPP, num_stages=STAGES):
+                _bwd_src_node(
+                    first + t, order_end, sched_ptr, n_sched, q_ptr, do_ptr, p_ptr, pdp_ptr,
+                    delta_ptr, dk_ptr, dv_ptr, de_ptr, csr_perm_ptr, csr_dst_ptr, offs_h, offs_c,
+                    mask_h, hc, mask_hc, sm_scale, H, C, WRITE_DE, C_PAD, BLOCK_H, BLOCK_E, True,
+                )  # fmt: skip
+        else:
+            for t in range(DPP):
+                _bwd_src_node(
+                    first + t, order_end, sched_ptr, n_sched, q_ptr, do_ptr, p_ptr, pdp_ptr,
+                    delta_ptr, dk_ptr, dv_ptr, de_ptr, csr_perm_ptr, csr_dst_ptr, offs_h, offs_c,
+                    mask_h, hc, mask_hc, sm_scale, H, C, WRITE_DE, C_PAD, BLOCK_H, BLOCK_E, False,
+                )  # fmt: skip
 
     @triton.jit
     def _dw_chunk_kernel(
@@ -380,30 +529,37 @@ if HAS_TRITON:
 # Launch configurations and host launchers
 # ----------------------------------------------------------------------------------------------
 def _class_configs(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool) -> list:
-    """Candidate ``(BLOCK_E, DPP, BLOCK_H, num_warps)`` for one degree class.
+    """Candidate ``(BLOCK_E, DPP, BLOCK_H, num_warps, SINGLE, STAGES)`` for one degree class.
 
     The class cap (4, 8, 16 edges; 32 for the open class) bounds the edge block; ``MAX_TILE_ELEMS``
     bounds ``BLOCK_E * BLOCK_H * C_pad``. Candidates: all, half or a quarter of the heads per
-    program (smaller programs, more nodes in flight per SM; H100 v1 run: all-heads tiles at 8 warps
-    left 2 programs per SM and h_to_h at 2.4x the no-reuse gather time); class 0 also packs 2 or 4
-    nodes per program. TODO(measure): prune from the H100 autotune choices.
+    program (H100 v1 run: all-heads tiles at 8 warps left 2 programs per SM and h_to_h at 2.4x the
+    no-reuse gather time; v2 autotune on o96 era_to_h chose a quarter or half of the heads, 4
+    warps, 4 nodes per program in class 0). Classes 0 and 1 (degree <= cap) also get ``SINGLE``
+    programs: many destinations per program in a software-pipelined loop, one edge block each
+    (v2 ncu on o96 h_to_h: 12 to 25 % occupancy, DRAM 10 to 29 % busy: the schedule -> source ids
+    -> rows chain of dependent loads is exposed; pipelining issues the next nodes' chains early).
+    TODO(measure): prune from the H100 autotune choices.
     """
     cap = DEGREE_CLASS_CAPS[cls] if cls < len(DEGREE_CLASS_CAPS) else 2 * DEGREE_CLASS_CAPS[-1]
+    quarter, half = _min_block_h(h_pad), max(1, h_pad // 2)
     cands = []
-    for bh in dict.fromkeys([h_pad, _min_block_h(h_pad), max(1, h_pad // 2)]):
+    for bh in dict.fromkeys([h_pad, quarter, half]):
         fit = max(2, MAX_TILE_ELEMS // (bh * c_pad))
         be = min(cap, 1 << (fit.bit_length() - 1))
         warps = 4 if be * bh * c_pad <= 4096 else 8
-        for dpp in (2, 4) if cls == 0 else (1,) if bh == h_pad else (1, 2):
-            cands.append((be, dpp, bh, warps))
+        for dpp in (2, 4) if cls == 0 else (1,) if bh != quarter else (1, 2):
+            cands.append((be, dpp, bh, warps, False, 1))
+        if cls <= 1 and be >= cap and bh != h_pad:
+            for dpp, stages in ((16, 3), (32, 4)) if bh == quarter else ((16, 3),):
+                cands.append((be, dpp, bh, warps, True, stages))
     if cls >= 2:
         # high-degree classes: the class-1 tile looping over more blocks (H100 v2 ncu, o96 h_to_h:
         # the 32-edge 8-warp tile ran 1 program per SM, 12.5% occupancy, class 3 at 525 us)
-        bh = _min_block_h(h_pad)
-        be = min(8, max(2, MAX_TILE_ELEMS // (bh * c_pad)))
-        cands.append((be, 1, bh, 4))
+        be = min(8, max(2, MAX_TILE_ELEMS // (quarter * c_pad)))
+        cands.append((be, 1, quarter, 4, False, 1))
     if FORCE_CANDIDATE is not None:
-        return [cands[min(FORCE_CANDIDATE, len(cands) - 1)]]
+        return [cands[FORCE_CANDIDATE % len(cands)]]
     if _interpreting() or os.environ.get("SQUALL_AUTOTUNE", "1") == "0":
         return cands[:1]  # the interpreter cannot time; SQUALL_AUTOTUNE=0 skips tuning compiles
     return cands
@@ -427,8 +583,11 @@ def _tuned(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool):
     if key not in _TUNED:
         fn = {"fwd": _fwd_kernel, "bwd_dst": _bwd_dst_kernel, "bwd_src": _bwd_src_kernel}[kernel]
         configs = [
-            triton.Config({"BLOCK_E": be, "DPP": dpp, "BLOCK_H": bh}, num_warps=w)
-            for be, dpp, bh, w in cands
+            triton.Config(
+                {"BLOCK_E": be, "DPP": dpp, "BLOCK_H": bh, "SINGLE": one, "STAGES": st},
+                num_warps=w,
+            )
+            for be, dpp, bh, w, one, st in cands
         ]
         _TUNED[key] = triton.autotune(configs=configs, key=["H", "C"])(fn)
     return _TUNED[key]
