@@ -10,7 +10,11 @@
    destinations: halo exchange of the block's sources, interior destinations while the halo is in
    flight (``overlap``), boundary destinations after, and the encoder and decoder in ``chunks``
    recomputed pieces;
-5. gradient reduction over all ranks (:class:`GradReducer`), at the end of every backward.
+5. with ``model_parallel > 1``, gradient reduction over all ranks (:class:`GradReducer`) at the
+   end of every backward: summed over the model group, averaged over data-parallel replicas (so
+   no DDP on top). With ``model_parallel == 1`` data parallelism stays with DDP.
+
+Parameters and buffers are broadcast from global rank 0 first, as DDP does.
 
 Parameters and their names stay as they were (``state_dict`` keys are unchanged, as FSDP2 does
 it with ``fully_shard``), so checkpoints move freely between layouts.
@@ -352,12 +356,65 @@ def parallelize(
         for role in MAPPERS:
             dst_xyz = graph.nodes[graph.edges[role].dst].xyz
             chunks[role] = chunk_subgraphs(plans[role], dst_xyz, cfg.chunks)
+    if groups.world is not None:
+        # one starting point everywhere, as DDP does: parameters and buffers of global rank 0
+        with torch.no_grad():
+            for t in (*model.parameters(), *model.buffers()):
+                dist.broadcast(t, src=0, group=groups.world)
     model.graph = ShardedGraphInputs(model.graph, plans, groups.model, chunks)
     model.__class__ = ParallelForecaster
     model.parallel, model.groups, model.partition = cfg, groups, partition
-    if layout.world_size > 1:
+    if layout.model_parallel > 1:
+        # also averages over data-parallel replicas: do not wrap the model in DDP as well
         model.grad_reducer = GradReducer(model, groups.world, layout.data_parallel)
     return model
+
+
+@dataclass(frozen=True, eq=False)
+class ParallelSetup:
+    """What a run needs before building its datasets and model (see :func:`prepare_parallel`).
+
+    Attributes
+    ----------
+    config : ParallelConfig
+    groups : ProcessGroups
+    grid_indices : numpy.ndarray or None
+        This rank's grid points (the datasets' ``grid_indices``); ``None``: the whole grid.
+    """
+
+    config: ParallelConfig
+    groups: ProcessGroups
+    grid_indices: object
+
+    @property
+    def model_parallel(self) -> bool:
+        return self.config.model_parallel > 1
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """Replica index for the data sampler (ranks of one model group read the same samples)."""
+        return self.groups.data_rank
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.groups.layout.data_parallel
+
+
+def prepare_parallel(cfg, graph: Graph) -> ParallelSetup:
+    """Process groups and this rank's grid points, from ``cfg.parallel`` and ``cfg.model``.
+
+    Call after ``init_distributed`` (or in a single process) and before building the datasets;
+    then build the model, move it to its device and call :func:`parallelize` with
+    ``setup.config`` and ``setup.groups`` when ``setup.model_parallel``.
+    """
+    pcfg = ParallelConfig.from_cfg(cfg.get("parallel"))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    groups = build_groups(Layout(world, pcfg.model_parallel))
+    grid = None
+    if pcfg.model_parallel > 1:
+        layers = int(cfg.model.processor_layers)
+        grid = local_grid_indices(graph, pcfg, groups.model_rank, layers)
+    return ParallelSetup(pcfg, groups, grid)
 
 
 def reduce_loss(loss: torch.Tensor, groups: ProcessGroups) -> torch.Tensor:
@@ -374,6 +431,7 @@ def model_rank_of(model) -> int:
 
 
 __all__ = [
-    "GradReducer", "LocalEdges", "ParallelConfig", "ParallelForecaster", "ShardedGraphInputs",
+    "GradReducer", "LocalEdges", "ParallelConfig", "ParallelForecaster", "ParallelSetup",
+    "ShardedGraphInputs", "prepare_parallel",
     "local_grid_indices", "make_partition", "model_rank_of", "parallelize", "reduce_loss",
 ]  # fmt: skip
