@@ -35,7 +35,7 @@ def recorded(tmp_path, mlflow_schema_db):
         with MlflowLogger(uri=uri, experiment="scaling", run_id=run_id,
                           log_environment=False) as run:
             run.log_params({"point.gpus": gpus, "point.nodes": 1, "point.layout": f"dp{gpus}",
-                            "point.global_batch": 8})
+                            "point.global_batch": 8, "cluster.gpu_memory_gb": 4})
             run.log_metrics({M.SAMPLES_PER_S: rate, M.STEP_S: 8 / rate, M.STEP_SPREAD: 0.05,
                              M.PEAK_ALLOCATED_GIB: mem, M.HALO_BYTES_PER_STEP: 0.0,
                              M.COMM_SHARE: 0.1 * job}, step=10)

@@ -57,6 +57,7 @@ class Row:
     samples_per_s: float
     peak_memory_gib: float
     memory_kind: str
+    device_memory_gb: float
     halo_bytes: float
     comm_share: float
     status: str
@@ -120,6 +121,13 @@ def _int_or_none(value) -> int | None:
         return None
 
 
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _gpus_from(overrides: str) -> int | None:
     for o in overrides.split():
         if o.startswith("parallel.gpus="):
@@ -159,6 +167,7 @@ def collect_rows(state: SweepState) -> list[Row]:
             step_s=metrics.get(M.STEP_S, math.nan), spread=metrics.get(M.STEP_SPREAD, math.nan),
             samples_per_s=metrics.get(M.SAMPLES_PER_S, math.nan),
             peak_memory_gib=_peak_memory(metrics)[0], memory_kind=_peak_memory(metrics)[1],
+            device_memory_gb=_float(params.get("cluster.gpu_memory_gb")),
             halo_bytes=metrics.get(M.HALO_BYTES_PER_STEP, math.nan),
             comm_share=metrics.get(M.COMM_SHARE, math.nan),
             status=status, reason=" ".join(reason.split()), run_id=run.info.run_id))
@@ -193,6 +202,11 @@ def write_csv(rows: list[Row], path: Path) -> None:
         for r in rows:
             writer.writerow([("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
                              for v in (getattr(r, c[1]) for c in COLUMNS)] + [r.run_id])
+
+
+def kinds_of(rows: list[Row]) -> list[str]:
+    """What the rows' memory numbers measure (GPU allocations, resident memory)."""
+    return sorted({r.memory_kind for r in rows if r.memory_kind})
 
 
 def plot(rows: list[Row], out_dir: Path, title: str) -> list[Path]:
@@ -255,11 +269,15 @@ def plot(rows: list[Row], out_dir: Path, title: str) -> list[Path]:
     if lost:
         ax.plot(lost, [0.03] * len(lost), "x", color="tab:red", markersize=9, mew=2,
                 transform=ax.get_xaxis_transform(), clip_on=False, label="failed")
+    capacity = {r.device_memory_gb for r in ok if not math.isnan(r.device_memory_gb)}
+    if len(capacity) == 1 and kinds_of(ok) == ["GPU memory allocated"]:
+        # The card's memory in GB as sold (10^9 bytes) drawn on the GiB axis.
+        gib = capacity.pop() * 1e9 / 2**30
+        ax.axhline(gib, color="grey", linestyle="--", linewidth=1, label=f"GPU memory ({gib:.3g} GiB)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(all_gpus or [1], [str(g) for g in all_gpus or [1]])
     ax.set_xlabel("GPUs (ranks)")
-    kinds = sorted({r.memory_kind for r in ok if r.memory_kind})
-    ax.set_ylabel(f"peak {' / '.join(kinds) or 'memory'} per rank (GiB)")
+    ax.set_ylabel(f"peak {' / '.join(kinds_of(ok)) or 'memory'} per rank (GiB)")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
