@@ -347,8 +347,13 @@ def cmd_time(args) -> None:
 
 
 def _chunk_memory(g, mcfg, device, args) -> dict:
-    """Peak activation memory of one mapper (forward + backward, no recomputation of its own
-    besides the chunks') with chunks 1 and 4, on one GPU."""
+    """Peak memory of one mapper block's forward + backward with chunks 1 and 4, on one GPU.
+
+    Inputs, their gradient buffers' final values and the output gradient are allocated or
+    counted apart: ``*_GiB`` is the peak above the inputs and the output gradient (activations,
+    transients and the input gradients), ``*_transient_GiB`` the peak above the state after the
+    backward (activations and transients only).
+    """
     out = {}
     for chunks in (1, 4):
         torch.manual_seed(0)
@@ -361,6 +366,8 @@ def _chunk_memory(g, mcfg, device, args) -> dict:
                                    ("encoder", gi.num_data, gi.num_mesh)):  # fmt: skip
             xs = torch.randn(args.batch, n_src, args.channels, device=device, requires_grad=True)
             xd = torch.randn(args.batch, n_dst, args.channels, device=device, requires_grad=True)
+            # fp32 like the block's output (the residual stream follows the fp32 inputs)
+            grad_out = torch.randn(args.batch, n_dst, args.channels, device=device)
             edge = m.edge_inputs(role).detach()
             block = m.decoder if role == "decoder" else m.encoder
             torch.cuda.synchronize()
@@ -368,15 +375,30 @@ def _chunk_memory(g, mcfg, device, args) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 res = m.run_block(role, block, xs, xd, edge)
-            res.float().square().mean().backward()
+            res.backward(grad_out.to(res.dtype))
+            del res
             torch.cuda.synchronize()
-            out[f"{role}_chunks{chunks}_GiB"] = (
-                torch.cuda.max_memory_allocated(device) - base
-            ) / GIB
-            del xs, xd, res
+            peak = torch.cuda.max_memory_allocated(device)
+            final = torch.cuda.memory_allocated(device)
+            out[f"{role}_chunks{chunks}_GiB"] = (peak - base) / GIB
+            out[f"{role}_chunks{chunks}_transient_GiB"] = (peak - final) / GIB
+            del xs, xd, grad_out
         del m
         torch.cuda.empty_cache()
     return out
+
+
+def cmd_chunkmem(args) -> None:
+    """Mapper memory with chunks 1 and 4 on one GPU (no process group): ``chunkmem.json``."""
+    device = torch.device("cuda")
+    g = load_graph_spec(args.graph, args.cache)
+    mcfg = ModelConfig(num_channels=args.channels, num_heads=args.heads, processor_layers=1,
+                       mlp_ratio=4, trainable_edge_features=8, attention_backend=args.backend)  # fmt: skip
+    result = {"info": machine_info(), "graph": args.graph, "channels": args.channels,
+              "backend": args.backend, "chunk_memory": _chunk_memory(g, mcfg, device, args)}  # fmt: skip
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "chunkmem.json").write_text(json.dumps(result))
+    print(result, flush=True)
 
 
 # -- table: results of one device call -> profiling/results -------------------------------------
@@ -455,11 +477,14 @@ def cmd_table(args) -> None:
         )
     cm = next((r for r in rows if "decoder_chunks1_GiB" in r), None)
     if cm:
-        lines += ["", "Mapper peak activation memory, one GPU (forward + backward of one block):", "",
-                  "| mapper | chunks 1 GiB | chunks 4 GiB | ratio |", "|---|---|---|---|"]  # fmt: skip
+        lines += ["", "Mapper peak memory, one GPU (forward + backward of one block):", "",
+                  "| mapper | measure | chunks 1 GiB | chunks 4 GiB | ratio |",
+                  "|---|---|---|---|---|"]  # fmt: skip
         for role in ("encoder", "decoder"):
-            a, b = cm[f"{role}_chunks1_GiB"], cm[f"{role}_chunks4_GiB"]
-            lines.append(f"| {role} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+            for what, suffix in (("above inputs", ""), ("transient", "_transient")):
+                a, b = cm.get(f"{role}_chunks1{suffix}_GiB"), cm.get(f"{role}_chunks4{suffix}_GiB")
+                if a is not None and b is not None:
+                    lines.append(f"| {role} | {what} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
     chk = src / "check.json"
     if chk.exists():
         c = json.loads(chk.read_text())
@@ -511,12 +536,24 @@ def main(argv=None) -> None:
     t.add_argument("--steps", type=int, default=5)
     t.add_argument("--chunk-memory", type=int, default=1)
     t.add_argument("--out", required=True)
+    cm = sub.add_parser("chunkmem")
+    cm.add_argument("--graph", default="o320_l7")
+    cm.add_argument("--cache", default="/tmp/squall-graphs")
+    cm.add_argument("--channels", type=int, default=1024)
+    cm.add_argument("--heads", type=int, default=16)
+    cm.add_argument("--batch", type=int, default=1)
+    cm.add_argument("--backend", default="triton")
+    cm.add_argument("--out", required=True)
     tb = sub.add_parser("table")
     tb.add_argument("dir")
     args = ap.parse_args(argv)
-    {"partition": cmd_partition, "check": cmd_check, "time": cmd_time, "table": cmd_table}[
-        args.cmd
-    ](args)
+    {
+        "partition": cmd_partition,
+        "check": cmd_check,
+        "time": cmd_time,
+        "chunkmem": cmd_chunkmem,
+        "table": cmd_table,
+    }[args.cmd](args)
 
 
 if __name__ == "__main__":

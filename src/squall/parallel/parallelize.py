@@ -33,13 +33,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from squall.graphs import Graph
 from squall.models.forecaster import ROLES, GraphForecaster, GraphInputs
-from squall.parallel.chunking import DeviceSubGraph, merge, merge_order, run_subgraph
+from squall.parallel.chunking import (
+    DeviceSubGraph,
+    merge,
+    merge_order,
+    run_chunks,
+    run_subgraph,
+)
 from squall.parallel.comm import HaloExchange, all_reduce_sum, gather_nodes
 from squall.parallel.halo import HaloPlan, build_halo_plans, chunk_subgraphs
 from squall.parallel.layout import Layout, LayoutError, ProcessGroups, build_groups
@@ -126,7 +133,8 @@ class LocalEdges:
         )
         self.chunks = None
         if chunks:
-            self.chunks = [DeviceSubGraph(s, *n, device) for s in chunks]
+            self.chunks = [DeviceSubGraph(s, *n, device, dst_given=True) for s in chunks]
+            self.chunk_order = torch.from_numpy(np.concatenate([s.dst for s in chunks])).to(device)
             self.chunk_perm = torch.from_numpy(merge_order(chunks, n[0])).to(device)
 
     def to(self, device) -> LocalEdges:
@@ -226,8 +234,7 @@ class ParallelForecaster(GraphForecaster):
             x_all = torch.cat([x_src, le.exchange(x_src)], 1)
         if not chunked:
             return run_subgraph(block, le.full, x_all, x_dst, edge_attr, recompute)
-        outs = [run_subgraph(block, s, x_all, x_dst, edge_attr, True) for s in le.chunks]
-        return merge(outs, le.chunk_perm)
+        return run_chunks(block, le.chunks, le.chunk_order, le.chunk_perm, x_all, x_dst, edge_attr)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, T_in, G_local, V_in]`` (or the full grid, then cut) -> ``[B, G_local, V_out]``."""
