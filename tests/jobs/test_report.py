@@ -66,7 +66,7 @@ def test_report_files_artifacts_and_table(recorded, tmp_path, capsys):
     out = tmp_path / "report"
     report_sweep(recorded, out_dir=out)
     printed = capsys.readouterr().out
-    assert "| 2 | 1 | dp2 | 8 | 0.4444 | 0.05 | 18 | 1.80 | 90% | 2 | 0 | 10% | FINISHED |  |" in printed
+    assert "| 2 | 1 | dp2 | 8 | 0.4444 | 0.05 | 18 | 1.80 | 90% | 2 | 0 | 10.0% | FINISHED |  |" in printed
     assert "| 3 | 8 | - |" in printed and "OutOfMemoryError: CUDA out of memory" in printed
     assert "2 of 5 point(s) failed" in printed
     with open(out / "scaling.csv") as f:

@@ -78,7 +78,7 @@ COLUMNS = [  # (header, attribute, format)
     ("s/step", "step_s", "{:.4g}"), ("spread", "spread", "{:.2f}"),
     ("samples/s", "samples_per_s", "{:.4g}"), ("speed-up", "speedup", "{:.2f}"),
     ("efficiency", "efficiency", "{:.0%}"), ("peak mem GiB", "peak_memory_gib", "{:.3g}"),
-    ("halo B/step", "halo_bytes", "{:.3g}"), ("comm share", "comm_share", "{:.0%}"),
+    ("halo B/step", "halo_bytes", "{:.3g}"), ("comm share", "comm_share", "{:.1%}"),
     ("status", "status", "{}"), ("reason", "reason", "{}"),
 ]
 
@@ -231,7 +231,8 @@ def plot(rows: list[Row], out_dir: Path, title: str) -> list[Path]:
         line, = ax_t.plot(gpus, [r.samples_per_s for r in pts], "o-", label=label)
         base = pts[0]
         ax_t.plot(gpus, [base.samples_per_s * g / base.gpus for g in gpus], "--",
-                  color=line.get_color(), alpha=0.5, label=f"ideal ({label})")
+                  color=line.get_color(), alpha=0.5,
+                  label=f"ideal ({label})" if len(series) > 1 else "ideal")
         ax_e.plot(gpus, [100 * r.efficiency for r in pts], "o-", color=line.get_color(),
                   label=label)
     ax_e.axhline(100, color="grey", linestyle="--", linewidth=1, label="ideal")
@@ -313,11 +314,12 @@ def report_sweep(state: SweepState, out_dir: str | Path | None = None,
     out = Path(out_dir) if out_dir is not None else Path(state.sweep_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     failed = [r for r in rows if not r.ok]
-    title = f"{state.title} (sweep {state.sweep_id})" if state.title else f"sweep {state.sweep_id}"
+    title = f"{state.title}\nsweep {state.sweep_id}" if state.title else f"sweep {state.sweep_id}"
     table = markdown_table(rows)
     failed_line = (f"{len(failed)} of {len(rows)} point(s) failed; reasons in the table.\n"
                    if failed else "")
-    (out / "scaling.md").write_text(f"# Scaling report: {title}\n\n{table}\n{failed_line}"
+    heading = title.replace("\n", ", ")
+    (out / "scaling.md").write_text(f"# Scaling report: {heading}\n\n{table}\n{failed_line}"
                                     f"\nRuns: {state.tracking_uri}, experiment "
                                     f"{state.experiment!r}, tag sweep_id={state.sweep_id}\n")
     write_csv(rows, out / "scaling.csv")
