@@ -19,6 +19,17 @@ from pathlib import Path
 
 import pytest
 
+# Triton kernels run through the interpreter on machines without a GPU (CI). TRITON_INTERPRET must
+# be set before triton.jit decorates squall's kernels, i.e. before any test module imports squall:
+# the root conftest is the one place collected before all of them.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover - torch is a hard requirement of the tests
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 START = REPO / ".ci" / "slurm" / "start.sh"
 # Fresh CI machine: apt-get update + install about 15 s, daemons under 5 s; 300 s bounds a slow
