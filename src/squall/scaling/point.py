@@ -203,7 +203,7 @@ def run_point(cfg, logger_factory) -> dict:
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads and threads.isdigit():
         torch.set_num_threads(int(threads))
-    init_distributed(env, timeout_s=float(cfg.scale.get("collective_timeout_s", 300)))
+    init_distributed(env, timeout_s=float(cfg.scale.collective_timeout_s))
     logger: RunLogger = NullLogger()
     try:
         if env.is_main:

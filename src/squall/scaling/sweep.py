@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from squall.errors import SquallError
 from squall.tracking import MlflowLogger, NullLogger, RunLogger, start_sweep_parent
 from squall.tracking.logger import KIND_TAG, resolve_tracking_uri
 
@@ -221,4 +223,7 @@ class SweepCallback(Callback):
         from squall.scaling.report import report_sweep
 
         state = SweepState.load(Path(str(config.hydra.sweep.dir)).resolve())
-        report_sweep(state, print_table=True)
+        try:
+            report_sweep(state, print_table=True)
+        except SquallError as err:  # Hydra would turn it into a warning with a traceback
+            print(f"error: no scaling report: {err}", file=sys.stderr)
