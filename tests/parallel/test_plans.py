@@ -7,7 +7,7 @@ import pytest
 from parallel_workers import tiny_graph
 
 from squall.graphs import build_graph
-from squall.parallel.halo import build_halo_plans, chunk_subgraphs
+from squall.parallel.halo import build_halo_plans, chunk_subgraphs, interior_first_order
 from squall.parallel.layout import Layout, LayoutError
 from squall.parallel.parallelize import ParallelConfig
 from squall.parallel.partition import (
@@ -50,26 +50,36 @@ def test_split_weighted_keeps_parts_non_empty_and_balanced():
     assert np.array_equal(np.bincount(owner), [4, 4, 4]) and owner[11] == 0
 
 
+@pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize("method", ["sfc", "ranges", "bands"])
 @pytest.mark.parametrize("parts", [1, 2, 3, 4, 7])
-def test_partition_and_plan_invariants(method, parts):
+def test_partition_and_plan_invariants(method, parts, ordered):
     g = tiny_graph()
     part = partition_graph(g, parts, method, edge_weights={"processor": 2})
+    order = None
+    if ordered:  # the model's numbering: mesh nodes processor-interior first
+        order = {"hidden": interior_first_order(build_halo_plans(g.edges["processor"], part))}
     for name, nodes in g.nodes.items():
         owner = part.owner[name]
         assert owner.shape == (len(nodes),) and owner.min() >= 0 and owner.max() < parts
         assert (part.counts(name) > 0).all(), f"{name}: an empty part"
     for e in g.edges.values():
-        plans = build_halo_plans(e, part)
+        plans = build_halo_plans(e, part, order)
         seen = np.concatenate([p.edge_ids for p in plans])
         assert np.array_equal(np.sort(seen), np.arange(e.num_edges)), "every edge exactly once"
         for r, p in enumerate(plans):
-            assert np.array_equal(p.owned_dst, part.owned(e.dst, r))
-            assert np.array_equal(p.owned_src, part.owned(e.src, r))
-            # every edge sits on its destination's owner, in global CSC order
+            assert np.array_equal(np.sort(p.owned_dst), part.owned(e.dst, r))
+            assert np.array_equal(np.sort(p.owned_src), part.owned(e.src, r))
+            if not ordered:
+                assert np.array_equal(p.owned_dst, part.owned(e.dst, r))
+            # every edge sits on its destination's owner, each destination's edges in CSC order
             dst_local = np.repeat(np.arange(len(p.owned_dst)), np.diff(p.colptr))
             assert np.array_equal(p.owned_dst[dst_local], e.dst_index[p.edge_ids])
-            assert (np.diff(p.edge_ids) > 0).all()
+            assert (np.diff(p.edge_ids)[np.diff(dst_local) == 0] == 1).all()
+            if ordered and e.src == e.dst:
+                n_int = p.interior.num_dst
+                assert np.array_equal(p.interior.dst, np.arange(n_int))
+                assert np.array_equal(p.interior.src, np.arange(p.num_owned_src))
             # local sources = [owned; halo] map back to the global sources
             local_src = np.concatenate([p.owned_src, p.halo_src])
             assert np.array_equal(local_src[p.row], e.row[p.edge_ids])

@@ -129,6 +129,8 @@ def merge_order(subs: list[SubGraph], num_dst: int) -> np.ndarray:
     return perm
 
 
-def merge(outputs: list[torch.Tensor], perm: torch.Tensor) -> torch.Tensor:
-    """Concatenate per-subset outputs ``[B, n_i, C]`` and put rows back in destination order."""
-    return torch.cat(outputs, 1).index_select(1, perm)
+def merge(outputs: list[torch.Tensor], perm: torch.Tensor | None) -> torch.Tensor:
+    """Concatenate per-subset outputs ``[B, n_i, C]`` and put rows back in destination order
+    (``perm`` ``None``: they already are)."""
+    out = torch.cat(outputs, 1)
+    return out if perm is None else out.index_select(1, perm)

@@ -3,9 +3,10 @@
 Numbering on rank ``r`` for an edge set ``src -> dst`` under a :class:`Partition`:
 
 * **local destinations** ``j = 0 .. n_dst - 1`` are ``owned_dst[j]``, the destination nodes owned
-  by ``r`` in ascending global order;
+  by ``r``, in ascending global order unless an ``order`` is given (the model numbers its mesh
+  nodes with the processor's interior destinations first: :func:`interior_first_order`);
 * **local sources** ``s = 0 .. n_own + n_halo - 1`` are ``[owned_src; halo_src]``: first the
-  source nodes ``r`` owns, ascending, then the halo, grouped by owning rank ascending and ascending
+  source nodes ``r`` owns, in their local order, then the halo, grouped by owning rank ascending and ascending
   global id inside a group. That is exactly the order in which ``all_to_all_single`` delivers the
   rows, so ``torch.cat([x_owned, x_received])`` is the local source tensor without any shuffle. For
   the processor (``src == dst``, one partition), local source ``s < n_own`` and local destination
@@ -14,7 +15,7 @@ Numbering on rank ``r`` for an edge set ``src -> dst`` under a :class:`Partition
   are their global CSC ids): each destination keeps its neighbour list and its order, so per
   destination aggregation is the same arithmetic as on one device;
 * **send lists**: ``send_index`` holds local (owned) source ids, grouped by receiving rank
-  ascending (``send_counts`` per rank), in each receiver's halo order.
+  ascending (``send_counts`` per rank), in each receiver's halo order (ascending global id).
 
 :class:`SubGraph` is a subset of the local destinations with the sources and edges they need,
 relabelled: the plan's ``full`` subgraph (all destinations), ``interior`` (destinations whose
@@ -24,6 +25,7 @@ sources are all owned: computable before the halo arrives) and ``boundary`` (the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,7 +76,12 @@ class SubGraph:
 
 
 def subgraph(
-    colptr: np.ndarray, row: np.ndarray, dst: np.ndarray, num_src: int, square: bool
+    colptr: np.ndarray,
+    row: np.ndarray,
+    dst: np.ndarray,
+    num_src: int,
+    square: bool,
+    src: np.ndarray | None = None,
 ) -> SubGraph:
     """Cut the destinations ``dst`` (local ids, ascending) out of a local CSC.
 
@@ -88,17 +95,26 @@ def subgraph(
         Number of local sources.
     square : bool
         Put ``dst`` first in the subset's sources (processor; see :class:`SubGraph`).
+    src : numpy.ndarray, optional
+        The subset's sources, when given (a superset of those its edges read, starting with
+        ``dst`` when ``square``): e.g. all owned rows, so that no gather is needed.
     """
     dst = np.asarray(dst, dtype=np.int64)
     counts = colptr[dst + 1] - colptr[dst]
     edges = _ranges(colptr[dst], counts)
     rows = row[edges]
-    if square:
+    if src is not None:
+        src = np.asarray(src, dtype=np.int64)
+        if square and not np.array_equal(src[: len(dst)], dst):
+            raise ValueError("a square subset's sources must start with its destinations")
+    elif square:
         src = np.concatenate([dst, np.setdiff1d(np.unique(rows), dst)])
     else:
         src = np.unique(rows)
     lookup = np.full(num_src, -1, dtype=np.int64)
     lookup[src] = np.arange(len(src))
+    if (lookup[rows] < 0).any():
+        raise ValueError("the given sources miss some the subset's edges read")
     sub_colptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return SubGraph(dst, src.astype(np.int64), edges, sub_colptr, lookup[rows], square)
 
@@ -161,7 +177,9 @@ class HaloPlan:
         return tuple(int(p) for p in np.flatnonzero((self.recv_counts + self.send_counts) > 0))
 
 
-def build_halo_plans(edges: EdgeSet, partition: Partition) -> list[HaloPlan]:
+def build_halo_plans(
+    edges: EdgeSet, partition: Partition, order: Mapping[str, list[np.ndarray]] | None = None
+) -> list[HaloPlan]:
     """Plans of every rank for one edge set (each rank keeps its own; all are needed to know
     who sends what).
 
@@ -171,6 +189,9 @@ def build_halo_plans(edges: EdgeSet, partition: Partition) -> list[HaloPlan]:
         Edge set in CSC order.
     partition : Partition
         Owner of every node of ``edges.src`` and ``edges.dst``.
+    order : mapping, optional
+        Node set -> per part, the owned global ids in local order (a permutation of
+        ``partition.owned(set, part)``); default ascending. Sets not named stay ascending.
 
     Returns
     -------
@@ -183,9 +204,17 @@ def build_halo_plans(edges: EdgeSet, partition: Partition) -> list[HaloPlan]:
     square = edges.src == edges.dst
     deg = np.diff(edges.colptr)
     pieces = []
+    order = order or {}
+
+    def owned(name, owner, r):
+        ids = order[name][r] if name in order else np.flatnonzero(owner == r)
+        if name in order and not np.array_equal(np.sort(ids), np.flatnonzero(owner == r)):
+            raise ValueError(f"order of {name!r} for part {r} is not a permutation of its nodes")
+        return np.asarray(ids, dtype=np.int64)
+
     for r in range(p):
-        owned_dst = np.flatnonzero(dst_owner == r)
-        owned_src = np.flatnonzero(src_owner == r)
+        owned_dst = owned(edges.dst, dst_owner, r)
+        owned_src = owned(edges.src, src_owner, r)
         counts = deg[owned_dst]
         edge_ids = _ranges(edges.colptr[owned_dst], counts)
         rows = edges.row[edge_ids]
@@ -204,10 +233,12 @@ def build_halo_plans(edges: EdgeSet, partition: Partition) -> list[HaloPlan]:
         owned_dst, owned_src, halo, recv_counts, edge_ids, colptr, row = pieces[r]
         # what r sends to q: q's halo rows owned by r, in q's receive order (ascending id)
         sends = []
+        position = np.full(edges.num_src, -1, dtype=np.int64)
+        position[owned_src] = np.arange(len(owned_src))
         for q in range(p):
             halo_q = pieces[q][2]
             mine = halo_q[src_owner[halo_q] == r] if q != r else halo_q[:0]
-            sends.append(np.searchsorted(owned_src, mine))
+            sends.append(position[mine])
         send_counts = np.array([len(s) for s in sends], dtype=np.int64)
         n_own, n_local = len(owned_src), len(owned_src) + len(halo)
         has_halo = np.zeros(len(owned_dst), dtype=bool)
@@ -215,7 +246,12 @@ def build_halo_plans(edges: EdgeSet, partition: Partition) -> list[HaloPlan]:
             dst_of_edge = np.repeat(np.arange(len(owned_dst)), np.diff(colptr))
             has_halo[dst_of_edge[row >= n_own]] = True
         full = subgraph(colptr, row, np.arange(len(owned_dst)), n_local, square)
-        interior = subgraph(colptr, row, np.flatnonzero(~has_halo), n_local, square)
+        inner = np.flatnonzero(~has_halo)
+        if square and np.array_equal(inner, np.arange(len(inner))):
+            # interior destinations numbered first: they read the owned rows as they are
+            interior = subgraph(colptr, row, inner, n_local, square, src=np.arange(n_own))
+        else:
+            interior = subgraph(colptr, row, inner, n_local, square)
         boundary = subgraph(colptr, row, np.flatnonzero(has_halo), n_local, square)
         plans.append(HaloPlan(
             edges.name, r, p, owned_dst, owned_src, halo, recv_counts, send_counts,
@@ -223,6 +259,14 @@ def build_halo_plans(edges: EdgeSet, partition: Partition) -> list[HaloPlan]:
             full, interior, boundary,
         ))  # fmt: skip
     return plans
+
+
+def interior_first_order(plans: list[HaloPlan]) -> list[np.ndarray]:
+    """Per part, the owned destinations of a square edge set with the interior ones first (each
+    group ascending): with that local order the interior subset is a prefix of the owned rows and
+    reads them without a gather, and interior and boundary outputs concatenate in order."""
+    return [np.concatenate([p.owned_dst[p.interior.dst], p.owned_dst[p.boundary.dst]])
+            for p in plans]  # fmt: skip
 
 
 def chunk_subgraphs(plan: HaloPlan, dst_xyz: np.ndarray, chunks: int) -> list[SubGraph]:

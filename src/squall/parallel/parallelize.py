@@ -48,7 +48,12 @@ from squall.parallel.chunking import (
     run_subgraph,
 )
 from squall.parallel.comm import HaloExchange, all_reduce_sum, gather_nodes
-from squall.parallel.halo import HaloPlan, build_halo_plans, chunk_subgraphs
+from squall.parallel.halo import (
+    HaloPlan,
+    build_halo_plans,
+    chunk_subgraphs,
+    interior_first_order,
+)
 from squall.parallel.layout import Layout, LayoutError, ProcessGroups, build_groups
 from squall.parallel.partition import ALIASES, METHODS, Partition, partition_graph
 
@@ -112,6 +117,16 @@ def make_partition(graph: Graph, cfg: ParallelConfig, processor_layers: int) -> 
     )
 
 
+def build_plans(graph: Graph, partition: Partition) -> list[dict[str, HaloPlan]]:
+    """Every part's halo plans of the encoder, processor and decoder, with the mesh nodes of each
+    part numbered processor-interior first (:func:`interior_first_order`; grid points stay
+    ascending, the order datasets read them in)."""
+    proc = graph.edges["processor"]
+    mesh = {proc.dst: interior_first_order(build_halo_plans(proc, partition))}
+    by_role = {role: build_halo_plans(graph.edges[role], partition, mesh) for role in ROLES}
+    return [{role: by_role[role][r] for role in ROLES} for r in range(partition.num_parts)]
+
+
 def local_grid_indices(graph: Graph, cfg: ParallelConfig, model_rank: int, processor_layers: int):
     """Global grid-point ids owned by ``model_rank``, ascending: the dataset's ``grid_indices``."""
     return make_partition(graph, cfg, processor_layers).owned("data", model_rank)
@@ -125,12 +140,14 @@ class LocalEdges:
         self.plan, self.group, self.chunk_subs = plan, group, chunks
         self.exchange = HaloExchange(plan, group, device) if plan.group_exchanges else None
         n = (len(plan.owned_dst), plan.num_local_src, len(plan.edge_ids))
+        self.device = device
         self.full = DeviceSubGraph(plan.full, *n, device)
-        self.interior = DeviceSubGraph(plan.interior, *n, device)
+        # the interior runs before the halo arrives: its sources are the owned rows alone
+        self.interior = DeviceSubGraph(plan.interior, n[0], plan.num_owned_src, n[2], device)
         self.boundary = DeviceSubGraph(plan.boundary, *n, device)
-        self.overlap_perm = torch.from_numpy(merge_order([plan.interior, plan.boundary], n[0])).to(
-            device
-        )
+        perm = merge_order([plan.interior, plan.boundary], n[0])
+        identity = np.array_equal(perm, np.arange(n[0]))
+        self.overlap_perm = None if identity else torch.from_numpy(perm).to(device)
         self.chunks = None
         if chunks:
             self.chunks = [DeviceSubGraph(s, *n, device, dst_given=True) for s in chunks]
@@ -193,7 +210,7 @@ class ShardedGraphInputs(nn.Module):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         device = self.area.device
-        if self.local["processor"].overlap_perm.device != device:
+        if torch.device(self.local["processor"].device) != device:
             self.local = {k: v.to(device) for k, v in self.local.items()}
         return self
 
@@ -357,7 +374,7 @@ def parallelize(
             f"partition into {partition.num_parts} parts for model_parallel={cfg.model_parallel}"
         )
     rank = groups.model_rank
-    plans = {role: build_halo_plans(graph.edges[role], partition)[rank] for role in ROLES}
+    plans = build_plans(graph, partition)[rank]
     chunks = {}
     if cfg.chunks > 1:
         for role in MAPPERS:
