@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -296,7 +297,7 @@ def bench(args):
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu-interpreter",
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "git_sha": sha or "unknown",
+        "git_sha": sha or os.environ.get("SQUALL_GIT_SHA", "unknown"),  # no .git on the device
     }
     path = Path(args.csv)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -67,9 +67,9 @@ log = logging.getLogger(__name__)
 BACKENDS = ("torch", "triton")
 LOG2E = 1.4426950408889634
 
-# Largest edge tile (BLOCK_E * H_pad * C_pad fp32 elements) per program: k, v and e tiles of this
-# size stay in registers at 4 to 8 warps. TODO(measure): chosen from register counts of the
-# H=16, C=64 tiles (8 edges x 1024 = 8192 -> 3 tiles of 32 fp32 per thread at 8 warps).
+# Largest edge tile (BLOCK_E * BLOCK_H * C_pad fp32 elements) per program: k, v and e tiles of
+# this size stay in registers at 4 to 8 warps (sm_90 compile of the H=16, C=64 tiles with triton
+# 3.9: 80 to 143 registers, no spills; the autotuner's H100 choices are all <= 2048 elements).
 MAX_TILE_ELEMS = 8192
 # Rows of q / dO per chunk of the deterministic dW reduction: N_dst / 512 chunks x H programs keeps
 # the grid above a few thousand programs on the o96 / o320 meshes (40,962 / 163,842 rows).
@@ -535,11 +535,12 @@ def _class_configs(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool) -
     bounds ``BLOCK_E * BLOCK_H * C_pad``. Candidates: all, half or a quarter of the heads per
     program (H100 v1 run: all-heads tiles at 8 warps left 2 programs per SM and h_to_h at 2.4x the
     no-reuse gather time; v2 autotune on o96 era_to_h chose a quarter or half of the heads, 4
-    warps, 4 nodes per program in class 0). Classes 0 and 1 (degree <= cap) also get ``SINGLE``
+    warps, 4 nodes per program in class 0; v3: a quarter of the heads, 8-edge blocks, 4 warps
+    in classes 1 to 3 on every graph). Classes 0 and 1 (degree <= cap) also get ``SINGLE``
     programs: many destinations per program in a software-pipelined loop, one edge block each
     (v2 ncu on o96 h_to_h: 12 to 25 % occupancy, DRAM 10 to 29 % busy: the schedule -> source ids
     -> rows chain of dependent loads is exposed; pipelining issues the next nodes' chains early).
-    TODO(measure): prune from the H100 autotune choices.
+    profiling/NOTES_attention.md lists what the autotuner chose per graph.
     """
     cap = DEGREE_CLASS_CAPS[cls] if cls < len(DEGREE_CLASS_CAPS) else 2 * DEGREE_CLASS_CAPS[-1]
     quarter, half = _min_block_h(h_pad), max(1, h_pad // 2)
@@ -551,8 +552,9 @@ def _class_configs(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool) -
         for dpp in (2, 4) if cls == 0 else (1,) if bh != quarter else (1, 2):
             cands.append((be, dpp, bh, warps, False, 1))
         if cls <= 1 and be >= cap and bh != h_pad:
-            for dpp, stages in ((16, 3), (32, 4)) if bh == quarter else ((16, 3),):
-                cands.append((be, dpp, bh, warps, True, stages))
+            # 16 nodes, 3 stages: chosen on H100 for o96 h_to_era and o320 classes 0 and 1 (v3
+            # autotune); 32 nodes / 4 stages was never chosen and was dropped
+            cands.append((be, 16, bh, warps, True, 3))
     if cls >= 2:
         # high-degree classes: the class-1 tile looping over more blocks (H100 v2 ncu, o96 h_to_h:
         # the 32-edge 8-warp tile ran 1 program per SM, 12.5% occupancy, class 3 at 525 us)
