@@ -102,3 +102,21 @@ def test_slurm_sweep_into_mlflow_server_with_failing_points(local_slurm, mlflow_
     good = status[(2, "scale.batch=1")]
     assert good.data.metrics["throughput/samples_per_s"] > 0
     assert good.data.params["point.global_batch"] == "2"
+
+
+def test_partition_compare_runs_model_parallel_points(tmp_path):
+    # Two ranks share each sample; the graph is partitioned by each scheme in turn.
+    done = run_scale(["--multirun", "experiment=partition_compare", *TINY,
+                      "parallel.partition=sfc,ranges"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = table_rows(done.stdout)
+    assert [(r[1], r[2], r[4], r[-2]) for r in rows] == [
+        ("parallel.partition=sfc", "2", "dp1xmp2", "FINISHED"),
+        ("parallel.partition=ranges", "2", "dp1xmp2", "FINISHED")]
+    state = sweep_state(done.stdout)
+    client = MlflowClient(tracking_uri=state.tracking_uri)
+    for job in ("0", "1"):
+        metrics = client.get_run(state.points[job]).data.metrics
+        assert metrics["halo/rows_sent"] > 0 and metrics["halo/bytes_per_step"] > 0
+        assert set(k for k in metrics if "/rank" in k) == {
+            "memory/peak_rss_GiB/rank0", "memory/peak_rss_GiB/rank1"}

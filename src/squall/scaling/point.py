@@ -247,7 +247,19 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger) -> dict:
     if env.is_main:
         dist.barrier()
     model, trainer = parts.model, parts.trainer
-    if plan.data_parallel > 1:
+    rows, dp_rank, halo, groups = None, env.rank // plan.model_parallel, {}, None
+    if plan.model_parallel > 1:
+        # Sharded in place (squall.parallel.parallelize): the trainer's model and optimiser see
+        # the same parameters; gradients are reduced over all ranks by the model itself.
+        from squall.parallel.parallelize import parallelize, prepare_parallel
+
+        setup = prepare_parallel(point, parts.graph)
+        parallelize(model, parts.graph, setup.config, setup.groups)
+        rows = torch.from_numpy(setup.grid_indices)
+        dp_rank = setup.data_parallel_rank
+        halo = _halo_volume(model, parts.graph, plan, device, int(point.training.rollout))
+        groups = setup.groups
+    elif plan.data_parallel > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.local_rank] if device.type == "cuda" else None)
         ddp.graph = model.graph  # Trainer reads model.graph.area
@@ -268,7 +280,6 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger) -> dict:
     if env.is_main:
         logger.set_tags({"point.attempts": progress.attempts})
 
-    dp_rank = env.rank // plan.model_parallel
     batches = _batches(parts.train_set, plan.batch_per_rank, int(point.training.seed), dp_rank,
                        plan.data_parallel, int(point.data.get("num_workers", 0)), start,
                        device.type == "cuda")
@@ -293,10 +304,16 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger) -> dict:
         while trainer.step < total:
             t0 = time.perf_counter()
             batch = next(batches)
+            if rows is not None:  # this rank's grid rows of the sample its model group shares
+                batch = {k: batch[k].index_select(2, rows) for k in ("x", "y")}
             waited = time.perf_counter() - t0
             _sync(device)
             t0 = time.perf_counter()
             loss, grad_norm = trainer.train_step(batch)
+            if groups is not None:  # each rank holds its share of the model group's loss
+                from squall.parallel.parallelize import reduce_loss
+
+                loss = reduce_loss(loss, groups)
             loss = float(loss)
             _sync(device)
             seconds = time.perf_counter() - t0
@@ -337,8 +354,8 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger) -> dict:
         M.COMM_SHARE: comm_s / stats.median_s if stats.median_s > 0 else 0.0,
         M.DATA_S: statistics.median(progress.data_s),
         M.SAMPLES_PER_S_PER_GPU: stats.samples_per_s / plan.gpus,
-        # Data-parallel points exchange no halo; model-parallel ones report theirs (issue 6).
-        M.HALO_BYTES_PER_STEP: 0.0, M.HALO_ROWS_SENT: 0.0,
+        # Data-parallel points exchange no halo.
+        M.HALO_BYTES_PER_STEP: 0.0, M.HALO_ROWS_SENT: 0.0, **halo,
         "model/parameters": float(model.num_parameters()),
         "model/gflop_per_sample": model.flops_per_sample() / 1e9,
     }
@@ -354,6 +371,28 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger) -> dict:
         log.info("point %s: %.4g s/step (spread %.2f), %.4g samples/s, comm %.3g s", plan.layout,
                  stats.median_s, stats.spread, stats.samples_per_s, comm_s)
     return summary
+
+
+def _halo_volume(model, graph, plan: PointPlan, device: torch.device,
+                 rollout: int) -> dict[str, float]:
+    """Halo traffic of this point per step, from its halo plans (largest rank).
+
+    Rows sent per step: every edge set's send rows times its uses (encoder and decoder once, the
+    processor once per layer) times the rollout, forward and again backward (the gradients of the
+    halo rows go back). Bytes: rows x channels x element size (bf16 on GPU, fp32 on CPU) x batch
+    per rank.
+    """
+    from squall.parallel.parallelize import build_plans
+
+    cfg = model.cfg
+    uses = {"encoder": 1, "processor": int(cfg.processor_layers), "decoder": 1}
+    sent = [sum(int(p[role].send_counts.sum()) * n for role, n in uses.items()) * 2 * rollout
+            for p in build_plans(graph, model.partition)]
+    element = 2 if device.type == "cuda" else 4
+    rows = max(sent)
+    return {M.HALO_ROWS_SENT: float(rows),
+            M.HALO_BYTES_PER_STEP: float(rows * int(cfg.num_channels) * element
+                                         * plan.batch_per_rank)}
 
 
 def _prepare(point) -> None:
