@@ -90,7 +90,7 @@ def test_model_parallel_waits_for_partitioning(monkeypatch):
         plan_point(cfg)
     monkeypatch.setattr(plan_module, "model_parallel_supported", lambda: True)
     plan = plan_point(cfg)
-    assert (plan.layout, plan.model_parallel, plan.partition) == ("dp1xmp2", 2, None)
+    assert (plan.layout, plan.model_parallel, plan.partition) == ("dp1xmp2", 2, "sfc")
 
 
 @pytest.mark.parametrize("args, wanted", [
