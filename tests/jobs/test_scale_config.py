@@ -89,6 +89,8 @@ def test_model_parallel_waits_for_partitioning(monkeypatch):
     with pytest.raises(LayoutError, match=r"layout dp1xmp2 not supported yet: .*issue 6"):
         plan_point(cfg)
     monkeypatch.setattr(plan_module, "model_parallel_supported", lambda: True)
+    with pytest.raises(LayoutError, match="parallel.partition='hexagons': choose one of"):
+        plan_point(compose_scale("experiment=partition_compare", "parallel.partition=hexagons"))
     plan = plan_point(cfg)
     assert (plan.layout, plan.model_parallel, plan.partition) == ("dp1xmp2", 2, "sfc")
 

@@ -153,6 +153,10 @@ def plan_point(cfg) -> PointPlan:
             f"layout dp{dp}xmp{mp} not supported yet: model parallelism "
             "(squall.parallel.parallelize, issue 6) has not landed; use parallel.model_parallel=1"
         )
+    if mp > 1:  # scheme names and degrees, checked where no GPU hour is spent yet
+        from squall.parallel.parallelize import ParallelConfig
+
+        ParallelConfig.from_cfg(p)
     return PointPlan(gpus=gpus, nodes=nodes, tasks_per_node=gpus // nodes, data_parallel=dp,
                      model_parallel=mp, batch_per_rank=per_rank, global_batch=per_rank * dp,
                      mode=mode, partition=None if p.get("partition") is None else str(p.partition),

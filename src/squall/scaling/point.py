@@ -6,14 +6,17 @@ Run by every rank of the point (``jobs/scale.py``). The order:
 2. ``torch.distributed`` from the launcher's environment (:mod:`squall.parallel.env`): NCCL on
    GPUs, gloo on CPU.
 3. Rank 0 builds graph, dataset and model first (it may write the graph cache and the synthetic
-   dataset), the others after a barrier. Data-parallel points wrap the model in DDP.
+   dataset), the others after a barrier. Model-parallel points shard the model in place
+   (:func:`squall.parallel.parallelize.parallelize`; each rank reads its grid rows, gradients are
+   reduced by the model); pure data-parallel points wrap it in DDP.
 4. ``scale.warmup_steps`` untimed steps, then ``scale.steps`` timed ones, each a real training
    step (:meth:`squall.train.loop.Trainer.train_step`) on batches drawn for this data-parallel
    rank. A checkpoint every ``scale.checkpoint_every`` steps; on SIGUSR1/SIGUSR2/SIGTERM all
    ranks agree to stop after the current step, rank 0 checkpoints, and under submitit the job is
    requeued (its own handler runs) and resumes here, warm-up repeated, timed steps kept.
-5. The gradient all-reduce measured alone (``time/comm_s``, ``comm/bytes_per_step``), peak memory
-   of every rank, the job's own GPU statistics; rank 0 logs all of it to the point's MLflow run.
+5. The gradient all-reduce measured alone (``time/comm_s``, ``comm/bytes_per_step``), the halo
+   volume of model-parallel points from their plans, peak memory of every rank, the job's own GPU
+   statistics; rank 0 logs all of it to the point's MLflow run.
 
 Anything that goes wrong is recorded on the run (``squall.failure_reason`` tag, status FAILED)
 before it propagates, so the sweep's report can show why.
