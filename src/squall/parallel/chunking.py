@@ -110,7 +110,9 @@ def run_chunks(block, chunks, order, perm, x_src, x_dst, edge_attr) -> torch.Ten
     pieces = x_dst.index_select(1, order).split([c.num_dst for c in chunks], dim=1)
     outs = [run_subgraph(block, c, x_src, piece, edge_attr, True)
             for c, piece in zip(chunks, pieces, strict=True)]  # fmt: skip
-    return merge(outs, perm)
+    out = torch.cat(outs, 1)
+    outs.clear()  # the pieces die here, not after the reordering copy below
+    return out.index_select(1, perm)
 
 
 def merge_order(subs: list[SubGraph], num_dst: int) -> np.ndarray:
