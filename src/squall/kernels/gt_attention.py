@@ -46,6 +46,7 @@ warps, keyed on ``(H, C)`` (``d_e``, dtypes and the class's config candidates ar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -626,7 +627,24 @@ def _new_like(x: torch.Tensor) -> torch.Tensor:
     return _new(x.shape, x.dtype, x.device)
 
 
+def _on_device(x: torch.Tensor):
+    """Launch on the tensors' GPU whatever the current device is (one process, several GPUs)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _launch_fwd(q, k, v, edge, attr, w_aug, row, sched, counts):
+    with _on_device(q):
+        return _launch_fwd_here(q, k, v, edge, attr, w_aug, row, sched, counts)
+
+
+def _launch_bwd(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_counts, src_counts):
+    with _on_device(q):
+        return _launch_bwd_here(
+            q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_counts, src_counts
+        )
+
+
+def _launch_fwd_here(q, k, v, edge, attr, w_aug, row, sched, counts):
     n_dst, h, c = q.shape
     h_pad, c_pad = _pads(h, c)
     fused = attr is not None
@@ -643,7 +661,7 @@ def _launch_fwd(q, k, v, edge, attr, w_aug, row, sched, counts):
     return out, lse
 
 
-def _launch_bwd(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_counts, src_counts):
+def _launch_bwd_here(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_counts, src_counts):
     row, csr_perm, csr_dst, dst_sched, src_sched = kidx_tensors
     n_dst, h, c = q.shape
     n_src = k.shape[0]
