@@ -17,13 +17,11 @@ import importlib.util
 import math
 from dataclasses import asdict, dataclass
 
-from squall.errors import ConfigError
+# One error for every layout that cannot run (ranks, nodes, batch, parallel degrees, scheme).
+from squall.parallel.layout import LayoutError
 
 MODES = ("strong", "weak")
-
-
-class LayoutError(ConfigError):
-    """A point's layout cannot run as asked (ranks, nodes, batch or parallel degrees)."""
+__all__ = ["LayoutError", "PointPlan", "model_parallel_supported", "plan_point"]
 
 
 def model_parallel_supported() -> bool:
