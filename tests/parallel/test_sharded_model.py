@@ -56,7 +56,7 @@ def _run(model, x, y):
 
 
 CONFIGS = [  # (parallel config overrides, model overrides)
-    ({"overlap": True}, {"trainable_edge_features": 2}),
+    ({"overlap": True}, {"trainable_edge_features": 2, "checkpoint_processor": True}),
     ({"overlap": False}, {"trainable_edge_features": 2, "checkpoint_processor": True}),
     ({"chunks": 3}, {"trainable_edge_features": 2, "checkpoint_encoder": True}),
 ]
