@@ -100,6 +100,18 @@ def _model_parallel(rank, world, method, configs):
         total = float(reduce_loss(loss, model.groups))
         assert abs(total - ref_loss) <= 1e-6 * ref_loss, (total, ref_loss)
         _assert_grads_close(model, grads, pkw)
+        stats = model.parallel_metrics(steps=1)
+        # rows this rank sent forward plus the halo gradients it sent back
+        expect = sum(le.exchange.num_send + le.exchange.num_recv
+                     for le in model.graph.local.values() if le.exchange is not None)  # fmt: skip
+        layers = mkw.get("layers", 2)
+        proc = model.graph.local["processor"].exchange
+        expect += (layers - 1) * (proc.num_send + proc.num_recv) if proc else 0
+        assert (
+            stats["halo/rows_sent"] == expect
+            and stats["halo/bytes_per_step"] == 4 * 2 * 12 * expect
+        )
+        assert stats["partition/edge_imbalance"] >= 1.0
         full = model.gather(out.detach())
         assert torch.equal(full[:, ids], out.detach())
         if method != "lopsided":

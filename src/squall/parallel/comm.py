@@ -51,6 +51,7 @@ class _HaloStart(Function):
             async_op=True,
         )  # fmt: skip
         exchange.bytes_sent += send.numel() * send.element_size()
+        exchange.rows_sent += exchange.num_send
         ctx.exchange, ctx.shape, ctx.pending = exchange, x.shape, pending
         return recv
 
@@ -97,6 +98,7 @@ class _HaloWait(Function):
             grad_send, grad_recv, ex.send_splits, ex.recv_splits, group=ex.group, async_op=True
         )
         ex.bytes_sent += grad_recv.numel() * grad_recv.element_size()
+        ex.rows_sent += ex.num_recv
         return grad_recv, None
 
 
@@ -129,8 +131,8 @@ class HaloExchange:
         self.send_splits = [int(c) for c in plan.send_counts]
         self.recv_splits = [int(c) for c in plan.recv_counts]
         self.num_send, self.num_recv = sum(self.send_splits), sum(self.recv_splits)
-        # bytes this rank sent so far, forward and backward (host-side count: no device sync)
-        self.bytes_sent = 0
+        # rows and bytes this rank sent so far, forward and backward (host-side counts: no sync)
+        self.rows_sent = self.bytes_sent = 0
 
     def to(self, device) -> HaloExchange:
         """Same exchange with its index on ``device``."""

@@ -56,6 +56,7 @@ from squall.parallel.halo import (
 )
 from squall.parallel.layout import Layout, LayoutError, ProcessGroups, build_groups
 from squall.parallel.partition import ALIASES, METHODS, Partition, partition_graph
+from squall.tracking import metrics as M
 
 MAPPERS = ("encoder", "decoder")
 
@@ -279,6 +280,21 @@ class ParallelForecaster(GraphForecaster):
         view.graph = self.graph.full_counts
         return GraphForecaster.flops_per_sample(view)
 
+    def parallel_metrics(self, steps: int = 1) -> dict[str, float]:
+        """This rank's halo traffic per step since the last call (forward and backward), and the
+        partition's edge imbalance (max / mean local edges over the model group).
+
+        Keys are :mod:`squall.tracking.metrics` names; host-side counters, no device sync.
+        """
+        exchanges = [le.exchange for le in self.graph.local.values() if le.exchange is not None]
+        rows = sum(e.rows_sent for e in exchanges)
+        sent = sum(e.bytes_sent for e in exchanges)
+        for e in exchanges:
+            e.rows_sent = e.bytes_sent = 0
+        steps = max(1, steps)
+        return {M.HALO_ROWS_SENT: rows / steps, M.HALO_BYTES_PER_STEP: sent / steps,
+                M.EDGE_IMBALANCE: self.edge_imbalance}  # fmt: skip
+
     def gather(self, y: torch.Tensor) -> torch.Tensor:
         """Full-grid ``[B, G, V]`` from every model rank's ``[B, G_local, V]`` (evaluation only)."""
         if self.groups.model is None:
@@ -374,7 +390,9 @@ def parallelize(
             f"partition into {partition.num_parts} parts for model_parallel={cfg.model_parallel}"
         )
     rank = groups.model_rank
-    plans = build_plans(graph, partition)[rank]
+    every = build_plans(graph, partition)
+    plans = every[rank]
+    local_edges = np.array([sum(len(p[role].edge_ids) for role in ROLES) for p in every])
     chunks = {}
     if cfg.chunks > 1:
         for role in MAPPERS:
@@ -388,6 +406,7 @@ def parallelize(
     model.graph = ShardedGraphInputs(model.graph, plans, groups.model, chunks)
     model.__class__ = ParallelForecaster
     model.parallel, model.groups, model.partition = cfg, groups, partition
+    model.edge_imbalance = float(local_edges.max() / local_edges.mean())
     if layout.model_parallel > 1:
         # also averages over data-parallel replicas: do not wrap the model in DDP as well
         model.grad_reducer = GradReducer(model, groups.world, layout.data_parallel)
