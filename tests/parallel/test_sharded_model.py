@@ -152,9 +152,11 @@ def test_one_part_and_chunks_equal_the_unsharded_model():
         out, _ = _run(model, x, y)
         assert torch.equal(out, ref_out), chunks
         _assert_grads_close(model, grads, f"chunks={chunks}")
-        assert (
-            model.flops_per_sample() == make_model(g, trainable_edge_features=2).flops_per_sample()
-        )
+        single = make_model(g, trainable_edge_features=2)
+        assert model.flops_per_sample() == single.flops_per_sample()
+        # checkpoints move between layouts: same keys, same tensors
+        assert list(model.state_dict()) == list(single.state_dict())
+        single.load_state_dict(model.state_dict())
 
 
 @pytest.mark.parametrize(

@@ -399,9 +399,10 @@ def parallelize(
             dst_xyz = graph.nodes[graph.edges[role].dst].xyz
             chunks[role] = chunk_subgraphs(plans[role], dst_xyz, cfg.chunks)
     if groups.world is not None:
-        # one starting point everywhere, as DDP does: parameters and buffers of global rank 0
+        # one starting point everywhere, as DDP does: parameters and persistent buffers of
+        # global rank 0 (the graph's buffers are built from the same file on every rank)
         with torch.no_grad():
-            for t in (*model.parameters(), *model.buffers()):
+            for t in model.state_dict().values():
                 dist.broadcast(t, src=0, group=groups.world)
     model.graph = ShardedGraphInputs(model.graph, plans, groups.model, chunks)
     model.__class__ = ParallelForecaster
