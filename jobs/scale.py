@@ -16,6 +16,7 @@ is written to ``<sweep dir>/report`` and the parent run, and its table printed. 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,7 +25,7 @@ from omegaconf import DictConfig
 
 from jobs._entry import user_errors
 from squall.scaling.point import run_point
-from squall.scaling.sweep import point_logger
+from squall.scaling.sweep import STATE_FILE, SweepState, point_logger
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="scale")
@@ -39,7 +40,10 @@ def main(cfg: DictConfig) -> dict:
         name = f"{plan.layout} gpus={plan.gpus} {cfg.graph.name}/{cfg.model.name}"
         return point_logger(cfg, job_num, sweep_dir, name)
 
-    summary = run_point(cfg, logger_factory)
+    point_id = None
+    if multirun and (Path(sweep_dir) / STATE_FILE).exists():
+        point_id = f"{SweepState.load(sweep_dir).sweep_id}#{job_num}"
+    summary = run_point(cfg, logger_factory, point_id)
     if not multirun and summary:  # rank 0 only
         keys = ("time/step_s", "time/step_spread", "throughput/samples_per_s", "time/comm_s")
         print(json.dumps({"point": {k: summary[k] for k in keys if k in summary}}))

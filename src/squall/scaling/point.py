@@ -25,6 +25,7 @@ before it propagates, so the sweep's report can show why.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import math
 import os
@@ -173,7 +174,7 @@ def _under_submitit() -> bool:
     return "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ
 
 
-def run_point(cfg, logger_factory) -> dict:
+def run_point(cfg, logger_factory, point_id: str | None = None) -> dict:
     """Run this rank's part of the point described by ``cfg``; return rank 0's summary.
 
     Parameters
@@ -182,6 +183,10 @@ def run_point(cfg, logger_factory) -> dict:
         Composed ``conf/scale.yaml``.
     logger_factory : callable
         ``logger_factory(env, plan) -> RunLogger`` for rank 0 (other ranks get a null logger).
+    point_id : str, optional
+        Identity of this point (sweep id and job number): a checkpoint in the run directory is
+        resumed only if it was written by the same point (not by an earlier sweep into the same
+        directory). None: any checkpoint there is resumed.
 
     Returns
     -------
@@ -212,7 +217,7 @@ def run_point(cfg, logger_factory) -> dict:
         if env.is_main:
             logger = logger_factory(env, plan)
         try:
-            summary = _measure(cfg, plan, env, logger)
+            summary = _measure(cfg, plan, env, logger, point_id)
         except SystemExit:  # submitit requeued the job (tagged already) or it was told to exit
             logger.finish("KILLED")
             raise
@@ -227,7 +232,7 @@ def run_point(cfg, logger_factory) -> dict:
         destroy_distributed()
 
 
-def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger) -> dict:
+def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: str | None) -> dict:
     s = cfg.scale
     device = torch.device("cuda", env.local_rank) if env.backend == "nccl" else torch.device("cpu")
     point = _point_config(cfg, plan, device)
@@ -269,8 +274,12 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger) -> dict:
         trainer.model = ddp
 
     ckpt = Path(str(point.training.run_dir)) / "checkpoint.pt"
+    owner = ckpt.with_suffix(".json")  # which point wrote the checkpoint
     progress, start = Progress(), 0
-    if ckpt.exists() and bool(point.training.resume):
+    if ckpt.exists() and point_id is not None and (
+            not owner.exists() or json.loads(owner.read_text()).get("point_id") != point_id):
+        log.warning("%s belongs to another sweep's point: starting afresh", ckpt)
+    elif ckpt.exists() and bool(point.training.resume):
         payload = load_checkpoint(ckpt, model, trainer.optimizer, trainer.scheduler)
         start = int(payload["step"])
         progress = Progress(**payload["extra"].get("progress", {}))
@@ -297,6 +306,7 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger) -> dict:
         if env.is_main:
             save_checkpoint(ckpt, model, trainer.optimizer, trainer.scheduler, trainer.step,
                             trainer.samples_seen, extra={"progress": vars(progress)})
+            owner.write_text(json.dumps({"point_id": point_id}) + "\n")
         dist.barrier()
 
     sampler = GpuSampler() if env.local_rank == 0 else None

@@ -113,7 +113,16 @@ def _job_config(config: DictConfig) -> DictConfig:
 
 
 def ensure_sweep(config: DictConfig) -> SweepState:
-    """Load the sweep's state, or start the sweep: parent run and ``sweep.json``.
+    """The sweep's state, started by :class:`SweepCallback`, or started here if it was not."""
+    sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+    if (sweep_dir / STATE_FILE).exists():
+        return SweepState.load(sweep_dir)
+    return start_sweep(config)
+
+
+def start_sweep(config: DictConfig) -> SweepState:
+    """Start a sweep: its parent run and a fresh ``sweep.json`` (replacing one left in the sweep
+    directory by an earlier multirun into the same ``hydra.sweep.dir``).
 
     Parameters
     ----------
@@ -121,8 +130,6 @@ def ensure_sweep(config: DictConfig) -> SweepState:
         The multirun config (with its ``hydra`` node).
     """
     sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
-    if (sweep_dir / STATE_FILE).exists():
-        return SweepState.load(sweep_dir)
     name = str(config.hydra.job.name)
     # The directory name is a timestamp; the suffix keeps two sweeps started in one second apart.
     sweep_id = f"{name}-{sweep_dir.name}-{uuid.uuid4().hex[:6]}"
@@ -215,7 +222,7 @@ class SweepCallback(Callback):
     """Starts a sweep before its points launch and reports on it when the multirun ends."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
-        self.state = ensure_sweep(config)
+        self.state = start_sweep(config)
         where = self.state.tracking_uri or "nowhere (tracking.enabled=false)"
         print(f"sweep {self.state.sweep_id}: points in {self.state.sweep_dir}, runs in {where}")
 
