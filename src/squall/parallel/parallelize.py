@@ -151,8 +151,7 @@ class LocalEdges:
         self.overlap_perm = None if identity else torch.from_numpy(perm).to(device)
         self.chunks = None
         if chunks:
-            self.chunks = [DeviceSubGraph(s, *n, device, dst_given=True) for s in chunks]
-            self.chunk_order = torch.from_numpy(np.concatenate([s.dst for s in chunks])).to(device)
+            self.chunks = [DeviceSubGraph(s, *n, device) for s in chunks]
             self.chunk_perm = torch.from_numpy(merge_order(chunks, n[0])).to(device)
 
     def to(self, device) -> LocalEdges:
@@ -252,7 +251,7 @@ class ParallelForecaster(GraphForecaster):
             x_all = torch.cat([x_src, le.exchange(x_src)], 1)
         if not chunked:
             return run_subgraph(block, le.full, x_all, x_dst, edge_attr, recompute)
-        return run_chunks(block, le.chunks, le.chunk_order, le.chunk_perm, x_all, x_dst, edge_attr)
+        return run_chunks(block, le.chunks, le.chunk_perm, x_all, x_dst, edge_attr)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, T_in, G_local, V_in]`` (or the full grid, then cut) -> ``[B, G_local, V_out]``."""
