@@ -49,17 +49,23 @@ def test_signal_checkpoints_and_rerun_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", signalled_at_step_3)
     with pytest.raises(PointInterrupted, match=r"SIGUSR1 at step 3; checkpoint .*checkpoint.pt"):
-        run_point(cfg, lambda env, plan: logger)
+        run_point(cfg, lambda env, plan: logger, point_id="sweep-a#0")
     assert logger.finished == ["KILLED"] and "SIGUSR1 at step 3" in logger.tags[INTERRUPT_TAG]
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
     assert [step for step, m in logger.metrics if "time/last_step_s" in m] == [1, 2, 3]
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers given back
 
     monkeypatch.setattr(Trainer, "train_step", original)
-    summary = run_point(cfg, lambda env, plan: logger)
+    summary = run_point(cfg, lambda env, plan: logger, point_id="sweep-a#0")
     assert logger.finished == ["KILLED", "FINISHED"] and logger.tags["point.attempts"] == "2"
     steps = [(step, m["time/timed"]) for step, m in logger.metrics if "time/last_step_s" in m]
     # Attempt 1: step 1 warm-up, 2-3 timed. Attempt 2 resumes at 3: step 4 warm-up, 5-7 timed.
     assert steps == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 0.0), (5, 1.0), (6, 1.0), (7, 1.0)]
     assert summary["time/measured_steps"] == 5
     assert summary["throughput/samples_per_s"] > 0 and summary["time/comm_s"] == 0.0
+
+    # A later sweep into the same directory does not resume this point's checkpoint.
+    fresh = RecordingLogger()
+    run_point(cfg, lambda env, plan: fresh, point_id="sweep-b#0")
+    assert [step for step, m in fresh.metrics if "time/last_step_s" in m] == [1, 2, 3, 4, 5, 6]
+    assert fresh.tags["point.attempts"] == "1"
