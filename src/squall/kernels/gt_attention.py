@@ -546,7 +546,8 @@ def _class_configs(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool) -
     cap = DEGREE_CLASS_CAPS[cls] if cls < len(DEGREE_CLASS_CAPS) else 2 * DEGREE_CLASS_CAPS[-1]
     quarter, half = _min_block_h(h_pad), max(1, h_pad // 2)
     cands = []
-    for bh in dict.fromkeys([h_pad, quarter, half]):
+    # all heads per program: never chosen above class 0 on the H100 (v3), so only offered there
+    for bh in dict.fromkeys([h_pad, quarter, half] if cls == 0 else [quarter, half]):
         fit = max(2, MAX_TILE_ELEMS // (bh * c_pad))
         be = min(cap, 1 << (fit.bit_length() - 1))
         warps = 4 if be * bh * c_pad <= 4096 else 8
@@ -561,6 +562,13 @@ def _class_configs(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool) -
         # the 32-edge 8-warp tile ran 1 program per SM, 12.5% occupancy, class 3 at 525 us)
         be = min(8, max(2, MAX_TILE_ELEMS // (quarter * c_pad)))
         cands.append((be, 1, quarter, 4, False, 1))
+    # One- and two-warp programs: no cross-warp reduction, so no barrier in a node's chain (sm_90
+    # SASS of the H16 C64 8-edge tile: 17 BAR at 4 warps, 13 at 2, 0 at 1 warp with 2 heads, 80
+    # registers), and ~4x the independent node chains per SM. Not yet timed on a GPU.
+    for bh, warps in ((max(1, h_pad // 8), 1), (quarter, 2)):
+        fit = max(2, 32 * 32 * warps // (bh * c_pad))  # <= 32 fp32 per thread and tile
+        be = min(cap, 8, 1 << (fit.bit_length() - 1))
+        cands.append((be, 2 if cls == 0 else 1, bh, warps, False, 1))
     if FORCE_CANDIDATE is not None:
         return [cands[FORCE_CANDIDATE % len(cands)]]
     if _interpreting() or os.environ.get("SQUALL_AUTOTUNE", "1") == "0":
