@@ -28,7 +28,7 @@ GIB = 1024**3
 # layer (2 x mlp_ratio: before and after GELU): layer norms, q, attention output, projections,
 # residuals, the output head and gradients in flight. Fitted on H100 (o320_l7, 1024 channels,
 # bf16, checkpointing, profiling/results/parallel.md): measured peaks 29.1 / 19.7 / 11.6 GiB at
-# 1 / 2 / 4 GPUs, estimated 29.2 / 17.5 / 11.3. Per source row: layer norm, k, v.
+# 1 / 2 / 4 GPUs, estimated 29.0 / 17.3 / 11.2. Per source row: layer norm, k, v.
 DST_ROW_UNITS = 12
 SRC_ROW_UNITS = 3
 # Per edge: the Triton kernels keep p and p*dp (fp32, per head) in backward; the torch reference
