@@ -217,7 +217,13 @@ def run_point(cfg, logger_factory, point_id: str | None = None) -> dict:
         if env.is_main:
             logger = logger_factory(env, plan)
         try:
-            summary = _measure(cfg, plan, env, logger, point_id)
+            try:
+                # Stop signals are caught from here on: one that comes while the point is still
+                # building stops it after its first step, with a checkpoint, instead of killing it.
+                with _StopFlag() as stop:
+                    summary = _measure(cfg, plan, env, logger, point_id, stop)
+            except _Stopped as stopped:  # handlers restored: submitit's is the one to call now
+                _interrupted(stopped.signum, stopped.step, stopped.ckpt, env, logger)
         except SystemExit:  # submitit requeued the job (tagged already) or it was told to exit
             logger.finish("KILLED")
             raise
@@ -232,7 +238,17 @@ def run_point(cfg, logger_factory, point_id: str | None = None) -> dict:
         destroy_distributed()
 
 
-def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: str | None) -> dict:
+class _Stopped(Exception):
+    """Raised by the step loop once every rank has stopped on a signal and the checkpoint is
+    written; turned into a requeue (submitit) or :class:`PointInterrupted` by :func:`run_point`."""
+
+    def __init__(self, signum: int, step: int, ckpt: Path) -> None:
+        super().__init__(signum, step, ckpt)
+        self.signum, self.step, self.ckpt = signum, step, ckpt
+
+
+def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: str | None,
+             stop: _StopFlag) -> dict:
     s = cfg.scale
     device = torch.device("cuda", env.local_rank) if env.backend == "nccl" else torch.device("cpu")
     point = _point_config(cfg, plan, device)
@@ -312,7 +328,7 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: st
     sampler = GpuSampler() if env.local_rank == 0 else None
     peak_memory(reset=True)
     stopped_by = 0
-    with _StopFlag() as stop, (sampler or _Nothing()):
+    with sampler or _Nothing():
         first = trainer.step
         while trainer.step < total:
             t0 = time.perf_counter()
@@ -348,8 +364,8 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: st
         flush()
         if sampler:
             sampler.sample()  # at least one sample, however short the point
-    if stopped_by:  # after the handlers are restored: submitit's is the one to call
-        _interrupted(stopped_by, trainer.step, ckpt, env, logger)
+    if stopped_by:
+        raise _Stopped(stopped_by, trainer.step, ckpt)
     save()
 
     comm_s, comm_bytes = _gradient_allreduce_s(model, device, int(s.comm_repeats))
