@@ -69,3 +69,24 @@ def test_signal_checkpoints_and_rerun_resumes(tmp_path, monkeypatch):
     run_point(cfg, lambda env, plan: fresh, point_id="sweep-b#0")
     assert [step for step, m in fresh.metrics if "time/last_step_s" in m] == [1, 2, 3, 4, 5, 6]
     assert fresh.tags["point.attempts"] == "1"
+
+
+def test_signal_during_the_build_stops_after_the_first_step(tmp_path, monkeypatch):
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cfg = compose_scale(*TINY, f"paths.cache={tmp_path}", f"training.run_dir={tmp_path / 'run'}")
+    from squall.scaling import point as point_module
+
+    original = point_module.build_run
+
+    def build_then_signal(*args, **kwargs):
+        parts = original(*args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)  # e.g. scancel while the graph was being built
+        return parts
+
+    monkeypatch.setattr(point_module, "build_run", build_then_signal)
+    logger = RecordingLogger()
+    with pytest.raises(PointInterrupted, match="SIGTERM at step 1"):
+        run_point(cfg, lambda env, plan: logger)
+    assert logger.finished == ["KILLED"] and (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
