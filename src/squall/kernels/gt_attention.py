@@ -544,7 +544,7 @@ def _class_configs(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool) -
     profiling/NOTES_attention.md lists what the autotuner chose per graph.
     """
     cap = DEGREE_CLASS_CAPS[cls] if cls < len(DEGREE_CLASS_CAPS) else 2 * DEGREE_CLASS_CAPS[-1]
-    quarter, half = _min_block_h(h_pad), max(1, h_pad // 2)
+    quarter, half = max(1, h_pad // 4), max(1, h_pad // 2)
     cands = []
     # all heads per program: never chosen above class 0 on the H100 (v3), so only offered there
     for bh in dict.fromkeys([h_pad, quarter, half] if cls == 0 else [quarter, half]):
@@ -576,8 +576,13 @@ def _class_configs(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool) -
     return cands
 
 
-def _min_block_h(h_pad: int) -> int:
-    return max(1, h_pad // 4)
+def _head_blocks_max(h: int, h_pad: int, c_pad: int) -> int:
+    """Most head blocks any fused backward candidate launches (slices of the d edge_attr buffer)."""
+    return max(
+        triton.cdiv(h, cand[2])
+        for cls in range(len(DEGREE_CLASS_CAPS) + 1)
+        for cand in _class_configs("bwd_dst", cls, h_pad, c_pad, True)
+    )
 
 
 # Run one candidate of every class instead of autotuning (tests; ncu runs through the environment).
@@ -689,7 +694,7 @@ def _launch_bwd_here(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_co
         # d edge_attr per head block, summed below in a fixed order; zeroed because the head
         # blocks a class uses depend on the config its autotuner picks (unused slices stay 0).
         dattr = torch.zeros(
-            (triton.cdiv(h, _min_block_h(h_pad)), n_edges, d_e), dtype=f32, device=dev
+            (_head_blocks_max(h, h_pad, c_pad), n_edges, d_e), dtype=f32, device=dev
         )
         sa = _new((n_dst, d_e + 1, h), f32, dev)
         sb = _new_like(sa)
