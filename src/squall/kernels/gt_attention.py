@@ -15,8 +15,10 @@ grouped by destination). In fused mode the edge term is ``e_ij = edge_attr_ij @ 
 
 Triton kernels (``backend="triton"``)
 -------------------------------------
-Forward: one program per ``DPP`` destinations (all heads), looping over the destination's edges in
-blocks of ``BLOCK_E`` with an online (base-2) softmax in fp32; it stores ``out`` in the input dtype
+Forward: one program per ``DPP`` destinations and ``BLOCK_H`` heads, looping over each destination's
+edges in blocks of ``BLOCK_E`` with an online (base-2) softmax in fp32 (``SINGLE`` classes, whose
+degree fits one block, run the destinations as a software-pipelined loop of async-copy gathers
+instead); it stores ``out`` in the input dtype
 and the log-sum-exp ``lse [N_dst, H]`` (fp32, base 2). Backward needs ``q, k, v, edge`` and ``lse``
 only (not ``out``), with no atomics, so every gradient is bitwise identical run to run:
 
