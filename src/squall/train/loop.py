@@ -74,17 +74,27 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 class ResumableSampler(torch.utils.data.Sampler):
     """Endless shuffled sample order, one fresh permutation per epoch from ``seed + epoch``,
-    starting after ``samples_seen`` samples: the data position of a resumed run."""
+    starting after ``samples_seen`` samples of this replica: the data position of a resumed run.
 
-    def __init__(self, num_samples: int, seed: int, samples_seen: int = 0):
+    Data-parallel replica ``rank`` of ``replicas`` takes every ``replicas``-th sample of each
+    permutation (the tail that does not divide evenly is dropped), so replicas never overlap and
+    every rank of one model group, having the same replica rank, reads the same samples.
+    """
+
+    def __init__(self, num_samples: int, seed: int, samples_seen: int = 0, rank: int = 0,
+                 replicas: int = 1):  # fmt: skip
+        if not 0 <= rank < replicas or num_samples < replicas:
+            raise ValueError(f"replica {rank} of {replicas} with {num_samples} samples")
         self.num_samples, self.seed, self.start = num_samples, seed, samples_seen
+        self.rank, self.replicas = rank, replicas
 
     def __iter__(self):
-        epoch, offset = divmod(self.start, self.num_samples)
+        per_replica = self.num_samples // self.replicas
+        epoch, offset = divmod(self.start, per_replica)
         while True:
             g = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-            yield from order[offset:]
+            order = torch.randperm(self.num_samples, generator=g)[: per_replica * self.replicas]
+            yield from order[self.rank :: self.replicas].tolist()[offset:]
             epoch, offset = epoch + 1, 0
 
     def __len__(self):  # endless; DataLoader only needs this for its own bookkeeping
@@ -93,6 +103,11 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 class Trainer:
     """Train ``model`` on windows from ``loader`` with the settings of ``cfg`` (``conf/training``).
+
+    In a distributed run, ``wrapped`` is the module the forward goes through (DDP) while ``model``
+    holds the state that is checkpointed; ``reduce`` turns a rank's loss share into the global
+    value for logging (sum over the model group, mean over replicas); only ``is_main`` writes
+    checkpoints; ``agree`` makes every rank stop at the same step after a signal.
 
     Parameters
     ----------
@@ -106,7 +121,8 @@ class Trainer:
     logger : object with ``log_metrics(dict, step)``
     """
 
-    def __init__(self, model, layout: VariableLayout, cfg, device, logger, checkpoint_path=None):
+    def __init__(self, model, layout: VariableLayout, cfg, device, logger, checkpoint_path=None,
+                 wrapped=None, reduce=None, is_main=True, agree=None, barrier=None):  # fmt: skip
         self.model, self.layout, self.cfg, self.device, self.logger = (
             model,
             layout,
@@ -115,6 +131,10 @@ class Trainer:
             logger,
         )
         self.checkpoint_path = checkpoint_path
+        self.net = wrapped if wrapped is not None else model
+        self.reduce = reduce or (lambda t: t.detach())
+        self.is_main, self.agree = is_main, agree or (lambda flag: flag)
+        self.barrier = barrier or (lambda: None)
         params = [p for p in model.parameters() if p.requires_grad]
         fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -146,7 +166,7 @@ class Trainer:
         state = x.index_select(-1, self.inputs)
         for r in range(y.shape[1]):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                pred = self.model(state)
+                pred = self.net(state)
             truth = y[:, r]
             yield pred, truth.index_select(-1, self.outputs)
             if r + 1 < y.shape[1]:
@@ -165,7 +185,7 @@ class Trainer:
     # -- loop -----------------------------------------------------------------------------------
 
     def train_step(self, batch: dict) -> float:
-        self.model.train()
+        self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.rollout_loss(batch)
         loss.backward()
@@ -182,9 +202,12 @@ class Trainer:
     def validate(self, loader, max_batches: int) -> dict:
         """Validation loss, and the prognostic variables' error against persistence (repeating
         the last input state over the rollout): ``skill = 1 - model / persistence``."""
-        self.model.eval()
+        self.net.eval()
         area = self.model.graph.area
-        total, prog, base, batches = 0.0, 0.0, 0.0, 0
+        sums = torch.zeros(
+            3, dtype=torch.float64, device=self.device
+        )  # total, prognostic, persistence
+        batches = 0
         for batch in loader:
             if batches >= max_batches:
                 break
@@ -193,20 +216,22 @@ class Trainer:
             )
             steps = list(self.rollout(batch))
             for pred, truth in steps:
-                total += float(area_weighted_mse(pred, truth, area)) / len(steps)
-                prog += float(
-                    area_weighted_mse(pred[..., self.prog_out], truth[..., self.prog_out], area)
-                ) / len(steps)
-                base += float(area_weighted_mse(last, truth[..., self.prog_out], area)) / len(steps)
+                sums += torch.stack([
+                    area_weighted_mse(pred, truth, area),
+                    area_weighted_mse(pred[..., self.prog_out], truth[..., self.prog_out], area),
+                    area_weighted_mse(last, truth[..., self.prog_out], area),
+                ]).double() / len(steps)  # fmt: skip
             batches += 1
-        total, prog, base = total / batches, prog / batches, base / batches
+        total, prog, base = (self.reduce(sums) / batches).tolist()  # this rank's shares -> global
         return {M.LOSS_VAL: total, LOSS_VAL_PROGNOSTIC: prog, LOSS_VAL_PERSISTENCE: base,
                 SKILL_VS_PERSISTENCE: 1 - prog / base}  # fmt: skip
 
     def save(self):
-        if self.checkpoint_path is not None:
+        """Rank 0 writes (parameters are identical on every rank); the others wait for it."""
+        if self.checkpoint_path is not None and self.is_main:
             save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.scheduler,
                             self.step, self.samples_seen)  # fmt: skip
+        self.barrier()
 
     def resume(self) -> bool:
         if self.checkpoint_path is None or not self.checkpoint_path.exists():
@@ -235,11 +260,17 @@ class Trainer:
         try:
             loader = iter(make_train_loader(self.samples_seen))
             peak_memory(reset=True)
-            while self.step < max_steps and not self.stop_requested:
+            logged_at = self.step
+            while self.step < max_steps:
+                if self.agree(self.stop_requested):  # every rank stops at the same step
+                    self.stop_requested = True
+                    break
                 batch = next(loader)
                 start = time.perf_counter()
                 loss, grad_norm = self.train_step(batch)
-                loss = float(loss)  # the one host sync per step: the value is logged anyway
+                loss = float(
+                    self.reduce(loss)
+                )  # the one host sync per step: the value is logged anyway
                 seconds = time.perf_counter() - start
                 timer.record(seconds, batch["x"].shape[0])
                 if not math.isfinite(loss):
@@ -249,6 +280,9 @@ class Trainer:
                     metrics = {M.LOSS_TRAIN: loss, M.GRAD_NORM: float(grad_norm),
                                M.LR: self.scheduler.get_last_lr()[0], "time/last_step_s": seconds,
                                **peak_memory(reset=True)}  # fmt: skip
+                    if hasattr(self.model, "parallel_metrics"):  # halo traffic of a sharded model
+                        metrics.update(self.model.parallel_metrics(self.step - logged_at))
+                        logged_at = self.step
                     self.logger.log_metrics(metrics, self.step)
                     log.info("step %d/%d loss %.4g lr %.2e %.3f s/step", self.step, max_steps, loss,
                              metrics[M.LR], seconds)  # fmt: skip
@@ -256,6 +290,8 @@ class Trainer:
                     self.step % int(cfg.val_every) == 0 or self.step == max_steps
                 ):
                     last = self.validate(val_loader, int(cfg.val_batches))
+                    if hasattr(self.model, "parallel_metrics"):
+                        self.model.parallel_metrics()  # validation traffic is not a step's
                     self.logger.log_metrics(last, self.step)
                     log.info("step %d validation loss %.4g, prognostic %.4g vs persistence %.4g: skill %.3f",
                              self.step, last[M.LOSS_VAL], last[LOSS_VAL_PROGNOSTIC],

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from squall.data.setup import build_dataset, ensure_dataset, variable_roles
 from squall.data.zarr_dataset import make_dataloader
 from squall.errors import ConfigError
 from squall.graphs import Graph, load_or_build
 from squall.models.forecaster import GraphForecaster, ModelConfig, compile_blocks
+from squall.parallel.parallelize import ParallelSetup, parallelize, prepare_parallel, reduce_loss
 from squall.train.loop import ResumableSampler, Trainer, VariableLayout
 
 log = logging.getLogger(__name__)
@@ -67,37 +69,73 @@ class RunParts:
     train_set: object
     val_set: object
     layout: VariableLayout
+    parallel: ParallelSetup | None  # None unless built with distribute=True
 
 
-def build_run(cfg, logger, device: torch.device | None = None) -> RunParts:
-    """Build graph, datasets, model and trainer from ``cfg`` (nothing trained yet)."""
+def build_run(
+    cfg, logger, device: torch.device | None = None, distribute: bool = False
+) -> RunParts:
+    """Build graph, datasets, model and trainer from ``cfg`` (nothing trained yet).
+
+    With ``distribute`` (after ``init_distributed``, or in one process), ``cfg.parallel`` decides
+    the layout:
+    with ``model_parallel > 1`` (or mapper ``chunks > 1``) the model is sharded in place by
+    :func:`squall.parallel.parallelize.parallelize` and each rank reads its own grid rows; the
+    remaining ranks are data-parallel replicas (DDP when there is no model parallelism).
+    """
     t = cfg.training
     device = device or pick_device(str(t.device))
     seed_everything(int(t.seed), bool(t.deterministic))
     graph = load_or_build(cfg.graph, Path(cfg.paths.cache) / "graphs")
     ensure_dataset(cfg, graph.nodes["data"])
+    setup = prepare_parallel(cfg, graph) if distribute else None
+    rows = setup.grid_indices if setup is not None else None
     rollout = int(t.rollout)
-    train_set = build_dataset(cfg, "train", rollout=rollout)
-    val_set = build_dataset(cfg, "validation", rollout=rollout, normaliser=train_set.normaliser)
+    train_set = build_dataset(cfg, "train", rollout=rollout, grid_indices=rows)
+    val_set = build_dataset(cfg, "validation", rollout=rollout, normaliser=train_set.normaliser,
+                            grid_indices=rows)  # fmt: skip
     train_set.info.check_grid(len(graph.nodes["data"]), graph.nodes["data"].latlon)
     layout = VariableLayout.from_roles(variable_roles(cfg, train_set.variables))
     if not layout.prognostic_in:
         raise ConfigError("no prognostic variable: every variable is a forcing or a diagnostic")
+    # Tendency spread from the full grid, so every rank of a model group scales alike.
+    spread_set = train_set if rows is None else build_dataset(cfg, "train", rollout=rollout)
     torch.manual_seed(int(t.seed))  # parameters identical whatever was drawn before
     model = GraphForecaster(
         graph, ModelConfig.from_cfg(cfg.model), len(layout.inputs), len(layout.outputs),
-        train_set.input_steps, layout.residual, tendency_spread(train_set, layout),
+        train_set.input_steps, layout.residual, tendency_spread(spread_set, layout),
     ).to(device)  # fmt: skip
     if bool(cfg.model.get("compile", False)):
         compile_blocks(model)
+    groups, wrapped = (setup.groups if setup is not None else None), None
+    distributed = groups is not None and groups.layout.world_size > 1
+    if setup is not None and (setup.config.model_parallel > 1 or setup.config.chunks > 1):
+        parallelize(model, graph, setup.config, groups)
+    elif distributed:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     run_dir = Path(str(t.run_dir))
-    trainer = Trainer(model, layout, t, device, logger, run_dir / "checkpoint.pt")
-    return RunParts(graph, model, trainer, train_set, val_set, layout)
+    trainer = Trainer(
+        model, layout, t, device, logger, run_dir / "checkpoint.pt", wrapped=wrapped,
+        reduce=(lambda x: reduce_loss(x, groups)) if distributed else None,
+        is_main=not distributed or dist.get_rank() == 0,
+        agree=(lambda flag: _any_rank(flag, device)) if distributed else None,
+        barrier=dist.barrier if distributed else None,
+    )  # fmt: skip
+    return RunParts(graph, model, trainer, train_set, val_set, layout, setup)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether any rank has ``flag`` set (one tiny all-reduce)."""
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def train(cfg, logger) -> dict:
     """Train as configured, resuming from ``run_dir/checkpoint.pt`` when allowed; return a summary."""
-    parts = build_run(cfg, logger)
+    parts = build_run(cfg, logger, distribute=True)
     t, model, trainer = cfg.training, parts.model, parts.trainer
     log.info(
         "model: %s parameters, %.3g GFLOP forward per sample; graph %s; %d training windows",
@@ -109,7 +147,8 @@ def train(cfg, logger) -> dict:
     batch = int(t.batch_size)
 
     def make_loader(samples_seen: int):
-        sampler = ResumableSampler(len(parts.train_set), int(t.seed), samples_seen)
+        sampler = ResumableSampler(len(parts.train_set), int(t.seed), samples_seen,
+                                   parts.parallel.data_parallel_rank, parts.parallel.data_parallel_size)  # fmt: skip
         return make_dataloader(parts.train_set, batch_size=batch, num_workers=workers, sampler=sampler,
                                pin_memory=trainer.device.type == "cuda")  # fmt: skip
 
