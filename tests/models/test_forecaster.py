@@ -104,7 +104,7 @@ def test_tiny_model_overfits_a_tiny_dataset(tiny_graph):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < first / 10, (first, float(loss))
+    assert loss.item() < first / 10, (first, loss.item())
 
 
 def test_compiled_blocks_match_eager(tiny_graph):
