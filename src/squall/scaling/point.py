@@ -265,29 +265,17 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: st
     # Rank 0 first: it may build the graph cache and generate the synthetic dataset.
     if env.is_main:
         _prepare(point)
-    else:
-        dist.barrier()
-    parts = build_run(point, NullLogger(), device=device)
-    if env.is_main:
-        dist.barrier()
+    dist.barrier()
+    # The layout is applied by build_run (squall.parallel): a model-parallel point is sharded in
+    # place and its datasets hold this rank's grid rows; data-parallel replicas go through DDP.
+    # Every rank enters it together: process groups and DDP's parameter broadcast are collectives.
+    parts = build_run(point, NullLogger(), device=device, distribute=True)
     model, trainer = parts.model, parts.trainer
-    rows, dp_rank, halo, groups = None, env.rank // plan.model_parallel, {}, None
+    setup = parts.parallel
+    dp_rank, halo, groups = setup.data_parallel_rank, {}, None
     if plan.model_parallel > 1:
-        # Sharded in place (squall.parallel.parallelize): the trainer's model and optimiser see
-        # the same parameters; gradients are reduced over all ranks by the model itself.
-        from squall.parallel.parallelize import parallelize, prepare_parallel
-
-        setup = prepare_parallel(point, parts.graph)
-        parallelize(model, parts.graph, setup.config, setup.groups)
-        rows = torch.from_numpy(setup.grid_indices)
-        dp_rank = setup.data_parallel_rank
         halo = _halo_volume(model, parts.graph, plan, device, int(point.training.rollout))
         groups = setup.groups
-    elif plan.data_parallel > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.local_rank] if device.type == "cuda" else None)
-        ddp.graph = model.graph  # Trainer reads model.graph.area
-        trainer.model = ddp
 
     ckpt = Path(str(point.training.run_dir)) / "checkpoint.pt"
     owner = ckpt.with_suffix(".json")  # which point wrote the checkpoint
@@ -333,8 +321,6 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: st
         while trainer.step < total:
             t0 = time.perf_counter()
             batch = next(batches)
-            if rows is not None:  # this rank's grid rows of the sample its model group shares
-                batch = {k: batch[k].index_select(2, rows) for k in ("x", "y")}
             waited = time.perf_counter() - t0
             _sync(device)
             t0 = time.perf_counter()
