@@ -19,17 +19,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_rows, machine_info  # noqa: E402
+from _step import load_graph  # noqa: E402
 
 from squall.data.synthetic import STATIC, TIME_FORCINGS, Synthetic, SyntheticSettings  # noqa: E402
-from squall.graphs import build_graph  # noqa: E402
 from squall.models.forecaster import GraphForecaster, ModelConfig  # noqa: E402
 from squall.train.loop import Trainer, VariableLayout  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def synthetic_windows(graph, num_times: int, device):
@@ -82,9 +79,7 @@ def main():
     p.add_argument("--runs", nargs="+", default=["torch:bf16", "triton:bf16", "torch:fp32"])
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    graph = build_graph(
-        yaml.safe_load((ROOT / "conf" / "graph" / f"{args.graph}.yaml").read_text())
-    )
+    graph = load_graph(args.graph)
     data, roles = synthetic_windows(graph, args.times, device)
     curves, speed = {}, {}
     for spec in args.runs:

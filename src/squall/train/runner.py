@@ -94,7 +94,6 @@ def build_run(
     train_set = build_dataset(cfg, "train", rollout=rollout, grid_indices=rows)
     val_set = build_dataset(cfg, "validation", rollout=rollout, normaliser=train_set.normaliser,
                             grid_indices=rows)  # fmt: skip
-    train_set.info.check_grid(len(graph.nodes["data"]), graph.nodes["data"].latlon)
     layout = VariableLayout.from_roles(variable_roles(cfg, train_set.variables))
     if not layout.prognostic_in:
         raise ConfigError("no prognostic variable: every variable is a forcing or a diagnostic")
