@@ -49,15 +49,35 @@ def machine_info() -> dict:
     }
 
 
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a results CSV; older files may hold several header lines (each begins with the
+    first column's name) and each starts a new section."""
+    rows, header = [], None
+    for line in csv.reader(path.read_text().splitlines()):
+        if header is None or (line and line[0] == header[0]):
+            header = line
+            continue
+        rows.append(dict(zip(header, line)))
+    return rows
+
+
 def append_rows(filename: str, rows: list[dict]) -> Path:
-    """Append rows to results/<filename>, writing a header when the file is new or columns change."""
+    """Append rows to results/<filename>; when the columns change, the file is rewritten once with
+    the union of columns (older rows leave new columns empty)."""
     path = RESULTS / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    new = not path.exists() or path.read_text().splitlines()[:1] != [",".join(fields)]
-    with open(path, "a", newline="") as fh:
+    old_header = next(csv.reader(path.read_text().splitlines()[:1]), None) if path.exists() else None
+    if old_header is not None and set(fields) <= set(old_header):
+        with open(path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=old_header).writerows(rows)
+        return path
+    old_rows = read_rows(path) if old_header is not None else []
+    fields = list(dict.fromkeys([*(old_header or []), *fields]))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+        writer.writeheader()
+        writer.writerows([*old_rows, *rows])
+    tmp.replace(path)
     return path
