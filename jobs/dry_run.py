@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     batch = int(cfg.training.get("batch_size", 1))
     graph = load_or_build(cfg.graph, cfg.paths.cache + "/graphs")
     mcfg = ModelConfig.from_cfg(cfg.model)
-    layout, ranks, params = estimate(graph, mcfg, pcfg, world, batch)
+    layout, ranks, params, mcfg = estimate(graph, mcfg, pcfg, world, batch)
     print(format_estimate(layout, ranks, params, graph, mcfg, pcfg, batch))
 
 

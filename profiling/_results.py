@@ -57,7 +57,7 @@ def read_rows(path: Path) -> list[dict]:
         if header is None or (line and line[0] == header[0]):
             header = line
             continue
-        rows.append(dict(zip(header, line)))
+        rows.append(dict(zip(header, line, strict=False)))
     return rows
 
 
@@ -67,7 +67,9 @@ def append_rows(filename: str, rows: list[dict]) -> Path:
     path = RESULTS / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    old_header = next(csv.reader(path.read_text().splitlines()[:1]), None) if path.exists() else None
+    old_header = (
+        next(csv.reader(path.read_text().splitlines()[:1]), None) if path.exists() else None
+    )
     if old_header is not None and set(fields) <= set(old_header):
         with open(path, "a", newline="") as fh:
             csv.DictWriter(fh, fieldnames=old_header).writerows(rows)

@@ -11,6 +11,8 @@ import yaml
 
 from squall.graphs import build_graph
 from squall.models.forecaster import GraphForecaster, ModelConfig, compile_blocks
+from squall.parallel.estimate import estimate
+from squall.parallel.parallelize import ParallelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,14 +32,27 @@ def load_graph(name: str):
     return build_graph(yaml.safe_load((ROOT / "conf" / "graph" / f"{name}.yaml").read_text()))
 
 
-def make_step(graph, args, backend: str, checkpoint: bool):
-    """Model on the GPU, random normalised inputs (never zeros) and a closure doing one step:
-    forward in bf16 autocast, MSE, backward, fused AdamW."""
+def model_config(graph, args, backend: str, checkpoint: str) -> ModelConfig:
+    """``checkpoint``: ``off`` | ``on`` (every block ``full``) | a policy for every block
+    (``none``, ``mlp``, ``full``) | ``budget:<GiB>`` (policies chosen by the dry-run estimate)."""
+    policy = {"off": "none", "on": "full"}.get(checkpoint, checkpoint)
+    budget = float(policy.split(":")[1]) if policy.startswith("budget:") else None
+    policy = "none" if budget is not None else policy
     cfg = ModelConfig(
         num_channels=args.channels, num_heads=args.heads, processor_layers=args.layers,
         mlp_ratio=4, trainable_edge_features=args.edge_features, attention_backend=backend,
-        checkpoint_encoder=checkpoint, checkpoint_processor=checkpoint, checkpoint_decoder=checkpoint,
+        checkpoint_encoder=policy, checkpoint_processor=policy, checkpoint_decoder=policy,
+        checkpoint_budget_gib=budget,
     )  # fmt: skip
+    if budget is not None:
+        *_, cfg = estimate(graph, cfg, ParallelConfig(), 1, 1, (args.vars, args.vars))
+    return cfg
+
+
+def make_step(graph, args, backend: str, checkpoint: str):
+    """Model on the GPU, random normalised inputs (never zeros) and a closure doing one step:
+    forward in bf16 autocast, MSE, backward, fused AdamW."""
+    cfg = model_config(graph, args, backend, checkpoint)
     torch.manual_seed(0)
     v = args.vars
     model = GraphForecaster(graph, cfg, v, v, 2, [(i, i) for i in range(v)]).cuda()
@@ -55,6 +70,23 @@ def make_step(graph, args, backend: str, checkpoint: bool):
         opt.step()
 
     return model, step
+
+
+def make_processor_step(model):
+    """Forward + backward of the processor alone on random mesh features (bf16 autocast)."""
+    gi = model.graph
+    x = torch.randn(1, gi.num_mesh, model.cfg.num_channels, device="cuda", requires_grad=True)
+    edge_attr = model.edge_inputs("processor")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            z = x
+            for layer in model.processor:
+                z = model.run_block("processor", layer, z, z, edge_attr)
+            loss = z.float().square().mean()
+        loss.backward()
+
+    return step
 
 
 def matmul_tflops(n: int = 8192, reps: int = 10) -> float:

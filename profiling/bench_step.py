@@ -21,21 +21,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_rows, machine_info  # noqa: E402
-from _step import add_model_args, load_graph, make_step, matmul_tflops  # noqa: E402
+from _step import add_model_args, load_graph, make_processor_step, make_step, matmul_tflops  # noqa: E402
+
+from squall.parallel.estimate import describe_checkpointing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def time_step(graph, args, backend: str, checkpoint: bool) -> dict:
-    model, step = make_step(graph, args, backend, checkpoint)
-    v = args.vars
-    inputs_gib = torch.cuda.memory_allocated() / 2**30
-    for _ in range(args.warmup):
+def timed(step, warmup: int, steps: int) -> list[float]:
+    """Seconds per call of ``step`` (CUDA events), after ``warmup`` calls."""
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(args.steps):
+    for _ in range(steps):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
@@ -43,7 +43,17 @@ def time_step(graph, args, backend: str, checkpoint: bool) -> dict:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def time_step(graph, args, backend: str, checkpoint: str) -> dict:
+    model, step = make_step(graph, args, backend, checkpoint)
+    v = args.vars
+    inputs_gib = torch.cuda.memory_allocated() / 2**30
+    times = timed(step, args.warmup, args.steps)
     median = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    processor = timed(make_processor_step(model), args.warmup, args.steps)
     flops = 3 * model.flops_per_sample()
     row = {
         "graph": args.graph,
@@ -53,11 +63,13 @@ def time_step(graph, args, backend: str, checkpoint: bool) -> dict:
         "vars": v,
         "backend": backend,
         "checkpoint": checkpoint,
+        "checkpoint_plan": describe_checkpointing(model.cfg).removeprefix("checkpointing: "),
         "compile": args.compile,
         "params_M": round(model.num_parameters() / 1e6, 2),
         "step_ms_median": round(median * 1e3, 1),
         "step_ms_min": round(min(times) * 1e3, 1),
-        "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_GiB": round(peak, 2),
+        "processor_ms_median": round(statistics.median(processor) * 1e3, 1),
         "model_state_GiB": round(inputs_gib, 2),
         "model_TFLOP_per_step": round(flops / 1e12, 3),
         "achieved_TFLOPs": round(flops / median / 1e12, 1),
@@ -69,7 +81,12 @@ def main():
     p = argparse.ArgumentParser()
     add_model_args(p)
     p.add_argument("--backend", nargs="+", default=["torch"])
-    p.add_argument("--checkpoint", nargs="+", default=["off", "on"])
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        default=["off", "on"],
+        help="off | on | none | mlp | full | budget:<GiB> (policies from the estimate)",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
@@ -81,12 +98,12 @@ def main():
     for backend in args.backend:
         for ckpt in args.checkpoint:
             try:
-                row = time_step(graph, args, backend, ckpt == "on")
+                row = time_step(graph, args, backend, ckpt)
             except torch.OutOfMemoryError:
                 row = {
                     "graph": args.graph,
                     "backend": backend,
-                    "checkpoint": ckpt == "on",
+                    "checkpoint": ckpt,
                     "step_ms_median": "OOM",
                 }
                 gc.collect()
@@ -99,11 +116,13 @@ def main():
             rows.append(row)
             print(row, flush=True)
     append_rows("step.csv", rows)
-    print(f"\n{'backend':<8}{'ckpt':<6}{'ms/step':>9}{'peak GiB':>10}{'TFLOP/s':>9}{'x floor':>8}")
+    print(f"\n{'backend':<8}{'ckpt':<12}{'compile':<8}{'ms/step':>9}{'proc ms':>9}{'peak GiB':>10}"
+          f"{'TFLOP/s':>9}{'x floor':>8}  plan")  # fmt: skip
     for r in rows:
         print(
-            f"{r['backend']:<8}{str(r['checkpoint']):<6}{r['step_ms_median']!s:>9}{r.get('peak_GiB', '-')!s:>10}"
-            f"{r.get('achieved_TFLOPs', '-')!s:>9}{r.get('matmul_floor_ratio', '-')!s:>8}"
+            f"{r['backend']:<8}{str(r['checkpoint']):<12}{str(args.compile):<8}{r['step_ms_median']!s:>9}"
+            f"{r.get('processor_ms_median', '-')!s:>9}{r.get('peak_GiB', '-')!s:>10}"
+            f"{r.get('achieved_TFLOPs', '-')!s:>9}{r.get('matmul_floor_ratio', '-')!s:>8}  {r.get('checkpoint_plan', '')}"
         )
 
 

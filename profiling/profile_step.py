@@ -57,11 +57,11 @@ def main():
     p = argparse.ArgumentParser()
     add_model_args(p)
     p.add_argument("--backend", default="torch")
-    p.add_argument("--checkpoint", default="off")
+    p.add_argument("--checkpoint", default="off", help="as bench_step.py")
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
     graph = load_graph(args.graph)
-    model, step = make_step(graph, args, args.backend, args.checkpoint == "on")
+    model, step = make_step(graph, args, args.backend, args.checkpoint)
 
     for _ in range(3):
         step()

@@ -59,17 +59,37 @@ def test_permuting_grid_nodes_permutes_the_output(o8_latlon_deg, tiny_spec):
     assert torch.allclose(y0[:, perm], y1, atol=1e-5)
 
 
-def test_checkpointing_gives_identical_gradients(tiny_graph):
+@pytest.mark.parametrize("encoder, processor, decoder", [
+    (True, True, True),
+    ("mlp", "mlp", "mlp"),
+    ("full", ("mlp", "none", "full"), "mlp"),
+])  # fmt: skip
+def test_checkpointing_gives_identical_outputs_and_gradients(
+    tiny_graph, encoder, processor, decoder
+):
     x = torch.randn(1, 2, 544, 5)
-    grads = []
-    for flag in (False, True):
-        model = make(
-            tiny_graph, checkpoint_encoder=flag, checkpoint_processor=flag, checkpoint_decoder=flag
-        )
+    outs, grads = [], []
+    for policies in [("none", "none", "none"), (encoder, processor, decoder)]:
+        model = make(tiny_graph, processor_layers=3, checkpoint_encoder=policies[0],
+                     checkpoint_processor=policies[1], checkpoint_decoder=policies[2])  # fmt: skip
         nn_init_nonzero(model)
-        model(x).square().mean().backward()
+        y = model(x)
+        y.square().mean().backward()
+        outs.append(y.detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert torch.equal(grads[0], grads[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+
+
+def test_checkpoint_policies_are_checked(tiny_graph):
+    with pytest.raises(ValueError, match="checkpoint.encoder: 'some'"):
+        ModelConfig(checkpoint_encoder="some")
+    with pytest.raises(ValueError, match="lists 1 policies for 2 processor layers"):
+        ModelConfig(processor_layers=2, checkpoint_processor=("mlp",))
+    cfg = ModelConfig(processor_layers=2, checkpoint_processor=["mlp", True])
+    assert cfg.checkpoint_processor == ("mlp", "full") and cfg.checkpoint_encoder == "none"
+    model = make(tiny_graph, processor_layers=2, checkpoint_processor=("mlp", True))
+    assert [b.checkpoint_policy for b in model.processor] == ["mlp", "full"]
+    assert [b.recompute_mlp for b in model.processor] == [True, False]
 
 
 def test_bad_input_shape(tiny_graph):

@@ -22,6 +22,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from squall.kernels.edge_index import EdgeIndex
 from squall.kernels.gt_attention import gt_attention_fused
@@ -49,10 +50,16 @@ class GraphTransformerBlock(nn.Module):
         Whether sources and destinations are different node sets (mappers) or the same (processor).
     backend : str
         Attention backend, ``"torch"`` or ``"triton"``.
+    recompute_mlp : bool
+        Keep only the MLP's input for backward and recompute its layer norm, first matrix product
+        and GELU (``(2 mlp_ratio + 1) C`` activations per destination row fewer for one extra
+        ``C x mlp_ratio C`` product per row).
     """
 
-    def __init__(self, channels, heads, edge_dim, mlp_ratio=4, bipartite=False, backend="torch"):
+    def __init__(self, channels, heads, edge_dim, mlp_ratio=4, bipartite=False, backend="torch",
+                 recompute_mlp=False):  # fmt: skip
         super().__init__()
+        self.recompute_mlp = recompute_mlp
         if channels % heads:
             raise ValueError(f"channels {channels} must be divisible by heads {heads}")
         self.heads, self.head_dim, self.bipartite, self.backend = (
@@ -127,14 +134,25 @@ class GraphTransformerBlock(nn.Module):
     def update(self, x_dst: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual output projection and MLP: the new ``x_dst``."""
         x = x_dst + self.out(attn)
+        if self.recompute_mlp and torch.is_grad_enabled():
+            return checkpoint(self.mlp_residual, x, use_reentrant=False)
+        return self.mlp_residual(x)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.norm_mlp(x))
 
     def flops_per_sample(self, num_src: int, num_dst: int, num_edges: int) -> int:
         """Forward multiply-adds x 2 of one sample: projections, edge term, attention, MLP."""
-        c, d_e = self.out.in_features, self.edge_weight.shape[0]
-        mlp_hidden = self.mlp[0].out_features
-        proj = 2 * c * c * (num_dst + 2 * num_src + num_dst)  # q, k, v, out
-        mlp = 2 * 2 * c * mlp_hidden * num_dst
-        edge = 2 * d_e * c * num_edges
-        attention = num_edges * c * (2 + 2 + 2)  # q.(k+e), a*(v+e), and the two edge additions
-        return proj + mlp + edge + attention
+        return block_flops(self.out.in_features, self.mlp[0].out_features // self.out.in_features,
+                           self.edge_weight.shape[0], num_src, num_dst, num_edges)  # fmt: skip
+
+
+def block_flops(channels: int, mlp_ratio: int, edge_dim: int, num_src: int, num_dst: int,
+                num_edges: int) -> int:  # fmt: skip
+    """Forward FLOPs (multiply-adds x 2) of one block for one sample."""
+    c = channels
+    proj = 2 * c * c * (num_dst + 2 * num_src + num_dst)  # q, k, v, out
+    mlp = 2 * 2 * c * mlp_ratio * c * num_dst
+    edge = 2 * edge_dim * c * num_edges
+    attention = num_edges * c * (2 + 2 + 2)  # q.(k+e), a*(v+e), and the two edge additions
+    return proj + mlp + edge + attention

@@ -29,23 +29,69 @@ from squall.kernels.edge_index import EdgeIndex
 from squall.layers.graph_transformer import GraphTransformerBlock
 
 ROLES = ("encoder", "processor", "decoder")
+# Activation checkpointing of one block: keep everything for backward ("none"), recompute the
+# MLP half (its layer norm, first matrix product and GELU: the block's largest activations)
+# ("mlp"), or keep only the block's input and recompute all of it ("full").
+CHECKPOINT_POLICIES = ("none", "mlp", "full")
+
+
+def checkpoint_policy(value, what: str = "checkpoint") -> str:
+    """``none | mlp | full`` from a policy name or a bool (``true`` = ``full``)."""
+    if value is None or isinstance(value, bool):
+        return "full" if value else "none"
+    if str(value) not in CHECKPOINT_POLICIES:
+        raise ValueError(
+            f"{what}: {value!r} is not one of {', '.join(CHECKPOINT_POLICIES)} or a bool"
+        )
+    return str(value)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """Model sizes, attention backend and per-block checkpointing.
+
+    ``checkpoint_processor`` is one policy for every processor layer or a tuple of one per layer;
+    ``checkpoint_budget_gib`` (when set) asks :func:`squall.parallel.estimate.plan_checkpointing`
+    to choose all three under that much memory per GPU.
+    """
+
     num_channels: int = 32
     num_heads: int = 4
     processor_layers: int = 2
     mlp_ratio: int = 2
     trainable_edge_features: int = 0
     attention_backend: str = "torch"
-    checkpoint_encoder: bool = False
-    checkpoint_processor: bool = False
-    checkpoint_decoder: bool = False
+    checkpoint_encoder: str = "none"
+    checkpoint_processor: str | tuple[str, ...] = "none"
+    checkpoint_decoder: str = "none"
+    checkpoint_budget_gib: float | None = None
+
+    def __post_init__(self):
+        for role in ("encoder", "decoder"):
+            key = f"checkpoint_{role}"
+            object.__setattr__(
+                self, key, checkpoint_policy(getattr(self, key), f"checkpoint.{role}")
+            )
+        proc = self.checkpoint_processor
+        if isinstance(proc, (list, tuple)):
+            if len(proc) != self.processor_layers:
+                raise ValueError(f"checkpoint.processor lists {len(proc)} policies for "
+                                 f"{self.processor_layers} processor layers")  # fmt: skip
+            proc = tuple(checkpoint_policy(p, "checkpoint.processor") for p in proc)
+        else:
+            proc = checkpoint_policy(proc, "checkpoint.processor")
+        object.__setattr__(self, "checkpoint_processor", proc)
+
+    def block_policy(self, role: str, layer: int = 0) -> str:
+        """Checkpoint policy of the encoder, processor layer ``layer`` or decoder."""
+        policy = getattr(self, f"checkpoint_{role}")
+        return policy[layer] if isinstance(policy, tuple) else policy
 
     @classmethod
     def from_cfg(cls, cfg) -> ModelConfig:
         ckpt = cfg.get("checkpoint", {}) or {}
+        proc = ckpt.get("processor", False)
+        budget = ckpt.get("budget_gib")
         return cls(
             num_channels=int(cfg.num_channels),
             num_heads=int(cfg.num_heads),
@@ -53,9 +99,12 @@ class ModelConfig:
             mlp_ratio=int(cfg.get("mlp_ratio", 4)),
             trainable_edge_features=int(cfg.get("trainable_edge_features", 0)),
             attention_backend=str(cfg.get("attention_backend", "torch")),
-            checkpoint_encoder=bool(ckpt.get("encoder", False)),
-            checkpoint_processor=bool(ckpt.get("processor", False)),
-            checkpoint_decoder=bool(ckpt.get("decoder", False)),
+            checkpoint_encoder=ckpt.get("encoder", False),
+            checkpoint_processor=tuple(proc)
+            if isinstance(proc, (list, tuple)) or type(proc).__name__ == "ListConfig"
+            else proc,
+            checkpoint_decoder=ckpt.get("decoder", False),
+            checkpoint_budget_gib=None if budget is None else float(budget),
         )
 
 
@@ -130,14 +179,16 @@ class GraphForecaster(nn.Module):
                     0.01 * torch.randn(self.graph.num_edges[role], cfg.trainable_edge_features)
                 )
 
-        def block(role, bipartite):
-            return GraphTransformerBlock(
-                c, cfg.num_heads, edge_dim[role], cfg.mlp_ratio, bipartite, cfg.attention_backend
-            )
+        def block(role, bipartite, layer=0):
+            policy = cfg.block_policy(role, layer)
+            gt = GraphTransformerBlock(c, cfg.num_heads, edge_dim[role], cfg.mlp_ratio, bipartite,
+                                       cfg.attention_backend, recompute_mlp=policy == "mlp")  # fmt: skip
+            gt.checkpoint_policy = policy
+            return gt
 
         self.encoder = block("encoder", True)
         self.processor = nn.ModuleList(
-            block("processor", False) for _ in range(cfg.processor_layers)
+            block("processor", False, i) for i in range(cfg.processor_layers)
         )
         self.decoder = block("decoder", True)
         self.norm_out = nn.LayerNorm(c)
@@ -173,7 +224,7 @@ class GraphForecaster(nn.Module):
 
     def run_block(self, role: str, block, x_src, x_dst, edge_attr) -> torch.Tensor:
         """One GT block over edge set ``role`` (the step ``squall.parallel`` overrides)."""
-        enabled = getattr(self.cfg, f"checkpoint_{role}")
+        enabled = block.checkpoint_policy == "full"
         return self._run(block, enabled, x_src, x_dst, edge_attr, self.graph.indices[role])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Builds the partition and halo plans (the same pure functions a run uses) and the model on the
 ``meta`` device (parameter count only, no memory), then estimates per rank:
 
-* static memory: fp32 parameters, gradients and two AdamW moments (16 B per parameter), plus the
-  flat gradient all-reduce buffer (4 B per parameter) when there is more than one rank;
+* static memory: fp32 parameters, gradients and two AdamW moments (16 B per parameter), the bf16
+  weight copies autocast keeps for backward (2 B), plus the flat gradient all-reduce buffer (4 B
+  per parameter) when there is more than one rank;
 * activation memory at the step's peak (see :func:`activation_bytes`);
 * communication per step: halo rows received per edge set times its uses (encoder and decoder
   once, the processor once per layer), forward and backward, and the gradient all-reduce
@@ -13,28 +14,33 @@ Builds the partition and halo plans (the same pure functions a run uses) and the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from squall.graphs import Graph
-from squall.models.forecaster import ROLES, GraphForecaster, ModelConfig
+from squall.layers.graph_transformer import block_flops
+from squall.models.forecaster import CHECKPOINT_POLICIES, ROLES, GraphForecaster, ModelConfig
 from squall.parallel.halo import build_halo_plans
 from squall.parallel.layout import Layout
 from squall.parallel.parallelize import ParallelConfig, make_partition
 
 GIB = 1024**3
-# Values of C activations per destination row of one block at its peak, besides the MLP hidden
-# layer (2 x mlp_ratio: before and after GELU): layer norms, q, attention output, projections,
-# residuals, the output head and gradients in flight. Fitted on H100 (o320_l7, 1024 channels,
-# bf16, checkpointing, profiling/results/parallel.md): measured peaks 29.1 / 19.7 / 11.6 GiB at
-# 1 / 2 / 4 GPUs, estimated 29.0 / 17.3 / 11.2. Per source row: layer norm, k, v.
-DST_ROW_UNITS = 12
-SRC_ROW_UNITS = 3
-# Per edge: the Triton kernels keep p and p*dp (fp32, per head) in backward; the torch reference
-# materialises k+e, v+e, the edge term and the weighted values ([E, H, C] each) plus gradients.
+# Activations kept for backward, in values of C per row (bf16 under autocast: the residual stream
+# is bf16 too, layer norms keep their bf16 input and hand a bf16 copy of their output to the next
+# matrix product). Per destination row: the attention layer norm's copy, q, the attention output,
+# the post-attention residual and the MLP layer norm's copy (5), plus the MLP hidden layer before
+# and after GELU (2 x mlp_ratio). Per source row: the source layer norm's copy, k and v (3); in the
+# processor the sources are the destinations and share the layer norm (2).
+DST_ROW_UNITS = 5
+SRC_ROW_UNITS = {True: 3, False: 2}
+# Per edge: the Triton kernels keep nothing per edge (p and p*dp, fp32 per head, exist during
+# backward only); the torch reference keeps about four C-wide tensors per edge (k+e, v+e, the
+# gathered q and the weights' expansion): fitted, o96_l6 1024 channels on H100 (step.md).
 EDGE_UNITS_TRITON_PER_HEAD = 2 * 4  # bytes: two fp32 values per head
-EDGE_UNITS_TORCH = 4 * 2  # C-wide tensors, forward and gradient
+EDGE_UNITS_TORCH = 4
+# Checked against peaks measured on one H100 (bench_step.py, o96_l6, 1024 channels, 16 layers,
+# bf16; static 3.88 GiB): see profiling/results/step.md for the measured and estimated pairs.
 
 
 @dataclass(frozen=True)
@@ -56,36 +62,134 @@ class RankEstimate:
         return self.static_gib + self.activation_gib
 
 
+def _block_bytes(mcfg: ModelConfig, b: int, act: int, n_dst: int, n_src: int, e: int,
+                 bipartite: bool) -> tuple[int, int, int]:  # fmt: skip
+    """One block's activations: (kept for backward, the MLP part of those that ``mlp``
+    recomputes, in flight during its backward)."""
+    c, ratio = mcfg.num_channels, mcfg.mlp_ratio
+    if mcfg.attention_backend == "triton":
+        edges_kept, edges_backward = 0, e * b * mcfg.num_heads * EDGE_UNITS_TRITON_PER_HEAD
+    else:
+        edges_kept = edges_backward = e * b * c * act * EDGE_UNITS_TORCH
+    row = b * c * act
+    kept = (n_dst * (DST_ROW_UNITS + 2 * ratio) + n_src * SRC_ROW_UNITS[bipartite]) * row
+    mlp = n_dst * (2 * ratio + 1) * row
+    # gradients of the MLP hidden layer and of q, k, v at once
+    in_flight = n_dst * 2 * ratio * row + edges_backward
+    return kept + edges_kept, mlp, in_flight
+
+
 def activation_bytes(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act: int) -> int:
     """Peak activation bytes of one rank.
 
     ``rows`` holds owned rows ``data``, ``mesh`` and local source rows per edge set
     (``src_<role>``); ``edges`` local edges per edge set; ``act`` bytes per activation (2 for bf16).
-    With a block checkpointed, its input stays (``[B, N, C]``) and its inner activations exist for
-    one block at a time; without, every block's inner activations stay until backward.
+    Per block policy (:data:`squall.models.forecaster.CHECKPOINT_POLICIES`): ``none`` keeps its
+    inner activations until backward; ``mlp`` keeps them less the MLP part, which then exists for
+    one block at a time during recomputation; ``full`` keeps only the block's input and its inner
+    activations exist for one block at a time.
     """
-    c, b, ratio = mcfg.num_channels, batch, mcfg.mlp_ratio
-    dst_units = DST_ROW_UNITS + 2 * ratio
-
-    def block(role, n_dst):
-        n_src = rows[f"src_{role}"]
-        e = edges[role]
-        if mcfg.attention_backend == "triton":
-            edge_bytes = e * b * mcfg.num_heads * EDGE_UNITS_TRITON_PER_HEAD
-        else:
-            edge_bytes = e * b * c * act * EDGE_UNITS_TORCH
-        return (n_dst * dst_units + n_src * SRC_ROW_UNITS) * b * c * act + edge_bytes
-
-    inner = {"encoder": block("encoder", rows["mesh"]),
-             "processor": block("processor", rows["mesh"]),
-             "decoder": block("decoder", rows["data"])}  # fmt: skip
-    ckpt = {role: getattr(mcfg, f"checkpoint_{role}") for role in ROLES}
+    c, b = mcfg.num_channels, batch
+    dst = {"encoder": rows["mesh"], "processor": rows["mesh"], "decoder": rows["data"]}
     layers = mcfg.processor_layers
     # block inputs kept for backward: data and mesh streams, one mesh tensor per layer
     kept = (3 * rows["data"] + (layers + 2) * rows["mesh"]) * b * c * act
-    live = sum(inner[r] * (layers if r == "processor" else 1) for r in ROLES if not ckpt[r])
-    peak_recompute = max((inner[r] for r in ROLES if ckpt[r]), default=0)
-    return kept + live + peak_recompute
+    live, transient = 0, 0
+    blocks = [("encoder", 0), *(("processor", i) for i in range(layers)), ("decoder", 0)]
+    sizes = {role: _block_bytes(mcfg, b, act, dst[role], rows[f"src_{role}"], edges[role],
+                                role != "processor") for role in ROLES}  # fmt: skip
+    for role, layer in blocks:
+        inner, mlp, in_flight = sizes[role]
+        policy = mcfg.block_policy(role, layer)
+        if policy == "none":
+            live += inner
+            transient = max(transient, in_flight)
+        elif policy == "mlp":
+            live += inner - mlp
+            transient = max(transient, mlp + in_flight)
+        else:
+            transient = max(transient, inner + in_flight)
+    return kept + live + transient
+
+
+def recompute_flops(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, edge_dims: dict) -> int:
+    """Forward FLOPs that checkpointing repeats in backward (``full``: the block's forward;
+    ``mlp``: its first MLP product, recomputation stopping once GELU's output is back)."""
+    c, ratio = mcfg.num_channels, mcfg.mlp_ratio
+    dst = {"encoder": rows["mesh"], "processor": rows["mesh"], "decoder": rows["data"]}
+    total = 0
+    for role, layer in [("encoder", 0), *(("processor", i) for i in range(mcfg.processor_layers)),
+                        ("decoder", 0)]:  # fmt: skip
+        policy = mcfg.block_policy(role, layer)
+        if policy == "full":
+            total += block_flops(c, ratio, edge_dims[role], rows[f"src_{role}"], dst[role],
+                                 edges[role])  # fmt: skip
+        elif policy == "mlp":
+            total += 2 * c * ratio * c * dst[role]
+    return batch * total
+
+
+def plan_checkpointing(mcfg: ModelConfig, budget_gib: float, static_gib: float, batch: int,
+                       rows: dict, edges: dict, edge_dims: dict, act: int = 2) -> ModelConfig:  # fmt: skip
+    """The checkpoint policies with the least recomputation whose estimated peak (static plus
+    activations, :func:`activation_bytes`) fits ``budget_gib``.
+
+    Searches every encoder and decoder policy and every count of ``full`` / ``mlp`` / ``none``
+    processor layers (layers are alike, so which ones does not matter); ties go to less memory.
+    Raises ``ValueError`` with the smallest estimate when nothing fits.
+    """
+    layers, fitting, smallest = mcfg.processor_layers, [], None
+    for enc in CHECKPOINT_POLICIES:
+        for dec in CHECKPOINT_POLICIES:
+            for n_full in range(layers + 1):
+                for n_mlp in range(layers - n_full + 1):
+                    n_none = layers - n_full - n_mlp
+                    proc = ("full",) * n_full + ("mlp",) * n_mlp + ("none",) * n_none
+                    cand = replace(mcfg, checkpoint_encoder=enc, checkpoint_decoder=dec,
+                                   checkpoint_processor=proc, checkpoint_budget_gib=budget_gib)  # fmt: skip
+                    gib = static_gib + activation_bytes(cand, batch, rows, edges, act) / GIB
+                    if smallest is None or gib < smallest:
+                        smallest = gib
+                    if gib <= budget_gib:
+                        fitting.append(
+                            (recompute_flops(cand, batch, rows, edges, edge_dims), gib, cand)
+                        )
+    if not fitting:
+        raise ValueError(f"checkpoint.budget_gib={budget_gib:g}: the smallest estimate, with every "
+                         f"block checkpointed, is {smallest:.2f} GiB per GPU (static "
+                         f"{static_gib:.2f}); raise the budget or add model-parallel ranks")  # fmt: skip
+    return min(fitting, key=lambda f: f[:2])[2]
+
+
+def describe_checkpointing(mcfg: ModelConfig) -> str:
+    """One line: the policy of every block, processor layers counted by policy."""
+    proc = mcfg.checkpoint_processor
+    proc = proc if isinstance(proc, tuple) else (proc,) * mcfg.processor_layers
+    counts = ", ".join(f"{proc.count(p)} {p}" for p in CHECKPOINT_POLICIES if proc.count(p))
+    return (f"checkpointing: encoder {mcfg.checkpoint_encoder}, processor {counts}, "
+            f"decoder {mcfg.checkpoint_decoder}")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _RankSizes:
+    rows: dict
+    edges: dict
+    halo: dict
+    peers: int
+
+
+def _sizes(graph: Graph, mcfg: ModelConfig, pcfg: ParallelConfig) -> list[_RankSizes]:
+    partition = make_partition(graph, pcfg, mcfg.processor_layers)
+    plans = {role: build_halo_plans(graph.edges[role], partition) for role in ROLES}
+    out = []
+    for r in range(pcfg.model_parallel):
+        mine = {role: plans[role][r] for role in ROLES}
+        rows = {"data": len(mine["decoder"].owned_dst), "mesh": len(mine["processor"].owned_dst)}
+        rows.update({f"src_{role}": mine[role].num_local_src for role in ROLES})
+        out.append(_RankSizes(rows, {role: len(mine[role].edge_ids) for role in ROLES},
+                              {role: len(mine[role].halo_src) for role in ROLES},
+                              len({p for role in ROLES for p in mine[role].peers})))  # fmt: skip
+    return out
 
 
 def estimate(
@@ -97,12 +201,14 @@ def estimate(
     num_vars: tuple[int, int] = (100, 100),
     input_steps: int = 2,
     act_bytes: int = 2,
-) -> tuple[Layout, list[RankEstimate], int]:
+) -> tuple[Layout, list[RankEstimate], int, ModelConfig]:
     """Per-rank estimates of a layout.
 
     Parameters
     ----------
     graph, mcfg, pcfg : Graph, ModelConfig, ParallelConfig
+        With ``mcfg.checkpoint_budget_gib`` set, the checkpoint policies are chosen first
+        (:func:`plan_checkpointing`, on the largest rank's sizes).
     world_size : int
         Ranks in the run (``model_parallel x data_parallel``).
     batch : int
@@ -119,31 +225,36 @@ def estimate(
         One per model-parallel rank.
     params : int
         Parameters of the model.
+    mcfg : ModelConfig
+        The model configuration estimated (checkpoint policies resolved).
     """
     layout = Layout(world_size, pcfg.model_parallel)
     layout.check({k: len(v) for k, v in graph.nodes.items()}, batch)
     with torch.device("meta"):
         model = GraphForecaster(graph, mcfg, num_vars[0], num_vars[1], input_steps)
     params = model.num_parameters()
-    partition = make_partition(graph, pcfg, mcfg.processor_layers)
-    plans = {role: build_halo_plans(graph.edges[role], partition) for role in ROLES}
-    static = 16 * params + (4 * params if world_size > 1 else 0)
+    edge_dims = {"encoder": model.encoder.edge_weight.shape[0],
+                 "processor": model.processor[0].edge_weight.shape[0] if mcfg.processor_layers else 0,
+                 "decoder": model.decoder.edge_weight.shape[0]}  # fmt: skip
+    # fp32 parameters, gradients and AdamW moments; bf16 copies of the weights that autocast
+    # keeps for backward; the flat gradient buffer of the all-reduce
+    static = (16 + (2 if act_bytes == 2 else 0)) * params + (4 * params if world_size > 1 else 0)
     ring = 2 * (world_size - 1) / world_size if world_size > 1 else 0.0
+    sizes = _sizes(graph, mcfg, pcfg)
+    if mcfg.checkpoint_budget_gib is not None:
+        largest_rows = {k: max(s.rows[k] for s in sizes) for k in sizes[0].rows}
+        largest_edges = {k: max(s.edges[k] for s in sizes) for k in ROLES}
+        mcfg = plan_checkpointing(mcfg, mcfg.checkpoint_budget_gib, static / GIB, batch,
+                                  largest_rows, largest_edges, edge_dims, act_bytes)  # fmt: skip
+    uses = {"encoder": 1, "processor": mcfg.processor_layers, "decoder": 1}
     out = []
-    for r in range(pcfg.model_parallel):
-        mine = {role: plans[role][r] for role in ROLES}
-        rows = {"data": len(mine["decoder"].owned_dst), "mesh": len(mine["processor"].owned_dst)}
-        rows.update({f"src_{role}": mine[role].num_local_src for role in ROLES})
-        edges = {role: len(mine[role].edge_ids) for role in ROLES}
-        halo = {role: len(mine[role].halo_src) for role in ROLES}
-        uses = {"encoder": 1, "processor": mcfg.processor_layers, "decoder": 1}
+    for r, size in enumerate(sizes):
         halo_bytes = sum(2 * uses[k] * v * batch * mcfg.num_channels * act_bytes
-                         for k, v in halo.items())  # fmt: skip
-        peers = len({p for role in ROLES for p in mine[role].peers})
-        act = activation_bytes(mcfg, batch, rows, edges, act_bytes)
-        out.append(RankEstimate(r, rows, edges, halo, peers, static / GIB, act / GIB,
-                                int(halo_bytes), int(ring * 4 * params)))  # fmt: skip
-    return layout, out, params
+                         for k, v in size.halo.items())  # fmt: skip
+        act = activation_bytes(mcfg, batch, size.rows, size.edges, act_bytes)
+        out.append(RankEstimate(r, size.rows, size.edges, size.halo, size.peers, static / GIB,
+                                act / GIB, int(halo_bytes), int(ring * 4 * params)))  # fmt: skip
+    return layout, out, params, mcfg
 
 
 def format_estimate(layout: Layout, ranks: list[RankEstimate], params: int, graph: Graph,
@@ -155,6 +266,12 @@ def format_estimate(layout: Layout, ranks: list[RankEstimate], params: int, grap
         f"{graph.name}; {params:,} parameters; {mcfg.num_channels} channels, "
         f"{mcfg.processor_layers} layers, backend {mcfg.attention_backend}; partition "
         f"{pcfg.partition}, overlap {pcfg.overlap}, chunks {pcfg.chunks}",
+        describe_checkpointing(mcfg)
+        + (
+            f" (chosen for checkpoint.budget_gib={mcfg.checkpoint_budget_gib:g})"
+            if mcfg.checkpoint_budget_gib is not None
+            else ""
+        ),
         "",
         f"{'rank':>4} {'data':>9} {'mesh':>8} {'edges':>10} {'halo rows e/p/d':>20} "
         f"{'peers':>5} {'static GiB':>10} {'act GiB':>8} {'total GiB':>9} {'halo MB/step':>12} "

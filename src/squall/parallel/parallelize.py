@@ -231,7 +231,7 @@ class ParallelForecaster(GraphForecaster):
 
     def run_block(self, role: str, block, x_src, x_dst, edge_attr) -> torch.Tensor:
         le = self.graph.local[role]
-        recompute = bool(getattr(self.cfg, f"checkpoint_{role}"))
+        recompute = block.checkpoint_policy == "full"
         chunked = le.chunks is not None
         if le.exchange is None:
             x_all = x_src

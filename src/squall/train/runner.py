@@ -20,7 +20,14 @@ from squall.data.zarr_dataset import make_dataloader
 from squall.errors import ConfigError
 from squall.graphs import Graph, load_or_build
 from squall.models.forecaster import GraphForecaster, ModelConfig, compile_blocks
-from squall.parallel.parallelize import ParallelSetup, parallelize, prepare_parallel, reduce_loss
+from squall.parallel.estimate import describe_checkpointing, estimate
+from squall.parallel.parallelize import (
+    ParallelConfig,
+    ParallelSetup,
+    parallelize,
+    prepare_parallel,
+    reduce_loss,
+)  # fmt: skip
 from squall.train.loop import ResumableSampler, Trainer, VariableLayout
 
 log = logging.getLogger(__name__)
@@ -99,9 +106,13 @@ def build_run(
         raise ConfigError("no prognostic variable: every variable is a forcing or a diagnostic")
     # Tendency spread from the full grid, so every rank of a model group scales alike.
     spread_set = train_set if rows is None else build_dataset(cfg, "train", rollout=rollout)
+    mcfg = ModelConfig.from_cfg(cfg.model)
+    if mcfg.checkpoint_budget_gib is not None:
+        mcfg = resolve_checkpointing(graph, mcfg, setup, int(t.batch_size), layout,
+                                     train_set.input_steps, device, str(t.precision))  # fmt: skip
     torch.manual_seed(int(t.seed))  # parameters identical whatever was drawn before
     model = GraphForecaster(
-        graph, ModelConfig.from_cfg(cfg.model), len(layout.inputs), len(layout.outputs),
+        graph, mcfg, len(layout.inputs), len(layout.outputs),
         train_set.input_steps, layout.residual, tendency_spread(spread_set, layout),
     ).to(device)  # fmt: skip
     if bool(cfg.model.get("compile", False)):
@@ -123,6 +134,24 @@ def build_run(
         barrier=dist.barrier if distributed else None,
     )  # fmt: skip
     return RunParts(graph, model, trainer, train_set, val_set, layout, setup)
+
+
+def resolve_checkpointing(graph, mcfg, setup, batch, layout, input_steps, device, precision):
+    """Checkpoint policies chosen for ``checkpoint.budget_gib`` on this run's layout (logged)."""
+    pcfg = setup.config if setup is not None else ParallelConfig()
+    world = setup.groups.layout.world_size if setup is not None and setup.groups else 1
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    try:
+        *_, mcfg = estimate(graph, mcfg, pcfg, world, batch, (len(layout.inputs),
+                            len(layout.outputs)), input_steps, 2 if bf16 else 4)  # fmt: skip
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    log.info(
+        "%s (for checkpoint.budget_gib=%g)",
+        describe_checkpointing(mcfg),
+        mcfg.checkpoint_budget_gib,
+    )
+    return mcfg
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
