@@ -42,7 +42,7 @@ def model_config(graph, args, backend: str, checkpoint: str) -> ModelConfig:
         num_channels=args.channels, num_heads=args.heads, processor_layers=args.layers,
         mlp_ratio=4, trainable_edge_features=args.edge_features, attention_backend=backend,
         checkpoint_encoder=policy, checkpoint_processor=policy, checkpoint_decoder=policy,
-        checkpoint_budget_gib=budget,
+        checkpoint_budget_gib=budget, compile=args.compile,
     )  # fmt: skip
     if budget is not None:
         *_, cfg = estimate(graph, cfg, ParallelConfig(), 1, 1, (args.vars, args.vars))
@@ -56,7 +56,7 @@ def make_step(graph, args, backend: str, checkpoint: str):
     torch.manual_seed(0)
     v = args.vars
     model = GraphForecaster(graph, cfg, v, v, 2, [(i, i) for i in range(v)]).cuda()
-    if args.compile:
+    if cfg.compile:
         compile_blocks(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(1, 2, model.graph.num_data, v, device="cuda")

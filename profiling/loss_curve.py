@@ -1,7 +1,10 @@
 """Loss curves of the same training run with different attention backends (and fp32 for scale).
 
     PYTHONPATH=src python profiling/loss_curve.py --graph o96_l6 --steps 200 \
-        --runs torch:bf16 triton:bf16 torch:fp32
+        --runs torch:bf16 triton:bf16 triton+compile+mlp:bf16 torch:fp32
+
+A run is ``backend[+compile][+<checkpoint policy>]:precision`` (policies: none, mlp, full;
+``+compile`` puts every block under torch.compile).
 
 Every run starts from the same parameters and sees the same synthetic windows in the same order
 (in-memory fields from ``squall.data.synthetic``: no zarr needed). The difference between the
@@ -25,7 +28,12 @@ from _results import append_rows, machine_info  # noqa: E402
 from _step import load_graph  # noqa: E402
 
 from squall.data.synthetic import STATIC, TIME_FORCINGS, Synthetic, SyntheticSettings  # noqa: E402
-from squall.models.forecaster import GraphForecaster, ModelConfig  # noqa: E402
+from squall.models.forecaster import (  # noqa: E402
+    CHECKPOINT_POLICIES,
+    GraphForecaster,
+    ModelConfig,
+    compile_blocks,
+)  # fmt: skip
 from squall.train.loop import Trainer, VariableLayout  # noqa: E402
 
 
@@ -43,15 +51,25 @@ def synthetic_windows(graph, num_times: int, device):
     return torch.from_numpy(data).to(device), roles
 
 
-def run(graph, data, roles, args, backend: str, precision: str) -> tuple[list[float], float]:
+def run(graph, data, roles, args, spec: str) -> tuple[list[float], float]:
     device = data.device
     layout = VariableLayout.from_roles(roles)
+    options, precision = spec.split(":")
+    backend, *extras = options.split("+")
+    unknown = set(extras) - {"compile", *CHECKPOINT_POLICIES}
+    if unknown:
+        raise SystemExit(f"run {spec!r}: unknown options {sorted(unknown)}")
+    policy = next((e for e in extras if e in CHECKPOINT_POLICIES), "none")
     torch.manual_seed(0)
     cfg = ModelConfig(num_channels=args.channels, num_heads=args.heads, processor_layers=args.layers,
-                      mlp_ratio=4, trainable_edge_features=8, attention_backend=backend)  # fmt: skip
+                      mlp_ratio=4, trainable_edge_features=8, attention_backend=backend,
+                      checkpoint_encoder=policy, checkpoint_processor=policy,
+                      checkpoint_decoder=policy, compile="compile" in extras)  # fmt: skip
     model = GraphForecaster(
         graph, cfg, len(layout.inputs), len(layout.outputs), 2, layout.residual
     ).to(device)
+    if cfg.compile:
+        compile_blocks(model)
     tcfg = SimpleNamespace(lr=args.lr, weight_decay=0.01, warmup_steps=10, max_steps=args.steps,
                            min_lr_ratio=0.1, precision=precision, grad_clip=1.0)  # fmt: skip
     trainer = Trainer(model, layout, tcfg, device, logger=None)
@@ -83,8 +101,7 @@ def main():
     data, roles = synthetic_windows(graph, args.times, device)
     curves, speed = {}, {}
     for spec in args.runs:
-        backend, precision = spec.split(":")
-        curves[spec], speed[spec] = run(graph, data, roles, args, backend, precision)
+        curves[spec], speed[spec] = run(graph, data, roles, args, spec)
         print(f"{spec:<12} first {curves[spec][0]:.4f} last {curves[spec][-1]:.4f} "
               f"mean(last 20) {np.mean(curves[spec][-20:]):.4f}  {speed[spec] * 1e3:.1f} ms/step", flush=True)  # fmt: skip
     base = np.asarray(curves[args.runs[0]])

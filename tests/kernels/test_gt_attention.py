@@ -174,6 +174,28 @@ def test_fused_equals_materialised():
     torch.testing.assert_close(f_out, out.detach(), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("mode", ["materialised", "fused"])
+def test_views_of_one_projection_need_no_copy(mode):
+    """q, k, v chunked out of one ``[N, 3 H C]`` projection (row stride 3 H C, as the processor's
+    fused qkv gives them) match contiguous inputs bitwise, outputs and gradients."""
+    gen = torch.Generator().manual_seed(12)
+    n, heads, chans = 21, 3, 10
+    index = random_graph(n, n, 8, 40, gen)
+    inputs = make_inputs(n, n, index.num_edges, heads, chans, 4, torch.float32, gen)
+    grad_out = torch.randn(n, heads, chans, generator=gen, dtype=torch.float64).to(DEVICE)
+    names, make = (MAT, materialised) if mode == "materialised" else (FUSED, fused)
+    dense = run(make(index, "triton"), inputs, names, grad_out)
+    packed = torch.cat([inputs[x].reshape(n, -1) for x in "qkv"], 1).requires_grad_(True)
+    q, k, v = (t.view(n, heads, chans) for t in packed.chunk(3, 1))
+    assert q.stride(0) == 3 * heads * chans and gta._rows(q) is q
+    rest = {x: inputs[x] for x in names[3:]}
+    out = make(index, "triton")(q, k, v, **rest)
+    (d_packed,) = torch.autograd.grad(out, [packed], grad_out.to(out.dtype))
+    assert torch.equal(out, dense[0])
+    for what, grad, ref in zip("qkv", d_packed.chunk(3, 1), dense[1:4], strict=True):
+        assert torch.equal(grad.reshape(ref.shape), ref), what
+
+
 def _op_samples(gen):
     index = random_graph(13, 11, 6, 20, gen)
     ki = index.kernel
@@ -192,6 +214,14 @@ def test_opcheck():
     mat, fus = _op_samples(torch.Generator().manual_seed(4))
     torch.library.opcheck(gta._op_fwd, mat)
     torch.library.opcheck(gta._op_fused_fwd, fus)
+    # row-strided q, k, v (views of packed projections, as a mapper's q and kv)
+    q, k, v = (t.detach().flatten(1) for t in mat[:3])
+    q_pad = torch.cat([q, torch.zeros_like(q)], 1).requires_grad_(True)
+    kv = torch.cat([k, v], 1).requires_grad_(True)
+    hc, shape = q.shape[1], mat[0].shape[1:]
+    views = tuple(t.unflatten(1, shape) for t in (q_pad[:, :hc], kv[:, :hc], kv[:, hc:]))
+    assert views[1].stride(0) == 2 * hc and gta._rows(views[1]) is views[1]
+    torch.library.opcheck(gta._op_fused_fwd, (*views, *fus[3:]))
 
 
 def test_torch_compile_traces_through():

@@ -65,6 +65,8 @@ def _entry(rank, world, store, fn, args, errors):
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))  # fmt: skip
     try:
         fn(rank, world, *args)
+        # nobody tears the group down while a peer may still be inside a collective with it
+        dist.barrier()
     except BaseException:
         errors[rank] = traceback.format_exc()
         raise

@@ -108,7 +108,7 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_block(
         start, end, q, qw, m, l_sum, acc, pa,
-        k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr, hc, mask_hc, offs_d, qk_scale,
+        k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr, hc, mask_hc, offs_d, qk_scale, SKV,
         HC: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr, BLOCK_E: tl.constexpr,
     ):  # fmt: skip
         """One block of a destination's edges: online-softmax update of ``(m, l, acc, pa)``."""
@@ -117,8 +117,8 @@ if HAS_TRITON:
         eid64 = eid.to(tl.int64)
         src = tl.load(row_ptr + eid, mask=mask_e, other=0).to(tl.int64)
         m3 = mask_e[:, None, None] & mask_hc[None, :, :]
-        k = tl.load(k_ptr + src[:, None, None] * HC + hc[None], mask=m3, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + src[:, None, None] * HC + hc[None], mask=m3, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + src[:, None, None] * SKV + hc[None], mask=m3, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + src[:, None, None] * SKV + hc[None], mask=m3, other=0.0).to(tl.float32)
         if FUSED:
             a = _load_attr(attr_ptr, eid64, mask_e, offs_d, D_E)
             s = tl.sum(q[None] * k, 2) + tl.sum(a[:, :, None] * qw[None], 1)
@@ -140,7 +140,7 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_node(
         slot, order_end, sched_ptr, n_sched, q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w3,
-        out_ptr, lse_ptr, row_ptr, offs_h, offs_c, offs_d, mask_h, hc, mask_hc, qk_scale,
+        out_ptr, lse_ptr, row_ptr, offs_h, offs_c, offs_d, mask_h, hc, mask_hc, qk_scale, SQ, SKV,
         H: tl.constexpr, C: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr,
         D_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_E: tl.constexpr, SINGLE: tl.constexpr,
@@ -154,7 +154,7 @@ if HAS_TRITON:
         node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
         beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
         end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
-        q = tl.load(q_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + node * SQ + hc, mask=row_mask, other=0.0).to(tl.float32)
         m = tl.full([BLOCK_H], -1e30, tl.float32)
         l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
@@ -166,13 +166,13 @@ if HAS_TRITON:
         if SINGLE:  # the class guarantees degree <= BLOCK_E
             m, l_sum, acc, pa = _fwd_block(
                 beg, end, q, qw, m, l_sum, acc, pa, k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr,
-                hc, mask_hc, offs_d, qk_scale, HC, FUSED, D_E, BLOCK_E,
+                hc, mask_hc, offs_d, qk_scale, SKV, HC, FUSED, D_E, BLOCK_E,
             )  # fmt: skip
         else:
             for start in range(beg, end, BLOCK_E):
                 m, l_sum, acc, pa = _fwd_block(
                     start, end, q, qw, m, l_sum, acc, pa, k_ptr, v_ptr, e_ptr, attr_ptr,
-                    row_ptr, hc, mask_hc, offs_d, qk_scale, HC, FUSED, D_E, BLOCK_E,
+                    row_ptr, hc, mask_hc, offs_d, qk_scale, SKV, HC, FUSED, D_E, BLOCK_E,
                 )  # fmt: skip
         if FUSED:
             acc += tl.sum(pa[:, :, None] * w3, 0)
@@ -187,7 +187,7 @@ if HAS_TRITON:
     def _fwd_kernel(
         q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w_ptr, out_ptr, lse_ptr,
         row_ptr, sched_ptr, n_sched, order_start, order_end,
-        qk_scale, H: tl.constexpr, C: tl.constexpr,
+        qk_scale, SQ, SKV, H: tl.constexpr, C: tl.constexpr,
         FUSED: tl.constexpr, D_E: tl.constexpr, D_PAD: tl.constexpr,
         C_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
         SINGLE: tl.constexpr, STAGES: tl.constexpr,
@@ -215,21 +215,21 @@ if HAS_TRITON:
                 _fwd_node(
                     first + t, order_end, sched_ptr, n_sched, q_ptr, k_ptr, v_ptr, e_ptr,
                     attr_ptr, w3, out_ptr, lse_ptr, row_ptr, offs_h, offs_c, offs_d, mask_h, hc,
-                    mask_hc, qk_scale, H, C, FUSED, D_E, D_PAD, C_PAD, BLOCK_H, BLOCK_E, True,
+                    mask_hc, qk_scale, SQ, SKV, H, C, FUSED, D_E, D_PAD, C_PAD, BLOCK_H, BLOCK_E, True,
                 )  # fmt: skip
         else:
             for t in range(DPP):
                 _fwd_node(
                     first + t, order_end, sched_ptr, n_sched, q_ptr, k_ptr, v_ptr, e_ptr,
                     attr_ptr, w3, out_ptr, lse_ptr, row_ptr, offs_h, offs_c, offs_d, mask_h, hc,
-                    mask_hc, qk_scale, H, C, FUSED, D_E, D_PAD, C_PAD, BLOCK_H, BLOCK_E, False,
+                    mask_hc, qk_scale, SQ, SKV, H, C, FUSED, D_E, D_PAD, C_PAD, BLOCK_H, BLOCK_E, False,
                 )  # fmt: skip
 
     @triton.jit
     def _bwd_dst_block(
         start, end, q, do, lse, qw, gw, x_acc, y_acc, delta, sa, sc,
         k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr, p_ptr, pdp_ptr, hc, mask_hc, offs_h, mask_h,
-        offs_d, qk_scale,
+        offs_d, qk_scale, SKV,
         H: tl.constexpr, HC: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr,
         BLOCK_E: tl.constexpr,
     ):  # fmt: skip
@@ -239,8 +239,8 @@ if HAS_TRITON:
         eid64 = eid.to(tl.int64)
         src = tl.load(row_ptr + eid, mask=mask_e, other=0).to(tl.int64)
         m3 = mask_e[:, None, None] & mask_hc[None, :, :]
-        k = tl.load(k_ptr + src[:, None, None] * HC + hc[None], mask=m3, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + src[:, None, None] * HC + hc[None], mask=m3, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + src[:, None, None] * SKV + hc[None], mask=m3, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + src[:, None, None] * SKV + hc[None], mask=m3, other=0.0).to(tl.float32)
         if FUSED:
             a = _load_attr(attr_ptr, eid64, mask_e, offs_d, D_E)
             s = tl.sum(q[None] * k, 2) + tl.sum(a[:, :, None] * qw[None], 1)
@@ -283,7 +283,7 @@ if HAS_TRITON:
     def _bwd_dst_node(
         slot, order_end, sched_ptr, n_sched, q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w3, do_ptr,
         lse_ptr, dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr, pdp_ptr, delta_ptr, row_ptr, n_edges,
-        offs_h, offs_c, offs_d, mask_h, hc, mask_hc, sm_scale, qk_scale,
+        offs_h, offs_c, offs_d, mask_h, hc, mask_hc, sm_scale, qk_scale, SQ, SKV,
         H: tl.constexpr, C: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr,
         D_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_E: tl.constexpr, SINGLE: tl.constexpr,
@@ -295,7 +295,7 @@ if HAS_TRITON:
         node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
         beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
         end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
-        q = tl.load(q_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + node * SQ + hc, mask=row_mask, other=0.0).to(tl.float32)
         do = tl.load(do_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
         lse = tl.load(lse_ptr + node * H + offs_h, mask=hmask, other=0.0)
         # dq = scale * sum_j p (dp - delta) kk = scale * (x_acc - delta * y_acc)
@@ -314,14 +314,14 @@ if HAS_TRITON:
             x_acc, y_acc, delta, sa, sc, p, pdp = _bwd_dst_block(
                 beg, end, q, do, lse, qw, gw, x_acc, y_acc, delta, sa, sc, k_ptr, v_ptr, e_ptr,
                 attr_ptr, row_ptr, p_ptr, pdp_ptr, hc, mask_hc, offs_h, mask_h, offs_d,
-                qk_scale, H, HC, FUSED, D_E, BLOCK_E,
+                qk_scale, SKV, H, HC, FUSED, D_E, BLOCK_E,
             )  # fmt: skip
         else:
             for start in range(beg, end, BLOCK_E):
                 x_acc, y_acc, delta, sa, sc, p, pdp = _bwd_dst_block(
                     start, end, q, do, lse, qw, gw, x_acc, y_acc, delta, sa, sc, k_ptr, v_ptr,
                     e_ptr, attr_ptr, row_ptr, p_ptr, pdp_ptr, hc, mask_hc, offs_h, mask_h,
-                    offs_d, qk_scale, H, HC, FUSED, D_E, BLOCK_E,
+                    offs_d, qk_scale, SKV, H, HC, FUSED, D_E, BLOCK_E,
                 )  # fmt: skip
         dq = (x_acc - delta[:, None] * y_acc) * sm_scale
         tl.store(delta_ptr + node * H + offs_h, delta, mask=hmask)
@@ -363,7 +363,7 @@ if HAS_TRITON:
         q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w_ptr, do_ptr, lse_ptr,
         dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr, pdp_ptr, delta_ptr,
         row_ptr, sched_ptr, n_sched, order_start, order_end, n_edges,
-        sm_scale, qk_scale, H: tl.constexpr, C: tl.constexpr,
+        sm_scale, qk_scale, SQ, SKV, H: tl.constexpr, C: tl.constexpr,
         FUSED: tl.constexpr, D_E: tl.constexpr, D_PAD: tl.constexpr,
         C_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
         SINGLE: tl.constexpr, STAGES: tl.constexpr,
@@ -387,7 +387,7 @@ if HAS_TRITON:
                     first + t, order_end, sched_ptr, n_sched, q_ptr, k_ptr, v_ptr, e_ptr,
                     attr_ptr, w3, do_ptr, lse_ptr, dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr,
                     pdp_ptr, delta_ptr, row_ptr, n_edges, offs_h, offs_c, offs_d, mask_h, hc,
-                    mask_hc, sm_scale, qk_scale, H, C, FUSED, D_E, D_PAD, C_PAD, BLOCK_H,
+                    mask_hc, sm_scale, qk_scale, SQ, SKV, H, C, FUSED, D_E, D_PAD, C_PAD, BLOCK_H,
                     BLOCK_E, True,
                 )  # fmt: skip
         else:
@@ -396,14 +396,14 @@ if HAS_TRITON:
                     first + t, order_end, sched_ptr, n_sched, q_ptr, k_ptr, v_ptr, e_ptr,
                     attr_ptr, w3, do_ptr, lse_ptr, dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr,
                     pdp_ptr, delta_ptr, row_ptr, n_edges, offs_h, offs_c, offs_d, mask_h, hc,
-                    mask_hc, sm_scale, qk_scale, H, C, FUSED, D_E, D_PAD, C_PAD, BLOCK_H,
+                    mask_hc, sm_scale, qk_scale, SQ, SKV, H, C, FUSED, D_E, D_PAD, C_PAD, BLOCK_H,
                     BLOCK_E, False,
                 )  # fmt: skip
 
     @triton.jit
     def _bwd_src_block(
         start, end, dk, dv, q_ptr, do_ptr, p_ptr, pdp_ptr, delta_ptr, de_ptr, csr_perm_ptr,
-        csr_dst_ptr, hc, mask_hc, offs_h, mask_h, sm_scale,
+        csr_dst_ptr, hc, mask_hc, offs_h, mask_h, sm_scale, SQ,
         H: tl.constexpr, HC: tl.constexpr, WRITE_DE: tl.constexpr, BLOCK_E: tl.constexpr,
     ):  # fmt: skip
         pos = start + tl.arange(0, BLOCK_E)
@@ -417,7 +417,7 @@ if HAS_TRITON:
         dlt = tl.load(delta_ptr + dst[:, None] * H + offs_h[None, :], mask=mask_eh, other=0.0)
         ds_s = (pdp - p * dlt) * sm_scale
         m3 = mask_e[:, None, None] & mask_hc[None, :, :]
-        qd = tl.load(q_ptr + dst[:, None, None] * HC + hc[None], mask=m3, other=0.0)
+        qd = tl.load(q_ptr + dst[:, None, None] * SQ + hc[None], mask=m3, other=0.0)
         dod = tl.load(do_ptr + dst[:, None, None] * HC + hc[None], mask=m3, other=0.0)
         qd = qd.to(tl.float32)
         dod = dod.to(tl.float32)
@@ -434,7 +434,7 @@ if HAS_TRITON:
     def _bwd_src_node(
         slot, order_end, sched_ptr, n_sched, q_ptr, do_ptr, p_ptr, pdp_ptr, delta_ptr, dk_ptr,
         dv_ptr, de_ptr, csr_perm_ptr, csr_dst_ptr, offs_h, offs_c, mask_h, hc, mask_hc, sm_scale,
-        H: tl.constexpr, C: tl.constexpr, WRITE_DE: tl.constexpr, C_PAD: tl.constexpr,
+        SQ, H: tl.constexpr, C: tl.constexpr, WRITE_DE: tl.constexpr, C_PAD: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, SINGLE: tl.constexpr,
     ):  # fmt: skip
         HC = H * C
@@ -449,13 +449,13 @@ if HAS_TRITON:
         if SINGLE:
             dk, dv = _bwd_src_block(
                 beg, end, dk, dv, q_ptr, do_ptr, p_ptr, pdp_ptr, delta_ptr, de_ptr, csr_perm_ptr,
-                csr_dst_ptr, hc, mask_hc, offs_h, mask_h, sm_scale, H, HC, WRITE_DE, BLOCK_E,
+                csr_dst_ptr, hc, mask_hc, offs_h, mask_h, sm_scale, SQ, H, HC, WRITE_DE, BLOCK_E,
             )  # fmt: skip
         else:
             for start in range(beg, end, BLOCK_E):
                 dk, dv = _bwd_src_block(
                     start, end, dk, dv, q_ptr, do_ptr, p_ptr, pdp_ptr, delta_ptr, de_ptr,
-                    csr_perm_ptr, csr_dst_ptr, hc, mask_hc, offs_h, mask_h, sm_scale, H, HC,
+                    csr_perm_ptr, csr_dst_ptr, hc, mask_hc, offs_h, mask_h, sm_scale, SQ, H, HC,
                     WRITE_DE, BLOCK_E,
                 )  # fmt: skip
         tl.store(dk_ptr + node * HC + hc, dk.to(dk_ptr.dtype.element_ty), mask=row_mask)
@@ -465,7 +465,7 @@ if HAS_TRITON:
     def _bwd_src_kernel(
         q_ptr, do_ptr, p_ptr, pdp_ptr, delta_ptr, dk_ptr, dv_ptr, de_ptr,
         csr_perm_ptr, csr_dst_ptr, sched_ptr, n_sched, order_start, order_end,
-        sm_scale, H: tl.constexpr, C: tl.constexpr,
+        sm_scale, SQ, H: tl.constexpr, C: tl.constexpr,
         WRITE_DE: tl.constexpr,
         C_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, DPP: tl.constexpr,
         SINGLE: tl.constexpr, STAGES: tl.constexpr,
@@ -483,20 +483,20 @@ if HAS_TRITON:
                 _bwd_src_node(
                     first + t, order_end, sched_ptr, n_sched, q_ptr, do_ptr, p_ptr, pdp_ptr,
                     delta_ptr, dk_ptr, dv_ptr, de_ptr, csr_perm_ptr, csr_dst_ptr, offs_h, offs_c,
-                    mask_h, hc, mask_hc, sm_scale, H, C, WRITE_DE, C_PAD, BLOCK_H, BLOCK_E, True,
+                    mask_h, hc, mask_hc, sm_scale, SQ, H, C, WRITE_DE, C_PAD, BLOCK_H, BLOCK_E, True,
                 )  # fmt: skip
         else:
             for t in range(DPP):
                 _bwd_src_node(
                     first + t, order_end, sched_ptr, n_sched, q_ptr, do_ptr, p_ptr, pdp_ptr,
                     delta_ptr, dk_ptr, dv_ptr, de_ptr, csr_perm_ptr, csr_dst_ptr, offs_h, offs_c,
-                    mask_h, hc, mask_hc, sm_scale, H, C, WRITE_DE, C_PAD, BLOCK_H, BLOCK_E, False,
+                    mask_h, hc, mask_hc, sm_scale, SQ, H, C, WRITE_DE, C_PAD, BLOCK_H, BLOCK_E, False,
                 )  # fmt: skip
 
     @triton.jit
     def _dw_chunk_kernel(
         sa_ptr, sb_ptr, q_ptr, do_ptr, part_ptr,
-        N, H, C, ROWS,
+        N, H, C, ROWS, SQ,
         D_AUG: tl.constexpr, D_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         """``part[chunk, d, h, :] = sum_{i in chunk} sa[i, d, h] dO[i, h, :] + sb[i, d, h] q[i, h, :]``."""
@@ -521,7 +521,8 @@ if HAS_TRITON:
             xc = rows[:, None] * HC + h * C + offs_c[None, :]
             mask_nc = mask_n[:, None] & mask_c[None, :]
             do = tl.load(do_ptr + xc, mask=mask_nc, other=0.0).to(tl.float32)
-            q = tl.load(q_ptr + xc, mask=mask_nc, other=0.0).to(tl.float32)
+            xq = rows[:, None] * SQ + h * C + offs_c[None, :]
+            q = tl.load(q_ptr + xq, mask=mask_nc, other=0.0).to(tl.float32)
             acc += tl.dot(tl.trans(sa), do, input_precision="ieee")
             acc += tl.dot(tl.trans(sb), q, input_precision="ieee")
         out = part_ptr + chunk * (D_AUG * HC) + offs_d[:, None] * HC + h * C + offs_c[None, :]
@@ -664,13 +665,13 @@ def _launch_fwd_here(q, k, v, edge, attr, w_aug, row, sched, counts):
     h_pad, c_pad = _pads(h, c)
     fused = attr is not None
     d_e = attr.shape[1] if fused else 0
-    out = _new_like(q)
+    out = _new(q.shape, q.dtype, q.device)
     lse = _new((n_dst, h), torch.float32, q.device)
     for cls, first, last in _class_launches(counts):
         _tuned("fwd", cls, h_pad, c_pad, fused)[_grid(last - first, h)](
             q, k, v, edge if edge is not None else q, attr if fused else q,
             w_aug if fused else q, out, lse, row, sched, n_dst, first, last,
-            LOG2E / math.sqrt(c), H=h, C=c,
+            LOG2E / math.sqrt(c), q.stride(0), k.stride(0), H=h, C=c,
             FUSED=fused, D_E=d_e, D_PAD=triton.next_power_of_2(d_e + 1), C_PAD=c_pad,
         )  # fmt: skip
     return out, lse
@@ -687,7 +688,7 @@ def _launch_bwd_here(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_co
     d_pad = triton.next_power_of_2(d_e + 1)
     dev = q.device
     f32 = torch.float32
-    dq = _new_like(q)
+    dq = _new(q.shape, q.dtype, dev)
     p = _new((n_edges, h), f32, dev)
     pdp = _new((n_edges, h), f32, dev)
     delta = _new((n_dst, h), f32, dev)
@@ -710,22 +711,22 @@ def _launch_bwd_here(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_co
             w_aug if fused else q, dout, lse,
             dq, dattr, sa, sb, p, pdp, delta,
             row, dst_sched, n_dst, first, last, n_edges,
-            sm_scale, sm_scale * LOG2E, H=h, C=c,
+            sm_scale, sm_scale * LOG2E, q.stride(0), k.stride(0), H=h, C=c,
             FUSED=fused, D_E=d_e, D_PAD=d_pad, C_PAD=c_pad,
         )  # fmt: skip
-    dk = _new_like(k)
-    dv = _new_like(v)
+    dk = _new(k.shape, k.dtype, dev)
+    dv = _new(v.shape, v.dtype, dev)
     for cls, first, last in _class_launches(src_counts):
         _tuned("bwd_src", cls, h_pad, c_pad, fused)[_grid(last - first, h)](
             q, dout, p, pdp, delta, dk, dv, de, csr_perm, csr_dst, src_sched, n_src, first, last,
-            sm_scale, H=h, C=c, WRITE_DE=not fused, C_PAD=c_pad,
+            sm_scale, q.stride(0), H=h, C=c, WRITE_DE=not fused, C_PAD=c_pad,
         )  # fmt: skip
     if not fused:
         return dq, dk, dv, de
     n_chunks = max(1, triton.cdiv(n_dst, DW_ROWS_PER_CHUNK))
     part = _new((n_chunks, d_e + 1, h * c), dtype=torch.float32, device=dev)
     _dw_chunk_kernel[(n_chunks, h)](
-        sa, sb, q, dout, part, n_dst, h, c, DW_ROWS_PER_CHUNK,
+        sa, sb, q, dout, part, n_dst, h, c, DW_ROWS_PER_CHUNK, q.stride(0),
         D_AUG=d_e + 1, D_PAD=max(16, d_pad), C_PAD=max(16, c_pad), BLOCK_N=32,
         num_warps=4,
     )  # fmt: skip
@@ -746,6 +747,23 @@ def _c(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [N, H, C]`` as the kernels read q, k and v: any row stride (views of one fused
+    projection, ``[N, 3 H C]`` chunked, travel without a copy), each row's ``H x C`` dense."""
+    h, c = x.shape[1:]
+    if x.stride(2) == 1 and (x.stride(1) == c or h == 1) and x.stride(0) >= h * c:
+        return x
+    return x.contiguous()
+
+
+def _qkv(q, k, v):
+    """q, k, v for the kernels: k and v share one row stride (else both are made contiguous)."""
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    if k.stride(0) != v.stride(0):
+        k, v = k.contiguous(), v.contiguous()
+    return q, k, v
+
+
 @torch.library.custom_op("squall::gt_attention_fwd", mutates_args=())
 def _op_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, edge: torch.Tensor,
@@ -754,12 +772,12 @@ def _op_fwd(
     dst_counts: list[int], src_counts: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Materialised-edge forward: ``(out, lse)``."""
-    return _launch_fwd(_c(q), _c(k), _c(v), _c(edge), None, None, row, dst_sched, dst_counts)
+    return _launch_fwd(*_qkv(q, k, v), _c(edge), None, None, row, dst_sched, dst_counts)
 
 
 @_op_fwd.register_fake
 def _(q, k, v, edge, colptr, row, rowptr, csr_perm, csr_dst, dst_sched, src_sched, dc, sc):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 @torch.library.custom_op("squall::gt_attention_bwd", mutates_args=())
@@ -773,13 +791,13 @@ def _op_bwd(
     """Materialised-edge backward: ``(dq, dk, dv, de)``."""
     kt = (row, csr_perm, csr_dst, dst_sched, src_sched)
     return _launch_bwd(
-        _c(q), _c(k), _c(v), _c(edge), None, None, lse, _c(dout), kt, dst_counts, src_counts
+        *_qkv(q, k, v), _c(edge), None, None, lse, _c(dout), kt, dst_counts, src_counts
     )
 
 
 @_op_bwd.register_fake
 def _(q, k, v, edge, lse, dout, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(edge)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), torch.empty_like(edge)
 
 
 def _setup_fwd(ctx, inputs, output):
@@ -806,12 +824,12 @@ def _op_fused_fwd(
     dst_counts: list[int], src_counts: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Fused-edge forward, ``w_aug = [W; b]`` of shape ``[d_e + 1, H*C]``: ``(out, lse)``."""
-    return _launch_fwd(_c(q), _c(k), _c(v), None, _c(attr), _c(w_aug), row, dst_sched, dst_counts)
+    return _launch_fwd(*_qkv(q, k, v), None, _c(attr), _c(w_aug), row, dst_sched, dst_counts)
 
 
 @_op_fused_fwd.register_fake
 def _(q, k, v, attr, w_aug, *rest):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 @torch.library.custom_op("squall::gt_attention_fused_bwd", mutates_args=())
@@ -825,7 +843,7 @@ def _op_fused_bwd(
     """Fused-edge backward: ``(dq, dk, dv, d_attr, dw_aug)`` (``dw_aug`` in fp32)."""
     kt = (row, csr_perm, csr_dst, dst_sched, src_sched)
     return _launch_bwd(
-        _c(q), _c(k), _c(v), None, _c(attr), _c(w_aug), lse, _c(dout), kt,
+        *_qkv(q, k, v), None, _c(attr), _c(w_aug), lse, _c(dout), kt,
         dst_counts, src_counts,
     )  # fmt: skip
 
@@ -833,7 +851,13 @@ def _op_fused_bwd(
 @_op_fused_bwd.register_fake
 def _(q, k, v, attr, w_aug, lse, dout, *rest):
     dw = w_aug.new_empty(w_aug.shape, dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(attr), dw
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        torch.empty_like(attr),
+        dw,
+    )
 
 
 def _setup_fused(ctx, inputs, output):

@@ -65,6 +65,8 @@ class ModelConfig:
     checkpoint_processor: str | tuple[str, ...] = "none"
     checkpoint_decoder: str = "none"
     checkpoint_budget_gib: float | None = None
+    compile: bool = False  # blocks under torch.compile (applied by compile_blocks; the estimate
+    # counts what the compiled backward recomputes)
 
     def __post_init__(self):
         for role in ("encoder", "decoder"):
@@ -105,6 +107,7 @@ class ModelConfig:
             else proc,
             checkpoint_decoder=ckpt.get("decoder", False),
             checkpoint_budget_gib=None if budget is None else float(budget),
+            compile=bool(cfg.get("compile", False)),
         )
 
 

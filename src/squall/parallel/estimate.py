@@ -38,6 +38,10 @@ SRC_ROW_UNITS = {True: 3, False: 2}
 # backward only); the torch reference keeps about four C-wide tensors per edge (k+e, v+e, the
 # gathered q and the weights' expansion): fitted, o96_l6 1024 channels on H100 (step.md).
 EDGE_UNITS_TRITON_PER_HEAD = 2 * 4  # bytes: two fp32 values per head
+# Compiled blocks (torch.compile) keep about one C-wide value per destination row fewer: the
+# partitioner recomputes cheap elementwise outputs in backward (H100, o96_l6, 1024 channels, no
+# checkpointing: 28.27 GiB compiled vs 29.7 GiB eager, 1.43 GiB over 18 blocks = 1.0 value).
+COMPILED_DST_ROW_SAVING = 1
 EDGE_UNITS_TORCH = 4
 # Checked against peaks measured on one H100 (bench_step.py, o96_l6, 1024 channels, 16 layers,
 # bf16; static 3.88 GiB): see profiling/results/step.md for the measured and estimated pairs.
@@ -72,7 +76,8 @@ def _block_bytes(mcfg: ModelConfig, b: int, act: int, n_dst: int, n_src: int, e:
     else:
         edges_kept = edges_backward = e * b * c * act * EDGE_UNITS_TORCH
     row = b * c * act
-    kept = (n_dst * (DST_ROW_UNITS + 2 * ratio) + n_src * SRC_ROW_UNITS[bipartite]) * row
+    dst_units = DST_ROW_UNITS + 2 * ratio - (COMPILED_DST_ROW_SAVING if mcfg.compile else 0)
+    kept = (n_dst * dst_units + n_src * SRC_ROW_UNITS[bipartite]) * row
     mlp = n_dst * (2 * ratio + 1) * row
     # gradients of the MLP hidden layer and of q, k, v at once
     in_flight = n_dst * 2 * ratio * row + edges_backward

@@ -115,7 +115,7 @@ def build_run(
         graph, mcfg, len(layout.inputs), len(layout.outputs),
         train_set.input_steps, layout.residual, tendency_spread(spread_set, layout),
     ).to(device)  # fmt: skip
-    if bool(cfg.model.get("compile", False)):
+    if mcfg.compile:
         compile_blocks(model)
     groups, wrapped = (setup.groups if setup is not None else None), None
     distributed = groups is not None and groups.layout.world_size > 1
