@@ -33,15 +33,20 @@ GIB = 1024**3
 # and after GELU (2 x mlp_ratio). Per source row: the source layer norm's copy, k and v (3); in the
 # processor the sources are the destinations and share the layer norm (2).
 DST_ROW_UNITS = 5
+# The MLP keeps more than its hidden layer twice and its layer norm's copy: 1.5 values per row
+# more, fitted on H100 (o96_l6, 1024 channels, 16 layers, no checkpointing: 29.7 GiB measured,
+# 27.4 GiB estimated without it).
+MLP_EXTRA_UNITS = 1.5
 SRC_ROW_UNITS = {True: 3, False: 2}
 # Per edge: the Triton kernels keep nothing per edge (p and p*dp, fp32 per head, exist during
 # backward only); the torch reference keeps about four C-wide tensors per edge (k+e, v+e, the
 # gathered q and the weights' expansion): fitted, o96_l6 1024 channels on H100 (step.md).
 EDGE_UNITS_TRITON_PER_HEAD = 2 * 4  # bytes: two fp32 values per head
-# Compiled blocks (torch.compile) keep about one C-wide value per destination row fewer: the
-# partitioner recomputes cheap elementwise outputs in backward (H100, o96_l6, 1024 channels, no
-# checkpointing: 28.27 GiB compiled vs 29.7 GiB eager, 1.43 GiB over 18 blocks = 1.0 value).
-COMPILED_DST_ROW_SAVING = 1
+# Compiled blocks (torch.compile) that keep their MLP keep about two C-wide values per destination
+# row fewer: the partitioner recomputes cheap elementwise outputs (GELU's) in backward (H100,
+# o96_l6, 1024 channels, no checkpointing: 26.57 GiB compiled vs 29.7 GiB eager, 3.1 GiB over 18
+# blocks = 2.2 values). Blocks that recompute their MLP gain nothing measurable.
+COMPILED_DST_ROW_SAVING = 2
 EDGE_UNITS_TORCH = 4
 # Checked against peaks measured on one H100 (bench_step.py, o96_l6, 1024 channels, 16 layers,
 # bf16; static 3.88 GiB): see profiling/results/step.md for the measured and estimated pairs.
@@ -76,9 +81,13 @@ def _block_bytes(mcfg: ModelConfig, b: int, act: int, n_dst: int, n_src: int, e:
     else:
         edges_kept = edges_backward = e * b * c * act * EDGE_UNITS_TORCH
     row = b * c * act
-    dst_units = DST_ROW_UNITS + 2 * ratio - (COMPILED_DST_ROW_SAVING if mcfg.compile else 0)
-    kept = (n_dst * dst_units + n_src * SRC_ROW_UNITS[bipartite]) * row
-    mlp = n_dst * (2 * ratio + 1) * row
+    dst_units = DST_ROW_UNITS + 2 * ratio + MLP_EXTRA_UNITS
+    kept = int((n_dst * dst_units + n_src * SRC_ROW_UNITS[bipartite]) * row)
+    # what ``mlp`` recomputes: its layer norm's copy, the hidden layer before and after GELU
+    mlp = int(n_dst * (2 * ratio + 1 + MLP_EXTRA_UNITS) * row)
+    if mcfg.compile:  # recomputed by the compiled backward, only where the MLP is kept
+        mlp -= n_dst * COMPILED_DST_ROW_SAVING * row
+        kept -= n_dst * COMPILED_DST_ROW_SAVING * row
     # gradients of the MLP hidden layer and of q, k, v at once
     in_flight = n_dst * 2 * ratio * row + edges_backward
     return kept + edges_kept, mlp, in_flight
@@ -134,10 +143,16 @@ def recompute_flops(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, edge
     return batch * total
 
 
+# The planner keeps this far below the budget: the estimate's largest underestimate among the
+# configurations measured on H100 (bench_step.py, o96_l6: 16 processor layers ``mlp``, compiled,
+# 15.36 GiB measured against 14.83 GiB estimated).
+PLAN_HEADROOM_GIB = 0.6
+
+
 def plan_checkpointing(mcfg: ModelConfig, budget_gib: float, static_gib: float, batch: int,
                        rows: dict, edges: dict, edge_dims: dict, act: int = 2) -> ModelConfig:  # fmt: skip
     """The checkpoint policies with the least recomputation whose estimated peak (static plus
-    activations, :func:`activation_bytes`) fits ``budget_gib``.
+    activations, :func:`activation_bytes`) fits ``budget_gib`` less :data:`PLAN_HEADROOM_GIB`.
 
     Searches every encoder and decoder policy and every count of ``full`` / ``mlp`` / ``none``
     processor layers (layers are alike, so which ones does not matter); ties go to less memory.
@@ -155,14 +170,15 @@ def plan_checkpointing(mcfg: ModelConfig, budget_gib: float, static_gib: float, 
                     gib = static_gib + activation_bytes(cand, batch, rows, edges, act) / GIB
                     if smallest is None or gib < smallest:
                         smallest = gib
-                    if gib <= budget_gib:
+                    if gib <= budget_gib - PLAN_HEADROOM_GIB:
                         fitting.append(
                             (recompute_flops(cand, batch, rows, edges, edge_dims), gib, cand)
                         )
     if not fitting:
         raise ValueError(f"checkpoint.budget_gib={budget_gib:g}: the smallest estimate, with every "
                          f"block checkpointed, is {smallest:.2f} GiB per GPU (static "
-                         f"{static_gib:.2f}); raise the budget or add model-parallel ranks")  # fmt: skip
+                         f"{static_gib:.2f}) plus {PLAN_HEADROOM_GIB} GiB headroom; raise the "
+                         "budget or add model-parallel ranks")  # fmt: skip
     return min(fitting, key=lambda f: f[:2])[2]
 
 
