@@ -197,7 +197,10 @@ def test_checkpoint_plan_fits_the_budget_with_the_least_recomputation():
 
     from squall.models.forecaster import ModelConfig
     from squall.parallel.estimate import (
-        PLAN_HEADROOM_GIB, activation_bytes, estimate, recompute_flops,
+        PLAN_HEADROOM_GIB,
+        activation_bytes,
+        estimate,
+        recompute_flops,
     )  # fmt: skip
 
     g = tiny_graph()
