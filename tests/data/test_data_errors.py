@@ -178,3 +178,40 @@ def test_normaliser_must_match_variables(small_dataset):
     assert val.normaliser is train.normaliser  # validation uses the training statistics
     with pytest.raises(DataError, match="normaliser variables"):
         WindowDataset(path, ["z_500", "msl"], normaliser=train.normaliser)
+
+
+def _ensure_in_process(overrides, barrier, delay_s):
+    import time
+
+    from squall.data import setup
+
+    real = setup.generate
+
+    def slow_generate(*args, **kwargs):
+        # rank i reaches the writer i seconds late (a slower rank of a real job)
+        time.sleep(delay_s)
+        return real(*args, **kwargs)
+
+    setup.generate = slow_generate
+    cfg = _cfg(overrides)
+    barrier.wait(timeout=120)  # all start together, as the ranks of a job do
+    setup.ensure_dataset(cfg)
+
+
+def test_ranks_generating_at_once_share_one_dataset(tmp_path):
+    """Every rank of a fresh distributed job calls ensure_dataset together: one generates, the
+    others wait for it (no 'already exists' error, one complete store)."""
+    import multiprocessing as mp
+
+    path = tmp_path / "gen.zarr"
+    overrides = ["graph=o32_l4", f"data.path={path}", "data.generator.num_times=40"]
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    procs = [ctx.Process(target=_ensure_in_process, args=(overrides, barrier, 1.5 * i))
+             for i in range(3)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert read_info(path).shape[0] == 40

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+
 import logging
 from pathlib import Path
 
@@ -75,9 +77,18 @@ def ensure_dataset(cfg, nodes: NodeSet | None = None) -> Path:
     nodes = nodes if nodes is not None else data_nodes(cfg)
     settings = synthetic_settings(cfg.data)
     grid = str(nodes.meta.get("grid") or cfg.graph.get("name", ""))
-    log.info("dataset %s not found: generating a synthetic one (%d times on %s, %d points)",
-             path, settings.num_times, grid, len(nodes))  # fmt: skip
-    return generate(path, nodes, settings, grid_name=grid)
+    # Every rank of a job may get here at once: one generates, the others wait for its store.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if path.exists():
+                return path
+            log.info("dataset %s not found: generating a synthetic one (%d times on %s, %d "
+                     "points)", path, settings.num_times, grid, len(nodes))  # fmt: skip
+            return generate(path, nodes, settings, grid_name=grid)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def build_dataset(cfg, split: str = "train", rollout: int = 1, grid_indices=None,
