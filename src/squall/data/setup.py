@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-
 import logging
 from pathlib import Path
 
