@@ -142,3 +142,18 @@ def test_forecast_without_checkpoint_is_clear(tiny_cfg):
 
     with pytest.raises(SquallError, match="checkpoint .* not found"):
         forecast(tiny_cfg("forecast.checkpoint=/nonexistent/ckpt.pt"))
+
+
+def test_checkpoint_budget_chooses_the_policies(tiny_cfg, recording_logger, caplog):
+    from squall.errors import ConfigError
+    from squall.train.runner import build_run
+
+    with caplog.at_level("INFO", logger="squall.train.runner"):
+        parts = build_run(tiny_cfg("model.checkpoint.budget_gib=100"), recording_logger())
+    cfg = parts.model.cfg
+    assert (cfg.checkpoint_encoder, cfg.checkpoint_processor, cfg.checkpoint_decoder) == (
+        "none", ("none", "none"), "none"
+    ), "room for everything: nothing recomputed"
+    assert any("checkpoint.budget_gib=100" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match="budget_gib=0.1: the smallest estimate"):
+        build_run(tiny_cfg("model.checkpoint.budget_gib=0.1"), recording_logger())
