@@ -106,12 +106,47 @@ if HAS_TRITON:
         return tl.where((offs_d[None, :] == D_E) & mask_e[:, None], 1.0, a)
 
     @triton.jit
-    def _fwd_block(
-        start, end, q, qw, m, l_sum, acc, pa,
-        k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr, hc, mask_hc, offs_d, qk_scale, SKV,
+    def _head_tile(H: tl.constexpr, C: tl.constexpr, BLOCK_H: tl.constexpr, C_PAD: tl.constexpr):
+        """This program's heads: ``offs_h``, ``offs_c``, ``mask_h`` and the ``[BLOCK_H, C_PAD]``
+        row offsets ``hc`` with their mask."""
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        offs_c = tl.arange(0, C_PAD)
+        mask_h = offs_h < H
+        hc = offs_h[:, None] * C + offs_c[None, :]
+        mask_hc = mask_h[:, None] & (offs_c[None, :] < C)
+        return offs_h, offs_c, mask_h, hc, mask_hc
+
+    @triton.jit
+    def _w_tile(w_ptr, hc, mask_hc, offs_d, H: tl.constexpr, C: tl.constexpr,
+                FUSED: tl.constexpr, D_E: tl.constexpr):  # fmt: skip
+        """``W_aug`` tile of a fused program, loaded once per program (a dummy otherwise)."""
+        if FUSED:
+            w3 = _load_w(w_ptr, hc, mask_hc, offs_d, H * C, D_E + 1)
+        else:
+            w3 = tl.zeros([1, 1, 1], dtype=tl.float32)
+        return w3
+
+    @triton.jit
+    def _node_slot(slot, order_end, sched_ptr, n_sched, offs_h, offs_c, mask_h, C: tl.constexpr):
+        """Node id and edge range of schedule slot ``slot``, with the row masks of its heads.
+
+        The masks take the slot's validity as a vector (the interpreter rejects a scalar & block
+        mask); node id and edge range come from the schedule rows (no dependent load)."""
+        valid = slot < order_end
+        hmask = mask_h & ((offs_h * 0 + slot) < order_end)
+        row_mask = hmask[:, None] & (offs_c[None, :] < C)
+        node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
+        beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
+        end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
+        return node, beg, end, hmask, row_mask
+
+    @triton.jit
+    def _edge_tile(
+        start, end, k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr, hc, mask_hc, offs_d, SKV,
         HC: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr, BLOCK_E: tl.constexpr,
     ):  # fmt: skip
-        """One block of a destination's edges: online-softmax update of ``(m, l, acc, pa)``."""
+        """One block of a destination's edges: ids, mask, gathered k and v rows (fp32) and the
+        edge term: features ``[BLOCK_E, D_PAD]`` (fused) or ``e`` rows ``[BLOCK_E, BLOCK_H, C_PAD]``."""
         eid = start + tl.arange(0, BLOCK_E)
         mask_e = eid < end
         eid64 = eid.to(tl.int64)
@@ -120,13 +155,28 @@ if HAS_TRITON:
         k = tl.load(k_ptr + src[:, None, None] * SKV + hc[None], mask=m3, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + src[:, None, None] * SKV + hc[None], mask=m3, other=0.0).to(tl.float32)
         if FUSED:
-            a = _load_attr(attr_ptr, eid64, mask_e, offs_d, D_E)
-            s = tl.sum(q[None] * k, 2) + tl.sum(a[:, :, None] * qw[None], 1)
+            edge = _load_attr(attr_ptr, eid64, mask_e, offs_d, D_E)
         else:
-            e = tl.load(e_ptr + eid64[:, None, None] * HC + hc[None], mask=m3, other=0.0)
-            e = e.to(tl.float32)
-            v = v + e
-            s = tl.sum(q[None] * (k + e), 2)
+            edge = tl.load(e_ptr + eid64[:, None, None] * HC + hc[None], mask=m3, other=0.0)
+            edge = edge.to(tl.float32)
+        return eid64, mask_e, k, v, edge
+
+    @triton.jit
+    def _fwd_block(
+        start, end, q, qw, m, l_sum, acc, pa,
+        k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr, hc, mask_hc, offs_d, qk_scale, SKV,
+        HC: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):  # fmt: skip
+        """One block of a destination's edges: online-softmax update of ``(m, l, acc, pa)``."""
+        eid64, mask_e, k, v, a = _edge_tile(
+            start, end, k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr, hc, mask_hc, offs_d, SKV, HC,
+            FUSED, D_E, BLOCK_E,
+        )  # fmt: skip
+        if FUSED:  # a: edge features
+            s = tl.sum(q[None] * k, 2) + tl.sum(a[:, :, None] * qw[None], 1)
+        else:  # a: the edge rows e
+            v = v + a
+            s = tl.sum(q[None] * (k + a), 2)
         s = tl.where(mask_e[:, None], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 0))
         alpha = tl.exp2(m - m_new)
@@ -146,14 +196,9 @@ if HAS_TRITON:
         BLOCK_E: tl.constexpr, SINGLE: tl.constexpr,
     ):  # fmt: skip
         HC = H * C
-        valid = slot < order_end
-        # the row masks take the node's validity as a vector (the interpreter rejects a scalar &
-        # block mask); node id and edge range come from the schedule rows (no dependent load)
-        hmask = mask_h & ((offs_h * 0 + slot) < order_end)
-        row_mask = hmask[:, None] & (offs_c[None, :] < C)
-        node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
-        beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
-        end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
+        node, beg, end, hmask, row_mask = _node_slot(
+            slot, order_end, sched_ptr, n_sched, offs_h, offs_c, mask_h, C
+        )
         q = tl.load(q_ptr + node * SQ + hc, mask=row_mask, other=0.0).to(tl.float32)
         m = tl.full([BLOCK_H], -1e30, tl.float32)
         l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -198,18 +243,10 @@ if HAS_TRITON:
         software-pipelined ``tl.range`` of ``STAGES`` stages: the schedule, source-index and row
         gathers of the next destinations are issued as async copies while this one computes.
         """
-        pid = tl.program_id(0)
-        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        offs_c = tl.arange(0, C_PAD)
+        offs_h, offs_c, mask_h, hc, mask_hc = _head_tile(H, C, BLOCK_H, C_PAD)
         offs_d = tl.arange(0, D_PAD)
-        mask_h = offs_h < H
-        hc = offs_h[:, None] * C + offs_c[None, :]
-        mask_hc = mask_h[:, None] & (offs_c[None, :] < C)
-        if FUSED:
-            w3 = _load_w(w_ptr, hc, mask_hc, offs_d, H * C, D_E + 1)  # once per program
-        else:
-            w3 = tl.zeros([1, 1, 1], dtype=tl.float32)
-        first = order_start + pid * DPP
+        w3 = _w_tile(w_ptr, hc, mask_hc, offs_d, H, C, FUSED, D_E)
+        first = order_start + tl.program_id(0) * DPP
         if SINGLE:
             for t in tl.range(0, DPP, num_stages=STAGES):
                 _fwd_node(
@@ -234,23 +271,17 @@ if HAS_TRITON:
         BLOCK_E: tl.constexpr,
     ):  # fmt: skip
         """One block of a destination's edges: ``p``, ``p dp`` out; dq / delta / A / C sums."""
-        eid = start + tl.arange(0, BLOCK_E)
-        mask_e = eid < end
-        eid64 = eid.to(tl.int64)
-        src = tl.load(row_ptr + eid, mask=mask_e, other=0).to(tl.int64)
-        m3 = mask_e[:, None, None] & mask_hc[None, :, :]
-        k = tl.load(k_ptr + src[:, None, None] * SKV + hc[None], mask=m3, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + src[:, None, None] * SKV + hc[None], mask=m3, other=0.0).to(tl.float32)
-        if FUSED:
-            a = _load_attr(attr_ptr, eid64, mask_e, offs_d, D_E)
+        eid64, mask_e, k, v, a = _edge_tile(
+            start, end, k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr, hc, mask_hc, offs_d, SKV, HC,
+            FUSED, D_E, BLOCK_E,
+        )  # fmt: skip
+        if FUSED:  # a: edge features
             s = tl.sum(q[None] * k, 2) + tl.sum(a[:, :, None] * qw[None], 1)
             dp = tl.sum(do[None] * v, 2) + tl.sum(a[:, :, None] * gw[None], 1)
-        else:
-            e = tl.load(e_ptr + eid64[:, None, None] * HC + hc[None], mask=m3, other=0.0)
-            e = e.to(tl.float32)
-            k = k + e
+        else:  # a: the edge rows e
+            k = k + a
             s = tl.sum(q[None] * k, 2)
-            dp = tl.sum(do[None] * (v + e), 2)
+            dp = tl.sum(do[None] * (v + a), 2)
         p = tl.exp2(s * qk_scale - lse[None, :])
         p = tl.where(mask_e[:, None], p, 0.0)
         pdp = p * dp
@@ -289,12 +320,9 @@ if HAS_TRITON:
         BLOCK_E: tl.constexpr, SINGLE: tl.constexpr,
     ):  # fmt: skip
         HC = H * C
-        valid = slot < order_end
-        hmask = mask_h & ((offs_h * 0 + slot) < order_end)
-        row_mask = hmask[:, None] & (offs_c[None, :] < C)
-        node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
-        beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
-        end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
+        node, beg, end, hmask, row_mask = _node_slot(
+            slot, order_end, sched_ptr, n_sched, offs_h, offs_c, mask_h, C
+        )
         q = tl.load(q_ptr + node * SQ + hc, mask=row_mask, other=0.0).to(tl.float32)
         do = tl.load(do_ptr + node * HC + hc, mask=row_mask, other=0.0).to(tl.float32)
         lse = tl.load(lse_ptr + node * H + offs_h, mask=hmask, other=0.0)
@@ -369,18 +397,10 @@ if HAS_TRITON:
         SINGLE: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         """Per destination: ``p``, ``p * dp`` per edge, exact ``delta = sum_j p dp``, ``dq``."""
-        pid = tl.program_id(0)
-        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        offs_c = tl.arange(0, C_PAD)
+        offs_h, offs_c, mask_h, hc, mask_hc = _head_tile(H, C, BLOCK_H, C_PAD)
         offs_d = tl.arange(0, D_PAD)
-        mask_h = offs_h < H
-        hc = offs_h[:, None] * C + offs_c[None, :]
-        mask_hc = mask_h[:, None] & (offs_c[None, :] < C)
-        if FUSED:
-            w3 = _load_w(w_ptr, hc, mask_hc, offs_d, H * C, D_E + 1)  # once per program
-        else:
-            w3 = tl.zeros([1, 1, 1], dtype=tl.float32)
-        first = order_start + pid * DPP
+        w3 = _w_tile(w_ptr, hc, mask_hc, offs_d, H, C, FUSED, D_E)
+        first = order_start + tl.program_id(0) * DPP
         if SINGLE:
             for t in tl.range(0, DPP, num_stages=STAGES):
                 _bwd_dst_node(
@@ -438,12 +458,9 @@ if HAS_TRITON:
         BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr, SINGLE: tl.constexpr,
     ):  # fmt: skip
         HC = H * C
-        valid = slot < order_end
-        hmask = mask_h & ((offs_h * 0 + slot) < order_end)
-        row_mask = hmask[:, None] & (offs_c[None, :] < C)
-        node = tl.load(sched_ptr + slot, mask=valid, other=0).to(tl.int64)
-        beg = tl.load(sched_ptr + n_sched + slot, mask=valid, other=0)
-        end = tl.load(sched_ptr + 2 * n_sched + slot, mask=valid, other=0)
+        node, beg, end, hmask, row_mask = _node_slot(
+            slot, order_end, sched_ptr, n_sched, offs_h, offs_c, mask_h, C
+        )
         dk = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
         dv = tl.zeros([BLOCK_H, C_PAD], dtype=tl.float32)
         if SINGLE:
@@ -471,13 +488,8 @@ if HAS_TRITON:
         SINGLE: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         """Per source (CSR view): ``dk``, ``dv`` and, materialised, ``de`` of each out-edge."""
-        pid = tl.program_id(0)
-        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        offs_c = tl.arange(0, C_PAD)
-        mask_h = offs_h < H
-        hc = offs_h[:, None] * C + offs_c[None, :]
-        mask_hc = mask_h[:, None] & (offs_c[None, :] < C)
-        first = order_start + pid * DPP
+        offs_h, offs_c, mask_h, hc, mask_hc = _head_tile(H, C, BLOCK_H, C_PAD)
+        first = order_start + tl.program_id(0) * DPP
         if SINGLE:
             for t in tl.range(0, DPP, num_stages=STAGES):
                 _bwd_src_node(
