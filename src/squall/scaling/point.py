@@ -27,7 +27,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import math
 import os
 import signal
 import statistics
@@ -272,10 +271,9 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: st
     parts = build_run(point, NullLogger(), device=device, distribute=True)
     model, trainer = parts.model, parts.trainer
     setup = parts.parallel
-    dp_rank, halo, groups = setup.data_parallel_rank, {}, None
+    dp_rank, halo = setup.data_parallel_rank, {}
     if plan.model_parallel > 1:
         halo = _halo_volume(model, parts.graph, plan, device, int(point.training.rollout))
-        groups = setup.groups
 
     ckpt = Path(str(point.training.run_dir)) / "checkpoint.pt"
     owner = ckpt.with_suffix(".json")  # which point wrote the checkpoint
@@ -324,20 +322,13 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: st
             waited = time.perf_counter() - t0
             _sync(device)
             t0 = time.perf_counter()
-            loss, grad_norm = trainer.train_step(batch)
-            if groups is not None:  # each rank holds its share of the model group's loss
-                from squall.parallel.parallelize import reduce_loss
-
-                loss = reduce_loss(loss, groups)
-            loss = float(loss)
+            loss, grad_norm = trainer.train_step_global(batch)  # the model group's loss
             _sync(device)
             seconds = time.perf_counter() - t0
             timed = trainer.step - first > warmup
             if timed:
                 progress.measured_s.append(seconds)
                 progress.data_s.append(waited)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {trainer.step}")
             pending.append(({M.LOSS_TRAIN: loss, M.GRAD_NORM: float(grad_norm),
                              M.LR: trainer.scheduler.get_last_lr()[0], "time/last_step_s": seconds,
                              "time/last_data_s": waited, "time/timed": float(timed)}, trainer.step))

@@ -198,6 +198,15 @@ class Trainer:
         self.samples_seen += batch["x"].shape[0]
         return loss.detach(), grad_norm.detach()
 
+    def train_step_global(self, batch: dict) -> tuple[float, torch.Tensor]:
+        """:meth:`train_step`, then the loss of the whole model group as a float (the step's one
+        host sync: the value is logged anyway); raises on a non-finite loss."""
+        loss, grad_norm = self.train_step(batch)
+        loss = float(self.reduce(loss))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {self.step}")
+        return loss, grad_norm
+
     @torch.no_grad()
     def validate(self, loader, max_batches: int) -> dict:
         """Validation loss, and the prognostic variables' error against persistence (repeating
@@ -267,14 +276,9 @@ class Trainer:
                     break
                 batch = next(loader)
                 start = time.perf_counter()
-                loss, grad_norm = self.train_step(batch)
-                loss = float(
-                    self.reduce(loss)
-                )  # the one host sync per step: the value is logged anyway
+                loss, grad_norm = self.train_step_global(batch)
                 seconds = time.perf_counter() - start
                 timer.record(seconds, batch["x"].shape[0])
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {self.step}")
                 history.append(loss)
                 if self.step % int(cfg.log_every) == 0 or self.step == max_steps:
                     metrics = {M.LOSS_TRAIN: loss, M.GRAD_NORM: float(grad_norm),
