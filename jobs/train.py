@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -55,9 +56,12 @@ def main(cfg: DictConfig) -> dict:
     if env.rank == 0:
         if losses:
             log.info("loss %.4g -> %.4g over %d steps", losses[0], losses[-1], len(losses))
+        log.info("checkpoint: %s (a later run resumes from it; training.resume=false starts "
+                 "over and replaces it)", Path(str(cfg.training.run_dir)) / "checkpoint.pt")  # fmt: skip
         if logger.run_id:
-            log.info("MLflow run %s in %s (browse: mlflow ui --backend-store-uri %s --host 127.0.0.1)",
-                     logger.run_id, logger.tracking_uri, logger.tracking_uri)  # fmt: skip
+            mlflow_cli = Path(sys.executable).parent / "mlflow"
+            log.info("MLflow run %s in %s (browse: %s ui --backend-store-uri %s --host 127.0.0.1)",
+                     logger.run_id, logger.tracking_uri, mlflow_cli, logger.tracking_uri)  # fmt: skip
         print(json.dumps({"summary": final}))
     return final
 

@@ -10,8 +10,9 @@ class SquallError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
 
-class ConfigError(SquallError):
-    """A configuration value is unknown, missing or out of range."""
+class ConfigError(SquallError, ValueError):
+    """A configuration value is unknown, missing or out of range (also a ``ValueError``, as the
+    model and planning code raised before)."""
 
 
 class GraphError(SquallError):

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from squall.errors import ConfigError
 from squall.graphs import build_graph
 from squall.models.forecaster import GraphForecaster, ModelConfig
 
@@ -81,7 +82,7 @@ def test_checkpointing_gives_identical_outputs_and_gradients(
 
 
 def test_checkpoint_policies_are_checked(tiny_graph):
-    with pytest.raises(ValueError, match="checkpoint.encoder: 'some'"):
+    with pytest.raises(ConfigError, match="checkpoint.encoder: 'some'"):
         ModelConfig(checkpoint_encoder="some")
     with pytest.raises(ValueError, match="lists 1 policies for 2 processor layers"):
         ModelConfig(processor_layers=2, checkpoint_processor=("mlp",))

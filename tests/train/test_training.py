@@ -157,3 +157,28 @@ def test_checkpoint_budget_chooses_the_policies(tiny_cfg, recording_logger, capl
     assert any("checkpoint.budget_gib=100" in r.getMessage() for r in caplog.records)
     with pytest.raises(ConfigError, match="budget_gib=0.1: the smallest estimate"):
         build_run(tiny_cfg("model.checkpoint.budget_gib=0.1"), recording_logger())
+
+
+@pytest.mark.parametrize(
+    "job, bad, says",
+    [
+        ("jobs.dry_run", "model.checkpoint.processor=sometimes", "'sometimes' is not one of"),
+        ("jobs.dry_run", "model.checkpoint.budget_gib=0.01", "smallest estimate"),
+        ("jobs.forecast", "forecast.steps=abc", "must be integers"),
+    ],
+)
+def test_bad_values_are_one_line(tmp_path, tiny_overrides, job, bad, says):
+    cmd = [sys.executable, "-m", job, *tiny_overrides(tmp_path), bad]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and says in last and "Traceback" not in out.stderr, last
+
+
+def test_resuming_past_max_steps_says_so(tiny_cfg, recording_logger, caplog):
+    cfg = tiny_cfg("training.max_steps=2")
+    train(cfg, recording_logger())
+    with caplog.at_level("WARNING", logger="squall.train.loop"):
+        train(tiny_cfg("training.max_steps=1"), recording_logger())
+    assert any("nothing to train" in r.getMessage() for r in caplog.records)

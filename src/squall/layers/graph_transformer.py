@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from squall.errors import ConfigError
 from squall.kernels.edge_index import EdgeIndex
 from squall.kernels.gt_attention import gt_attention_fused
 
@@ -61,7 +62,7 @@ class GraphTransformerBlock(nn.Module):
         super().__init__()
         self.recompute_mlp = recompute_mlp
         if channels % heads:
-            raise ValueError(f"channels {channels} must be divisible by heads {heads}")
+            raise ConfigError(f"channels {channels} must be divisible by heads {heads}")
         self.heads, self.head_dim, self.bipartite, self.backend = (
             heads,
             channels // heads,

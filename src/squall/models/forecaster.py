@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from squall.errors import ConfigError
 from squall.graphs import Graph
 from squall.kernels.edge_index import EdgeIndex
 from squall.layers.graph_transformer import GraphTransformerBlock
@@ -40,7 +41,7 @@ def checkpoint_policy(value, what: str = "checkpoint") -> str:
     if value is None or isinstance(value, bool):
         return "full" if value else "none"
     if str(value) not in CHECKPOINT_POLICIES:
-        raise ValueError(
+        raise ConfigError(
             f"{what}: {value!r} is not one of {', '.join(CHECKPOINT_POLICIES)} or a bool"
         )
     return str(value)
@@ -77,7 +78,7 @@ class ModelConfig:
         proc = self.checkpoint_processor
         if isinstance(proc, (list, tuple)):
             if len(proc) != self.processor_layers:
-                raise ValueError(f"checkpoint.processor lists {len(proc)} policies for "
+                raise ConfigError(f"checkpoint.processor lists {len(proc)} policies for "
                                  f"{self.processor_layers} processor layers")  # fmt: skip
             proc = tuple(checkpoint_policy(p, "checkpoint.processor") for p in proc)
         else:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from squall.errors import ConfigError
 from squall.graphs import Graph
 from squall.layers.graph_transformer import block_flops
 from squall.models.forecaster import CHECKPOINT_POLICIES, ROLES, GraphForecaster, ModelConfig
@@ -156,7 +157,7 @@ def plan_checkpointing(mcfg: ModelConfig, budget_gib: float, static_gib: float, 
 
     Searches every encoder and decoder policy and every count of ``full`` / ``mlp`` / ``none``
     processor layers (layers are alike, so which ones does not matter); ties go to less memory.
-    Raises ``ValueError`` with the smallest estimate when nothing fits.
+    Raises :class:`~squall.errors.ConfigError` with the smallest estimate when nothing fits.
     """
     layers, fitting, smallest = mcfg.processor_layers, [], None
     for enc in CHECKPOINT_POLICIES:
@@ -175,7 +176,7 @@ def plan_checkpointing(mcfg: ModelConfig, budget_gib: float, static_gib: float, 
                             (recompute_flops(cand, batch, rows, edges, edge_dims), gib, cand)
                         )
     if not fitting:
-        raise ValueError(f"checkpoint.budget_gib={budget_gib:g}: the smallest estimate, with every "
+        raise ConfigError(f"checkpoint.budget_gib={budget_gib:g}: the smallest estimate, with every "
                          f"block checkpointed, is {smallest:.2f} GiB per GPU (static "
                          f"{static_gib:.2f}) plus {PLAN_HEADROOM_GIB} GiB headroom; raise the "
                          "budget or add model-parallel ranks")  # fmt: skip

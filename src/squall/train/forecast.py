@@ -35,14 +35,22 @@ def rollout(trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def forecast(cfg) -> dict:
     """Roll the checkpointed model out as ``cfg.forecast`` says; return scores and timings."""
     f = cfg.forecast
-    steps = int(f.steps)
+    try:
+        steps, max_starts = int(f.steps), int(f.max_starts)
+    except (TypeError, ValueError):
+        raise ConfigError(f"forecast.steps={f.steps!r} and forecast.max_starts={f.max_starts!r} "
+                          "must be integers") from None  # fmt: skip
     if steps < 1:
         raise ConfigError(f"forecast.steps={steps} must be >= 1")
+    ckpt = Path(str(f.checkpoint))
+    if not ckpt.exists():  # before building data and model, which can take minutes
+        raise ConfigError(f"checkpoint {ckpt} not found: train first (python -m jobs.train with "
+                          "the same graph and model) or set forecast.checkpoint")  # fmt: skip
     parts = build_run(cfg, NullLogger())
-    load_checkpoint(Path(str(f.checkpoint)), parts.model, restore_rng=False)
+    load_checkpoint(ckpt, parts.model, restore_rng=False)
     trainer, model = parts.trainer, parts.model.eval()
     data = build_dataset(cfg, str(f.split), rollout=steps, normaliser=parts.train_set.normaliser)
-    starts = np.unique(np.linspace(0, len(data) - 1, min(int(f.max_starts), len(data))).astype(int))
+    starts = np.unique(np.linspace(0, len(data) - 1, min(max_starts, len(data))).astype(int))
     prog_out = trainer.prog_out
     area = model.graph.area
     mse_model = np.zeros(steps)

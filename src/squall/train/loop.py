@@ -248,6 +248,10 @@ class Trainer:
         payload = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.scheduler)
         self.step, self.samples_seen = payload["step"], payload["samples_seen"]
         log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+        if self.step >= int(self.cfg.max_steps):
+            log.warning("the checkpoint is at step %d >= training.max_steps=%d: nothing to train "
+                        "(raise max_steps, or training.resume=false to start over, which "
+                        "replaces the checkpoint)", self.step, int(self.cfg.max_steps))  # fmt: skip
         return True
 
     def _request_stop(self, signum, _frame):

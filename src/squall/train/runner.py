@@ -141,11 +141,8 @@ def resolve_checkpointing(graph, mcfg, setup, batch, layout, input_steps, device
     pcfg = setup.config if setup is not None else ParallelConfig()
     world = setup.groups.layout.world_size if setup is not None and setup.groups else 1
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    try:
-        *_, mcfg = estimate(graph, mcfg, pcfg, world, batch, (len(layout.inputs),
-                            len(layout.outputs)), input_steps, 2 if bf16 else 4)  # fmt: skip
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    *_, mcfg = estimate(graph, mcfg, pcfg, world, batch, (len(layout.inputs),
+                        len(layout.outputs)), input_steps, 2 if bf16 else 4)  # fmt: skip
     log.info(
         "%s (for checkpoint.budget_gib=%g)",
         describe_checkpointing(mcfg),
