@@ -73,6 +73,8 @@ def test_cache_hit_miss_and_rebuild(tmp_path):
     assert third.edges["decoder"].num_edges == 4 * 5248
     rebuilt = load_or_build({**s, "rebuild": True}, tmp_path)
     assert "loaded_from" not in rebuilt.meta
+    with pytest.raises(GraphError, match="graph.rebuild='maybe': use true or false"):
+        load_or_build({**s, "rebuild": "maybe"}, tmp_path)
 
 
 def test_corrupt_and_stale_cache(tmp_path):

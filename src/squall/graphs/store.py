@@ -123,7 +123,10 @@ def load_or_build(spec, cache_dir: str | Path | None, rebuild: bool = False) -> 
     spec = to_plain(spec)
     if not isinstance(spec, dict):
         raise GraphError(f"graph spec must be a mapping, got {type(spec).__name__}")
-    rebuild = rebuild or bool(spec.pop("rebuild", False))
+    flag = spec.pop("rebuild", False)
+    if not isinstance(flag, bool) and flag is not None:
+        raise GraphError(f"graph.rebuild={flag!r}: use true or false")
+    rebuild = rebuild or bool(flag)
     key = spec_hash(spec)
     if cache_dir is None:
         return build_graph(spec, key)
