@@ -29,7 +29,8 @@ def main(cfg: DictConfig) -> None:
     batch = int(cfg.training.get("batch_size", 1))
     graph = load_or_build(cfg.graph, cfg.paths.cache + "/graphs")
     mcfg = ModelConfig.from_cfg(cfg.model)
-    layout, ranks, params, mcfg = estimate(graph, mcfg, pcfg, world, batch)
+    rollout = int(cfg.training.get("rollout", 1))
+    layout, ranks, params, mcfg = estimate(graph, mcfg, pcfg, world, batch, rollout=rollout)
     print(format_estimate(layout, ranks, params, graph, mcfg, pcfg, batch))
 
 

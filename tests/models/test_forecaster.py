@@ -81,6 +81,32 @@ def test_checkpointing_gives_identical_outputs_and_gradients(
     assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
 
 
+def saved_bytes(model, x) -> int:
+    """Bytes the forward keeps for backward (checkpointed regions keep only their inputs)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return total
+
+
+def test_each_policy_keeps_less_for_backward(tiny_graph):
+    x = torch.randn(1, 2, 544, 5)
+    kept = {}
+    for policy in ("none", "mlp", "full"):
+        model = make(tiny_graph, processor_layers=3, checkpoint_encoder=policy,
+                     checkpoint_processor=policy, checkpoint_decoder=policy)  # fmt: skip
+        kept[policy] = saved_bytes(model, x)
+    assert kept["none"] > kept["mlp"] > kept["full"], kept
+    mixed = make(tiny_graph, processor_layers=3, checkpoint_processor=("mlp", "none", "full"))
+    assert kept["full"] < saved_bytes(mixed, x) < kept["none"]
+
+
 def test_checkpoint_policies_are_checked(tiny_graph):
     with pytest.raises(ConfigError, match="checkpoint.encoder: 'some'"):
         ModelConfig(checkpoint_encoder="some")

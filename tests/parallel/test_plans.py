@@ -228,4 +228,34 @@ def test_checkpoint_plan_fits_the_budget_with_the_least_recomputation():
             assert flops > 0 and (previous_flops is None or flops >= previous_flops)
         previous_flops = flops
     with pytest.raises(ValueError, match="smallest estimate, with every block checkpointed"):
-        estimate(g, replace(base, checkpoint_budget_gib=least * 0.99), pcfg, 1, 1)
+        estimate(g, replace(base, checkpoint_budget_gib=least - 1e-7), pcfg, 1, 1)
+
+
+def test_estimate_counts_rollout_chunks_and_where_compile_applies():
+    from dataclasses import replace
+
+    from squall.errors import ConfigError
+    from squall.models.forecaster import ModelConfig
+    from squall.parallel.estimate import estimate
+
+    g = tiny_graph()
+    base = ModelConfig(num_channels=64, num_heads=4, processor_layers=2, mlp_ratio=4)
+    one = ParallelConfig()
+
+    def act(cfg, pcfg=one, **kw):
+        return estimate(g, cfg, pcfg, pcfg.model_parallel, 1, **kw)[1][0].activation_gib
+
+    # every rollout step's activations stay until the backward
+    assert act(base, rollout=3) > 2.5 * act(base)
+    # compiled blocks keep less, but only where the compiled forward runs (one rank, no chunks)
+    compiled = replace(base, compile=True)
+    assert act(compiled) < act(base)
+    two = ParallelConfig(model_parallel=2)
+    assert act(compiled, two) == act(base, two)
+    # chunked mappers always recompute: the estimate says so and keeps the compile flag
+    *_, resolved = estimate(g, compiled, ParallelConfig(chunks=2), 1, 1)
+    assert (resolved.checkpoint_encoder, resolved.checkpoint_decoder) == ("full", "full")
+    assert resolved.compile
+    # a budget below the static memory says so, not "add ranks"
+    with pytest.raises(ConfigError, match="AdamW state alone"):
+        estimate(g, replace(base, checkpoint_budget_gib=1e-4), one, 1, 1)

@@ -155,7 +155,7 @@ def test_checkpoint_budget_chooses_the_policies(tiny_cfg, recording_logger, capl
         "none", ("none", "none"), "none"
     ), "room for everything: nothing recomputed"
     assert any("checkpoint.budget_gib=100" in r.getMessage() for r in caplog.records)
-    with pytest.raises(ConfigError, match="budget_gib=0.1: the smallest estimate"):
+    with pytest.raises(ConfigError, match="budget_gib=0.1: parameters, gradients and AdamW"):
         build_run(tiny_cfg("model.checkpoint.budget_gib=0.1"), recording_logger())
 
 
@@ -163,7 +163,7 @@ def test_checkpoint_budget_chooses_the_policies(tiny_cfg, recording_logger, capl
     "job, bad, says",
     [
         ("jobs.dry_run", "model.checkpoint.processor=sometimes", "'sometimes' is not one of"),
-        ("jobs.dry_run", "model.checkpoint.budget_gib=0.01", "smallest estimate"),
+        ("jobs.dry_run", "model.checkpoint.budget_gib=0.01", "raise the budget"),
         ("jobs.forecast", "forecast.steps=abc", "must be integers"),
     ],
 )

@@ -47,6 +47,12 @@ def checkpoint_policy(value, what: str = "checkpoint") -> str:
     return str(value)
 
 
+def _flag(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what}={value!r}: use true or false")
+    return value
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Model sizes, attention backend and per-block checkpointing.
@@ -108,7 +114,7 @@ class ModelConfig:
             else proc,
             checkpoint_decoder=ckpt.get("decoder", False),
             checkpoint_budget_gib=None if budget is None else float(budget),
-            compile=bool(cfg.get("compile", False)),
+            compile=_flag(cfg.get("compile", False), "model.compile"),
         )
 
 

@@ -94,11 +94,13 @@ def _block_bytes(mcfg: ModelConfig, b: int, act: int, n_dst: int, n_src: int, e:
     return kept + edges_kept, mlp, in_flight
 
 
-def activation_bytes(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act: int) -> int:
+def activation_bytes(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act: int,
+                     rollout: int = 1) -> int:  # fmt: skip
     """Peak activation bytes of one rank.
 
     ``rows`` holds owned rows ``data``, ``mesh`` and local source rows per edge set
-    (``src_<role>``); ``edges`` local edges per edge set; ``act`` bytes per activation (2 for bf16).
+    (``src_<role>``); ``edges`` local edges per edge set; ``act`` bytes per activation (2 for bf16);
+    ``rollout`` forward steps per sample, each kept until the backward.
     Per block policy (:data:`squall.models.forecaster.CHECKPOINT_POLICIES`): ``none`` keeps its
     inner activations until backward; ``mlp`` keeps them less the MLP part, which then exists for
     one block at a time during recomputation; ``full`` keeps only the block's input and its inner
@@ -108,7 +110,7 @@ def activation_bytes(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act
     dst = {"encoder": rows["mesh"], "processor": rows["mesh"], "decoder": rows["data"]}
     layers = mcfg.processor_layers
     # block inputs kept for backward: data and mesh streams, one mesh tensor per layer
-    kept = (3 * rows["data"] + (layers + 2) * rows["mesh"]) * b * c * act
+    kept = (3 * rows["data"] + (layers + 2) * rows["mesh"]) * b * c * act * rollout
     live, transient = 0, 0
     blocks = [("encoder", 0), *(("processor", i) for i in range(layers)), ("decoder", 0)]
     sizes = {role: _block_bytes(mcfg, b, act, dst[role], rows[f"src_{role}"], edges[role],
@@ -124,10 +126,11 @@ def activation_bytes(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act
             transient = max(transient, mlp + in_flight)
         else:
             transient = max(transient, inner + in_flight)
-    return kept + live + transient
+    return kept + live * rollout + transient
 
 
-def recompute_flops(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, edge_dims: dict) -> int:
+def recompute_flops(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, edge_dims: dict,
+                    rollout: int = 1) -> int:  # fmt: skip
     """Forward FLOPs that checkpointing repeats in backward (``full``: the block's forward;
     ``mlp``: its first MLP product, recomputation stopping once GELU's output is back)."""
     c, ratio = mcfg.num_channels, mcfg.mlp_ratio
@@ -141,7 +144,7 @@ def recompute_flops(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, edge
                                  edges[role])  # fmt: skip
         elif policy == "mlp":
             total += 2 * c * ratio * c * dst[role]
-    return batch * total
+    return batch * rollout * total
 
 
 # The planner keeps this far below the budget: the estimate's largest underestimate among the
@@ -151,35 +154,47 @@ PLAN_HEADROOM_GIB = 0.6
 
 
 def plan_checkpointing(mcfg: ModelConfig, budget_gib: float, static_gib: float, batch: int,
-                       rows: dict, edges: dict, edge_dims: dict, act: int = 2) -> ModelConfig:  # fmt: skip
+                       rows: dict, edges: dict, edge_dims: dict, act: int = 2, rollout: int = 1,
+                       fixed_mappers: bool = False) -> ModelConfig:  # fmt: skip
     """The checkpoint policies with the least recomputation whose estimated peak (static plus
     activations, :func:`activation_bytes`) fits ``budget_gib`` less :data:`PLAN_HEADROOM_GIB`.
 
     Searches every encoder and decoder policy and every count of ``full`` / ``mlp`` / ``none``
     processor layers (layers are alike, so which ones does not matter); ties go to less memory.
-    Raises :class:`~squall.errors.ConfigError` with the smallest estimate when nothing fits.
+    ``fixed_mappers`` keeps the encoder's and decoder's policies (chunked mappers always
+    recompute). Raises :class:`~squall.errors.ConfigError` with the smallest estimate when
+    nothing fits.
     """
+    if static_gib + PLAN_HEADROOM_GIB > budget_gib:
+        raise ConfigError(f"checkpoint.budget_gib={budget_gib:g}: parameters, gradients and AdamW "
+                          f"state alone take {static_gib:.2f} GiB per GPU (+ {PLAN_HEADROOM_GIB} "
+                          "GiB headroom) and model-parallel ranks each hold all of them; raise "
+                          "the budget")  # fmt: skip
     layers, fitting, smallest = mcfg.processor_layers, [], None
-    for enc in CHECKPOINT_POLICIES:
-        for dec in CHECKPOINT_POLICIES:
+    encoders = [mcfg.checkpoint_encoder] if fixed_mappers else CHECKPOINT_POLICIES
+    decoders = [mcfg.checkpoint_decoder] if fixed_mappers else CHECKPOINT_POLICIES
+    for enc in encoders:
+        for dec in decoders:
             for n_full in range(layers + 1):
                 for n_mlp in range(layers - n_full + 1):
                     n_none = layers - n_full - n_mlp
                     proc = ("full",) * n_full + ("mlp",) * n_mlp + ("none",) * n_none
                     cand = replace(mcfg, checkpoint_encoder=enc, checkpoint_decoder=dec,
                                    checkpoint_processor=proc, checkpoint_budget_gib=budget_gib)  # fmt: skip
-                    gib = static_gib + activation_bytes(cand, batch, rows, edges, act) / GIB
+                    gib = (
+                        static_gib + activation_bytes(cand, batch, rows, edges, act, rollout) / GIB
+                    )
                     if smallest is None or gib < smallest:
                         smallest = gib
                     if gib <= budget_gib - PLAN_HEADROOM_GIB:
-                        fitting.append(
-                            (recompute_flops(cand, batch, rows, edges, edge_dims), gib, cand)
-                        )
+                        flops = recompute_flops(cand, batch, rows, edges, edge_dims, rollout)
+                        fitting.append((flops, gib, cand))
     if not fitting:
         raise ConfigError(f"checkpoint.budget_gib={budget_gib:g}: the smallest estimate, with every "
-                         f"block checkpointed, is {smallest:.2f} GiB per GPU (static "
-                         f"{static_gib:.2f}) plus {PLAN_HEADROOM_GIB} GiB headroom; raise the "
-                         "budget or add model-parallel ranks")  # fmt: skip
+                          f"block checkpointed, is {smallest:.2f} GiB per GPU (static "
+                          f"{static_gib:.2f}), so the budget must be at least "
+                          f"{smallest + PLAN_HEADROOM_GIB:.2f} (with {PLAN_HEADROOM_GIB} GiB "
+                          "headroom); raise it or add model-parallel ranks")  # fmt: skip
     return min(fitting, key=lambda f: f[:2])[2]
 
 
@@ -223,6 +238,7 @@ def estimate(
     num_vars: tuple[int, int] = (100, 100),
     input_steps: int = 2,
     act_bytes: int = 2,
+    rollout: int = 1,
 ) -> tuple[Layout, list[RankEstimate], int, ModelConfig]:
     """Per-rank estimates of a layout.
 
@@ -239,6 +255,8 @@ def estimate(
         Input and output variables.
     act_bytes : int
         Bytes per activation (2: bf16 autocast).
+    rollout : int
+        Forward steps per sample (``training.rollout``): their activations are all kept.
 
     Returns
     -------
@@ -263,20 +281,28 @@ def estimate(
     static = (16 + (2 if act_bytes == 2 else 0)) * params + (4 * params if world_size > 1 else 0)
     ring = 2 * (world_size - 1) / world_size if world_size > 1 else 0.0
     sizes = _sizes(graph, mcfg, pcfg)
+    # What runs: chunked mappers always recompute (squall.parallel.chunking), and sharded or
+    # chunked blocks run through their steps, outside torch.compile.
+    chunked = pcfg.chunks > 1
+    if chunked:
+        mcfg = replace(mcfg, checkpoint_encoder="full", checkpoint_decoder="full")
+    compiled = mcfg.compile
+    mcfg = replace(mcfg, compile=compiled and pcfg.model_parallel == 1 and not chunked)
     if mcfg.checkpoint_budget_gib is not None:
         largest_rows = {k: max(s.rows[k] for s in sizes) for k in sizes[0].rows}
         largest_edges = {k: max(s.edges[k] for s in sizes) for k in ROLES}
         mcfg = plan_checkpointing(mcfg, mcfg.checkpoint_budget_gib, static / GIB, batch,
-                                  largest_rows, largest_edges, edge_dims, act_bytes)  # fmt: skip
+                                  largest_rows, largest_edges, edge_dims, act_bytes, rollout,
+                                  fixed_mappers=chunked)  # fmt: skip
     uses = {"encoder": 1, "processor": mcfg.processor_layers, "decoder": 1}
     out = []
     for r, size in enumerate(sizes):
         halo_bytes = sum(2 * uses[k] * v * batch * mcfg.num_channels * act_bytes
                          for k, v in size.halo.items())  # fmt: skip
-        act = activation_bytes(mcfg, batch, size.rows, size.edges, act_bytes)
+        act = activation_bytes(mcfg, batch, size.rows, size.edges, act_bytes, rollout)
         out.append(RankEstimate(r, size.rows, size.edges, size.halo, size.peers, static / GIB,
                                 act / GIB, int(halo_bytes), int(ring * 4 * params)))  # fmt: skip
-    return layout, out, params, mcfg
+    return layout, out, params, replace(mcfg, compile=compiled)
 
 
 def format_estimate(layout: Layout, ranks: list[RankEstimate], params: int, graph: Graph,

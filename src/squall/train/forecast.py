@@ -46,7 +46,7 @@ def forecast(cfg) -> dict:
     if not ckpt.exists():  # before building data and model, which can take minutes
         raise ConfigError(f"checkpoint {ckpt} not found: train first (python -m jobs.train with "
                           "the same graph and model) or set forecast.checkpoint")  # fmt: skip
-    parts = build_run(cfg, NullLogger())
+    parts = build_run(cfg, NullLogger(), training=False)
     load_checkpoint(ckpt, parts.model, restore_rng=False)
     trainer, model = parts.trainer, parts.model.eval()
     data = build_dataset(cfg, str(f.split), rollout=steps, normaliser=parts.train_set.normaliser)

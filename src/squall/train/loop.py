@@ -198,14 +198,13 @@ class Trainer:
         self.samples_seen += batch["x"].shape[0]
         return loss.detach(), grad_norm.detach()
 
-    def train_step_global(self, batch: dict) -> tuple[float, torch.Tensor]:
-        """:meth:`train_step`, then the loss of the whole model group as a float (the step's one
+    def global_loss(self, loss: torch.Tensor) -> float:
+        """A step's loss for the whole model group and its replicas, as a float (the step's one
         host sync: the value is logged anyway); raises on a non-finite loss."""
-        loss, grad_norm = self.train_step(batch)
-        loss = float(self.reduce(loss))
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {self.step}")
-        return loss, grad_norm
+        value = float(self.reduce(loss))
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {self.step}")
+        return value
 
     @torch.no_grad()
     def validate(self, loader, max_batches: int) -> dict:
@@ -280,7 +279,8 @@ class Trainer:
                     break
                 batch = next(loader)
                 start = time.perf_counter()
-                loss, grad_norm = self.train_step_global(batch)
+                loss, grad_norm = self.train_step(batch)
+                loss = self.global_loss(loss)
                 seconds = time.perf_counter() - start
                 timer.record(seconds, batch["x"].shape[0])
                 history.append(loss)

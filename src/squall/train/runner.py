@@ -80,7 +80,11 @@ class RunParts:
 
 
 def build_run(
-    cfg, logger, device: torch.device | None = None, distribute: bool = False
+    cfg,
+    logger,
+    device: torch.device | None = None,
+    distribute: bool = False,
+    training: bool = True,
 ) -> RunParts:
     """Build graph, datasets, model and trainer from ``cfg`` (nothing trained yet).
 
@@ -89,6 +93,8 @@ def build_run(
     with ``model_parallel > 1`` (or mapper ``chunks > 1``) the model is sharded in place by
     :func:`squall.parallel.parallelize.parallelize` and each rank reads its own grid rows; the
     remaining ranks are data-parallel replicas (DDP when there is no model parallelism).
+    ``training=False`` (forecasts) skips planning checkpointing for ``checkpoint.budget_gib``:
+    nothing is kept for a backward.
     """
     t = cfg.training
     device = device or pick_device(str(t.device))
@@ -107,9 +113,13 @@ def build_run(
     # Tendency spread from the full grid, so every rank of a model group scales alike.
     spread_set = train_set if rows is None else build_dataset(cfg, "train", rollout=rollout)
     mcfg = ModelConfig.from_cfg(cfg.model)
-    if mcfg.checkpoint_budget_gib is not None:
+    if mcfg.checkpoint_budget_gib is not None and training:
         mcfg = resolve_checkpointing(graph, mcfg, setup, int(t.batch_size), layout,
-                                     train_set.input_steps, device, str(t.precision))  # fmt: skip
+                                     train_set.input_steps, device, str(t.precision), rollout)  # fmt: skip
+    sharded = setup is not None and (setup.config.model_parallel > 1 or setup.config.chunks > 1)
+    if mcfg.compile and sharded:
+        log.warning("model.compile has no effect on sharded or chunked blocks: they run through "
+                    "their project / attend / update steps, outside the compiled forward")  # fmt: skip
     torch.manual_seed(int(t.seed))  # parameters identical whatever was drawn before
     model = GraphForecaster(
         graph, mcfg, len(layout.inputs), len(layout.outputs),
@@ -136,13 +146,20 @@ def build_run(
     return RunParts(graph, model, trainer, train_set, val_set, layout, setup)
 
 
-def resolve_checkpointing(graph, mcfg, setup, batch, layout, input_steps, device, precision):
+def resolve_checkpointing(graph, mcfg, setup, batch, layout, input_steps, device, precision,
+                          rollout=1):  # fmt: skip
     """Checkpoint policies chosen for ``checkpoint.budget_gib`` on this run's layout (logged)."""
+    configured = {mcfg.checkpoint_encoder, mcfg.checkpoint_decoder,
+                  *(mcfg.checkpoint_processor if isinstance(mcfg.checkpoint_processor, tuple)
+                    else (mcfg.checkpoint_processor,))}  # fmt: skip
+    if configured != {"none"}:
+        log.warning("model.checkpoint.budget_gib is set: the planner's policies replace the "
+                    "configured encoder / processor / decoder ones")  # fmt: skip
     pcfg = setup.config if setup is not None else ParallelConfig()
     world = setup.groups.layout.world_size if setup is not None and setup.groups else 1
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     *_, mcfg = estimate(graph, mcfg, pcfg, world, batch, (len(layout.inputs),
-                        len(layout.outputs)), input_steps, 2 if bf16 else 4)  # fmt: skip
+                        len(layout.outputs)), input_steps, 2 if bf16 else 4, rollout)  # fmt: skip
     log.info(
         "%s (for checkpoint.budget_gib=%g)",
         describe_checkpointing(mcfg),
