@@ -25,13 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_rows, machine_info  # noqa: E402
-from _step import load_graph  # noqa: E402
+from _step import load_graph, model_config  # noqa: E402
 
 from squall.data.synthetic import STATIC, TIME_FORCINGS, Synthetic, SyntheticSettings  # noqa: E402
 from squall.models.forecaster import (  # noqa: E402
     CHECKPOINT_POLICIES,
     GraphForecaster,
-    ModelConfig,
     compile_blocks,
 )  # fmt: skip
 from squall.train.loop import Trainer, VariableLayout  # noqa: E402
@@ -61,10 +60,9 @@ def run(graph, data, roles, args, spec: str) -> tuple[list[float], float]:
         raise SystemExit(f"run {spec!r}: unknown options {sorted(unknown)}")
     policy = next((e for e in extras if e in CHECKPOINT_POLICIES), "none")
     torch.manual_seed(0)
-    cfg = ModelConfig(num_channels=args.channels, num_heads=args.heads, processor_layers=args.layers,
-                      mlp_ratio=4, trainable_edge_features=8, attention_backend=backend,
-                      checkpoint_encoder=policy, checkpoint_processor=policy,
-                      checkpoint_decoder=policy, compile="compile" in extras)  # fmt: skip
+    sizes = SimpleNamespace(channels=args.channels, heads=args.heads, layers=args.layers,
+                            vars=len(layout.inputs), edge_features=8, compile="compile" in extras)  # fmt: skip
+    cfg = model_config(graph, sizes, backend, policy)
     model = GraphForecaster(
         graph, cfg, len(layout.inputs), len(layout.outputs), 2, layout.residual
     ).to(device)

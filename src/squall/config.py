@@ -17,3 +17,14 @@ def to_container(cfg: Any) -> Any:
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     return cfg
+
+
+def as_flag(value: Any, key: str) -> bool:
+    """A boolean setting (``None`` counts as false); anything else is a one-line config error."""
+    from squall.errors import ConfigError
+
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: use true or false")
+    return value

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from squall.errors import GraphCacheError, GraphError
+from squall.errors import ConfigError, GraphCacheError, GraphError
 from squall.graphs import build_graph, load_graph, load_or_build
 from squall.graphs.store import cache_path
 
@@ -73,7 +73,7 @@ def test_cache_hit_miss_and_rebuild(tmp_path):
     assert third.edges["decoder"].num_edges == 4 * 5248
     rebuilt = load_or_build({**s, "rebuild": True}, tmp_path)
     assert "loaded_from" not in rebuilt.meta
-    with pytest.raises(GraphError, match="graph.rebuild='maybe': use true or false"):
+    with pytest.raises(ConfigError, match="graph.rebuild='maybe': use true or false"):
         load_or_build({**s, "rebuild": "maybe"}, tmp_path)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from squall.config import to_container
+from squall.config import as_flag, to_container
 from squall.errors import GraphCacheError, GraphError
 from squall.graphs.graph import EdgeSet, Graph, build_graph
 from squall.graphs.grids import NodeSet
@@ -123,10 +123,7 @@ def load_or_build(spec, cache_dir: str | Path | None, rebuild: bool = False) -> 
     spec = to_plain(spec)
     if not isinstance(spec, dict):
         raise GraphError(f"graph spec must be a mapping, got {type(spec).__name__}")
-    flag = spec.pop("rebuild", False)
-    if not isinstance(flag, bool) and flag is not None:
-        raise GraphError(f"graph.rebuild={flag!r}: use true or false")
-    rebuild = rebuild or bool(flag)
+    rebuild = rebuild or as_flag(spec.pop("rebuild", False), "graph.rebuild")
     key = spec_hash(spec)
     if cache_dir is None:
         return build_graph(spec, key)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from squall.config import as_flag, to_container
 from squall.errors import ConfigError
 from squall.graphs import Graph
 from squall.kernels.edge_index import EdgeIndex
@@ -45,12 +46,6 @@ def checkpoint_policy(value, what: str = "checkpoint") -> str:
             f"{what}: {value!r} is not one of {', '.join(CHECKPOINT_POLICIES)} or a bool"
         )
     return str(value)
-
-
-def _flag(value, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{what}={value!r}: use true or false")
-    return value
 
 
 @dataclass(frozen=True)
@@ -99,7 +94,7 @@ class ModelConfig:
     @classmethod
     def from_cfg(cls, cfg) -> ModelConfig:
         ckpt = cfg.get("checkpoint", {}) or {}
-        proc = ckpt.get("processor", False)
+        proc = to_container(ckpt.get("processor", False))
         budget = ckpt.get("budget_gib")
         return cls(
             num_channels=int(cfg.num_channels),
@@ -109,12 +104,10 @@ class ModelConfig:
             trainable_edge_features=int(cfg.get("trainable_edge_features", 0)),
             attention_backend=str(cfg.get("attention_backend", "torch")),
             checkpoint_encoder=ckpt.get("encoder", False),
-            checkpoint_processor=tuple(proc)
-            if isinstance(proc, (list, tuple)) or type(proc).__name__ == "ListConfig"
-            else proc,
+            checkpoint_processor=tuple(proc) if isinstance(proc, list) else proc,
             checkpoint_decoder=ckpt.get("decoder", False),
             checkpoint_budget_gib=None if budget is None else float(budget),
-            compile=_flag(cfg.get("compile", False), "model.compile"),
+            compile=as_flag(cfg.get("compile", False), "model.compile"),
         )
 
 
