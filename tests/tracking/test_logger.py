@@ -113,7 +113,7 @@ def test_environment_variable_points_elsewhere(tmp_path, monkeypatch, mlflow_sch
     run.finish()
     assert run.tracking_uri == elsewhere
     assert MlflowClient(tracking_uri=elsewhere).get_run(run.run_id).info.status == "FINISHED"
-    assert not (tmp_path / "default").exists()
+    assert not (tmp_path / "default" / "mlruns").exists()  # no embedded store was created
 
 
 def test_unreachable_server_falls_back_to_local_store(store_dir, caplog, no_env_uri, unused_port):

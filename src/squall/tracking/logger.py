@@ -16,6 +16,7 @@ A sweep groups its runs two ways: every run carries the tag ``sweep_id``, and a 
 from __future__ import annotations
 
 import abc
+import contextlib
 import fcntl
 import json
 import logging
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from squall.errors import SquallError
+from squall.tracking import buffer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,12 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 TRUNCATED = "...[truncated]"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+#: What :class:`MlflowLogger` does when its server does not answer at start.
+UNREACHABLE = ("fallback", "journal", "error")
+#: Seconds ``finish()`` waits for the journal to reach the store before leaving the rest for
+#: ``jobs.report --sync``: a restarted server answers within seconds (8 to 11 s for a cold
+#: ``mlflow server`` on 2 cores), and a job's end must not stall for minutes.
+DRAIN_TIMEOUT_S = 30.0
 SWEEP_TAG = "sweep_id"
 KIND_TAG = "run_kind"
 
@@ -238,9 +246,7 @@ def prepare_store(uri: str, experiment: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    artifacts = None
-    if uri.startswith("sqlite:///"):
-        artifacts = (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    artifacts = _artifact_location(uri)
     try:
         with _store_lock(uri):
             client = MlflowClient(tracking_uri=uri)
@@ -268,7 +274,25 @@ def _bounded_http_retries() -> None:
 
 
 class MlflowLogger(RunLogger):
-    """A run in an MLflow tracking store.
+    """A run in an MLflow tracking store, written through a durable local journal.
+
+    Every call is appended to the run's journal (:mod:`squall.tracking.buffer`) and returns;
+    a background thread sends the journal to the store in order, retrying while the store is
+    down, so a tracking outage never stops or kills training. :meth:`finish` waits up to
+    ``drain_timeout_s`` for the journal to arrive; what has not arrived by then stays in the
+    journal for ``python -m jobs.report --sync DIR`` or the next logger on the same journal root.
+
+    When the server does not answer at start (probe of ``/health``, or creating the run fails):
+
+    * a new run (no ``run_id``) with ``when_unreachable="fallback"`` is created in the embedded
+      store instead, with one warning (:attr:`fallback_from` says so);
+    * ``when_unreachable="journal"``: everything is journaled; a new run is created on the
+      server when it answers (its id, :attr:`run_id`, is None until then, and is kept in the
+      journal's ``state.json``); a run given by ``run_id`` is continued there;
+    * ``when_unreachable="error"``: :class:`TrackingError`.
+
+    A run given by ``run_id`` is never moved to the embedded store: it is continued on its
+    server, through the journal.
 
     Parameters
     ----------
@@ -291,37 +315,40 @@ class MlflowLogger(RunLogger):
         Tag the run with :func:`squall.tracking.environment.collect_environment` (``env.*``).
     run_id : str, optional
         Continue this existing run (created ahead by a sweep's launcher, or before a requeue)
-        instead of creating one: it is set back to RUNNING and ``tags`` are added to it.
+        instead of creating one: it is set back to RUNNING, loses a failure reason left by an
+        earlier attempt, and ``tags`` are added to it. Records an earlier process left in this
+        run's journal under ``journal_dir`` are sent first.
+    journal_dir : str or Path, optional
+        Root of the journals (one directory per run); ``<store_dir>/journal`` by default.
+        Unsent journals of earlier runs found there are sent in the background too.
+    when_unreachable : {"fallback", "journal", "error"}
+        See above.
+    drain_timeout_s : float
+        How long :meth:`finish` waits for the journal to reach the store.
 
     Attributes
     ----------
     fallback_from : str or None
         The unreachable server this run was meant for, when it fell back to the local store.
+    journal : squall.tracking.buffer.Journal
+        The run's journal.
     """
 
     def __init__(self, uri: str | None = None, experiment: str = "squall",
                  store_dir: str | Path = ".", run_name: str | None = None,
                  tags: Mapping[str, Any] | None = None, sweep_id: str | None = None,
                  parent_run_id: str | None = None, log_environment: bool = True,
-                 run_id: str | None = None) -> None:
-        from mlflow.tracking import MlflowClient
-
+                 run_id: str | None = None, journal_dir: str | Path | None = None,
+                 when_unreachable: str = "fallback",
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        if when_unreachable not in UNREACHABLE:
+            raise ValueError(f"when_unreachable={when_unreachable!r} not one of {UNREACHABLE}")
         target = resolve_tracking_uri(uri, store_dir)
         self.fallback_from: str | None = None
-        if target.startswith(("http://", "https://")):
-            _bounded_http_retries()
-            reason = probe_server(target)
-            if reason is not None:
-                self.fallback_from = target
-                target = local_store_uri(store_dir)
-                if self.fallback_from not in _warned:
-                    _warned.add(self.fallback_from)
-                    log.warning("tracking server %s unreachable (%s); logging to %s instead",
-                                self.fallback_from, reason, target)
-        self.tracking_uri = target
-        self.experiment_id = prepare_store(target, experiment)
-        self._client = MlflowClient(tracking_uri=target)
+        self.drain_timeout_s = float(drain_timeout_s)
+        self.experiment_id: str | None = None
         self._finished = False
+        self._write_failed = False
 
         all_tags: dict[str, str] = {}
         if log_environment:
@@ -333,64 +360,207 @@ class MlflowLogger(RunLogger):
                 all_tags["mlflow.source.git.commit"] = env["git_sha"]
         if sweep_id is not None:
             all_tags[SWEEP_TAG] = str(sweep_id)
-            if parent_run_id is None:
-                parent_run_id = find_sweep_parent(target, self.experiment_id, str(sweep_id))
         if parent_run_id is not None:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        if self.fallback_from is not None:
-            all_tags["squall.tracking_fallback_from"] = self.fallback_from
         all_tags.update({k: str(v) for k, v in (tags or {}).items()})
-        if run_id is not None and self.fallback_from is not None:
-            # The planned run lives on the unreachable server: record here, and say which it was.
-            all_tags["squall.planned_run_id"] = run_id
+
+        reason = None
+        if target.startswith(("http://", "https://")):
+            _bounded_http_retries()
+            reason = probe_server(target)
+        created: str | None = None
+        if reason is None:
+            try:
+                self.experiment_id, created = self._open(target, experiment, run_id, run_name,
+                                                         all_tags, sweep_id)
+            except _Unreachable as err:
+                reason = str(err)
+        if reason is not None and run_id is None and when_unreachable == "fallback":
+            self.fallback_from = target
+            target = local_store_uri(store_dir)
+            if self.fallback_from not in _warned:
+                _warned.add(self.fallback_from)
+                log.warning("tracking server %s unreachable (%s); logging to %s instead",
+                            self.fallback_from, reason, target)
+            all_tags["squall.tracking_fallback_from"] = self.fallback_from
+            try:
+                self.experiment_id, created = self._open(target, experiment, None, run_name,
+                                                         all_tags, sweep_id)
+            except _Unreachable as err:
+                raise TrackingError(f"tracking store {target}: {err}") from err
+            reason = None
+        elif reason is not None and when_unreachable == "error":
+            raise TrackingError(f"tracking server {target} unreachable ({reason})")
+        self.tracking_uri = target
+
+        root = Path(journal_dir) if journal_dir is not None else Path(store_dir) / "journal"
+        journal = self._earlier_journal(root, target, run_id) if run_id is not None else None
+        if journal is None:
+            journal = buffer.Journal.create(root, target, experiment, run_id or created)
+            journal.lock()
+        self.journal = journal
+        others = [d for d in buffer.find_journals(root) if d != journal.dir]
+        if reason is not None:
+            key = f"journal {target}"
+            if key not in _warned:
+                _warned.add(key)
+                log.warning("tracking server %s unreachable (%s); recording in %s and sending "
+                            "when it answers", target, reason, journal.dir)
+        if run_id is None and created is None:
+            self._append("create", experiment=experiment, run_name=run_name, tags=all_tags,
+                         artifact_location=_artifact_location(target))
         elif run_id is not None:
-            self.run_id = run_id
-            self._client.update_run(run_id, status="RUNNING", name=run_name)
-            self.set_tags(all_tags)
+            self._append("status", status="RUNNING", run_name=run_name)
+            for key in buffer.FAILURE_TAGS:
+                self._append("delete_tag", key=key)
+            self._append_chunks("tags", all_tags, MAX_PARAMS_PER_BATCH)
+        self._replayer = buffer.Replayer(journal, others)
+        self._replayer.start()
+
+    @staticmethod
+    def _open(uri: str, experiment: str, run_id: str | None, run_name: str | None,
+              tags: dict[str, str], sweep_id: str | None) -> tuple[str, str | None]:
+        """Prepare the store and create the run now; (experiment id, new run id or None)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            experiment_id = prepare_store(uri, experiment)
+        except TrackingError as err:
+            if err.__cause__ is not None and buffer.is_transient(err.__cause__):
+                raise _Unreachable(buffer.describe(err.__cause__)) from err
+            raise
+        if run_id is not None:
+            return experiment_id, None
+        try:
+            if sweep_id is not None and "mlflow.parentRunId" not in tags:
+                parent = find_sweep_parent(uri, experiment_id, sweep_id)
+                if parent is not None:
+                    tags["mlflow.parentRunId"] = parent
+            run = MlflowClient(tracking_uri=uri).create_run(experiment_id, tags=tags,
+                                                            run_name=run_name)
+        except MlflowException as err:
+            if buffer.is_transient(err):
+                raise _Unreachable(buffer.describe(err)) from err
+            raise TrackingError(f"tracking store {uri}: {buffer.describe(err)}") from err
+        except OSError as err:
+            raise _Unreachable(buffer.describe(err)) from err
+        return experiment_id, run.info.run_id
+
+    @staticmethod
+    def _earlier_journal(root: Path, uri: str, run_id: str) -> buffer.Journal | None:
+        """An unsent journal of the same run left under ``root`` by an earlier process."""
+        for directory in buffer.find_journals(root):
+            try:
+                journal = buffer.Journal.open(directory)
+            except (OSError, ValueError, TypeError):
+                continue
+            if journal.state.run_id == run_id and journal.state.tracking_uri == uri \
+                    and journal.lock():
+                return journal
+        return None
+
+    @property
+    def run_id(self) -> str | None:  # type: ignore[override]
+        """The run's id in the store; None while a run created offline awaits the server."""
+        return self.journal.state.run_id
+
+    def _append(self, op: str, **fields: Any) -> None:
+        try:
+            self.journal.append(op, **fields)
+        except OSError as err:  # a full or failing disk: say so once, never stop training
+            if not self._write_failed:
+                self._write_failed = True
+                log.warning("cannot write tracking journal %s (%s): tracking records are lost "
+                            "until it can be written", self.journal.dir, err)
             return
-        run = self._client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
-        self.run_id = run.info.run_id
+        replayer = getattr(self, "_replayer", None)
+        if replayer is not None:
+            replayer.notify()
+
+    def _append_chunks(self, op: str, items: Mapping[str, str], size: int) -> None:
+        pairs = list(items.items())
+        for i in range(0, len(pairs), size):
+            self._append(op, **{op: dict(pairs[i:i + size])})
 
     def log_params(self, params: Mapping[str, Any]) -> None:  # noqa: D102
-        from mlflow.entities import Param
-
-        flat = flatten_config(params)
-        items = [Param(k, v) for k, v in flat.items()]
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+        self._append_chunks("params", flatten_config(params), MAX_PARAMS_PER_BATCH)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:  # noqa: D102
         import time
 
-        from mlflow.entities import Metric
-
         now_ms = int(time.time() * 1000)
-        items = [Metric(k, float(v), now_ms, step or 0) for k, v in metrics.items()]
+        items = [[k, float(v), now_ms, int(step or 0)] for k, v in metrics.items()]
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self.run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
+            self._append("metrics", metrics=items[i:i + MAX_METRICS_PER_BATCH])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:  # noqa: D102
         path = Path(path)
         if not path.exists():
             raise TrackingError(f"artifact {path} does not exist")
-        if path.is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        try:
+            stored = self.journal.stash(path)
+        except OSError as err:
+            log.warning("cannot copy artifact %s into tracking journal %s (%s): not recorded",
+                        path, self.journal.dir, err)
+            return
+        self._append("artifact", file=stored, artifact_path=artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:  # noqa: D102
-        from mlflow.entities import RunTag
+        self._append_chunks("tags", {k: str(v) for k, v in tags.items()}, MAX_PARAMS_PER_BATCH)
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, tags=items[i:i + MAX_PARAMS_PER_BATCH])
+    def set_status(self, status: str) -> None:
+        """Set a status that does not end the run (``SCHEDULED``, ``RUNNING``)."""
+        if status not in ("SCHEDULED", "RUNNING"):
+            raise ValueError(f"status {status!r}: use finish() to end a run")
+        self._append("status", status=status)
 
     def finish(self, status: str = "FINISHED") -> None:  # noqa: D102
         if status not in STATUSES:
             raise ValueError(f"status {status!r} not one of {STATUSES}")
-        if not self._finished:
-            self._client.set_terminated(self.run_id, status)
-            self._finished = True
+        if self._finished:
+            return
+        self._finished = True
+        if status == "FINISHED":  # a reason left by an earlier attempt no longer holds
+            for key in buffer.FAILURE_TAGS:
+                self._append("delete_tag", key=key)
+        self._append("status", status=status)
+        self.close()
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Stop sending in the background after waiting up to ``timeout_s`` (default
+        ``drain_timeout_s``) for the journal to reach the store; the run's status is left as
+        it is. Returns whether everything arrived (the journal is then deleted)."""
+        timeout_s = self.drain_timeout_s if timeout_s is None else timeout_s
+        sent = self._replayer.drain(timeout_s)
+        self._replayer.stop()
+        # A request in flight ends within MLflow's HTTP timeout; its journal stays consistent
+        # either way (acknowledged only once answered), so it is not waited for.
+        self._replayer.join(timeout=1.0)
+        if sent and not self._replayer.is_alive():
+            self.journal.remove()
+            with contextlib.suppress(OSError):  # the journal root, when nothing else is left
+                self.journal.dir.parent.rmdir()
+            return True
+        left = self.journal.count_pending()
+        if left:
+            log.warning("%d tracking record(s) not sent to %s within %.0f s; they are kept in "
+                        "%s: `python -m jobs.report --sync %s` sends them", left,
+                        self.tracking_uri, timeout_s, self.journal.dir, self.journal.dir)
+        if not self._replayer.is_alive():
+            self.journal.unlock()
+        return left == 0
+
+
+class _Unreachable(Exception):
+    """The store did not answer (transient); the message says why."""
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Where an sqlite store's experiments keep artifacts: beside the database."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    return None
 
 
 def find_sweep_parent(uri: str, experiment_id: str, sweep_id: str) -> str | None:
