@@ -120,7 +120,9 @@ class Progress:
         self.close()
 
 
-def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+def progress(
+    items: Iterable[T], desc: str, total: int | None = None, unit: str = "it"
+) -> Iterator[T]:
     """Iterate over ``items`` with a :class:`Progress` counter."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]

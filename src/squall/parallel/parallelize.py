@@ -10,9 +10,15 @@
    destinations: halo exchange of the block's sources, interior destinations while the halo is in
    flight (``overlap``), boundary destinations after, and the encoder and decoder in ``chunks``
    recomputed pieces;
-5. with ``model_parallel > 1``, gradient reduction over all ranks (:class:`GradReducer`) at the
-   end of every backward: summed over the model group, averaged over data-parallel replicas (so
-   no DDP on top). With ``model_parallel == 1`` data parallelism stays with DDP.
+5. whenever the world has more than one rank, gradient reduction over all ranks
+   (:class:`GradReducer`) at the end of every backward: summed over the model group, averaged over
+   data-parallel replicas (so no DDP on top), whatever the combination of model parallelism,
+   chunking and data parallelism.
+
+:func:`apply_parallelism` is the one decision of how a run's model spans its ranks: sharded or
+chunked models go through :func:`parallelize`; a plain data-parallel model (``model_parallel == 1``,
+``chunks == 1``, several ranks) is wrapped in DDP, which overlaps the gradient all-reduce with the
+backward and keeps compiled blocks.
 
 Parameters and buffers are broadcast from global rank 0 first, as DDP does.
 
@@ -407,10 +413,33 @@ def parallelize(
     model.__class__ = ParallelForecaster
     model.parallel, model.groups, model.partition = cfg, groups, partition
     model.edge_imbalance = float(local_edges.max() / local_edges.mean())
-    if layout.model_parallel > 1:
-        # also averages over data-parallel replicas: do not wrap the model in DDP as well
+    if groups.world is not None:
+        # every replica of a parameter must step on the same gradient: sum over the model group,
+        # average over data-parallel replicas (do not wrap the model in DDP as well)
         model.grad_reducer = GradReducer(model, groups.world, layout.data_parallel)
     return model
+
+
+def apply_parallelism(model: GraphForecaster, graph: Graph, setup: ParallelSetup | None,
+                      device: torch.device) -> tuple[GraphForecaster, nn.Module | None]:  # fmt: skip
+    """Make ``model`` run across the ranks of ``setup`` (see the module docstring).
+
+    Returns
+    -------
+    (model, wrapped)
+        ``model`` (sharded in place when the layout shards or chunks it) and the module the
+        training step calls when that is a wrapper (DDP), else ``None``. Gradients of every
+        replica of a parameter are averaged whenever the world has more than one rank.
+    """
+    if setup is None:
+        return model, None
+    cfg, groups = setup.config, setup.groups
+    if cfg.model_parallel > 1 or cfg.chunks > 1:
+        return parallelize(model, graph, cfg, groups), None
+    if groups.layout.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model, None
 
 
 @dataclass(frozen=True, eq=False)
@@ -475,6 +504,6 @@ def model_rank_of(model) -> int:
 
 __all__ = [
     "GradReducer", "LocalEdges", "ParallelConfig", "ParallelForecaster", "ParallelSetup",
-    "ShardedGraphInputs", "prepare_parallel",
+    "ShardedGraphInputs", "apply_parallelism", "prepare_parallel",
     "local_grid_indices", "make_partition", "model_rank_of", "parallelize", "reduce_loss",
 ]  # fmt: skip

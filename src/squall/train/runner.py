@@ -1,10 +1,17 @@
 """From a resolved config to a finished run: device -> graph -> data -> model -> training loop.
 
 Used by ``jobs/train.py`` (and by the scaling job for one point).
+
+One training, one MLflow run: the run id is kept in each checkpoint and in
+``training.run_dir/mlflow_run.json`` (:data:`RUN_RECORD`), so a job that resumes from the
+checkpoint, or restarts after a stop during start-up, continues the same run
+(:func:`open_tracking_run`); its metrics go on at the checkpoint's step. Each attempt ends with
+:func:`end_attempt`, which sets the run's status and end tags (:data:`END_REASON_TAG`, ...).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -24,13 +31,32 @@ from squall.parallel.estimate import describe_checkpointing, estimate
 from squall.parallel.parallelize import (
     ParallelConfig,
     ParallelSetup,
-    parallelize,
+    apply_parallelism,
     prepare_parallel,
     reduce_loss,
 )  # fmt: skip
+from squall.train.checkpoint import checkpoint_extra
 from squall.train.loop import ResumableSampler, Trainer, VariableLayout
 
 log = logging.getLogger(__name__)
+
+#: File in ``training.run_dir`` naming the MLflow run of the training there (JSON: ``run_id``,
+#: ``tracking_uri``, ``params`` as logged, ``attempts``, ``status``, ``step``).
+RUN_RECORD = "mlflow_run.json"
+#: Why the last attempt ended: ``finished at step N``, ``stopped by SIGTERM at step N ...``,
+#: ``stopped by SIGTERM during start-up``, ``failed: ...``; ``running`` while it runs.
+END_REASON_TAG = "squall.end_reason"
+#: The signal that stopped the last attempt, or ``none``.
+STOP_SIGNAL_TAG = "squall.stop_signal"
+#: ``true`` when running the job again with the same ``training.run_dir`` continues this run.
+RESUMABLE_TAG = "squall.resumable"
+#: Number of jobs (attempts) that have trained in this run.
+ATTEMPTS_TAG = "squall.attempts"
+#: On a new run: the run it should have continued (in another store, or no longer there).
+CONTINUES_TAG = "squall.continues_run"
+#: Prefix of tags holding config values that changed on a continuation (MLflow params are
+#: immutable: the run keeps the first attempt's value as the param).
+RESUMED_WITH_TAG = "squall.resumed_with."
 
 
 def pick_device(name: str) -> torch.device:
@@ -111,7 +137,8 @@ def build_run(
     if not layout.prognostic_in:
         raise ConfigError("no prognostic variable: every variable is a forcing or a diagnostic")
     # Tendency spread from the full grid, so every rank of a model group scales alike.
-    spread_set = train_set if rows is None else build_dataset(cfg, "train", rollout=rollout)
+    spread_set = (train_set if rows is None
+                  else build_dataset(cfg, "train", rollout=rollout, check=False))  # fmt: skip
     mcfg = ModelConfig.from_cfg(cfg.model)
     if mcfg.checkpoint_budget_gib is not None and training:
         mcfg = resolve_checkpointing(graph, mcfg, setup, int(t.batch_size), layout,
@@ -127,14 +154,9 @@ def build_run(
     ).to(device)  # fmt: skip
     if mcfg.compile:
         compile_blocks(model)
-    groups, wrapped = (setup.groups if setup is not None else None), None
+    groups = setup.groups if setup is not None else None
     distributed = groups is not None and groups.layout.world_size > 1
-    if setup is not None and (setup.config.model_parallel > 1 or setup.config.chunks > 1):
-        parallelize(model, graph, setup.config, groups)
-    elif distributed:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    model, wrapped = apply_parallelism(model, graph, setup, device)
     run_dir = Path(str(t.run_dir))
     trainer = Trainer(
         model, layout, t, device, logger, run_dir / "checkpoint.pt", wrapped=wrapped,
@@ -200,3 +222,175 @@ def train(cfg, logger) -> dict:
         parameters=model.num_parameters(), gflop_per_sample=model.flops_per_sample() / 1e9
     )
     return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# One MLflow run across attempts
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreviousRun:
+    """The MLflow run a job continues: what the checkpoint or the run record names."""
+
+    run_id: str
+    tracking_uri: str | None
+    params: dict | None  # as logged to the run (None: unknown, from a checkpoint alone)
+    attempts: int
+    step: int
+
+
+def read_record(run_dir) -> dict:
+    """The run record of ``run_dir`` (``{}`` when there is none or it is unreadable)."""
+    try:
+        record = json.loads((Path(run_dir) / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _write_record(run_dir: Path, logger, **fields) -> None:
+    """Merge ``fields`` into the run record of ``logger``'s run (atomic; nothing without a run)."""
+    run_id = getattr(logger, "run_id", None)
+    if run_id is None:
+        return
+    record = read_record(run_dir)
+    if record.get("run_id") != run_id:
+        record = {"run_id": run_id}
+    record.update(tracking_uri=getattr(logger, "tracking_uri", None), **fields)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{RUN_RECORD}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, run_dir / RUN_RECORD)
+
+
+def previous_run(cfg) -> PreviousRun | None:
+    """The MLflow run this job continues, or None for a new one.
+
+    With ``training.resume`` it is the run named by ``run_dir/checkpoint.pt``, or, when there is
+    no checkpoint, the run of ``run_dir``'s record if that one was stopped before training its
+    first step (a stop during start-up). A run that failed or trained without leaving a
+    checkpoint is not continued: its steps would be logged twice.
+    """
+    t = cfg.training
+    if not bool(t.resume):
+        return None
+    run_dir = Path(str(t.run_dir))
+    record = read_record(run_dir)
+    ckpt = run_dir / "checkpoint.pt"
+    if ckpt.exists():
+        extra = checkpoint_extra(ckpt)
+        run_id = extra.get("mlflow_run_id")
+        if not run_id:
+            return None
+        same = record.get("run_id") == run_id
+        return PreviousRun(run_id, extra.get("tracking_uri"),
+                           record.get("params") if same else None,
+                           int(record.get("attempts", 1)) if same else 1, int(extra["step"]))  # fmt: skip
+    if record.get("run_id") and record.get("status") == "KILLED" and not record.get("step"):
+        return PreviousRun(record["run_id"], record.get("tracking_uri"), record.get("params"),
+                           int(record.get("attempts", 1)), 0)  # fmt: skip
+    return None
+
+
+def open_tracking_run(cfg, store_dir, rank: int = 0, world_size: int = 1):
+    """The tracking run of this job, its config logged: the previous run when one is continued
+    (:func:`previous_run`), else a new one. Only rank 0 records (others get a null logger).
+
+    On a continuation the config's params are not logged again (MLflow params cannot change):
+    keys new to the run are added, changed values are tagged ``squall.resumed_with.<key>`` and
+    the new ``config.yaml`` is stored under ``attempt-<n>/``.
+
+    Returns
+    -------
+    logger : RunLogger
+    attempt : int
+        1 for a new run, else the number of jobs that have trained in it, this one included.
+    """
+    from omegaconf import OmegaConf
+
+    from squall.tracking import create_logger, flatten_config, resolve_tracking_uri
+
+    tracking = to_plain(cfg.tracking)
+    kwargs = {"store_dir": store_dir, "rank": rank,
+              "run_name": f"train-{cfg.graph.name}-{cfg.model.name}",
+              "tags": {"job": "train", "world_size": world_size}}  # fmt: skip
+    previous = previous_run(cfg) if rank == 0 and tracking.get("enabled", True) else None
+    logger = None
+    if previous is not None:
+        target = resolve_tracking_uri(tracking.get("uri"), store_dir)
+        if previous.tracking_uri not in (None, target):
+            reason = f"it is in {previous.tracking_uri}, this job logs to {target}"
+        else:
+            try:
+                logger = create_logger(tracking, run_id=previous.run_id, **kwargs)
+                reason = None
+            except Exception as err:  # a deleted run, another store: never stop training
+                reason = (
+                    str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                )
+        if logger is None:
+            log.warning("cannot continue MLflow run %s (%s): starting a new run", previous.run_id,
+                        reason)  # fmt: skip
+            kwargs["tags"][CONTINUES_TAG] = previous.run_id
+    if logger is None:
+        logger = create_logger(tracking, **kwargs)
+    run_dir = Path(str(cfg.training.run_dir))
+    flat = flatten_config(cfg)
+    continued = previous is not None and logger.run_id == previous.run_id
+    if continued:
+        attempt = previous.attempts + 1
+        known = previous.params
+        if known is not None:
+            new = {k: v for k, v in flat.items() if k not in known}
+            changed = sorted(k for k, v in flat.items() if k in known and known[k] != v)
+            if new:
+                logger.log_params(new)
+            if changed:
+                log.warning("continuing MLflow run %s with changed settings %s (tagged %s<key>; "
+                            "the run's params keep the first values)", logger.run_id,
+                            ", ".join(f"{k}={flat[k]}" for k in changed), RESUMED_WITH_TAG)  # fmt: skip
+                logger.set_tags({RESUMED_WITH_TAG + k: flat[k] for k in changed})
+            flat = {**flat, **known}
+        if logger.run_id is not None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp, "config.yaml")
+                path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+                logger.log_artifact(path, f"attempt-{attempt}")
+        log.info("continuing MLflow run %s (attempt %d)", logger.run_id, attempt)
+    else:
+        attempt = 1
+        logger.log_config(cfg)
+    logger.set_tags({ATTEMPTS_TAG: attempt, END_REASON_TAG: "running", STOP_SIGNAL_TAG: "none",
+                     RESUMABLE_TAG: "false"})  # fmt: skip
+    step = previous.step if continued else 0
+    _write_record(run_dir, logger, params=flat, attempts=attempt, status="RUNNING", step=step)
+    return logger, attempt
+
+
+def end_attempt(
+    logger,
+    cfg,
+    status: str,
+    reason: str,
+    step: int | None = None,
+    signal_name: str | None = None,
+    resumable: bool = False,
+) -> None:
+    """End this job's part of the run: status (``FINISHED``, ``FAILED``, ``KILLED``), end tags
+    and the run record (``step``: the last step trained; None leaves the recorded one)."""
+    try:
+        logger.set_tags({END_REASON_TAG: reason, STOP_SIGNAL_TAG: signal_name or "none",
+                         RESUMABLE_TAG: str(bool(resumable)).lower()})  # fmt: skip
+    finally:  # the status even when the tags could not be written
+        logger.finish(status)
+    fields = {"status": status} if step is None else {"status": status, "step": int(step)}
+    _write_record(Path(str(cfg.training.run_dir)), logger, **fields)
+
+
+def to_plain(node) -> dict:
+    from squall.config import to_container
+
+    return dict(to_container(node) or {})
