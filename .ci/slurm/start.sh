@@ -188,6 +188,7 @@ install_packages
 
 # 90 % of the real memory: slurmd drains a node that has less than it advertises.
 MEM_MB=$(($(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p') * 9 / 10))
+before=$(cat "$SLURM_CONF" 2>/dev/null || true)
 render "$HERE/slurm.conf.in" "$SLURM_CONF"
 render "$HERE/slurmdbd.conf.in" "$DIR/etc/slurmdbd.conf"
 chmod 600 "$DIR/etc/slurmdbd.conf"  # slurmdbd refuses a readable config
@@ -199,4 +200,8 @@ start_mariadb
 start_slurmdbd
 start_slurmctld
 start_slurmd
+# Daemons that were running already read the new slurm.conf (e.g. a partition added since).
+if [ "$before" != "$(cat "$SLURM_CONF")" ] && [ -n "$before" ]; then
+    scontrol reconfigure || fail "scontrol reconfigure after a slurm.conf change"
+fi
 log "ready in $((SECONDS - t0)) s: node $HOST, $CPUS CPUs, partition $PARTITION; . $DIR/env.sh"

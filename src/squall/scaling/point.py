@@ -12,8 +12,13 @@ Run by every rank of the point (``jobs/scale.py``). The order:
 4. ``scale.warmup_steps`` untimed steps, then ``scale.steps`` timed ones, each a real training
    step (:meth:`squall.train.loop.Trainer.train_step`) on batches drawn for this data-parallel
    rank. A checkpoint every ``scale.checkpoint_every`` steps; on SIGUSR1/SIGUSR2/SIGTERM all
-   ranks agree to stop after the current step, rank 0 checkpoints, and under submitit the job is
-   requeued (its own handler runs) and resumes here, warm-up repeated, timed steps kept.
+   ranks agree to stop after the current step, rank 0 checkpoints and asks Slurm why the signal
+   came (:func:`squall.scaling.slurm.stop_cause`): a time-limit warning or a preemption is
+   handed to submitit's handler (which requeues the job), a job Slurm requeued itself just
+   exits, a cancelled one ends KILLED and is not requeued. A resumed point repeats its warm-up
+   and times all its steps again: timings come from one allocation, the last. Each attempt's
+   job id, array index, nodes, start, end, why it ended and its own median step time are tags
+   ``attempt.<n>.*`` of the point's one run.
 5. The gradient all-reduce measured alone (``time/comm_s``, ``comm/bytes_per_step``), the halo
    volume of model-parallel points from their plans, peak memory of every rank, the job's own GPU
    statistics; rank 0 logs all of it to the point's MLflow run.
@@ -33,6 +38,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -45,8 +51,9 @@ from squall.data.zarr_dataset import make_dataloader
 from squall.errors import SquallError
 from squall.graphs import load_or_build
 from squall.parallel.env import DistEnv, destroy_distributed, dist_env, init_distributed
+from squall.scaling import slurm
 from squall.scaling.plan import LayoutError, PointPlan, plan_point
-from squall.scaling.sweep import FAILURE_TAG, INTERRUPT_TAG
+from squall.scaling.sweep import FAILURE_TAG, INTERRUPT_TAG, NODELIST_TAG
 from squall.tracking import NullLogger, RunLogger
 from squall.tracking import metrics as M
 from squall.tracking.environment import collect_environment
@@ -75,11 +82,16 @@ def one_line(err: BaseException, limit: int = 500) -> str:
 
 @dataclass
 class Progress:
-    """What survives a requeue, stored in the checkpoint's ``extra``."""
+    """What survives a requeue, stored in the checkpoint's ``extra``.
+
+    ``measured_s``/``data_s`` are the timed steps of the current attempt only; ``history`` keeps
+    one summary per earlier attempt (its tags, see :func:`_attempt_tags`).
+    """
 
     measured_s: list[float] = field(default_factory=list)
     data_s: list[float] = field(default_factory=list)
     attempts: int = 0
+    history: list[dict] = field(default_factory=list)
 
 
 def _sync(device: torch.device) -> None:
@@ -222,7 +234,7 @@ def run_point(cfg, logger_factory, point_id: str | None = None) -> dict:
                 with _StopFlag() as stop:
                     summary = _measure(cfg, plan, env, logger, point_id, stop)
             except _Stopped as stopped:  # handlers restored: submitit's is the one to call now
-                _interrupted(stopped.signum, stopped.step, stopped.ckpt, env, logger)
+                _interrupted(stopped, env, logger)
         except SystemExit:  # submitit requeued the job (tagged already) or it was told to exit
             logger.finish("KILLED")
             raise
@@ -239,11 +251,34 @@ def run_point(cfg, logger_factory, point_id: str | None = None) -> dict:
 
 class _Stopped(Exception):
     """Raised by the step loop once every rank has stopped on a signal and the checkpoint is
-    written; turned into a requeue (submitit) or :class:`PointInterrupted` by :func:`run_point`."""
+    written; turned into a requeue, an exit or :class:`PointInterrupted` by :func:`run_point`."""
 
-    def __init__(self, signum: int, step: int, ckpt: Path) -> None:
-        super().__init__(signum, step, ckpt)
-        self.signum, self.step, self.ckpt = signum, step, ckpt
+    def __init__(self, signum: int, step: int, ckpt: Path, cause: str) -> None:
+        super().__init__(signum, step, ckpt, cause)
+        self.signum, self.step, self.ckpt, self.cause = signum, step, ckpt, cause
+
+
+#: Stop causes in the order of their codes, for the broadcast from rank 0.
+CAUSES = (slurm.UNKNOWN, slurm.WARNING, slurm.REQUEUED, slurm.PREEMPTED, slurm.CANCELLED,
+          slurm.TIMEOUT)
+
+
+def _agreed_cause(signum: int, env: DistEnv, device: torch.device) -> str:
+    """Rank 0 asks Slurm why ``signum`` came; every rank gets its answer."""
+    code = torch.tensor([CAUSES.index(slurm.stop_cause(signum)) if env.is_main else 0],
+                        dtype=torch.int64, device=device)
+    dist.broadcast(code, src=0)
+    return CAUSES[int(code.item())]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _attempt_tags(entry: dict) -> dict[str, str]:
+    """``attempt.<n>.<key>`` tags of one attempt's summary."""
+    n = entry["attempt"]
+    return {f"attempt.{n}.{k}": v for k, v in entry.items() if k != "attempt"}
 
 
 def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: str | None,
@@ -286,13 +321,26 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: st
         start = int(payload["step"])
         progress = Progress(**payload["extra"].get("progress", {}))
         log.info("resumed point at step %d from %s", start, ckpt)
-    progress.attempts += 1
+    # An attempt that died before its first checkpoint still counts: Slurm's restart count.
+    where = slurm.attempt_from_env()
+    progress.attempts = max(progress.attempts, int(where["restarts"])) + 1
+    # Timings come from one allocation: a resumed point times all its steps again here (on
+    # another node, perhaps); the earlier attempts' numbers stay in their attempt tags.
+    progress.measured_s, progress.data_s = [], []
+    attempt = {"attempt": progress.attempts, "job_id": where["job_id"],
+               "array_index": where["array_index"], "nodes": where["nodes"], "start": _now(),
+               "first_step": start + 1}
     trainer.step = start
     warmup, steps = int(s.warmup_steps), int(s.steps)
-    todo = steps - len(progress.measured_s)
-    total = start + warmup + todo  # warm-up is repeated after a resume; timed steps are kept
+    total = start + warmup + steps  # warm-up is repeated after a resume
     if env.is_main:
-        logger.set_tags({"point.attempts": progress.attempts})
+        logger.set_tags({"point.attempts": progress.attempts, NODELIST_TAG: where["nodes"],
+                         **_attempt_tags(attempt)})
+
+    def attempt_summary(ended: str) -> dict:
+        timed = progress.measured_s
+        return attempt | {"end": _now(), "ended": ended, "timed_steps": len(timed),
+                          "step_s": f"{statistics.median(timed):.6g}" if timed else "-"}
 
     batches = _batches(parts.train_set, plan.batch_per_rank, int(point.training.seed), dp_rank,
                        plan.data_parallel, int(point.data.get("num_workers", 0)), start,
@@ -334,16 +382,25 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: st
                              M.LR: trainer.scheduler.get_last_lr()[0], "time/last_step_s": seconds,
                              "time/last_data_s": waited, "time/timed": float(timed)}, trainer.step))
             stopped_by = stop.agreed(device)
+            cause = _agreed_cause(stopped_by, env, device) if stopped_by else ""
+            if stopped_by:
+                name = signal.Signals(stopped_by).name
+                progress.history.append(attempt_summary(f"{cause} ({name}) at step {trainer.step}"))
             if trainer.step % int(s.checkpoint_every) == 0 or stopped_by:
                 flush()
                 save()
             if stopped_by:
+                if env.is_main:
+                    logger.set_tags(_attempt_tags(progress.history[-1]))
                 break
         flush()
         if sampler:
             sampler.sample()  # at least one sample, however short the point
     if stopped_by:
-        raise _Stopped(stopped_by, trainer.step, ckpt)
+        raise _Stopped(stopped_by, trainer.step, ckpt, cause)
+    progress.history.append(attempt_summary("completed"))
+    if env.is_main:
+        logger.set_tags(_attempt_tags(progress.history[-1]))
     save()
 
     comm_s, comm_bytes = _gradient_allreduce_s(model, device, int(s.comm_repeats))
@@ -424,14 +481,36 @@ class _Nothing:
         return None
 
 
-def _interrupted(signum: int, step: int, ckpt: Path, env: DistEnv, logger: RunLogger) -> None:
-    """Hand a stop over: to submitit's own handler (requeue) on rank 0, else raise."""
-    name = signal.Signals(signum).name
-    message = f"{name} at step {step}; checkpoint {ckpt}"
+#: Exit status of a point that stopped on SIGTERM and is not requeued by itself (128 + 15, the
+#: status a process killed by SIGTERM has).
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+def _interrupted(stopped: _Stopped, env: DistEnv, logger: RunLogger) -> None:
+    """Act on a stop, by its cause (table in :mod:`squall.scaling.slurm`).
+
+    The checkpoint is written. A time-limit warning or a preemption goes to submitit's own
+    handler on rank 0 (it requeues the job and exits; the other ranks exit quietly). A job that
+    Slurm requeued itself exits on every rank without a result (the next attempt resumes). A
+    cancelled job, or one at its time limit, ends its run KILLED with the reason and exits
+    non-zero. Outside submitit the stop is raised as :class:`PointInterrupted`.
+    """
+    name = signal.Signals(stopped.signum).name
+    where = f"at step {stopped.step}; checkpoint {stopped.ckpt}"
     previous = signal.getsignal(signal.SIGUSR2)
-    if env.is_main and _under_submitit() and callable(previous):
-        logger.set_tags({INTERRUPT_TAG: message + "; requeued"})
-        logger.finish("KILLED")
-        destroy_distributed()
-        previous(signal.SIGUSR2, None)  # submitit: checkpoint the launcher, requeue, exit
-    raise PointInterrupted(message + "; run the point again to resume")
+    requeue = stopped.cause in (slurm.WARNING, slurm.PREEMPTED)
+    if _under_submitit() and requeue and callable(previous):
+        if env.is_main:
+            logger.finish("KILLED")
+            destroy_distributed()
+            previous(signal.SIGUSR2, None)  # submitit: checkpoint the launcher, requeue, exit
+        raise SystemExit(EXIT_TERMINATED)
+    if _under_submitit() and stopped.cause == slurm.REQUEUED:
+        log.warning("Slurm requeued this job (%s %s): exiting, the next attempt resumes", name,
+                    where)
+        raise SystemExit(EXIT_TERMINATED)
+    if stopped.cause in (slurm.CANCELLED, slurm.TIMEOUT):
+        what = "cancelled (scancel)" if stopped.cause == slurm.CANCELLED else "time limit reached"
+        logger.set_tags({INTERRUPT_TAG: f"{what}: {name} {where}"})
+        raise SystemExit(EXIT_TERMINATED)
+    raise PointInterrupted(f"{name} {where}; run the point again to resume")

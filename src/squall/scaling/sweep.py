@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sys
 import tempfile
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,15 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from squall.errors import SquallError
-from squall.tracking import MlflowLogger, NullLogger, RunLogger, start_sweep_parent
+from squall.tracking import (
+    MlflowLogger,
+    NullLogger,
+    RunLogger,
+    TrackingError,
+    record_run_failure,
+    start_sweep_parent,
+    sync_tree,
+)
 from squall.tracking.logger import KIND_TAG, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -41,9 +49,29 @@ OVERRIDES_TAG = "squall.overrides"
 FAILURE_TAG = "squall.failure_reason"
 INTERRUPT_TAG = "squall.interrupted"
 GPUS_TAG = "point.gpus"
+#: Node list of the point's last attempt (``SLURM_JOB_NODELIST``, or the hostname).
+NODELIST_TAG = "point.nodelist"
+#: Slurm's end state of the point's job (COMPLETED, FAILED, CANCELLED, ...).
+SLURM_STATE_TAG = "slurm.state"
 #: MLflow's tag value limit is 8000 characters (mlflow.utils.validation, 3.x); reasons are cut
 #: well below it.
 MAX_REASON = 2000
+
+
+def _sweep_uid() -> str:
+    """Six random hex digits: the suffix that keeps sweep directories started in the same second
+    apart (``hydra.sweep.dir`` in ``conf/scale.yaml``)."""
+    return secrets.token_hex(3)
+
+
+# Cached like ${now:}: Hydra copies the resolver cache into every point's config, so the points
+# see the sweep directory their driver created.
+if not OmegaConf.has_resolver("sweep_uid"):
+    OmegaConf.register_new_resolver("sweep_uid", _sweep_uid, use_cache=True)
+
+
+class SweepDirExists(SquallError):
+    """The sweep directory exists already: sweeps never share one."""
 
 
 @dataclass
@@ -100,6 +128,14 @@ class SweepState:
         return MlflowClient(tracking_uri=self.tracking_uri)
 
 
+def journal_dir(sweep_dir: str | Path, job_num: int | str | None = None) -> Path:
+    """Root of the tracking journals of a sweep's driver, or of its point ``job_num`` (in the
+    point's directory); ``python -m jobs.report --sync SWEEP_DIR`` finds them all."""
+    if job_num is None:
+        return Path(sweep_dir) / "tracking"
+    return Path(sweep_dir) / str(job_num) / "tracking"
+
+
 def store_dir(cfg) -> Path:
     """Directory of the embedded MLflow store (as for ``jobs/train.py``), made absolute."""
     return (Path(str(cfg.paths.cache)) / "mlflow").resolve()
@@ -120,9 +156,28 @@ def ensure_sweep(config: DictConfig) -> SweepState:
     return start_sweep(config)
 
 
+def claim_sweep_dir(config: DictConfig) -> Path:
+    """Create the sweep directory, atomically: two sweeps never write into one.
+
+    Raises
+    ------
+    SweepDirExists
+        If it exists (a ``hydra.sweep.dir`` given twice, or another sweep's).
+    """
+    sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+    sweep_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        sweep_dir.mkdir()
+    except FileExistsError:
+        raise SweepDirExists(
+            f"sweep directory {sweep_dir} exists already (another sweep's, or an earlier run "
+            f"into the same hydra.sweep.dir): give a new hydra.sweep.dir or keep the default, "
+            f"which is unique") from None
+    return sweep_dir
+
+
 def start_sweep(config: DictConfig) -> SweepState:
-    """Start a sweep: its parent run and a fresh ``sweep.json`` (replacing one left in the sweep
-    directory by an earlier multirun into the same ``hydra.sweep.dir``).
+    """Start a sweep in its (new) directory: its parent run and ``sweep.json``.
 
     Parameters
     ----------
@@ -131,8 +186,8 @@ def start_sweep(config: DictConfig) -> SweepState:
     """
     sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
     name = str(config.hydra.job.name)
-    # The directory name is a timestamp; the suffix keeps two sweeps started in one second apart.
-    sweep_id = f"{name}-{sweep_dir.name}-{uuid.uuid4().hex[:6]}"
+    # The directory name (timestamp and random suffix) is unique: claim_sweep_dir made it.
+    sweep_id = f"{name}-{sweep_dir.name}"
     tracking = config.tracking
     choices = config.hydra.runtime.choices
     title = (f"{choices.get('experiment') or name} on {config.cluster.name}: "
@@ -144,7 +199,8 @@ def start_sweep(config: DictConfig) -> SweepState:
     parent = start_sweep_parent(sweep_id, uri=tracking.get("uri"),
                                 experiment=str(tracking.experiment), store_dir=store_dir(config),
                                 run_name=f"sweep {choices.get('experiment') or name} "
-                                         f"on {config.cluster.name} ({sweep_dir.name})")
+                                         f"on {config.cluster.name} ({sweep_dir.name})",
+                                journal_dir=journal_dir(sweep_dir))
     # Unresolved: ${hydra:...} has no value outside a job; each point logs its resolved config.
     template = _job_config(config)
     parent.log_params(OmegaConf.to_container(template, resolve=False))
@@ -157,6 +213,7 @@ def start_sweep(config: DictConfig) -> SweepState:
                      "squall.experiment": choices.get("experiment") or "none",
                      OVERRIDES_TAG: " ".join(overrides) or "(none)",
                      "squall.sweep_dir": str(sweep_dir)})
+    parent.close()  # sent now, or left in the sweep's journal for the end of the sweep
     if parent.fallback_from is not None:
         print(f"tracking server {parent.fallback_from} unreachable: this sweep is recorded in "
               f"{parent.tracking_uri}")
@@ -175,13 +232,19 @@ def plan_point_run(state: SweepState, job_num: int, overrides: list[str], name: 
     """
     if state.tracking_uri is None:
         return None
-    run = MlflowLogger(uri=state.tracking_uri, experiment=state.experiment, run_name=name,
-                       sweep_id=state.sweep_id, parent_run_id=state.parent_run_id,
-                       log_environment=False,
-                       tags={KIND_TAG: "point", JOB_TAG: job_num,
-                             OVERRIDES_TAG: " ".join(overrides) or "(none)",
-                             **({GPUS_TAG: gpus} if gpus is not None else {})})
-    state.client().update_run(run.run_id, status="SCHEDULED")
+    try:
+        run = MlflowLogger(uri=state.tracking_uri, experiment=state.experiment, run_name=name,
+                           sweep_id=state.sweep_id, parent_run_id=state.parent_run_id,
+                           log_environment=False, when_unreachable="error",
+                           journal_dir=journal_dir(state.sweep_dir),
+                           tags={KIND_TAG: "point", JOB_TAG: job_num,
+                                 OVERRIDES_TAG: " ".join(overrides) or "(none)",
+                                 **({GPUS_TAG: gpus} if gpus is not None else {})})
+    except TrackingError as err:  # the point creates its run itself when the store answers
+        log.warning("point #%d: no run planned ahead: %s", job_num, err)
+        return None
+    run.set_status("SCHEDULED")
+    run.close()
     state.points[str(job_num)] = run.run_id
     state.save()
     return run.run_id
@@ -191,12 +254,52 @@ def record_failure(state: SweepState, run_id: str | None, reason: str) -> None:
     """Mark a point's run FAILED with ``reason``, unless the point recorded its own already."""
     if state.tracking_uri is None or run_id is None:
         return
-    client = state.client()
-    run = client.get_run(run_id)
-    if FAILURE_TAG not in run.data.tags:
-        client.set_tag(run_id, FAILURE_TAG, reason[:MAX_REASON])
-    if run.info.status in ("RUNNING", "SCHEDULED", "FINISHED"):
-        client.set_terminated(run_id, "FAILED")
+    # A store that does not answer gets it later (journal in the sweep directory): never raises.
+    record_run_failure(state.tracking_uri, state.experiment, run_id, reason[:MAX_REASON],
+                       journal_dir(state.sweep_dir), tag=FAILURE_TAG)
+
+
+def record_end(state: SweepState, run_id: str | None, status: str, reason: str = "",
+               tags: dict[str, str] | None = None) -> None:
+    """Write a point's final truth on its run, as the driver learnt it from Slurm.
+
+    ``status`` FINISHED clears the failure and interruption tags an earlier attempt left;
+    KILLED (cancelled) and FAILED set ``reason`` (as :data:`INTERRUPT_TAG` or
+    :data:`FAILURE_TAG`) unless the point wrote its own. ``tags`` (Slurm's state, attempts) are
+    set in any case. Tracking errors are logged, never raised: the sweep goes on.
+    """
+    if state.tracking_uri is None or run_id is None:
+        return
+    try:
+        client = state.client()
+        run = client.get_run(run_id)
+        for key, value in (tags or {}).items():
+            client.set_tag(run_id, key, str(value)[:MAX_REASON])
+        if status == "FINISHED":
+            for key in (FAILURE_TAG, INTERRUPT_TAG):
+                if key in run.data.tags:
+                    client.delete_tag(run_id, key)
+        else:
+            key = INTERRUPT_TAG if status == "KILLED" else FAILURE_TAG
+            if reason and not run.data.tags.get(key):
+                client.set_tag(run_id, key, reason[:MAX_REASON])
+        if run.info.status != status:
+            client.set_terminated(run_id, status)
+    except Exception as err:  # an unreachable server must not end the sweep
+        log.warning("could not record the end of run %s (%s): %s", run_id, status,
+                    str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+def abort_sweep(state: SweepState, why: str) -> None:
+    """Mark the sweep's parent run KILLED (the sweep stopped before its report)."""
+    if state.tracking_uri is None or state.parent_run_id is None:
+        return
+    try:
+        client = state.client()
+        client.set_tag(state.parent_run_id, INTERRUPT_TAG, why[:MAX_REASON])
+        client.set_terminated(state.parent_run_id, "KILLED")
+    except Exception as err:
+        log.warning("could not mark the sweep's parent run KILLED: %s", err)
 
 
 def point_logger(cfg, job_num: int | None, sweep_dir: str | None, run_name: str) -> RunLogger:
@@ -208,10 +311,13 @@ def point_logger(cfg, job_num: int | None, sweep_dir: str | None, run_name: str)
         state = SweepState.load(sweep_dir)
         run_id = state.points.get(str(job_num))
         if state.tracking_uri is not None:
+            # The sweep's store, even while it does not answer: the journal keeps the run.
             return MlflowLogger(uri=state.tracking_uri, experiment=state.experiment,
                                 store_dir=store_dir(cfg), run_name=run_name,
                                 sweep_id=state.sweep_id, parent_run_id=state.parent_run_id,
                                 run_id=run_id, log_environment=False,
+                                when_unreachable="journal",
+                                journal_dir=journal_dir(sweep_dir, job_num),
                                 tags={KIND_TAG: "point", JOB_TAG: job_num})
     uri = resolve_tracking_uri(tracking.get("uri"), store_dir(cfg))
     return MlflowLogger(uri=uri, experiment=str(tracking.experiment), store_dir=store_dir(cfg),
@@ -222,15 +328,33 @@ class SweepCallback(Callback):
     """Starts a sweep before its points launch and reports on it when the multirun ends."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
+        try:
+            claim_sweep_dir(config)
+        except SweepDirExists as err:  # Hydra would print a traceback
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
         self.state = start_sweep(config)
         where = self.state.tracking_uri or "nowhere (tracking.enabled=false)"
         print(f"sweep {self.state.sweep_id}: points in {self.state.sweep_dir}, runs in {where}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
+        from mlflow.exceptions import MlflowException
+
         from squall.scaling.report import report_sweep
 
         state = SweepState.load(Path(str(config.hydra.sweep.dir)).resolve())
+        # Whatever the points or the driver could not send during an outage.
+        left = [r for r in sync_tree(state.sweep_dir) if r.left]
+        if left:
+            print(f"warning: {sum(r.left for r in left)} tracking record(s) of "
+                  f"{len(left)} run(s) not sent yet ({left[0].error}); "
+                  f"`python -m jobs.report --sync {state.sweep_dir}` sends them", file=sys.stderr)
         try:
             report_sweep(state, print_table=True)
         except SquallError as err:  # Hydra would turn it into a warning with a traceback
             print(f"error: no scaling report: {err}", file=sys.stderr)
+        except MlflowException as err:  # tracking store down: the points' runs are safe
+            print(f"error: no scaling report: tracking store {state.tracking_uri}: "
+                  f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; once it "
+                  f"answers: `python -m jobs.report --sync {state.sweep_dir}` then "
+                  f"`python -m jobs.report {state.sweep_dir}`", file=sys.stderr)
