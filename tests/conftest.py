@@ -114,41 +114,59 @@ def mlflow_schema_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return db
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory, mlflow_schema_db: Path) -> str:
-    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, artifacts in tmp); yields its URL."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    shutil.copy(mlflow_schema_db, root / "mlflow.db")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = root / "server.log"
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts")]
-    # The server's background job runner (a pool of huey consumers) serves no test here.
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    with open(log_path, "w") as log_file:
-        # Own session, so teardown can stop the server and its workers by process group id.
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=root,
-                                env=env, start_new_session=True)
-    deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
-    try:
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 that a test can stop and start again on the same
+    port and backend store (sqlite ``root/mlflow.db``, artifacts in ``root/artifacts``).
+
+    Attributes
+    ----------
+    url : str
+        ``http://127.0.0.1:<port>``.
+    root : Path
+        Backend store, artifacts and ``server.log``.
+    """
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.port = root, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start the server and wait until ``/health`` answers (fails the test if it does not)."""
+        log_path = self.root / "server.log"
+        mlflow_bin = Path(sys.executable).with_name("mlflow")
+        cmd = [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts")]
+        # The server's background job runner (a pool of huey consumers) serves no test here.
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        with open(log_path, "a") as log_file:
+            # Own session, so stop() ends the server and its workers by process group id.
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                         cwd=self.root, env=env, start_new_session=True)
+        deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
         while True:
             try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as reply:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as reply:
                     if reply.status == 200:
-                        break
+                        return
             except OSError:
                 pass
-            if proc.poll() is not None or time.monotonic() > deadline:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
                 tail = log_path.read_text()[-2000:]
-                pytest.fail(f"mlflow server did not come up on {url} (log {log_path}):\n{tail}")
+                self.stop()
+                pytest.fail(f"mlflow server did not come up on {self.url} (log {log_path}):\n"
+                            f"{tail}")
             time.sleep(0.5)
-        yield url
-    finally:
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the server (SIGKILL by default: an outage, not a clean shutdown) and every
+        process of its group; returns once the port is closed."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -158,3 +176,38 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory, mlflow_schema_db: Pa
         except ProcessLookupError:
             pass
         proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def _new_server(tmp_path_factory: pytest.TempPathFactory, schema_db: Path) -> MlflowServer:
+    root = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copy(schema_db, root / "mlflow.db")
+    return MlflowServer(root, free_port())
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, mlflow_schema_db: Path) -> str:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, artifacts in tmp); yields its URL."""
+    server = _new_server(tmp_path_factory, mlflow_schema_db)
+    try:
+        server.start()
+        yield server.url
+    finally:
+        server.stop(signal.SIGTERM)
+
+
+@pytest.fixture
+def restartable_mlflow_server(tmp_path_factory: pytest.TempPathFactory,
+                              mlflow_schema_db: Path) -> MlflowServer:
+    """A server of the test's own (not shared), which the test may stop and start again:
+    ``server.stop()`` kills it (the outage), ``server.start()`` brings it back on the same port
+    and store. Stopped at teardown whatever state it is in."""
+    server = _new_server(tmp_path_factory, mlflow_schema_db)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop(signal.SIGTERM)

@@ -1,5 +1,7 @@
-"""Run tracking: MLflow behind a small logger interface, metric names, run environment."""
+"""Run tracking: MLflow behind a small logger interface and a durable local journal, metric
+names, run environment."""
 
+from squall.tracking.buffer import sync_tree
 from squall.tracking.environment import collect_environment, git_revision
 from squall.tracking.logger import (
     MlflowLogger,
@@ -11,6 +13,7 @@ from squall.tracking.logger import (
     flatten_config,
     local_store_uri,
     prepare_store,
+    record_run_failure,
     resolve_tracking_uri,
     start_sweep_parent,
 )
@@ -32,6 +35,8 @@ __all__ = [
     "local_store_uri",
     "peak_memory",
     "prepare_store",
+    "record_run_failure",
     "resolve_tracking_uri",
     "start_sweep_parent",
+    "sync_tree",
 ]

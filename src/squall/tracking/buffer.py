@@ -18,7 +18,8 @@ Layout of one journal, a directory ``<root>/<journal id>/``:
     Copies of artifacts, taken when they were logged (the originals may be temporary).
 ``rejected.jsonl``
     Records the store refused for good (HTTP 4xx, such as a param logged twice with different
-    values), with the store's answer; they are skipped so that the rest still arrives.
+    values), with the store's answer; they are skipped so that the rest still arrives, and kept
+    (as ``<root>/<journal id>.rejected.jsonl``) when the journal is deleted.
 
 Exactly once: a batch is acknowledged only after the store answered it. A batch sent again
 after a crash or a lost answer is harmless: MLflow keeps one row per metric (key, timestamp,
@@ -280,9 +281,18 @@ class Journal:
             os.fsync(f.fileno())
 
     def remove(self) -> None:
-        """Delete the journal (everything in it has reached the store)."""
+        """Delete the journal (everything in it has reached the store); records the store
+        refused are kept beside it, in ``<journal id>.rejected.jsonl``."""
+        rejected = self.dir / REJECTED
+        if rejected.exists():
+            os.replace(rejected, self.rejected_path)
         self.unlock()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def rejected_path(self) -> Path:
+        """Where refused records are kept once the journal is deleted."""
+        return self.dir.parent / f"{self.state.journal_id}.{REJECTED}"
 
 
 def find_journals(directory: str | Path) -> list[Path]:
@@ -320,6 +330,7 @@ def _take_batch(records: list[tuple[int, dict]]) -> int:
     limits = {"params": MAX_PARAMS_PER_BATCH, "metrics": MAX_METRICS_PER_BATCH,
               "tags": MAX_TAGS_PER_BATCH}
     n = 0
+    param_keys: set[str] = set()
     for _, record in records:
         if not _batchable(record):
             break
@@ -328,6 +339,12 @@ def _take_batch(records: list[tuple[int, dict]]) -> int:
         if n and (counts[kind] + size > limits[kind]
                   or sum(counts.values()) + size > MAX_ENTRIES_PER_BATCH):
             break
+        if kind == "params":
+            # A param logged again goes in a request of its own: MLflow refuses a changed value,
+            # and merging the two would hide that.
+            if n and param_keys & record["params"].keys():
+                break
+            param_keys |= record["params"].keys()
         counts[kind] += size
         n += 1
     return n
@@ -477,8 +494,9 @@ def send_pending(journal: Journal, client, stop: Callable[[], bool] = lambda: Fa
                         if is_transient(one):
                             raise
                         journal.reject(record, one)
-                        log.warning("tracking store %s refused a %s record of journal %s: %s",
-                                    journal.state.tracking_uri, record["op"], journal.dir,
+                        log.warning("tracking store %s refused a %s record of journal %s "
+                                    "(kept in %s): %s", journal.state.tracking_uri,
+                                    record["op"], journal.dir, journal.rejected_path,
                                     describe(one))
                     _after_ack(journal, [record])
                 journal.ack(chunk[-1][0], len(chunk))
@@ -632,5 +650,21 @@ def sync_journal(directory: str | Path) -> SyncResult:
 
 
 def sync_tree(directory: str | Path) -> list[SyncResult]:
-    """Send every journal at or below ``directory`` (a run or sweep directory)."""
-    return [sync_journal(d) for d in find_journals(directory)]
+    """Send every journal at or below ``directory`` (a run or sweep directory), oldest first;
+    once a store has failed to answer, its other journals are not tried again this time."""
+    results, down = [], {}
+    for found in find_journals(directory):
+        try:
+            journal = Journal.open(found)
+        except (OSError, ValueError, TypeError):
+            continue
+        uri = journal.state.tracking_uri
+        if uri in down:
+            results.append(SyncResult(journal.dir, journal.state.run_id, 0,
+                                      journal.count_pending(), down[uri]))
+            continue
+        result = sync_journal(found)
+        if result.error is not None and result.error.startswith(uri):
+            down[uri] = result.error
+        results.append(result)
+    return results

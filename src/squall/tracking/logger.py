@@ -331,7 +331,7 @@ class MlflowLogger(RunLogger):
     fallback_from : str or None
         The unreachable server this run was meant for, when it fell back to the local store.
     journal : squall.tracking.buffer.Journal
-        The run's journal.
+        The run's journal (a directory under ``journal_dir``).
     """
 
     def __init__(self, uri: str | None = None, experiment: str = "squall",
@@ -393,19 +393,20 @@ class MlflowLogger(RunLogger):
             raise TrackingError(f"tracking server {target} unreachable ({reason})")
         self.tracking_uri = target
 
-        root = Path(journal_dir) if journal_dir is not None else Path(store_dir) / "journal"
-        journal = self._earlier_journal(root, target, run_id) if run_id is not None else None
-        if journal is None:
-            journal = buffer.Journal.create(root, target, experiment, run_id or created)
-            journal.lock()
-        self.journal = journal
-        others = [d for d in buffer.find_journals(root) if d != journal.dir]
+        self._root = Path(journal_dir) if journal_dir is not None else Path(store_dir) / "journal"
+        self._experiment = experiment
+        self._run_id = run_id or created
+        self._replayer: buffer.Replayer | None = None
+        # The journal directory is made on the first record, so a logger that records nothing
+        # leaves nothing behind; a continued run appends to its earlier unsent journal.
+        self._journal = (self._earlier_journal(self._root, target, run_id)
+                         if run_id is not None else None)
         if reason is not None:
             key = f"journal {target}"
             if key not in _warned:
                 _warned.add(key)
                 log.warning("tracking server %s unreachable (%s); recording in %s and sending "
-                            "when it answers", target, reason, journal.dir)
+                            "when it answers", target, reason, self._root)
         if run_id is None and created is None:
             self._append("create", experiment=experiment, run_name=run_name, tags=all_tags,
                          artifact_location=_artifact_location(target))
@@ -414,8 +415,6 @@ class MlflowLogger(RunLogger):
             for key in buffer.FAILURE_TAGS:
                 self._append("delete_tag", key=key)
             self._append_chunks("tags", all_tags, MAX_PARAMS_PER_BATCH)
-        self._replayer = buffer.Replayer(journal, others)
-        self._replayer.start()
 
     @staticmethod
     def _open(uri: str, experiment: str, run_id: str | None, run_name: str | None,
@@ -463,7 +462,19 @@ class MlflowLogger(RunLogger):
     @property
     def run_id(self) -> str | None:  # type: ignore[override]
         """The run's id in the store; None while a run created offline awaits the server."""
-        return self.journal.state.run_id
+        return self._journal.state.run_id if self._journal is not None else self._run_id
+
+    @property
+    def journal(self) -> buffer.Journal:
+        """The run's journal (made on first use), sent by a background thread."""
+        if self._journal is None:
+            self._journal = buffer.Journal.create(self._root, self.tracking_uri,
+                                                  self._experiment, self._run_id)
+        if self._replayer is None:
+            others = [d for d in buffer.find_journals(self._root) if d != self._journal.dir]
+            self._replayer = buffer.Replayer(self._journal, others)
+            self._replayer.start()
+        return self._journal
 
     def _append(self, op: str, **fields: Any) -> None:
         try:
@@ -471,12 +482,10 @@ class MlflowLogger(RunLogger):
         except OSError as err:  # a full or failing disk: say so once, never stop training
             if not self._write_failed:
                 self._write_failed = True
-                log.warning("cannot write tracking journal %s (%s): tracking records are lost "
-                            "until it can be written", self.journal.dir, err)
+                log.warning("cannot write tracking journal under %s (%s): tracking records "
+                            "are lost until it can be written", self._root, err)
             return
-        replayer = getattr(self, "_replayer", None)
-        if replayer is not None:
-            replayer.notify()
+        self._replayer.notify()
 
     def _append_chunks(self, op: str, items: Mapping[str, str], size: int) -> None:
         pairs = list(items.items())
@@ -532,23 +541,28 @@ class MlflowLogger(RunLogger):
         ``drain_timeout_s``) for the journal to reach the store; the run's status is left as
         it is. Returns whether everything arrived (the journal is then deleted)."""
         timeout_s = self.drain_timeout_s if timeout_s is None else timeout_s
-        sent = self._replayer.drain(timeout_s)
-        self._replayer.stop()
-        # A request in flight ends within MLflow's HTTP timeout; its journal stays consistent
-        # either way (acknowledged only once answered), so it is not waited for.
-        self._replayer.join(timeout=1.0)
-        if sent and not self._replayer.is_alive():
-            self.journal.remove()
-            with contextlib.suppress(OSError):  # the journal root, when nothing else is left
-                self.journal.dir.parent.rmdir()
+        if self._replayer is None:  # nothing was recorded
             return True
-        left = self.journal.count_pending()
+        replayer, journal = self._replayer, self._journal
+        sent = replayer.drain(timeout_s)
+        replayer.stop()
+        # A request in flight ends within MLflow's HTTP timeout; the journal stays consistent
+        # either way (acknowledged only once answered), so it is not waited for.
+        replayer.join(timeout=1.0)
+        # Anything recorded after this goes to a new journal (and thread) of the same run.
+        self._run_id, self._replayer, self._journal = journal.state.run_id, None, None
+        if sent and not replayer.is_alive():
+            journal.remove()
+            with contextlib.suppress(OSError):  # the journal root, when nothing else is left
+                journal.dir.parent.rmdir()
+            return True
+        left = journal.count_pending()
         if left:
             log.warning("%d tracking record(s) not sent to %s within %.0f s; they are kept in "
                         "%s: `python -m jobs.report --sync %s` sends them", left,
-                        self.tracking_uri, timeout_s, self.journal.dir, self.journal.dir)
-        if not self._replayer.is_alive():
-            self.journal.unlock()
+                        self.tracking_uri, timeout_s, journal.dir, journal.dir)
+        if not replayer.is_alive():
+            journal.unlock()
         return left == 0
 
 
@@ -561,6 +575,36 @@ def _artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
     return None
+
+
+def record_run_failure(uri: str, experiment: str, run_id: str, reason: str,
+                       journal_dir: str | Path, tag: str = buffer.FAILURE_TAGS[0]) -> bool:
+    """Mark a run FAILED with ``reason`` (tag ``tag``) unless it recorded a reason of its own.
+
+    Never raises for a tracking error: when the store cannot be reached, the failure is written
+    to a journal under ``journal_dir`` (sent by ``python -m jobs.report --sync`` or the next
+    logger there) and a warning says so. Returns whether the store has it now.
+    """
+    from mlflow.tracking import MlflowClient
+
+    try:
+        buffer.apply_failure(MlflowClient(tracking_uri=uri), run_id, reason, tag)
+        return True
+    except Exception as err:  # the caller (a sweep's driver) must go on
+        if not buffer.is_transient(err):
+            log.warning("could not mark run %s failed in %s: %s", run_id, uri,
+                        buffer.describe(err))
+            return False
+        try:
+            journal = buffer.Journal.create(journal_dir, uri, experiment, run_id)
+            journal.append("failure", reason=reason, tag=tag)
+            journal.unlock()
+            kept = f"kept in {journal.dir} (`python -m jobs.report --sync {journal_dir}`)"
+        except OSError as disk:
+            kept = f"and could not be kept: {disk}"
+        log.warning("tracking store %s unavailable (%s): the failure of run %s is %s", uri,
+                    buffer.describe(err), run_id, kept)
+        return False
 
 
 def find_sweep_parent(uri: str, experiment_id: str, sweep_id: str) -> str | None:
@@ -576,7 +620,8 @@ def find_sweep_parent(uri: str, experiment_id: str, sweep_id: str) -> str | None
 
 
 def start_sweep_parent(sweep_id: str, uri: str | None = None, experiment: str = "squall",
-                       store_dir: str | Path = ".", run_name: str | None = None) -> MlflowLogger:
+                       store_dir: str | Path = ".", run_name: str | None = None,
+                       journal_dir: str | Path | None = None) -> MlflowLogger:
     """Create the parent run of a sweep; start it before launching the sweep's points.
 
     Points created afterwards with the same ``sweep_id`` nest under it. Creating it also
@@ -585,7 +630,7 @@ def start_sweep_parent(sweep_id: str, uri: str | None = None, experiment: str = 
     return MlflowLogger(uri=uri, experiment=experiment, store_dir=store_dir,
                         run_name=run_name or f"sweep {sweep_id}",
                         tags={SWEEP_TAG: sweep_id, KIND_TAG: "sweep"}, parent_run_id=None,
-                        log_environment=True)
+                        log_environment=True, journal_dir=journal_dir)
 
 
 def create_logger(tracking: Mapping[str, Any] | None = None, store_dir: str | Path = ".",
