@@ -26,9 +26,7 @@ from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-from omegaconf import OmegaConf
 
 from squall.errors import SquallError
 from squall.scaling.plan import PointPlan, plan_point
@@ -73,26 +71,22 @@ class ShapedSweepLauncher(BaseSubmititLauncher):
             shape["gpus_per_node"] = plan.tasks_per_node
         return shape
 
-    def _executor(self, shape: dict[str, Any], name: str):
-        import submitit
+    def _executor(self, shape: dict[str, Any], name: str, render_only: bool = False):
+        """submitit executor for points of ``shape``; the batch script follows the cluster
+        config (interpreter, exclusive nodes, binding, network): :mod:`squall.scaling.batch`."""
+        from squall.scaling.batch import cluster_config, make_executor
 
-        init_keys = {"submitit_folder", "max_num_timeout"}
-        init = {"folder": self.params["submitit_folder"]}
-        if "max_num_timeout" in self.params:
-            init[f"{self._EXECUTOR}_max_num_timeout"] = self.params["max_num_timeout"]
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
-        base = set(OmegaConf.structured(BaseQueueConf).keys())
-        params = {k if k in base else f"{self._EXECUTOR}_{k}": v
-                  for k, v in self.params.items() if k not in init_keys}
-        params.update(shape, name=name)
-        executor.update_parameters(**params)
-        return executor
+        return make_executor(self._EXECUTOR, self.params, shape, name,
+                             cluster_config(self.config), render_only=render_only)
 
     def sbatch_script(self, plan: PointPlan, uses_gpus: bool, name: str = "scale") -> str:
         """The batch script submitit would submit for a point of ``plan``'s shape (a single job;
-        an array adds only ``--array``). Slurm launcher only; for checks and dry runs."""
-        inner = self._executor(self._shape_params(plan, uses_gpus), name)._executor
-        return inner._make_submission_file_text(inner._submitit_command_str, "uid")
+        an array adds only ``--array``). Slurm launcher only, after :meth:`setup`; for checks
+        and dry runs (no Slurm needed on this machine)."""
+        from squall.scaling.batch import render_script
+
+        return render_script(self._executor(self._shape_params(plan, uses_gpus), name,
+                                            render_only=True))
 
     def _failed_return(self, overrides: list[str], idx: int, reason: str) -> JobReturn:
         ret = JobReturn(overrides=overrides, working_dir=str(Path(str(self.config.hydra.sweep.dir))
