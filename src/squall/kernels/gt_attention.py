@@ -894,16 +894,32 @@ _op_fused_fwd.register_autograd(_backward_fused, setup_context=_setup_fused)
 _FELL_BACK = False
 
 
-def _use_triton(q: torch.Tensor, backend: str) -> bool:
-    global _FELL_BACK
+def resolve_backend(backend: str, device: torch.device | str) -> tuple[str, str]:
+    """The backend that runs for tensors on ``device`` when ``backend`` is asked for, and why it
+    differs (``""`` when it does not): ``triton`` needs triton and a CUDA device, or the
+    interpreter (``TRITON_INTERPRET=1``); otherwise the torch reference runs.
+
+    Raises
+    ------
+    ValueError
+        If ``backend`` is not one of :data:`BACKENDS`.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     if backend == "torch":
-        return False
-    if HAS_TRITON and (q.is_cuda or _interpreting()):
+        return "torch", ""
+    device = torch.device(device)
+    if HAS_TRITON and (device.type == "cuda" or _interpreting()):
+        return "triton", ""
+    return "torch", "triton is not installed" if not HAS_TRITON else f"tensors are on {device}"
+
+
+def _use_triton(q: torch.Tensor, backend: str) -> bool:
+    global _FELL_BACK
+    used, why = resolve_backend(backend, q.device)
+    if used == "triton":
         return True
-    if not _FELL_BACK:
-        why = "triton is not installed" if not HAS_TRITON else f"tensors are on {q.device}"
+    if why and not _FELL_BACK:
         log.info("gt_attention: backend 'triton' falls back to the torch reference (%s)", why)
         _FELL_BACK = True
     return False
