@@ -53,6 +53,18 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+THREAD_PREFIX = "squall-tracking-"
+
+
+class _OwnRetries(logging.Filter):
+    """Drops urllib3's line per retried request made by a sender thread: the thread says once
+    per outage that the store is down, and a line per attempt would flood the job's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not threading.current_thread().name.startswith(THREAD_PREFIX)
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_OwnRetries())
 
 JOURNAL = "journal.jsonl"
 STATE = "state.json"
@@ -517,15 +529,19 @@ class Replayer(threading.Thread):
         Locked by the caller.
     others : list of Path
         Leftover journals found beside it, sent once this one is idle.
+    outage : str, optional
+        Why the store is known to be down already (said by the caller): not warned again.
     """
 
-    def __init__(self, journal: Journal, others: list[Path] | None = None) -> None:
-        super().__init__(name=f"squall-tracking-{journal.state.journal_id}", daemon=True)
+    def __init__(self, journal: Journal, others: list[Path] | None = None,
+                 outage: str | None = None) -> None:
+        super().__init__(name=f"{THREAD_PREFIX}{journal.state.journal_id}", daemon=True)
         self.journal = journal
         self.others = list(others or [])
         self._wake = threading.Condition()
         self._stop_flag = False
-        self._outage: str | None = None
+        self._release = False
+        self._outage: str | None = outage
         self._client = None
 
     def notify(self) -> None:
@@ -539,9 +555,10 @@ class Replayer(threading.Thread):
             self._wake.notify_all()
 
     def stop(self) -> None:
-        """Stop after the request in flight."""
+        """Stop after the request in flight, and release the journal's lock then."""
         with self._wake:
             self._stop_flag = True
+            self._release = True
             self._wake.notify_all()
 
     @property
@@ -557,6 +574,13 @@ class Replayer(threading.Thread):
         send_pending(journal, client, stop=lambda: self._stop_flag)
 
     def run(self) -> None:  # noqa: D102
+        try:
+            self._run()
+        finally:
+            if self._release:
+                self.journal.unlock()
+
+    def _run(self) -> None:
         backoff = BACKOFF_MIN_S
         while True:
             with self._wake:

@@ -397,6 +397,7 @@ class MlflowLogger(RunLogger):
         self._experiment = experiment
         self._run_id = run_id or created
         self._replayer: buffer.Replayer | None = None
+        self._down = reason  # the outage warned about at start, if any
         # The journal directory is made on the first record, so a logger that records nothing
         # leaves nothing behind; a continued run appends to its earlier unsent journal.
         self._journal = (self._earlier_journal(self._root, target, run_id)
@@ -472,7 +473,7 @@ class MlflowLogger(RunLogger):
                                                   self._experiment, self._run_id)
         if self._replayer is None:
             others = [d for d in buffer.find_journals(self._root) if d != self._journal.dir]
-            self._replayer = buffer.Replayer(self._journal, others)
+            self._replayer = buffer.Replayer(self._journal, others, outage=self._down)
             self._replayer.start()
         return self._journal
 
@@ -547,7 +548,8 @@ class MlflowLogger(RunLogger):
         sent = replayer.drain(timeout_s)
         replayer.stop()
         # A request in flight ends within MLflow's HTTP timeout; the journal stays consistent
-        # either way (acknowledged only once answered), so it is not waited for.
+        # either way (acknowledged only once answered), so it is not waited for: the thread
+        # releases the journal when it ends.
         replayer.join(timeout=1.0)
         # Anything recorded after this goes to a new journal (and thread) of the same run.
         self._run_id, self._replayer, self._journal = journal.state.run_id, None, None
@@ -561,8 +563,6 @@ class MlflowLogger(RunLogger):
             log.warning("%d tracking record(s) not sent to %s within %.0f s; they are kept in "
                         "%s: `python -m jobs.report --sync %s` sends them", left,
                         self.tracking_uri, timeout_s, journal.dir, journal.dir)
-        if not replayer.is_alive():
-            journal.unlock()
         return left == 0
 
 
