@@ -293,6 +293,7 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: st
         logger.set_tags({f"env.{k}": v for k, v in env_info.items()} | {
             "point.layout": plan.layout, "point.gpus": plan.gpus, "point.nodes": plan.nodes,
             "point.backend": env.backend, "point.attention_backend": cfg.model.attention_backend,
+            **_attention_ran(str(cfg.model.attention_backend), device),
             "point.graph": cfg.graph.name, "point.model": cfg.model.name,
             "point.rank0_host": env_info["hostname"],
         })
@@ -447,6 +448,7 @@ def _halo_volume(model, graph, plan: PointPlan, device: torch.device,
     per rank.
     """
     from squall.parallel.parallelize import build_plans
+    from squall.parallel.partition import partition_report
 
     cfg = model.cfg
     uses = {"encoder": 1, "processor": int(cfg.processor_layers), "decoder": 1}
@@ -454,9 +456,21 @@ def _halo_volume(model, graph, plan: PointPlan, device: torch.device,
             for p in build_plans(graph, model.partition)]
     element = 2 if device.type == "cuda" else 4
     rows = max(sent)
+    balance = partition_report(graph, model.partition)
     return {M.HALO_ROWS_SENT: float(rows),
             M.HALO_BYTES_PER_STEP: float(rows * int(cfg.num_channels) * element
-                                         * plan.batch_per_rank)}
+                                         * plan.batch_per_rank),
+            M.EDGE_IMBALANCE: balance.edge_imbalance["total"],
+            M.NODE_IMBALANCE: max(balance.node_imbalance.values())}
+
+
+def _attention_ran(backend: str, device: torch.device) -> dict[str, str]:
+    """Tags of the attention backend that runs on ``device`` (``triton`` falls back to the torch
+    reference without a GPU) and why it is not the one asked for."""
+    from squall.kernels.gt_attention import resolve_backend
+
+    used, why = resolve_backend(backend, device)
+    return {"point.attention_backend_used": used} | ({"point.attention_fallback": why} if why else {})
 
 
 def _prepare(point) -> None:
