@@ -229,6 +229,7 @@ def test_partition_compare_plots_halo_and_imbalance(tmp_path, mlflow_schema_db):
     md = (out / "scaling.md").read_text()
     assert "| ran on | edge imbalance | node imbalance | attempts | status |" in md
     assert "| node2 | 1.310 | 1.000 | 2 | FINISHED |" in md
+    assert "efficiency" not in md  # three partitions at one size: nothing scales
     assert sorted(p.name for p in out.glob("*.png")) == ["comparison.png", "partition.png"]
     with open(out / "scaling.csv") as f:
         table = list(csv.DictReader(f))

@@ -292,9 +292,12 @@ def extra_tags(rows: list[Row]) -> tuple[list[str], dict[str, str]]:
 
 
 def _columns(rows: list[Row]) -> list[tuple[str, str, str]]:
-    """Columns of the table: the fixed ones (the series only when there are several), optional
-    ones some point has a value for, then the varying ``point.*`` tags."""
+    """Columns of the table: the fixed ones (the series only when there are several; speed-up and
+    efficiency only over several GPU counts), optional ones some point has a value for, then the
+    varying ``point.*`` tags."""
     cols = [c for c in COLUMNS if c[1] != "series" or len({r.series for r in rows}) > 1]
+    if len({r.gpus for r in rows if r.gpus}) <= 1:  # a comparison at one size: nothing scales
+        cols = [c for c in cols if c[1] not in ("speedup", "efficiency")]
     at = [i for i, c in enumerate(cols) if c[1] == "status"][0]
     shown = []
     for col in OPTIONAL_COLUMNS:
