@@ -5,7 +5,24 @@
     MLFLOW_TRACKING_URI=http://127.0.0.1:5000 python -m jobs.train
 
 Resumes from ``training.run_dir/checkpoint.pt`` when it exists (``training.resume=false`` starts
-afresh). SIGTERM or SIGUSR1 (Slurm's warning before the time limit) checkpoints and stops cleanly.
+afresh), in the same MLflow run: its metrics continue at the checkpoint's step.
+
+Before the first step every chunk of the dataset's training and validation times is checked
+(present, and as long as its header says); a missing or damaged chunk, like any bad input, ends
+the job with one line ``error: ...`` and exit status 2.
+
+Exit status
+-----------
+0
+    Trained to ``training.max_steps``; the MLflow run is ``FINISHED``.
+2
+    Bad input (config, dataset, checkpoint): one line ``error: ...``; the run is ``FAILED``.
+75 (:data:`squall.train.signals.STOPPED_EXIT_CODE`)
+    Stopped by SIGTERM (``scancel``, preemption, ``kill``) or SIGUSR1 (Slurm's warning before the
+    time limit). During training the step finishes and a checkpoint is written; during start-up
+    (graph, dataset generation, model build) the job stops at once. The run is ``KILLED`` with the
+    tags ``squall.stop_signal`` and ``squall.resumable=true``: running the same command again
+    continues it.
 
 Several processes (``srun`` with one task per GPU, jobs/slurm/train.sbatch, or submitit) train one
 model together: ``parallel.model_parallel`` ranks share each sample's graph (halo exchange), the
@@ -19,51 +36,94 @@ import logging
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from jobs._entry import user_errors
+from jobs._entry import hydra_job
 from squall.parallel.env import destroy_distributed, dist_env, init_distributed
-from squall.tracking import create_logger
-from squall.train.runner import train
+from squall.train.runner import end_attempt, open_tracking_run, train
+from squall.train.signals import STOPPED_EXIT_CODE, Stopped, StopSignals, signal_name
 
 log = logging.getLogger("jobs.train")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-@user_errors
+@hydra_job()
 def main(cfg: DictConfig) -> dict:
+    # Installed first: a stop during start-up must still end the MLflow run as KILLED.
+    with StopSignals() as stop:
+        try:
+            final, stopped_by, logger = run(cfg, stop)
+        except Stopped as err:
+            log.warning("stopped by %s during start-up (exit status %d)", signal_name(err.signum),
+                        STOPPED_EXIT_CODE)  # fmt: skip
+            sys.exit(STOPPED_EXIT_CODE)
+    if dist_env().rank != 0:  # rank 0 reports
+        if stopped_by is not None:
+            sys.exit(STOPPED_EXIT_CODE)
+        return final
+    checkpoint = Path(str(cfg.training.run_dir)) / "checkpoint.pt"
+    if logger.run_id:
+        mlflow_cli = Path(sys.executable).parent / "mlflow"
+        log.info("MLflow run %s in %s (browse: %s ui --backend-store-uri %s --host 127.0.0.1)",
+                 logger.run_id, logger.tracking_uri, mlflow_cli, logger.tracking_uri)  # fmt: skip
+    if stopped_by is not None:
+        log.warning("stopped by %s at step %d; checkpoint %s: run the same command again to "
+                    "continue (exit status %d)", stopped_by, final["step"], checkpoint,
+                    STOPPED_EXIT_CODE)  # fmt: skip
+        print(json.dumps({"summary": final, "stopped_by": stopped_by}))
+        sys.exit(STOPPED_EXIT_CODE)
+    log.info("checkpoint: %s (a later run resumes from it; training.resume=false starts over "
+             "and replaces it)", checkpoint)  # fmt: skip
+    print(json.dumps({"summary": final}))
+    return final
+
+
+def run(cfg: DictConfig, stop: StopSignals):
+    """Train in this job's MLflow run; return the final metrics, the stop signal's name (None
+    when trained to the end) and the logger."""
     env = dist_env()
     init_distributed(env)
     if env.backend == "nccl":  # one GPU per rank
         cfg.training.device = f"cuda:{env.local_rank}"
-    store = Path(cfg.paths.cache) / "mlflow"
-    run_name = f"train-{cfg.graph.name}-{cfg.model.name}"
     try:
-        with create_logger(cfg.tracking, store_dir=store, rank=env.rank, run_name=run_name,
-                           tags={"job": "train", "world_size": env.world_size}) as logger:  # fmt: skip
-            logger.log_config(cfg)
-            summary = train(cfg, logger)
+        with stop.deferred():  # a stop while the run is created ends it after, as KILLED
+            logger, _ = open_tracking_run(cfg, Path(cfg.paths.cache) / "mlflow", env.rank,
+                                          env.world_size)  # fmt: skip
+        with logger:
+            try:
+                summary = train(cfg, logger)
+            except Stopped as err:
+                name = signal_name(err.signum)
+                end_attempt(logger, cfg, "KILLED", f"stopped by {name} during start-up",
+                            signal_name=name, resumable=True)  # fmt: skip
+                raise
+            except KeyboardInterrupt:
+                end_attempt(logger, cfg, "KILLED", "interrupted (SIGINT) without a checkpoint")
+                raise
+            except Exception as err:
+                first = (str(err).strip().splitlines() or [""])[0]
+                end_attempt(logger, cfg, "FAILED", f"failed: {type(err).__name__}: {first}")
+                raise
             losses = summary.pop("losses")
+            stopped_by = summary.pop("stopped_by") if summary["stopped_early"] else None
             final = {
                 k: v
                 for k, v in summary.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
             logger.log_metrics(final, summary["step"])
+            if losses and env.rank == 0:
+                log.info("loss %.4g -> %.4g over %d steps", losses[0], losses[-1], len(losses))
+            if stopped_by is not None:
+                end_attempt(logger, cfg, "KILLED",
+                            f"stopped by {stopped_by} at step {summary['step']} after writing "
+                            "its checkpoint: run again with the same training.run_dir to continue",
+                            step=summary["step"], signal_name=stopped_by, resumable=True)  # fmt: skip
+            else:
+                end_attempt(logger, cfg, "FINISHED", f"finished at step {summary['step']}",
+                            step=summary["step"])  # fmt: skip
     finally:
         destroy_distributed()
-    if env.rank == 0:
-        if losses:
-            log.info("loss %.4g -> %.4g over %d steps", losses[0], losses[-1], len(losses))
-        log.info("checkpoint: %s (a later run resumes from it; training.resume=false starts "
-                 "over and replaces it)", Path(str(cfg.training.run_dir)) / "checkpoint.pt")  # fmt: skip
-        if logger.run_id:
-            mlflow_cli = Path(sys.executable).parent / "mlflow"
-            log.info("MLflow run %s in %s (browse: %s ui --backend-store-uri %s --host 127.0.0.1)",
-                     logger.run_id, logger.tracking_uri, mlflow_cli, logger.tracking_uri)  # fmt: skip
-        print(json.dumps({"summary": final}))
-    return final
+    return final, stopped_by, logger
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import time
 from pathlib import Path
 
 from squall.config import to_container
@@ -91,11 +92,13 @@ def ensure_dataset(cfg, nodes: NodeSet | None = None) -> Path:
 
 
 def build_dataset(cfg, split: str = "train", rollout: int = 1, grid_indices=None,
-                  normaliser=None) -> WindowDataset:  # fmt: skip
+                  normaliser=None, check: bool = True) -> WindowDataset:  # fmt: skip
     """The :class:`WindowDataset` of ``split`` as configured in ``cfg.data``.
 
     The validation and test splits use the normaliser of the training statistics given by
     ``normaliser`` (pass ``train.normaliser``); by default each uses the dataset statistics.
+    With ``check``, every chunk of the split's times must be stored and intact
+    (:meth:`WindowDataset.check_complete`, a :class:`DataError` naming what is not).
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
@@ -120,6 +123,11 @@ def build_dataset(cfg, split: str = "train", rollout: int = 1, grid_indices=None
             f"dataset {dataset.path} has frequency {format_timedelta(dataset.info.frequency)} but "
             f"data.frequency is {expected}: set data.frequency to match the dataset"
         )
+    if check:
+        start = time.perf_counter()
+        chunks = dataset.check_complete()
+        log.debug("dataset %s: %d chunks of the %s split present and intact (%.2f s)",
+                  dataset.path, chunks, split, time.perf_counter() - start)  # fmt: skip
     return dataset
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from squall.data.zarr_dataset import DatasetWriter, parse_timedelta
 from squall.errors import DataError
 from squall.graphs.grids import NodeSet
+from squall.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -475,7 +476,7 @@ def generate(path, nodes: NodeSet, settings: SyntheticSettings, grid_name: str =
         resolution=grid_name or nodes.meta.get("grid", ""),
         attrs=attrs,
         overwrite=overwrite,
-    ) as writer:
+    ) as writer, Progress(s.num_times, "generating dataset", unit="time") as bar:
         for first in range(0, s.num_times, s.block):
             index = np.arange(first, min(first + s.block, s.num_times))
             fields = gen.fields(index)
@@ -483,6 +484,7 @@ def generate(path, nodes: NodeSet, settings: SyntheticSettings, grid_name: str =
             for i, name in enumerate(s.variables):
                 block[:, i, 0] = fields[name]
             writer.write(first, block)
+            bar.update(len(index))
     log.info("synthetic dataset: %d times x %d variables x %d points in %.1f s -> %s",
              s.num_times, len(s.variables), len(nodes), time.perf_counter() - start, path)  # fmt: skip
     return Path(path)

@@ -200,6 +200,168 @@ def _open_group(path: Path):
     return group, data
 
 
+#: A Blosc frame starts with 16 bytes: version, versionlz, flags, typesize, then little-endian
+#: uint32 nbytes (uncompressed), blocksize and cbytes (the whole frame, header included).
+BLOSC_HEADER_BYTES = 16
+#: Chunks named in a completeness error; the rest are counted.
+MAX_NAMED_CHUNKS = 5
+
+
+def _blosc_only(data) -> bool:
+    """Whether each stored chunk of ``data`` is one raw Blosc frame (zarr 2 or 3 metadata)."""
+    md = data.metadata
+    if getattr(md, "zarr_format", None) == 2:
+        return not md.filters and getattr(md.compressor, "codec_id", None) == "blosc"
+    from zarr.codecs import BloscCodec, BytesCodec
+
+    codecs = tuple(getattr(md, "codecs", ()))
+    return (
+        len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
+    )
+
+
+def _blosc_problem(size: int, head: bytes, expected_nbytes: int) -> str | None:
+    """Why a stored Blosc chunk of ``size`` bytes starting with ``head`` is damaged, or None."""
+    if size < BLOSC_HEADER_BYTES or len(head) < BLOSC_HEADER_BYTES:
+        return f"{size} bytes, shorter than a Blosc header"
+    nbytes, _, cbytes = np.frombuffer(head[4:16], dtype="<u4").tolist()
+    if cbytes != size:
+        return f"{size} bytes stored, the Blosc header says {cbytes}"
+    if nbytes != expected_nbytes:
+        return f"decompresses to {nbytes} bytes, a chunk holds {expected_nbytes}"
+    return None
+
+
+def check_chunks(path, first: int = 0, last: int | None = None, decode: bool = False) -> int:
+    """Raise :class:`DataError` unless every chunk of ``data`` holding times ``first..last`` is
+    stored and intact; return the number of chunks checked.
+
+    zarr fills a missing chunk with the fill value (NaN here) without a word, and a truncated one
+    fails only when first read (inside a DataLoader worker): this finds both before training.
+    Each chunk's size is compared with its Blosc header (16 bytes read per chunk, no
+    decompression); chunks in another codec, or all chunks with ``decode``, are read in full.
+
+    Measured on 2 cores (warm page cache), 400 times x 14 variables: O32 (62 MB stored, 400
+    chunks) headers 0.02 s, full decode 0.31 s; O96 (432 MB) headers 0.02 s, full decode 1.9 s.
+    A full read grows with the data (an O1280 archive holds terabytes) while the header check
+    costs one small read per chunk, so headers are the default.
+    """
+    path = Path(path)
+    group, data = _open_group(path)
+    times = int(data.shape[0])
+    last = times - 1 if last is None else min(int(last), times - 1)
+    first = max(int(first), 0)
+    if last < first:
+        return 0
+    md, per_chunk = data.metadata, tuple(int(c) for c in data.chunks)
+    grid = [range(n) for n in data.cdata_shape[1:]]
+    coords = [(c, *rest) for c in range(first // per_chunk[0], last // per_chunk[0] + 1)
+              for rest in np.ndindex(*(len(r) for r in grid))]  # fmt: skip
+    prefix = f"{data.path}/" if data.path else ""
+    keys = [prefix + md.encode_chunk_key(c) for c in coords]
+    expected = int(np.prod(per_chunk)) * data.dtype.itemsize
+    heads = _read_heads(data.store, keys)
+    blosc = _blosc_only(data) and not decode
+    missing, damaged = [], []
+    for c, found in zip(coords, heads, strict=True):
+        if isinstance(found, BaseException):
+            damaged.append((c, f"{type(found).__name__}: {found}"))
+        elif found is None:
+            missing.append(c)
+        elif blosc:
+            problem = _blosc_problem(*found, expected)
+            if problem is not None:
+                damaged.append((c, problem))
+        else:
+            region = tuple(slice(i * n, (i + 1) * n) for i, n in zip(c, per_chunk, strict=True))
+            try:
+                data[region]
+            except Exception as err:  # codecs raise many types for a damaged chunk
+                damaged.append((c, f"{type(err).__name__}: {err}"))
+    if missing or damaged:
+        dates = group["dates"][:].astype("datetime64[s]") if "dates" in group else None
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of {len(coords)} chunks missing ("
+                         f"{_name_chunks(missing, per_chunk, times, dates)})")  # fmt: skip
+        if damaged:
+            named = [_name_chunks([c], per_chunk, times, dates) + f": {why}" for c, why in damaged]
+            more = len(named) - MAX_NAMED_CHUNKS
+            parts.append(f"{len(damaged)} unreadable (" + "; ".join(named[:MAX_NAMED_CHUNKS])
+                         + (f"; and {more} more" if more > 0 else "") + ")")  # fmt: skip
+        raise DataError(f"dataset {path} is incomplete: {' and '.join(parts)}; regenerate "
+                        "or re-copy it")  # fmt: skip
+    return len(coords)
+
+
+#: Threads reading chunk headers: enough to overlap the per-file latency of a parallel file
+#: system (about 1 ms a file on Lustre), few enough not to flood its metadata server.
+HEAD_READERS = 16
+
+
+def _read_heads(store, keys: list[str]) -> list:
+    """``(size, first bytes)`` of each key, None where it is not stored, or the exception.
+
+    A local store is read with plain file calls in batches on a few threads (zarr's async path
+    costs 0.4 ms a chunk here, the plain one 0.03 ms); other stores through zarr's store API.
+    """
+    from zarr.storage import LocalStore
+
+    if isinstance(store, LocalStore):
+        from concurrent.futures import ThreadPoolExecutor
+
+        root = Path(store.root)
+
+        def batch(part):
+            out = []
+            for key in part:
+                try:
+                    with open(root / key, "rb") as fh:
+                        out.append((os.fstat(fh.fileno()).st_size, fh.read(BLOSC_HEADER_BYTES)))
+                except FileNotFoundError:
+                    out.append(None)
+                except OSError as err:
+                    out.append(err)
+            return out
+
+        size = -(-len(keys) // HEAD_READERS)
+        parts = [keys[i : i + size] for i in range(0, len(keys), size)]
+        with ThreadPoolExecutor(max_workers=HEAD_READERS) as pool:
+            return [found for part in pool.map(batch, parts) for found in part]
+
+    import asyncio
+
+    from zarr.abc.store import RangeByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    proto = default_buffer_prototype()
+
+    async def one(key):
+        head = await store.get(key, proto, byte_range=RangeByteRequest(0, BLOSC_HEADER_BYTES))
+        if head is None:
+            return None
+        return await store.getsize(key), head.to_bytes()
+
+    async def every():
+        return await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
+
+    return sync(every())
+
+
+def _name_chunks(coords, per_chunk, times: int, dates) -> str:
+    """``time 5 (2020-01-02T06:00:00)`` for each chunk, the first few, then a count."""
+    names = []
+    for c in coords[:MAX_NAMED_CHUNKS]:
+        lo, hi = c[0] * per_chunk[0], min((c[0] + 1) * per_chunk[0], times) - 1
+        span = f"time {lo}" if lo == hi else f"times {lo}..{hi}"
+        when = f" ({dates[lo]})" if dates is not None and lo < len(dates) else ""
+        rest = f" chunk {'.'.join(map(str, c))}" if any(c[1:]) else ""
+        names.append(span + when + rest)
+    more = len(coords) - MAX_NAMED_CHUNKS
+    return ", ".join(names) + (f", and {more} more" if more > 0 else "")
+
+
 @dataclass(frozen=True, eq=False)
 class DatasetInfo:
     """Metadata of a dataset: everything except the data, read once.
@@ -455,6 +617,11 @@ class WindowDataset(torch.utils.data.Dataset):
     def dates(self) -> np.ndarray:
         return self.info.dates
 
+    def check_complete(self, decode: bool = False) -> int:
+        """Raise :class:`DataError` unless every chunk of this range is stored and intact (see
+        :func:`check_chunks`); return the number of chunks checked."""
+        return check_chunks(self.path, self.first, self.last, decode=decode)
+
     def window_times(self, k: int) -> np.ndarray:
         """Dataset time indices of sample ``k``: inputs then targets."""
         t = self.first + (self.input_steps - 1) * self.stride + k
@@ -512,13 +679,15 @@ def make_dataloader(dataset, batch_size=1, shuffle=False, num_workers=0, seed=0,
     """DataLoader over ``dataset`` with workers that open the store themselves.
 
     Shuffling draws from a generator seeded with ``seed`` (reproducible order). Workers persist
-    across epochs and each keeps its own open store.
+    across epochs and each keeps its own open store. A :class:`DataError` raised in a worker
+    reaches the caller as the worker's one-line message (torch's re-raise carries the worker's
+    whole traceback in the message).
     """
     generator = torch.Generator().manual_seed(int(seed)) if sampler is None and shuffle else None
     kwargs = {}
     if num_workers > 0:
         kwargs = {"persistent_workers": True, "prefetch_factor": prefetch_factor}
-    return torch.utils.data.DataLoader(
+    return _DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,
@@ -529,3 +698,42 @@ def make_dataloader(dataset, batch_size=1, shuffle=False, num_workers=0, seed=0,
         pin_memory=pin_memory,
         **kwargs,
     )
+
+
+class _DataLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose iterators turn a worker's :class:`DataError` back into one line."""
+
+    def __iter__(self):
+        return _OneLineErrors(super().__iter__())
+
+
+class _OneLineErrors:
+    def __init__(self, iterator) -> None:
+        self._iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._iterator)
+        except DataError as err:
+            raise DataError(worker_message(err)) from None
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+
+def worker_message(err: BaseException) -> str:
+    """The original one-line message of an exception re-raised from a DataLoader worker.
+
+    torch re-raises a worker's exception as the same type with the message ``Caught X in
+    DataLoader worker process N.`` followed by the worker's traceback, whose last line is
+    ``module.X: <original message>``. Other messages are returned unchanged.
+    """
+    text = str(err)
+    if not (text.startswith("Caught ") and "DataLoader worker" in text):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and name.rsplit(".", 1)[-1] == type(err).__name__ else last

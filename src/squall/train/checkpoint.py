@@ -58,6 +58,18 @@ def save_checkpoint(path, model, optimizer, scheduler, step: int, samples_seen: 
     return path
 
 
+def checkpoint_extra(path) -> dict:
+    """The ``extra`` dict and ``step`` of the checkpoint at ``path``, without reading its tensors
+    (memory-mapped); ``{}`` for a file that is not a readable squall checkpoint."""
+    try:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # unreadable: load_checkpoint explains it when the run resumes
+        return {}
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        return {}
+    return {**payload.get("extra", {}), "step": int(payload.get("step", 0))}
+
+
 def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng=True) -> dict:
     """Restore states from ``path`` into the given objects; return the checkpoint dict."""
     path = Path(path)

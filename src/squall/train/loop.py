@@ -1,19 +1,23 @@
 """The training loop: AdamW, warm-up + cosine schedule, area-weighted MSE with optional rollout,
 gradient clipping, bf16 autocast on GPU, validation against persistence, checkpoint and resume.
+
+SIGTERM or SIGUSR1 during :meth:`Trainer.fit` finishes the step, writes a checkpoint and returns
+with ``stopped_early`` (see :mod:`squall.train.signals`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass
 
 import torch
 
+from squall.progress import Progress
 from squall.tracking import metrics as M
 from squall.tracking.metrics import StepTimer, peak_memory
+from squall.train import signals
 from squall.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -155,6 +159,7 @@ class Trainer:
         self.prog_in = torch.tensor(layout.prognostic_in, device=device)
         self.prog_out = torch.tensor(layout.prognostic_out, device=device)
         self.stop_requested = False
+        self.stopped_by: str | None = None
 
     # -- maths ----------------------------------------------------------------------------------
 
@@ -235,10 +240,17 @@ class Trainer:
                 SKILL_VS_PERSISTENCE: 1 - prog / base}  # fmt: skip
 
     def save(self):
-        """Rank 0 writes (parameters are identical on every rank); the others wait for it."""
+        """Rank 0 writes (parameters are identical on every rank); the others wait for it.
+
+        The checkpoint names the MLflow run it belongs to, so a resumed job continues that run.
+        """
         if self.checkpoint_path is not None and self.is_main:
+            run_id = getattr(self.logger, "run_id", None)
+            extra = {} if run_id is None else {
+                "mlflow_run_id": run_id, "tracking_uri": getattr(self.logger, "tracking_uri", None)
+            }  # fmt: skip
             save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.scheduler,
-                            self.step, self.samples_seen)  # fmt: skip
+                            self.step, self.samples_seen, extra)  # fmt: skip
         self.barrier()
 
     def resume(self) -> bool:
@@ -253,19 +265,19 @@ class Trainer:
                         "replaces the checkpoint)", self.step, int(self.cfg.max_steps))  # fmt: skip
         return True
 
-    def _request_stop(self, signum, _frame):
-        log.warning("signal %d: checkpointing at the end of this step, then stopping", signum)
-        self.stop_requested = True
-
     def fit(self, make_train_loader, val_loader=None) -> dict:
         """Run until ``max_steps``; return a summary dict. ``make_train_loader(samples_seen)``
         builds a loader starting at the data position (after a resume)."""
         cfg = self.cfg
         max_steps = int(cfg.max_steps)
-        signals = (signal.SIGTERM, signal.SIGUSR1)
-        previous = (
-            {s: signal.signal(s, self._request_stop) for s in signals} if _main_thread() else {}
-        )
+        # The job's own stop handler when it installed one (it covers start-up too), else one
+        # for the duration of this call.
+        stop = signals.active()
+        local = signals.StopSignals(immediate=False) if stop is None else None
+        if local is not None:
+            stop = local.__enter__()
+        stop.training_started()
+        bar = Progress(max_steps, "training", unit="step") if self.is_main else None
         warmup = min(int(cfg.get("timing_warmup_steps", 5)), max(0, max_steps - self.step - 1))
         timer = StepTimer(warmup=warmup)
         history, last = [], {}
@@ -273,9 +285,12 @@ class Trainer:
             loader = iter(make_train_loader(self.samples_seen))
             peak_memory(reset=True)
             logged_at = self.step
+            if bar is not None and self.step:
+                bar.update(self.step)  # a resumed run's bar starts at its step
             while self.step < max_steps:
-                if self.agree(self.stop_requested):  # every rank stops at the same step
+                if self.agree(stop.requested):  # every rank stops at the same step
                     self.stop_requested = True
+                    self.stopped_by = stop.name or "a stop signal on another rank"
                     break
                 batch = next(loader)
                 start = time.perf_counter()
@@ -284,6 +299,9 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 timer.record(seconds, batch["x"].shape[0])
                 history.append(loss)
+                if bar is not None:
+                    bar.update()
+                    bar.set_postfix(f"loss {loss:.4g}")
                 if self.step % int(cfg.log_every) == 0 or self.step == max_steps:
                     metrics = {M.LOSS_TRAIN: loss, M.GRAD_NORM: float(grad_norm),
                                M.LR: self.scheduler.get_last_lr()[0], "time/last_step_s": seconds,
@@ -308,20 +326,20 @@ class Trainer:
                     self.save()
             self.save()
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            if bar is not None:
+                bar.close()
+            if local is not None:
+                local.__exit__(None, None, None)
+        if self.stop_requested:
+            log.warning("stopped by %s at step %d/%d; checkpoint %s", self.stopped_by, self.step,
+                        max_steps, self.checkpoint_path)  # fmt: skip
         summary = {
             "step": self.step,
             "stopped_early": self.stop_requested,
+            "stopped_by": self.stopped_by,
             "losses": history,
             **last,
         }
         if timer.measured_steps:
             summary.update(timer.stats().as_metrics())
         return summary
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
