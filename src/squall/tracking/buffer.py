@@ -52,6 +52,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from squall.tracking.experiment import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
 log = logging.getLogger(__name__)
 THREAD_PREFIX = "squall-tracking-"
 
@@ -370,8 +372,9 @@ def ensure_run(journal: Journal, client, record: dict) -> str:
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            experiment_id = client.create_experiment(name, artifact_location=record.get(
-                "artifact_location"))
+            experiment_id = client.create_experiment(
+                name, artifact_location=record.get("artifact_location"),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # created meanwhile
             found = client.get_experiment_by_name(name)
             if found is None:

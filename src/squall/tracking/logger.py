@@ -31,6 +31,7 @@ from typing import Any
 
 from squall.errors import SquallError
 from squall.tracking import buffer
+from squall.tracking.experiment import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, mark_experiment
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 UNREACHABLE = ("fallback", "journal", "error")
 #: Seconds ``finish()`` waits for the journal to reach the store before leaving the rest for
 #: ``jobs.report --sync``: a restarted server answers within seconds (8 to 11 s for a cold
-#: ``mlflow server`` on 2 cores), and a job's end must not stall for minutes.
-DRAIN_TIMEOUT_S = 30.0
+#: ``mlflow server`` on 2 cores), and a job stopped by Slurm has KillWait (30 s by default)
+#: between SIGTERM and SIGKILL, its checkpoint included.
+DRAIN_TIMEOUT_S = 20.0
 SWEEP_TAG = "sweep_id"
 KIND_TAG = "run_kind"
 
@@ -253,7 +255,8 @@ def prepare_store(uri: str, experiment: str) -> str:
             found = client.get_experiment_by_name(experiment)
             if found is None:
                 try:
-                    return client.create_experiment(experiment, artifact_location=artifacts)
+                    return client.create_experiment(experiment, artifact_location=artifacts,
+                                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
                 except MlflowException:  # created meanwhile by another process
                     found = client.get_experiment_by_name(experiment)
                     if found is None:
@@ -264,6 +267,10 @@ def prepare_store(uri: str, experiment: str) -> str:
         raise TrackingError(
             f"experiment {experiment!r} in {uri} is deleted: restore it or choose another name"
         )
+    try:  # an experiment created before squall set its kind, or by someone else
+        mark_experiment(client, found.experiment_id, found.tags)
+    except MlflowException as err:  # the UI's first page is no reason to stop a job
+        log.debug("cannot set the kind of experiment %r: %s", experiment, err)
     return found.experiment_id
 
 
