@@ -44,3 +44,62 @@ def run_scale(args: list[str], cache: Path, timeout: float = SWEEP_TIMEOUT_S,
     full.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, "-m", "jobs.scale", *args], cwd=REPO, env=full,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def start_scale(args: list[str], cache: Path, env: dict | None = None,
+                **popen) -> tuple[subprocess.Popen, Path]:
+    """Start ``python -m jobs.scale ARGS`` in the background; its output goes to a file (also
+    returned) so that a test can watch it while injecting a fault."""
+    full = dict(os.environ, SQUALL_CACHE=str(cache), OMP_NUM_THREADS="1", **(env or {}))
+    full.pop("MLFLOW_TRACKING_URI", None)
+    out = cache / f"scale-{len(list(cache.glob('scale-*.log')))}.log"
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.scale", *args], cwd=REPO, env=full,
+                                stdout=f, stderr=subprocess.STDOUT, **popen)
+    return proc, out
+
+
+def sweep_state(stdout: str):
+    """The SweepState of the sweep whose driver printed ``stdout``."""
+    import re
+
+    from squall.scaling.sweep import SweepState
+
+    found = re.search(r"^sweep \S+: points in (\S+), runs in", stdout, re.M)
+    assert found, stdout[-3000:]
+    return SweepState.load(found.group(1))
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """Cells of the printed scaling table, header row excluded."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("| ")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
+
+
+def table(stdout: str) -> list[dict[str, str]]:
+    """The printed scaling table as one dict per row, by column header."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, row, strict=True)) for row in table_rows(stdout)]
+
+
+def submitted_jobs(stdout: str) -> dict[int, str]:
+    """Hydra job number -> Slurm job id, from the driver's "point #N submitted as job ID"."""
+    import re
+
+    return {int(n): j for n, j in re.findall(r"point #(\d+) submitted as job (\S+)", stdout)}
+
+
+def sacct(job_id: str) -> list[tuple[str, str, str, str, str]]:
+    """Every allocation of ``job_id`` in accounting: (state, exit code, nodes, start, end)."""
+    done = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id.split("_")[0],
+                           "-o", "JobID,State,ExitCode,NodeList,Start,End"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    rows = [ln.split("|") for ln in done.stdout.splitlines()]
+    return [tuple(r[1:]) for r in rows if r[0] == job_id]
+
+
+def slurm_node() -> str:
+    """The local Slurm's one node (``hostname -s``, as .ci/slurm/start.sh names it)."""
+    return subprocess.run(["hostname", "-s"], capture_output=True, text=True,
+                          check=True).stdout.strip()

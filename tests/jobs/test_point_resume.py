@@ -1,5 +1,6 @@
-"""A point stopped by Slurm's warning signal checkpoints, and the rerun resumes it: timed steps
-are kept across attempts, warm-up is repeated, the same run records both attempts."""
+"""A point stopped by a signal checkpoints, and the rerun resumes it: training continues from the
+checkpoint, warm-up is repeated and every timed step is timed again in the new allocation (timings
+from one allocation only); the same run records both attempts."""
 
 from __future__ import annotations
 
@@ -59,10 +60,21 @@ def test_signal_checkpoints_and_rerun_resumes(tmp_path, monkeypatch):
     summary = run_point(cfg, lambda env, plan: logger, point_id="sweep-a#0")
     assert logger.finished == ["KILLED", "FINISHED"] and logger.tags["point.attempts"] == "2"
     steps = [(step, m["time/timed"]) for step, m in logger.metrics if "time/last_step_s" in m]
-    # Attempt 1: step 1 warm-up, 2-3 timed. Attempt 2 resumes at 3: step 4 warm-up, 5-7 timed.
-    assert steps == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 0.0), (5, 1.0), (6, 1.0), (7, 1.0)]
+    # Attempt 1: step 1 warm-up, 2-3 timed. Attempt 2 resumes at 3: step 4 warm-up, then all
+    # 5 timed steps again (5-9): the summary is attempt 2's alone.
+    assert steps == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 0.0)] + [(s, 1.0) for s in range(5, 10)]
     assert summary["time/measured_steps"] == 5
     assert summary["throughput/samples_per_s"] > 0 and summary["time/comm_s"] == 0.0
+    # Each attempt's own numbers stay on the run.
+    assert logger.tags["attempt.1.ended"] == "stopped (SIGUSR1) at step 3"
+    assert logger.tags["attempt.1.timed_steps"] == "2" and logger.tags["attempt.1.first_step"] == "1"
+    assert logger.tags["attempt.2.ended"] == "completed"
+    assert logger.tags["attempt.2.timed_steps"] == "5" and logger.tags["attempt.2.first_step"] == "4"
+    # The tag is written with 6 significant digits: relative rounding error at most 5e-6.
+    assert float(logger.tags["attempt.2.step_s"]) == pytest.approx(summary["time/step_s"],
+                                                                    rel=5e-6)
+    assert logger.tags["attempt.1.start"] <= logger.tags["attempt.1.end"] <= \
+        logger.tags["attempt.2.start"]
 
     # A later sweep into the same directory does not resume this point's checkpoint.
     fresh = RecordingLogger()

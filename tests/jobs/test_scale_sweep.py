@@ -3,28 +3,23 @@ executor, gloo ranks) and through the local Slurm into a real MLflow server over
 
 from __future__ import annotations
 
-import re
-
 import pytest
-from _scale_helpers import TINY, run_scale
+from _scale_helpers import (
+    TINY,
+    run_scale,
+    sacct,
+    slurm_node,
+    submitted_jobs,
+    sweep_state,
+    table,
+    table_rows,
+)
 from mlflow.tracking import MlflowClient
 
-from squall.scaling.sweep import FAILURE_TAG, SweepState
+from squall.scaling.sweep import FAILURE_TAG
 from squall.tracking import local_store_uri
 
 pytestmark = pytest.mark.slow
-
-
-def sweep_state(stdout: str) -> SweepState:
-    found = re.search(r"^sweep \S+: points in (\S+), runs in", stdout, re.M)
-    assert found, stdout[-3000:]
-    return SweepState.load(found.group(1))
-
-
-def table_rows(stdout: str) -> list[list[str]]:
-    """Cells of the printed scaling table, header row excluded."""
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("| ")]
-    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
 
 
 def test_default_local_sweep_falls_back_to_local_store_and_prints_table(tmp_path, unused_port):
@@ -69,39 +64,50 @@ def test_default_local_sweep_falls_back_to_local_store_and_prints_table(tmp_path
 
 
 @pytest.mark.slurm
+@pytest.mark.timeout(300)
 def test_slurm_sweep_into_mlflow_server_with_failing_points(local_slurm, mlflow_server, tmp_path):
-    # Through sbatch on the local Slurm: two good points side by side, one that fails in its job
-    # (a batch the data cannot give: a crash inside the point) and one refused before launch.
+    # Through sbatch on the local Slurm: a good point, one that fails in its job (a batch the
+    # data cannot give: a crash inside the point) and two refused before launch. Whole nodes
+    # (cluster.exclusive, the default): the two jobs never run side by side.
     done = run_scale(["--multirun", "cluster=local_slurm", "experiment=weak_scaling", *TINY,
                       f"tracking.uri={mlflow_server}", "tracking.experiment=slurm-sweep",
-                      "parallel.gpus=1,2,3", "scale.batch=1,64"], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+                      "parallel.gpus=2,3", "scale.batch=1,64"], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     state = sweep_state(done.stdout)
     assert state.tracking_uri == mlflow_server
-    rows = table_rows(done.stdout)
+    rows = table(done.stdout)
     # One series per batch (the other swept key), not one per command-line override.
-    assert [r[1] for r in rows] == ["scale.batch=1", "scale.batch=64"] * 3
+    assert [r["series"] for r in rows] == ["scale.batch=1", "scale.batch=64"] * 2
+    assert [r["status"] for r in rows] == ["FINISHED", "FAILED", "FAILED", "FAILED"]
+    assert rows[0]["ran on"] == slurm_node() and rows[1]["ran on"] == slurm_node()
     client = MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([state.experiment_id], f"tags.sweep_id = '{state.sweep_id}'")
     points = {r.info.run_id: r for r in runs if r.data.tags.get("run_kind") == "point"}
-    assert len(points) == 6 and set(points) == set(state.points.values())
+    assert len(points) == 4 and set(points) == set(state.points.values())
     status = {(int(r.data.tags["point.gpus"]), r.data.tags["squall.overrides"].split()[-1]):
               r for r in points.values()}
-    assert status[(1, "scale.batch=1")].info.status == "FINISHED"
-    assert status[(2, "scale.batch=1")].info.status == "FINISHED"
-    for gpus in (1, 2):
-        crashed = status[(gpus, "scale.batch=64")]
-        assert crashed.info.status == "FAILED"
-        assert "training windows give no batch of 64" in crashed.data.tags[FAILURE_TAG]
+    good = status[(2, "scale.batch=1")]
+    assert good.info.status == "FINISHED" and FAILURE_TAG not in good.data.tags
+    assert good.data.tags["slurm.state"] == "COMPLETED"
+    crashed = status[(2, "scale.batch=64")]
+    assert crashed.info.status == "FAILED"
+    assert "training windows give no batch of 64" in crashed.data.tags[FAILURE_TAG]
     for batch in (1, 64):
         refused = status[(3, f"scale.batch={batch}")]
         assert refused.info.status == "FAILED"
         assert "parallel.gpus=3 does not split evenly" in refused.data.tags[FAILURE_TAG]
-    assert "4 of 6 point(s) failed" in done.stdout
-    # The good points ran as Slurm jobs: their rank 0 saw Slurm's variables.
-    good = status[(2, "scale.batch=1")]
+    assert "3 of 4 point(s) failed" in done.stdout
+    # The good point ran as a Slurm job: its rank 0 saw Slurm's variables.
     assert good.data.metrics["throughput/samples_per_s"] > 0
     assert good.data.params["point.global_batch"] == "2"
+    # Slurm's accounting tells the truth: the crash is FAILED with a non-zero exit code.
+    jobs = submitted_jobs(done.stdout)
+    assert sorted(jobs) == [0, 1]
+    (ok,), (failed,) = sacct(jobs[0]), sacct(jobs[1])
+    assert ok[:2] == ("COMPLETED", "0:0")
+    assert failed[0] == "FAILED" and failed[1] != "0:0"
+    # Whole nodes per point: the two jobs on the one node did not overlap in time.
+    assert ok[4] <= failed[3] or failed[4] <= ok[3], (ok, failed)
 
 
 def test_partition_compare_runs_model_parallel_points(tmp_path):

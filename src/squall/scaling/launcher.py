@@ -19,8 +19,13 @@ checkpoints and hands over to submitit (:mod:`squall.scaling.point`), which requ
 
 from __future__ import annotations
 
+import json
 import logging
-from collections import defaultdict
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +34,32 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
 from squall.errors import SquallError
+from squall.progress import Progress
+from squall.scaling import slurm
 from squall.scaling.plan import PointPlan, plan_point
-from squall.scaling.sweep import ensure_sweep, plan_point_run, record_failure
+from squall.scaling.sweep import (
+    NODELIST_TAG,
+    SLURM_STATE_TAG,
+    SweepState,
+    abort_sweep,
+    ensure_sweep,
+    plan_point_run,
+    record_end,
+    record_failure,
+)
 
 log = logging.getLogger(__name__)
 
 #: Lines of a failed job's stderr quoted in its failure reason.
 STDERR_LINES = 3
+#: Seconds between two looks at the sweep's jobs (one squeue and one sacct call for all of
+#: them): a pending reason shows within seconds, and the controller sees 12 queries a minute.
+POLL_S = 5.0
+#: A job neither squeue nor sacct knows this long after its submission is taken as lost
+#: (accounting lags behind sbatch by a second or two; MinJobAge is 300 s by default).
+LOST_AFTER_S = 120.0
+#: Launcher keys that are not per-point resources (submitit's folder and init-only settings).
+NOT_PER_POINT = {"_target_", "submitit_folder", "max_num_timeout"}
 
 
 def failed_point(reason: str) -> dict[str, str]:
@@ -88,12 +112,39 @@ class ShapedSweepLauncher(BaseSubmititLauncher):
         return render_script(self._executor(self._shape_params(plan, uses_gpus), name,
                                             render_only=True))
 
-    def _failed_return(self, overrides: list[str], idx: int, reason: str) -> JobReturn:
+    def _failed_return(self, overrides: list[str], idx: int, reason: str,
+                       status: str = "failed") -> JobReturn:
         ret = JobReturn(overrides=overrides, working_dir=str(Path(str(self.config.hydra.sweep.dir))
                                                              / str(idx)),
                         task_name=str(self.config.hydra.job.name), status=JobStatus.COMPLETED)
-        ret.return_value = failed_point(reason)
+        ret.return_value = failed_point(reason) | {"status": status}
         return ret
+
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        """Run one point in its job. A point that raised makes the job fail (non-zero exit, Slurm
+        state FAILED) instead of returning Hydra's FAILED JobReturn, which submitit would record
+        as a success; its reason is on its run already."""
+        try:  # a result left by an earlier attempt of this (requeued) job is not this one's
+            import submitit
+
+            submitit.JobEnvironment().paths.result_pickle.unlink(missing_ok=True)
+        except Exception:  # noqa: S110 - outside a submitit job there is nothing to forget
+            pass
+        ret = super().__call__(*args, **kwargs)
+        if ret.status == JobStatus.FAILED and isinstance(ret._return_value, BaseException):
+            raise ret._return_value
+        return ret
+
+    def _point_launcher_params(self, point_cfg) -> dict[str, Any]:
+        """Launcher settings this point has of its own: a swept key the launcher config refers
+        to (``cluster.partition``, ``cluster.time_min``, ``hydra.launcher.gres``, ...)."""
+        if self._EXECUTOR != "slurm" or "hydra" not in point_cfg:
+            return {}
+        from omegaconf import OmegaConf
+
+        own = OmegaConf.to_container(point_cfg.hydra.launcher, resolve=True)
+        return {k: v for k, v in own.items()
+                if k not in NOT_PER_POINT and self.params.get(k) != v}
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:  # noqa: D102
         assert self.config is not None and self.hydra_context is not None
@@ -102,7 +153,8 @@ class ShapedSweepLauncher(BaseSubmititLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info("Submitit '%s' sweep output dir : %s", self._EXECUTOR, sweep_dir)
         results: list[JobReturn | None] = [None] * len(job_overrides)
-        groups: dict[tuple, list[tuple]] = defaultdict(list)
+        groups: dict[str, list[_Point]] = {}
+        shapes: dict[str, dict[str, Any]] = {}
         for pos, overrides in enumerate(job_overrides):
             idx, overrides = initial_job_idx + pos, list(overrides)
             shown = " ".join(filter_overrides(overrides))
@@ -123,44 +175,288 @@ class ShapedSweepLauncher(BaseSubmititLauncher):
             log.info("\t#%d : %s (%s, %d node(s) x %d)", idx, shown, plan.layout, plan.nodes,
                      plan.tasks_per_node)
             shape = self._shape_params(plan, str(point_cfg.cluster.get("device")) == "cuda")
-            groups[tuple(sorted(shape.items()))].append(
-                (pos, idx, overrides, run_id, f"{self.config.hydra.job.name}-{plan.gpus}g"))
+            shape.update(self._point_launcher_params(point_cfg))
+            key = json.dumps(shape, sort_keys=True, default=str)
+            shapes[key] = shape
+            groups.setdefault(key, []).append(
+                _Point(pos, idx, overrides, run_id, f"{self.config.hydra.job.name}-{plan.gpus}g"))
 
-        # One point at a time where points share the machine (timings must not overlap); on a
-        # cluster each point has its own nodes: every shape goes out at once, one array each.
-        pending = []
-        for shape, members in groups.items():
-            executor = self._executor(dict(shape), members[0][4])
-            for chunk in [[m] for m in members] if self.serial_points else [members]:
-                args = [(m[2], "hydra.sweep.dir", m[1], f"job_id_for_{m[1]}",
-                         Singleton.get_state()) for m in chunk]
-                jobs = executor.map_array(self, *zip(*args, strict=True))
-                pending.extend(zip(chunk, jobs, strict=True))
-                if self.serial_points:
-                    for member, job in pending:
-                        results[member[0]] = self._collect(state, member, job)
-                    pending.clear()
-        for member, job in pending:
-            results[member[0]] = self._collect(state, member, job)
+        submitted: list[_Point] = []
+        try:
+            with _sigterm_aborts():
+                self._submit(state, groups, shapes, submitted, results)
+                if not self.serial_points:
+                    self._wait(state, submitted, results)
+        except BaseException as err:
+            self._abort(state, submitted, results, err)
+            raise
         return results  # type: ignore[return-value]
 
-    def _collect(self, state, member: tuple, job) -> JobReturn:
-        """Rank 0's JobReturn of a finished point; a failure recorded and turned into a value."""
-        _, idx, overrides, run_id, _ = member
+    def _shared_nodes(self) -> bool:
+        """Whether points may land on one node together (``cluster.exclusive=false``)."""
+        from squall.scaling.batch import batch_settings, cluster_config
+
+        return not batch_settings(cluster_config(self.config), self._EXECUTOR).exclusive
+
+    def _submit(self, state: SweepState, groups: dict[str, list[_Point]],
+                shapes: dict[str, dict[str, Any]], submitted: list[_Point],
+                results: list) -> None:
+        """Submit every shape's points as one array (one job at a time on the local machine).
+
+        On a cluster with whole nodes per point every shape goes out at once. Without
+        (``cluster.exclusive=false``) points could be timed side by side on one node, so every
+        job of the sweep gets one name and ``--dependency=singleton``: Slurm runs one at a time.
+        A shape Slurm refuses (``sbatch: error: ...``) fails its points with that reason.
+        """
+        serialise = self._EXECUTOR == "slurm" and self._shared_nodes()
+        for key, members in groups.items():
+            shape = dict(shapes[key])
+            name = members[0].name
+            if serialise:
+                name = f"{self.config.hydra.job.name}-{Path(state.sweep_dir).name}"
+                extra = dict(shape.get("additional_parameters")
+                             or self.params.get("additional_parameters") or {})
+                shape["additional_parameters"] = {**extra, "dependency": "singleton"}
+            executor = self._executor(shape, name)
+            for chunk in [[m] for m in members] if self.serial_points else [members]:
+                args = [(m.overrides, "hydra.sweep.dir", m.idx, f"job_id_for_{m.idx}",
+                         Singleton.get_state()) for m in chunk]
+                try:
+                    jobs = executor.map_array(self, *zip(*args, strict=True))
+                except Exception as err:  # sbatch refused: invalid gres, memory over the limit
+                    reason = f"submission refused: {_refusal(err)}"
+                    for m in chunk:
+                        log.error("point #%d not submitted: %s", m.idx, reason)
+                        record_end(state, m.run_id, "FAILED", reason,
+                                   {SLURM_STATE_TAG: "REFUSED"})
+                        results[m.pos] = self._failed_return(m.overrides, m.idx, reason)
+                    continue
+                for m, job in zip(chunk, jobs, strict=True):
+                    m.job, m.job_id, m.submitted_at = job, str(job.job_id), time.monotonic()
+                    submitted.append(m)
+                    log.info("point #%d submitted as job %s", m.idx, m.job_id)
+                if self.serial_points:
+                    for m in chunk:
+                        results[m.pos] = self._collect(state, m)
+                        m.done = True
+
+    def _wait(self, state: SweepState, points: list[_Point], results: list) -> None:
+        """Follow the sweep's jobs in Slurm until every one has ended; collect each as it ends.
+
+        A live line counts points done, running and pending (with Slurm's reasons). A point
+        pending for a reason that waiting cannot clear is reported at once and cancelled after
+        ``scale.pending_limit_s``. Requeued jobs are waited for: only Slurm's end counts.
+        """
+        limit = self.config.scale.get("pending_limit_s") if "scale" in self.config else None
+        limit = None if limit is None else float(limit)
+        left = {p.job_id: p for p in points}
+        total = len(results)
+        bar = Progress(total, "sweep", unit="point")
+        bar.update(total - len(left))
+        last = ""
         try:
-            ret = job.results()[0]
-        except Exception as err:  # killed, out of memory, out of time: no result pickle
-            tail = _stderr_tail(job)
-            reason = (f"job {job.job_id} ended {job.state} without a result"
-                      + (f": {tail}" if tail else f" ({type(err).__name__})"))
-            record_failure(state, run_id, reason)
-            log.error("point #%d failed: %s", idx, reason)
-            return self._failed_return(overrides, idx, reason)
+            while left:
+                try:
+                    seen = slurm.query_jobs(list(left))
+                except slurm.SlurmUnavailable as err:
+                    log.warning("cannot ask Slurm about the sweep's jobs: %s", err)
+                    seen = {}
+                now = time.monotonic()
+                counts: Counter = Counter()
+                reasons: Counter = Counter()
+                ended = 0
+                for job_id, p in list(left.items()):
+                    info = seen.get(job_id)
+                    if info is None:
+                        if now - p.submitted_at < LOST_AFTER_S:
+                            continue
+                        info = slurm.JobInfo(state="UNKNOWN", active=False,
+                                             reason="Slurm does not know the job any more")
+                    if info.active:
+                        counts[info.state] += 1
+                        if info.state == "PENDING":
+                            reasons[info.reason.split(",")[0]] += 1
+                            self._check_pending(p, info, now, limit)
+                        continue
+                    del left[job_id]
+                    results[p.pos] = self._finish(state, p, info)
+                    p.done = True
+                    ended += 1
+                running = sum(n for st, n in counts.items() if st != "PENDING")
+                why = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
+                line = (f"{total - len(left)}/{total} done, {running} running, "
+                        f"{counts['PENDING']} pending" + (f" ({why})" if why else ""))
+                bar.set_postfix(line.split(", ", 1)[1])
+                bar.update(ended)
+                if line != last:  # every change on its own line, as it happens
+                    log.info("sweep: %s", line)
+                    last = line
+                if left:
+                    time.sleep(POLL_S)
+        finally:
+            bar.close()
+
+    def _check_pending(self, p: _Point, info: slurm.JobInfo, now: float,
+                       limit: float | None) -> None:
+        """Report a pending reason waiting cannot clear; cancel the job past ``limit``."""
+        reason = info.reason.split(",")[0]
+        if reason not in slurm.UNSCHEDULABLE:
+            p.unschedulable_since = None
+            return
+        if p.unschedulable_since is None:
+            p.unschedulable_since = now
+            log.warning("point #%d (job %s) cannot be scheduled: PENDING (%s)%s", p.idx,
+                        p.job_id, info.reason,
+                        f"; cancelled after scale.pending_limit_s={limit:g}" if limit is not None
+                        else "; waiting (scale.pending_limit_s=null)")
+        if limit is not None and now - p.unschedulable_since >= limit and not p.cancelled_by_us:
+            p.cancelled_by_us = (f"unschedulable: pending {now - p.unschedulable_since:.0f} s "
+                                 f"with reason {info.reason}; cancelled by the sweep after "
+                                 f"scale.pending_limit_s={limit:g}")
+            log.error("point #%d (job %s): %s", p.idx, p.job_id, p.cancelled_by_us)
+            slurm.cancel([p.job_id])
+
+    def _finish(self, state: SweepState, p: _Point, info: slurm.JobInfo) -> JobReturn:
+        """The point's JobReturn once Slurm shows its job ended; its truth on its run."""
+        attempts = slurm.job_attempts(p.job_id)
+        tags = {SLURM_STATE_TAG: info.state, "slurm.job_id": p.job_id,
+                "slurm.exit_code": info.exit_code or "-", "slurm.attempts": len(attempts)}
+        if info.nodes and info.nodes not in ("None", "None assigned"):
+            tags[NODELIST_TAG] = info.nodes
+        for n, a in enumerate(attempts, 1):
+            tags.update({f"attempt.{n}.slurm_state": a["state"], f"attempt.{n}.slurm_nodes":
+                         a["nodes"], f"attempt.{n}.slurm_start": a["start"],
+                         f"attempt.{n}.slurm_end": a["end"]})
+        outcome, value = _result(p.job)
+        if info.state == "COMPLETED" and outcome == "success":
+            record_end(state, p.run_id, "FINISHED", tags=tags)
+            log.info("point #%d (job %s) COMPLETED on %s", p.idx, p.job_id, info.nodes)
+            return value
+        if info.state == "CANCELLED":
+            reason = p.cancelled_by_us or f"cancelled in Slurm (job {p.job_id} CANCELLED)"
+            status = "FAILED" if p.cancelled_by_us else "KILLED"
+        else:
+            detail = (value if outcome == "error" else "") or _stderr_tail(p.job)
+            reason = (f"job {p.job_id} ended {info.state} (exit {info.exit_code or '?'})"
+                      + (f": {detail}" if detail else ""))
+            status = "FAILED"
+        record_end(state, p.run_id, status, reason, tags)
+        log.error("point #%d %s: %s", p.idx, "cancelled" if status == "KILLED" else "failed",
+                  reason)
+        return self._failed_return(p.overrides, p.idx, reason,
+                                   "cancelled" if status == "KILLED" else "failed")
+
+    def _abort(self, state: SweepState, submitted: list[_Point], results: list,
+               err: BaseException) -> None:
+        """The driver stops early: cancel every job it submitted that has not ended, mark
+        their runs and the sweep's parent run KILLED."""
+        why = f"sweep aborted ({type(err).__name__}{': ' + str(err) if str(err) else ''})"
+        open_points = [p for p in submitted if not p.done]
+        if self._EXECUTOR == "slurm":
+            slurm.cancel([p.job_id for p in open_points])
+        else:
+            for p in open_points:
+                try:
+                    p.job.cancel(check=False)
+                except Exception:  # noqa: S110 - it may have ended in between
+                    pass
+        log.error("%s: cancelled %d job(s): %s", why, len(open_points),
+                  " ".join(p.job_id for p in open_points) or "-")
+        for p in open_points:
+            record_end(state, p.run_id, "KILLED", why)
+        abort_sweep(state, why)
+
+    def _collect(self, state, p: _Point) -> JobReturn:
+        """Rank 0's JobReturn of a finished local point; a failure recorded, turned into a value."""
+        try:
+            ret = p.job.results()[0]
+        except Exception as err:  # raised, killed, out of memory: no result, or an error
+            traceback = _traceback_reason(str(err))
+            tail = traceback or _stderr_tail(p.job)
+            reason = (f"job {p.job_id} ended {p.job.state}"
+                      + (f": {tail}" if tail else f" without a result ({type(err).__name__})"))
+            record_failure(state, p.run_id, reason)
+            log.error("point #%d failed: %s", p.idx, reason)
+            return self._failed_return(p.overrides, p.idx, reason)
         if ret.status == JobStatus.FAILED:
             from squall.scaling.point import one_line
 
             reason = one_line(ret._return_value)
-            record_failure(state, run_id, reason)
-            log.error("point #%d failed: %s", idx, reason)
+            record_failure(state, p.run_id, reason)
+            log.error("point #%d failed: %s", p.idx, reason)
             ret.status, ret.return_value = JobStatus.COMPLETED, failed_point(reason)
+        else:
+            record_end(state, p.run_id, "FINISHED")
         return ret
+
+
+@dataclass
+class _Point:
+    """One launched point while the sweep follows it."""
+
+    pos: int
+    idx: int
+    overrides: list[str]
+    run_id: str | None
+    name: str
+    job: Any = None
+    job_id: str = ""
+    submitted_at: float = 0.0
+    unschedulable_since: float | None = None
+    cancelled_by_us: str = ""
+    done: bool = False
+
+
+class SweepAborted(KeyboardInterrupt):
+    """The sweep driver got SIGTERM (e.g. its own job was cancelled)."""
+
+
+class _sigterm_aborts:  # noqa: N801 - used as a context manager
+    """While submitting and waiting, SIGTERM stops the driver like Ctrl-C (its jobs are then
+    cancelled); the previous handler is restored afterwards."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, _frame):
+        raise SweepAborted(f"signal {signal.Signals(signum).name}")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _refusal(err: BaseException) -> str:
+    """sbatch's own error line(s) from a failed submission."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() and "sbatch" in ln.lower()]
+    return " | ".join(errors or lines[-1:]) or type(err).__name__
+
+
+def _traceback_reason(text: str) -> str:
+    """``Type: message`` of the exception a point's traceback ends with ('' if none)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if head and head.replace(".", "").replace("_", "").isalnum() and head[0].isupper() \
+                and ":" in ln:
+            return ln
+    return ""
+
+
+def _result(job) -> tuple[str, Any]:
+    """Rank 0's result file of an ended job: ``("success", JobReturn)``, ``("error", reason)``
+    or ``("missing", None)``; read only once Slurm shows the job ended."""
+    from submitit.core.utils import pickle_load
+
+    try:
+        outcome, value = pickle_load(job.paths.result_pickle)
+    except Exception:  # never written (killed, cancelled, requeue pending) or unreadable
+        return "missing", None
+    if outcome == "error":
+        return "error", _traceback_reason(str(value))
+    return outcome, value

@@ -92,7 +92,7 @@ def attempt_from_env(env: dict | None = None) -> dict[str, str]:
 
 #: Causes of a stop, see the module docstring.
 WARNING, REQUEUED, PREEMPTED, CANCELLED, TIMEOUT, UNKNOWN = (
-    "time-limit warning", "requeued by Slurm", "preempted", "cancelled", "time limit", "unknown")
+    "time-limit warning", "requeued by Slurm", "preempted", "cancelled", "time limit", "stopped")
 #: Accounting learns a cancel within a second (measured on the local Slurm: "CANCELLED by 0"
 #: was visible to sacct in the job's own SIGTERM handler); a few tries cover a loaded slurmdbd
 #: and stay far inside KillWait (30 s by default).
@@ -121,10 +121,10 @@ def stop_cause(signum: int, env: dict | None = None) -> str:
             fields = dict(f.split("=", 1) for f in shown.split() if "=" in f)
             if int(fields.get("Restarts", "0")) > int(env.get("SLURM_RESTART_COUNT") or 0):
                 return REQUEUED
-            rows = _run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"]).stdout.split()
+            rows = _run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"]).stdout.splitlines()
         except (SlurmUnavailable, ValueError):
             rows = []
-        state = rows[-1] if rows else ""
+        state = rows[-1].strip() if rows else ""  # e.g. "CANCELLED by 1000"
         for prefix, cause in (("CANCELLED", CANCELLED), ("PREEMPTED", PREEMPTED),
                               ("TIMEOUT", TIMEOUT), ("REQUEUE", REQUEUED)):
             if state.startswith(prefix):
