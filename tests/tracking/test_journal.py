@@ -50,6 +50,7 @@ def test_failure_tag_set_by_failed_attempt_is_gone_when_the_run_finishes(store_d
     assert find_journals(store_dir / "journal") == []
 
 
+@pytest.mark.slow
 def test_replay_after_a_lost_acknowledgement_sends_nothing_twice(store_dir):
     uri = local_store_uri(store_dir)
     client = MlflowClient(tracking_uri=uri)
