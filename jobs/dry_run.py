@@ -3,7 +3,7 @@ then per-rank memory and communication estimates (nothing runs on a GPU).
 
     python -m jobs.dry_run --config-name scale graph=o320_l7 model=o96 \\
         parallel.gpus=8 parallel.model_parallel=4
-    python -m jobs.dry_run graph=o96_l6 model=o96 +parallel.model_parallel=2
+    python -m jobs.dry_run graph=o96_l6 model=o96 parallel.model_parallel=2
 
 World size: ``parallel.gpus`` when set (the scaling job's key), else ``parallel.model_parallel``.
 Batch per model group: ``training.batch_size``. Degree errors print every number.
@@ -11,26 +11,24 @@ Batch per model group: ``training.batch_size``. Degree errors print every number
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from jobs._entry import user_errors
+from jobs._entry import hydra_job
 from squall.graphs import load_or_build
 from squall.models.forecaster import ModelConfig
 from squall.parallel.estimate import estimate, format_estimate
 from squall.parallel.parallelize import ParallelConfig
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-@user_errors
+@hydra_job()
 def main(cfg: DictConfig) -> None:
-    pcfg = ParallelConfig.from_cfg(cfg.get("parallel"))
-    world = int((cfg.get("parallel") or {}).get("gpus") or pcfg.model_parallel)
-    batch = int(cfg.training.get("batch_size", 1))
+    pcfg = ParallelConfig.from_cfg(cfg.parallel)
+    world = cfg.parallel.gpus or pcfg.model_parallel
+    batch = cfg.training.batch_size
     graph = load_or_build(cfg.graph, cfg.paths.cache + "/graphs")
     mcfg = ModelConfig.from_cfg(cfg.model)
-    rollout = int(cfg.training.get("rollout", 1))
-    layout, ranks, params, mcfg = estimate(graph, mcfg, pcfg, world, batch, rollout=rollout)
+    layout, ranks, params, mcfg = estimate(graph, mcfg, pcfg, world, batch,
+                                           rollout=cfg.training.rollout)  # fmt: skip
     print(format_estimate(layout, ranks, params, graph, mcfg, pcfg, batch))
 
 

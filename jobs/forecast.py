@@ -3,32 +3,49 @@
     python -m jobs.forecast                                  # the run trained by jobs.train
     python -m jobs.forecast forecast.steps=40 forecast.output=/tmp/fc.zarr
 
-Use the same graph/model/data overrides as the training run. Prints a table of RMSE (normalised
-units, prognostic variables) for the model and persistence per lead time, and one JSON line.
+Use the same graph/model/data overrides as the training run: a checkpoint trained on another graph
+or model is refused in one line. Prints the checkpoint it evaluates (path, step, MLflow run), a
+table per lead time of the model's and persistence's RMSE over the prognostic variables in
+normalised units (dimensionless) and the skill, each variable's RMSE in its own units, where the
+scores went (a CSV beside the checkpoint, an MLflow run with step = lead time in hours), and one
+JSON line.
 """
 
 from __future__ import annotations
 
 import json
 
-import hydra
 from omegaconf import DictConfig
 
-from jobs._entry import user_errors
+from jobs._entry import hydra_job
 from squall.train.forecast import forecast
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'lead h':>7}{'rmse model':>12}{'rmse persist':>14}{'skill':>8}"]
+    """Scores per lead time: normalised RMSE and skill, then each variable in its own units."""
+    lines = ["RMSE over the prognostic variables, normalised units (dimensionless):",
+             f"{'lead h':>7}{'rmse model':>12}{'rmse persist':>14}{'skill':>8}"]  # fmt: skip
     for h, m, p, s in zip(result["lead_hours"], result["rmse_model"], result["rmse_persistence"],
                           result["skill"], strict=True):  # fmt: skip
         lines.append(f"{h:>7.0f}{m:>12.4f}{p:>14.4f}{s:>8.3f}")
+    names = list(result.get("rmse_by_variable", {}))
+    if names:
+        width = max(10, *(len(n) + 2 for n in names))
+        lines += ["", "RMSE of the model per variable, in the variable's own units:",
+                  f"{'lead h':>7}" + "".join(f"{n:>{width}}" for n in names)]  # fmt: skip
+        for s, h in enumerate(result["lead_hours"]):
+            lines.append(f"{h:>7.0f}" + "".join(
+                f"{result['rmse_by_variable'][n][s]:>{width}.4g}" for n in names))  # fmt: skip
     lines.append(f"{result['starts']} starts, {result['step_s_median'] * 1e3:.1f} ms per step")
+    where = [f"scores: {result['csv']}"] if result.get("csv") else []
+    if result.get("mlflow_run_id"):
+        where.append(f"MLflow run {result['mlflow_run_id']} in {result['tracking_uri']}")
+    if where:
+        lines.append("; ".join(where))
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-@user_errors
+@hydra_job()
 def main(cfg: DictConfig) -> dict:
     result = forecast(cfg)
     print(format_table(result))

@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 import time
 
-import hydra
 from omegaconf import DictConfig
 
-from jobs._entry import user_errors
+from jobs._entry import hydra_job
 from squall.graphs import load_or_build
 from squall.graphs.store import cache_path, to_plain
 
@@ -38,8 +37,7 @@ def format_table(stats: dict) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-@user_errors
+@hydra_job()
 def main(cfg: DictConfig) -> None:
     spec = to_plain(cfg.graph)
     path = cache_path(spec, cfg.paths.cache + "/graphs")

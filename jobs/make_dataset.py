@@ -15,22 +15,19 @@ import json
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from jobs._entry import setup_logging, user_errors
+from jobs._entry import hydra_job
 from squall.data.setup import synthetic_settings
 from squall.data.synthetic import generate
 from squall.data.zarr_dataset import read_info
 from squall.graphs import load_or_build
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-@user_errors
+@hydra_job()
 def main(cfg: DictConfig) -> None:
-    setup_logging()
     path = Path(str(cfg.data.path))
-    overwrite = bool((cfg.data.get("generator") or {}).get("overwrite", False))
+    overwrite = cfg.data.generator is not None and cfg.data.generator.overwrite
     start = time.perf_counter()
     if path.exists() and not overwrite:
         info = read_info(path)

@@ -18,18 +18,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from jobs._entry import user_errors
+from jobs._entry import hydra_job
 from squall.scaling.point import run_point
 from squall.scaling.sweep import STATE_FILE, SweepState, point_logger
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="scale")
-@user_errors
+@hydra_job("scale")
 def main(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN

@@ -1,8 +1,17 @@
-"""Config helpers shared by every module that accepts Hydra/OmegaConf nodes or plain mappings."""
+"""Config helpers shared by every module that accepts Hydra/OmegaConf nodes or plain mappings.
+
+The settings themselves (types, ranges, documentation) are declared in :mod:`squall.schema`.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+# Activation checkpointing of one block: keep everything for backward ("none"), recompute the
+# MLP half (its layer norm, first matrix product and GELU: the block's largest activations)
+# ("mlp"), or keep only the block's input and recompute all of it ("full"). Checked by
+# squall.schema for configs and by squall.models.forecaster.ModelConfig for any caller.
+CHECKPOINT_POLICIES = ("none", "mlp", "full")
 
 
 def to_container(cfg: Any) -> Any:

@@ -24,17 +24,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from squall.config import as_flag, to_container
+from squall.config import CHECKPOINT_POLICIES, as_flag, to_container
 from squall.errors import ConfigError
 from squall.graphs import Graph
 from squall.kernels.edge_index import EdgeIndex
 from squall.layers.graph_transformer import GraphTransformerBlock
 
 ROLES = ("encoder", "processor", "decoder")
-# Activation checkpointing of one block: keep everything for backward ("none"), recompute the
-# MLP half (its layer norm, first matrix product and GELU: the block's largest activations)
-# ("mlp"), or keep only the block's input and recompute all of it ("full").
-CHECKPOINT_POLICIES = ("none", "mlp", "full")
 
 
 def checkpoint_policy(value, what: str = "checkpoint") -> str:
@@ -85,6 +81,15 @@ class ModelConfig:
         else:
             proc = checkpoint_policy(proc, "checkpoint.processor")
         object.__setattr__(self, "checkpoint_processor", proc)
+
+    def architecture(self) -> dict:
+        """The settings that give the weights their shapes and meaning (not how they are run:
+        backend, recomputation and compile are left out)."""
+        return {
+            "num_channels": self.num_channels, "num_heads": self.num_heads,
+            "processor_layers": self.processor_layers, "mlp_ratio": self.mlp_ratio,
+            "trainable_edge_features": self.trainable_edge_features,
+        }  # fmt: skip
 
     def block_policy(self, role: str, layer: int = 0) -> str:
         """Checkpoint policy of the encoder, processor layer ``layer`` or decoder."""
@@ -166,6 +171,7 @@ class GraphForecaster(nn.Module):
     ):
         super().__init__()
         self.cfg, self.input_steps = cfg, input_steps
+        self.graph_name, self.graph_hash = graph.name, graph.spec_hash
         self.graph = GraphInputs(graph)
         c = cfg.num_channels
         node_dim = self.graph.data_attrs.shape[1]
@@ -258,6 +264,12 @@ class GraphForecaster(nn.Module):
             last = x[:, -1].index_select(-1, self.res_in).to(y.dtype)
             y = y.index_add(-1, self.res_out, last)
         return y
+
+    def identity(self) -> dict:
+        """What a checkpoint of this model was trained on: the graph (name and spec hash, see
+        :func:`squall.graphs.store.spec_hash`) and the architecture."""
+        return {"graph": {"name": self.graph_name, "spec_hash": self.graph_hash},
+                "model": self.cfg.architecture()}  # fmt: skip
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
