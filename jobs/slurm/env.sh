@@ -4,6 +4,8 @@
 #   SQUALL_VENV     the virtual environment to activate            [$SLURM_SUBMIT_DIR/.venv]
 #   SQUALL_CACHE    graphs, datasets, local MLflow store           [$SLURM_SUBMIT_DIR/.cache/squall]
 #   MLFLOW_TRACKING_URI  a tracking server reachable from the compute nodes [the local store]
+# Every wrapper works in outputs/<job>/$SLURM_JOB_ID: a requeued job (same id) finds its checkpoint
+# there and continues from it (jobs.train also in the same MLflow run).
 if [ -n "${SQUALL_MODULES:-}" ]; then
     module purge
     # shellcheck disable=SC2086  # a list of module names
@@ -17,6 +19,10 @@ export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 # Compute nodes may see a copy of the code without .git: record the revision submitted.
 SQUALL_GIT_SHA=${SQUALL_GIT_SHA:-$(git -C "$SLURM_SUBMIT_DIR" rev-parse HEAD 2>/dev/null || true)}
 export SQUALL_GIT_SHA
+# The log is opened in append mode (#SBATCH --open-mode=append): each start of the job (a requeue
+# after preemption or the time limit) adds to it under this line.
+echo "squall: job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)) on $(hostname -s)" \
+    "at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
 # run_requeueable CMD...: run CMD (an srun) in the background; when Slurm's warning signal reaches
 # this batch shell (#SBATCH --signal=B:USR1@...), pass it to the tasks (srun forwards USR1), let

@@ -163,6 +163,11 @@ def test_hand_wrappers_parse(script):
         tasks = next(ln for ln in text.splitlines() if ln.startswith("#SBATCH --ntasks-per-node"))
         gpus = next(ln for ln in text.splitlines() if ln.startswith("#SBATCH --gpus-per-node"))
         assert tasks.split("=")[1] == gpus.split("=")[1]  # one task per GPU
+        # A restart of the job (requeue) adds to its log instead of truncating it.
+        assert "#SBATCH --open-mode=append\n" in text
+        assert "--cpu-bind=cores" in text and '--cpus-per-task="${SLURM_CPUS_PER_TASK' in text
+    if script in ("scale.sbatch", "train.sbatch"):
+        assert "#SBATCH --requeue\n" in text and "run_requeueable srun" in text
 
 
 @pytest.mark.slurm

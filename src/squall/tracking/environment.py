@@ -1,4 +1,4 @@
-"""What a run ran on: versions, GPUs, host and code revision, recorded with every run."""
+"""What a run ran on: versions, GPUs, host, code revision and Slurm job, recorded with every run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,21 @@ import os
 import platform
 import socket
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+
+#: Facts of the Slurm job a process runs in: key in :func:`slurm_facts` and the variables that
+#: give it, first set wins (``SLURM_JOB_NODELIST`` is the job's, not an srun step's, node list).
+SLURM_VARIABLES = {
+    "slurm_job_id": ("SLURM_JOB_ID", "SLURM_JOBID"),
+    "slurm_array_job_id": ("SLURM_ARRAY_JOB_ID",),
+    "slurm_array_task_id": ("SLURM_ARRAY_TASK_ID",),
+    "slurm_nodelist": ("SLURM_JOB_NODELIST", "SLURM_NODELIST"),
+    "slurm_num_nodes": ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"),
+    "slurm_partition": ("SLURM_JOB_PARTITION",),
+    "slurm_cluster": ("SLURM_CLUSTER_NAME",),
+    "slurm_restart_count": ("SLURM_RESTART_COUNT",),
+}
 
 
 def git_revision(path: str | Path | None = None) -> tuple[str, bool | None]:
@@ -48,6 +62,34 @@ def git_revision(path: str | Path | None = None) -> tuple[str, bool | None]:
     return sha, dirty
 
 
+def slurm_facts(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The Slurm job this process runs in, from Slurm's variables; empty outside a job.
+
+    Parameters
+    ----------
+    environ : mapping, optional
+        Variables to read; ``os.environ`` when omitted.
+
+    Returns
+    -------
+    dict
+        Keys of :data:`SLURM_VARIABLES` that Slurm set: job id (of this array task, if one),
+        array job and task id (arrays only), compressed node list and node count, partition,
+        cluster, and the restart count (``"0"`` on the first start; Slurm sets the variable only
+        after a requeue).
+    """
+    env = os.environ if environ is None else environ
+    if not any(name in env for name in SLURM_VARIABLES["slurm_job_id"]):
+        return {}
+    facts = {}
+    for key, names in SLURM_VARIABLES.items():
+        value = next((env[n] for n in names if env.get(n)), None)
+        if value is not None:
+            facts[key] = value
+    facts.setdefault("slurm_restart_count", "0")
+    return facts
+
+
 def collect_environment() -> dict[str, str]:
     """Versions, hardware and code revision of this process, as strings for tags and params.
 
@@ -56,7 +98,9 @@ def collect_environment() -> dict[str, str]:
     dict
         Keys ``python``, ``torch``, ``triton``, ``cuda``, ``nccl``, ``gpu_name``, ``gpu_count``,
         ``hostname``, ``platform``, ``git_sha``, ``git_dirty``. Components that are absent read
-        ``"none"``; ``gpu_count`` counts the GPUs visible to this process.
+        ``"none"``; ``gpu_count`` counts the GPUs visible to this process. Inside a Slurm job,
+        also the keys of :func:`slurm_facts` (job id, array ids, node list, partition, restart
+        count), so that a run names the job, and the attempt, that recorded it.
     """
     import torch
 
@@ -83,4 +127,5 @@ def collect_environment() -> dict[str, str]:
         "platform": platform.platform(),
         "git_sha": sha,
         "git_dirty": "unknown" if dirty is None else str(dirty).lower(),
+        **slurm_facts(),
     }
