@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs.report import main as report_main
-from squall.tracking import MlflowLogger, local_store_uri, sync_tree
+from squall.tracking import MlflowLogger, local_store_uri, record_run_end, sync_tree
 from squall.tracking.buffer import FAILURE_TAGS, JOURNAL, REJECTED, Journal, find_journals
 
 FAILURE_TAG = FAILURE_TAGS[0]
@@ -127,3 +127,24 @@ def test_sync_of_a_directory_without_journals(tmp_path, capsys):
         report_main(["--sync", str(tmp_path / "missing")])
     assert stop.value.code == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_end_recorded_by_a_driver_keeps_the_points_own_reason_and_clears_stale_ones(store_dir):
+    uri = local_store_uri(store_dir)
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("ends")).info.run_id
+    client.set_tag(run_id, FAILURE_TAG, "loss became nan at step 12")
+    assert record_run_end(uri, "ends", run_id, "FAILED", store_dir / "journal",
+                          reason="job 3 ended FAILED", reason_tag=FAILURE_TAG,
+                          tags={"slurm.state": "FAILED"})
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["slurm.state"] == "FAILED"
+    assert run.data.tags[FAILURE_TAG] == "loss became nan at step 12"  # the point knew better
+    # A requeued attempt that completes: the earlier reasons are stale.
+    client.set_tag(run_id, "squall.interrupted", "preempted; requeued")
+    assert record_run_end(uri, "ends", run_id, "FINISHED", store_dir / "journal",
+                          tags={"slurm.state": "COMPLETED"}, clear=FAILURE_TAGS)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["slurm.state"] == "COMPLETED"
+    assert not set(FAILURE_TAGS) & set(run.data.tags)
+    assert not (store_dir / "journal").exists()  # the store answered: nothing journaled

@@ -35,6 +35,7 @@ from squall.tracking import (
     NullLogger,
     RunLogger,
     TrackingError,
+    record_run_end,
     record_run_failure,
     start_sweep_parent,
     sync_tree,
@@ -270,36 +271,23 @@ def record_end(state: SweepState, run_id: str | None, status: str, reason: str =
     """
     if state.tracking_uri is None or run_id is None:
         return
-    try:
-        client = state.client()
-        run = client.get_run(run_id)
-        for key, value in (tags or {}).items():
-            client.set_tag(run_id, key, str(value)[:MAX_REASON])
-        if status == "FINISHED":
-            for key in (FAILURE_TAG, INTERRUPT_TAG):
-                if key in run.data.tags:
-                    client.delete_tag(run_id, key)
-        else:
-            key = INTERRUPT_TAG if status == "KILLED" else FAILURE_TAG
-            if reason and not run.data.tags.get(key):
-                client.set_tag(run_id, key, reason[:MAX_REASON])
-        if run.info.status != status:
-            client.set_terminated(run_id, status)
-    except Exception as err:  # an unreachable server must not end the sweep
-        log.warning("could not record the end of run %s (%s): %s", run_id, status,
-                    str(err).splitlines()[0] if str(err) else type(err).__name__)
+    # A store that does not answer gets it later (journal in the sweep directory): never raises.
+    finished = status == "FINISHED"
+    record_run_end(state.tracking_uri, state.experiment, run_id, status,
+                   journal_dir(state.sweep_dir), reason=reason[:MAX_REASON],
+                   reason_tag=None if finished else
+                   INTERRUPT_TAG if status == "KILLED" else FAILURE_TAG,
+                   tags={k: str(v)[:MAX_REASON] for k, v in (tags or {}).items()},
+                   clear=(FAILURE_TAG, INTERRUPT_TAG) if finished else ())
 
 
 def abort_sweep(state: SweepState, why: str) -> None:
     """Mark the sweep's parent run KILLED (the sweep stopped before its report)."""
     if state.tracking_uri is None or state.parent_run_id is None:
         return
-    try:
-        client = state.client()
-        client.set_tag(state.parent_run_id, INTERRUPT_TAG, why[:MAX_REASON])
-        client.set_terminated(state.parent_run_id, "KILLED")
-    except Exception as err:
-        log.warning("could not mark the sweep's parent run KILLED: %s", err)
+    record_run_end(state.tracking_uri, state.experiment, state.parent_run_id, "KILLED",
+                   journal_dir(state.sweep_dir), reason=why[:MAX_REASON],
+                   reason_tag=INTERRUPT_TAG)
 
 
 def point_logger(cfg, job_num: int | None, sweep_dir: str | None, run_name: str) -> RunLogger:

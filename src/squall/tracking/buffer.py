@@ -47,7 +47,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,8 +75,9 @@ REJECTED = "rejected.jsonl"
 FILES = "files"
 #: Tag that maps a run created from a journal back to it (finds a creation whose answer was lost).
 JOURNAL_TAG = "squall.journal_id"
-#: Tags that describe why a run ended badly: a run set RUNNING or FINISHED loses them.
-FAILURE_TAGS = ("squall.failure_reason",)
+#: Tags that say why a run ended badly or was stopped: a run set RUNNING again (a requeued
+#: attempt) or FINISHED loses them.
+FAILURE_TAGS = ("squall.failure_reason", "squall.interrupted")
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 #: MLflow's limits per log_batch request (mlflow.utils.validation in 3.x).
 MAX_METRICS_PER_BATCH = 1000
@@ -403,6 +404,22 @@ def apply_failure(client, run_id: str, reason: str, tag: str = FAILURE_TAGS[0]) 
         client.set_terminated(run_id, "FAILED")
 
 
+def apply_end(client, run_id: str, status: str, reason: str = "", reason_tag: str | None = None,
+              tags: dict[str, str] | None = None, clear: Sequence[str] = ()) -> None:
+    """End a run as ``status`` (what a sweep's driver learnt from Slurm): set ``tags``, delete
+    the tags in ``clear``, set ``reason`` as ``reason_tag`` unless the run has one already."""
+    run = client.get_run(run_id)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    for key in clear:
+        if key in run.data.tags:
+            _delete_tag(client, run_id, key)
+    if reason and reason_tag and not run.data.tags.get(reason_tag):
+        client.set_tag(run_id, reason_tag, reason)
+    if run.info.status != status:
+        client.set_terminated(run_id, status)
+
+
 def _delete_tag(client, run_id: str, key: str) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -463,6 +480,9 @@ def apply(journal: Journal, client, records: list[dict]) -> None:
             client.update_run(run_id, status=status, name=first.get("run_name"))
     elif op == "failure":
         apply_failure(client, run_id, first["reason"], first.get("tag", FAILURE_TAGS[0]))
+    elif op == "end":
+        apply_end(client, run_id, first["status"], first.get("reason", ""),
+                  first.get("reason_tag"), first.get("tags"), first.get("clear", ()))
     else:
         raise ValueError(f"unknown journal record {op!r}")
 

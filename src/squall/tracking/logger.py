@@ -586,31 +586,55 @@ def _artifact_location(uri: str) -> str | None:
 
 def record_run_failure(uri: str, experiment: str, run_id: str, reason: str,
                        journal_dir: str | Path, tag: str = buffer.FAILURE_TAGS[0]) -> bool:
-    """Mark a run FAILED with ``reason`` (tag ``tag``) unless it recorded a reason of its own.
+    """Mark a run FAILED with ``reason`` (tag ``tag``) unless it recorded a reason of its own;
+    a run that ended FAILED or KILLED keeps its status.
 
     Never raises for a tracking error: when the store cannot be reached, the failure is written
     to a journal under ``journal_dir`` (sent by ``python -m jobs.report --sync`` or the next
     logger there) and a warning says so. Returns whether the store has it now.
     """
+    return _now_or_later(uri, experiment, run_id, journal_dir, f"the failure of run {run_id}",
+                         "failure", reason=reason, tag=tag)
+
+
+def record_run_end(uri: str, experiment: str, run_id: str, status: str,
+                   journal_dir: str | Path, reason: str = "", reason_tag: str | None = None,
+                   tags: Mapping[str, Any] | None = None, clear: tuple[str, ...] = ()) -> bool:
+    """End a run as ``status``, setting ``tags``, deleting the tags in ``clear`` and setting
+    ``reason`` as ``reason_tag`` unless the run has one (:func:`buffer.apply_end`).
+
+    Never raises for a tracking error; like :func:`record_run_failure`, what the store cannot
+    take now is journaled under ``journal_dir``. Returns whether the store has it now.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r} not one of {STATUSES}")
+    return _now_or_later(uri, experiment, run_id, journal_dir, f"the end of run {run_id}",
+                         "end", status=status, reason=reason, reason_tag=reason_tag,
+                         tags={k: str(v) for k, v in (tags or {}).items()}, clear=list(clear))
+
+
+def _now_or_later(uri: str, experiment: str, run_id: str, journal_dir: str | Path, what: str,
+                  op: str, **fields: Any) -> bool:
+    """Apply one journal record to the store now, or journal it when the store is down."""
     from mlflow.tracking import MlflowClient
 
+    send = {"failure": buffer.apply_failure, "end": buffer.apply_end}[op]
     try:
-        buffer.apply_failure(MlflowClient(tracking_uri=uri), run_id, reason, tag)
+        send(MlflowClient(tracking_uri=uri), run_id, **fields)
         return True
     except Exception as err:  # the caller (a sweep's driver) must go on
         if not buffer.is_transient(err):
-            log.warning("could not mark run %s failed in %s: %s", run_id, uri,
-                        buffer.describe(err))
+            log.warning("could not record %s in %s: %s", what, uri, buffer.describe(err))
             return False
         try:
             journal = buffer.Journal.create(journal_dir, uri, experiment, run_id)
-            journal.append("failure", reason=reason, tag=tag)
+            journal.append(op, **fields)
             journal.unlock()
             kept = f"kept in {journal.dir} (`python -m jobs.report --sync {journal_dir}`)"
         except OSError as disk:
             kept = f"and could not be kept: {disk}"
-        log.warning("tracking store %s unavailable (%s): the failure of run %s is %s", uri,
-                    buffer.describe(err), run_id, kept)
+        log.warning("tracking store %s unavailable (%s): %s is %s", uri, buffer.describe(err),
+                    what, kept)
         return False
 
 
