@@ -114,10 +114,15 @@ def test_a_half_written_last_line_is_cut_and_the_journal_goes_on(store_dir):
     reopened = Journal.open(journal.dir)
     assert reopened.count_pending() == 1
     reopened.append("metrics", metrics=[["loss/train", 0.5, 2000, 1]])
+    with open(journal.dir / JOURNAL, "ab") as f:  # a line damaged on disk
+        f.write(b"\x00\x00garbage\n")
+    reopened.append("metrics", metrics=[["loss/train", 0.25, 3000, 2]])
     reopened.unlock()
     assert report_main(["--sync", str(store_dir)]) == 0
     history = client.get_metric_history(run_id, "loss/train")
-    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5)]
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.25)]
+    (kept,) = reopened.rejected_path.read_text().splitlines()  # the damaged line, set aside
+    assert "garbage" in json.loads(kept)["record"]["line"]
 
 
 def test_sync_of_a_directory_without_journals(tmp_path, capsys):

@@ -265,7 +265,11 @@ class Journal:
                 if not line.endswith(b"\n"):  # still being written
                     break
                 offset += len(line)
-                out.append((offset, json.loads(line)))
+                try:
+                    record = json.loads(line)
+                except ValueError:  # damaged on disk: refused like any record the store refuses
+                    record = {"op": "unreadable", "line": line.decode(errors="replace")}
+                out.append((offset, record))
                 if len(out) >= limit:
                     break
         return out
