@@ -153,3 +153,26 @@ def test_end_recorded_by_a_driver_keeps_the_points_own_reason_and_clears_stale_o
     assert run.info.status == "FINISHED" and run.data.tags["slurm.state"] == "COMPLETED"
     assert not set(FAILURE_TAGS) & set(run.data.tags)
     assert not (store_dir / "journal").exists()  # the store answered: nothing journaled
+
+
+def test_a_continued_run_sends_what_its_earlier_attempt_left_first(store_dir):
+    uri = local_store_uri(store_dir)
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("continued")).info.run_id
+    # What an attempt killed during an outage leaves: steps 0-4 and its KILLED status, unsent.
+    left = Journal.create(store_dir / "journal", uri, "continued", run_id)
+    for step in range(5):
+        left.append("metrics", metrics=[["loss/train", float(step), 1000 + step, step]])
+    left.append("status", status="KILLED")
+    left.unlock()
+
+    run = MlflowLogger(store_dir=store_dir, experiment="continued", run_id=run_id,
+                       log_environment=False, journal_dir=store_dir / "journal")
+    assert run.journal.dir == left.dir  # the same journal, appended to
+    for step in range(5, 10):
+        run.log_metrics({"loss/train": float(step)}, step=step)
+    run.finish("FINISHED")
+    history = client.get_metric_history(run_id, "loss/train")
+    assert [(m.step, m.value) for m in history] == [(s, float(s)) for s in range(10)]
+    assert client.get_run(run_id).info.status == "FINISHED"  # the last word is the last attempt's
+    assert find_journals(store_dir / "journal") == []
