@@ -9,9 +9,9 @@ answer, one warning line says so and where the run is logged instead (the embedd
 the run goes on. A run that exists already (``run_id``: planned by a sweep, or continued after a
 requeue) stays on its server and waits for it in its journal (see :class:`MlflowLogger`).
 
-Nothing is sent from the caller's thread: every call goes to a durable journal on local disk,
-sent in order by a background thread (:mod:`squall.tracking.buffer`), so an outage of the store
-mid-run costs a warning, never a step, a run or the job.
+Once the run is opened, nothing is sent from the caller's thread: every call goes to a durable
+journal on local disk, sent in order by a background thread (:mod:`squall.tracking.buffer`), so
+an outage of the store mid-run costs a warning, never a step, a run or the job.
 
 A sweep groups its runs two ways: every run carries the tag ``sweep_id``, and a parent run
 (:func:`start_sweep_parent`, created before the points are launched) becomes each point's
