@@ -40,6 +40,7 @@ from omegaconf import DictConfig
 
 from jobs._entry import hydra_job
 from squall.parallel.env import destroy_distributed, dist_env, init_distributed
+from squall.train.loop import VALIDATION_METRICS
 from squall.train.runner import end_attempt, open_tracking_run, train
 from squall.train.signals import STOPPED_EXIT_CODE, Stopped, StopSignals, signal_name
 
@@ -110,7 +111,9 @@ def run(cfg: DictConfig, stop: StopSignals):
                 for k, v in summary.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
-            logger.log_metrics(final, summary["step"])
+            # Validation metrics were logged at the step they were measured.
+            logger.log_metrics({k: v for k, v in final.items() if k not in VALIDATION_METRICS},
+                               summary["step"])  # fmt: skip
             if losses and env.rank == 0:
                 log.info("loss %.4g -> %.4g over %d steps", losses[0], losses[-1], len(losses))
             if stopped_by is not None:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 LOSS_VAL_PROGNOSTIC = "loss/val_prognostic"
 LOSS_VAL_PERSISTENCE = "loss/val_persistence"  # prognostic variables, repeating the last state
 SKILL_VS_PERSISTENCE = "skill/val_vs_persistence"  # 1 - loss/val_prognostic / loss/val_persistence
+#: What :meth:`Trainer.validate` returns, logged at the step it ran (the summary repeats the last).
+VALIDATION_METRICS = (M.LOSS_VAL, LOSS_VAL_PROGNOSTIC, LOSS_VAL_PERSISTENCE, SKILL_VS_PERSISTENCE)
 
 
 @dataclass(frozen=True)
