@@ -548,8 +548,9 @@ class ScaleSchema(Schema):
 
 @dataclass
 class ClusterSchema(Schema):
-    """Where scaling points run (``conf/cluster/*.yaml``). Keys not declared here (batch
-    script settings read by ``squall.scaling.batch``) are left to their readers.
+    """Where scaling points run (``conf/cluster/*.yaml``). Keys are checked where present: a
+    cluster leaves out what does not apply to it (``squall.scaling.batch`` reads the batch
+    script keys and their defaults); keys not declared here are left to their readers.
 
     Attributes
     ----------
@@ -579,6 +580,14 @@ class ClusterSchema(Schema):
         ``gloo`` or ``nccl``.
     setup : list of str or None
         Shell lines the batch script runs before ``srun``.
+    python : str or None
+        Interpreter of the compute nodes (null on ``local``: the one running ``jobs.scale``).
+    exclusive : bool or None
+        Whole nodes per point (Slurm ``--exclusive``); false: points queue one after another.
+    env : dict or None
+        Environment variables set for every rank (``NCCL_*``, ``MASTER_PORT``, ...).
+    srun_args : list of str or None
+        Further ``srun`` options of the site, e.g. ``['--mpi=pmix']``.
     """
 
     name: str = MISSING
@@ -596,6 +605,10 @@ class ClusterSchema(Schema):
     device: str = setting(choices=("cpu", "cuda"))
     backend: str = setting(choices=("gloo", "nccl"))
     setup: list[str] | None = None
+    python: str | None = None
+    exclusive: bool | None = None
+    env: dict[str, Any] | None = None
+    srun_args: list[str] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
