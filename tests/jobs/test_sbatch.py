@@ -170,6 +170,7 @@ def test_hand_wrappers_parse(script):
         assert "#SBATCH --requeue\n" in text and "run_requeueable srun" in text
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_scale_wrapper_runs_a_point_on_local_slurm(local_slurm, tmp_path):
     # The wrapper as a user submits it, on CPU: two tasks, no GPU, the tiny problem.
