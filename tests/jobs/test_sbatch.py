@@ -131,6 +131,9 @@ def test_cluster_keys_change_the_script(submit_host):
     srun = next(ln for ln in text.splitlines() if ln.startswith("srun "))
     assert " python3 -u -m submitit.core._submit " in srun
     assert srun.index("--kill-on-bad-exit=1") < srun.index("--mpi=pmix") < srun.index(" python3 ")
+    # A site that must not requeue says so in the launcher config.
+    text = render("h200", 8, "+hydra.launcher.additional_parameters.requeue=false")
+    assert "#SBATCH --no-requeue\n" in text and "#SBATCH --requeue" not in text
 
 
 @pytest.mark.parametrize("override, message", [

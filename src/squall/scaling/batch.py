@@ -175,7 +175,9 @@ def slurm_parameters(params: Mapping[str, Any], shape: Mapping[str, Any], name: 
         else:
             out[_SLURM_NAMES.get(key, key)] = value
     extra = dict(out.get("additional_parameters") or {})
-    extra.setdefault("requeue", True)
+    # Requeue unless the launcher config says otherwise (additional_parameters.requeue=false).
+    requeue = as_flag(extra.pop("requeue", True), "hydra.launcher.additional_parameters.requeue")
+    extra["requeue" if requeue else "no_requeue"] = True
     out["additional_parameters"] = extra
     if settings.exclusive:
         out["exclusive"] = True
