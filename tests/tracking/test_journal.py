@@ -112,6 +112,7 @@ def test_a_half_written_last_line_is_cut_and_the_journal_goes_on(store_dir):
     with open(journal.dir / JOURNAL, "ab") as f:  # a process killed in the middle of a write
         f.write(b'{"op":"metrics","metrics":[["loss/tr')
     reopened = Journal.open(journal.dir)
+    assert reopened.lock()  # the next process to take it cuts the half line
     assert reopened.count_pending() == 1
     reopened.append("metrics", metrics=[["loss/train", 0.5, 2000, 1]])
     with open(journal.dir / JOURNAL, "ab") as f:  # a line damaged on disk

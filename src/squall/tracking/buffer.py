@@ -14,7 +14,7 @@ Layout of one journal, a directory ``<root>/<journal id>/``:
     Where the journal goes (``tracking_uri``, ``experiment``), the run it maps to (``run_id``,
     known once the run exists in the store) and how far the store has acknowledged it
     (``acked_bytes``, ``acked_records``). Rewritten atomically after each acknowledged batch.
-``files/<n>/``
+``files/<id>/``
     Copies of artifacts, taken when they were logged (the originals may be temporary).
 ``rejected.jsonl``
     Records the store refused for good (HTTP 4xx, such as a param logged twice with different
@@ -148,8 +148,6 @@ class Journal:
         self.state = state
         self._append_lock = threading.Lock()
         self._lock_file: Any = None
-        self._n_files = 0
-        self._repair()
 
     @classmethod
     def create(cls, root: str | Path, tracking_uri: str, experiment: str,
@@ -190,8 +188,6 @@ class Journal:
                 f.truncate(end)
                 f.flush()
                 os.fsync(f.fileno())
-        self._n_files = len(list((self.dir / FILES).glob("*"))) if (self.dir / FILES).exists() \
-            else 0
 
     def lock(self) -> bool:
         """Take this journal for this process (non-blocking); False if another process has it."""
@@ -207,6 +203,7 @@ class Journal:
             handle.close()
             return False
         self._lock_file = handle
+        self._repair()  # only the holder may: another process may be appending until now
         return True
 
     def unlock(self) -> None:
@@ -236,9 +233,8 @@ class Journal:
 
     def stash(self, path: Path) -> str:
         """Copy an artifact file or directory into the journal; return its path in it."""
-        with self._append_lock:
-            self._n_files += 1
-            dest = self.dir / FILES / str(self._n_files) / path.name
+        # A name of its own: copies still waiting to be sent keep theirs across processes.
+        dest = self.dir / FILES / uuid.uuid4().hex[:12] / path.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():
             shutil.copytree(path, dest)
