@@ -521,8 +521,9 @@ def send_pending(journal: Journal, client, stop: Callable[[], bool] = lambda: Fa
             except Exception as err:
                 if is_transient(err):
                     raise
-                # Refused for good: send the records one by one so only the bad one is dropped.
-                for record in records:
+                # Refused for good: send the records one by one, each acknowledged, so that only
+                # the bad one is set aside.
+                for offset, record in chunk:
                     try:
                         apply(journal, client, [record])
                     except Exception as one:
@@ -533,9 +534,9 @@ def send_pending(journal: Journal, client, stop: Callable[[], bool] = lambda: Fa
                                     "(kept in %s): %s", journal.state.tracking_uri,
                                     record["op"], journal.dir, journal.rejected_path,
                                     describe(one))
+                    journal.ack(offset, 1)
                     _after_ack(journal, [record])
-                journal.ack(chunk[-1][0], len(chunk))
-                done += len(chunk)
+                    done += 1
                 continue
             journal.ack(chunk[-1][0], len(chunk))
             _after_ack(journal, records)
