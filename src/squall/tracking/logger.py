@@ -414,12 +414,9 @@ class MlflowLogger(RunLogger):
         # leaves nothing behind; a continued run appends to its earlier unsent journal.
         self._journal = (self._earlier_journal(self._root, target, run_id)
                          if run_id is not None else None)
-        if reason is not None:
-            key = f"journal {target}"
-            if key not in _warned:
-                _warned.add(key)
-                log.warning("tracking server %s unreachable (%s); recording in %s and sending "
-                            "when it answers", target, reason, self._root)
+        if reason is not None:  # once for this run: its sender does not say it again
+            log.warning("tracking server %s unreachable (%s); recording in %s and sending when "
+                        "it answers", target, reason, self._root)
         if run_id is None and created is None:
             self._append("create", experiment=experiment, run_name=run_name, tags=all_tags,
                          artifact_location=_artifact_location(target))
