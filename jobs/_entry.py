@@ -109,6 +109,8 @@ def describe_config_error(err: BaseException) -> str:
 
     from squall import schema
 
+    if isinstance(err, SquallError):  # squall's own checks, in a Hydra callback
+        return str(err)
     cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
     key = getattr(cause, "full_key", None) if isinstance(cause, OmegaConfBaseException) else None
     if key and isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
@@ -135,7 +137,7 @@ def _is_config_error(err: BaseException) -> bool:
     from omegaconf.errors import OmegaConfBaseException
 
     kinds = (ConfigCompositionException, MissingConfigException, OverrideParseException,
-             SearchPathException, OmegaConfBaseException)  # fmt: skip
+             SearchPathException, OmegaConfBaseException, SquallError)  # fmt: skip
     return isinstance(err, kinds)
 
 

@@ -13,7 +13,7 @@ mappings: their readers (``squall.scaling``) own keys that some clusters set and
 out, so :func:`validate` checks the keys declared in :class:`ScaleSchema` and
 :class:`ClusterSchema` when present and leaves the others to their readers.
 
-Importing this module needs only omegaconf (no torch): the jobs check settings before they load
+Importing this module needs only hydra and omegaconf (no torch): the jobs check settings before they load
 anything heavy.
 """
 
@@ -26,7 +26,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from squall.config import CHECKPOINT_POLICIES
@@ -760,6 +761,37 @@ def launch_id() -> str:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: its agent is the parent
         return f"p{os.getppid()}"
     return f"p{os.getpid()}"
+
+
+class SettingsCheck(Callback):
+    """Hydra callback (``hydra.callbacks.settings`` in ``conf/config.yaml``): a sweep's settings
+    are checked once, in the driver, before any point is submitted.
+
+    Every job checks its own settings too (``jobs._entry.hydra_job``); this catches a bad
+    setting shared by all points before the sweep starts, instead of in each point. Keys the
+    sweep varies are checked per point.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import sys
+
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_config = HydraConfig.instance()
+        previous = hydra_config.cfg
+        # `${hydra:runtime.output_dir}` (a point's folder) is known per point only: a stand-in.
+        stand_in = str(config.hydra.sweep.dir)
+        job = OmegaConf.masked_copy(config, "hydra")
+        with open_dict(job):
+            job.hydra.runtime.output_dir = stand_in
+        hydra_config.set_config(job)
+        try:
+            validate(config)
+        except ConfigError as err:  # Hydra turns a callback's exception into a warning
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            hydra_config.cfg = previous
 
 
 def register() -> None:

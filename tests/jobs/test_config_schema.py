@@ -256,6 +256,18 @@ def test_every_job_stops_at_a_bad_setting_in_one_line(tmp_path, job, override, w
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["cache"])
 
 
+@pytest.mark.slow
+def test_a_sweep_stops_at_a_shared_bad_setting_before_any_point(tmp_path):
+    """A setting every point shares is checked once in the driver: one line, exit 2, no sweep
+    folder, no point submitted."""
+    done, seconds = _run_job("scale", ["--multirun", "scale.batch=0"], tmp_path,
+                             tmp_path / "cache")  # fmt: skip
+    assert _one_error_line(done) == "error: scale.batch=0: must be >= 1"
+    assert seconds < SETTLED_CPU_S
+    assert not (tmp_path / "cache" / "sweeps").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["cache"])
+
+
 def test_a_job_writes_under_the_cache_only(tmp_path):
     """jobs.graph in an empty working directory: its Hydra folder and log go to
     <cache>/jobs/graph/<date>_<time>_<launch id>/, the graph to <cache>/graphs/."""
