@@ -282,3 +282,136 @@ def test_degree_schedule_and_move():
     assert moved.kernel.dst_counts == ki.dst_counts and moved.kernel.row.device.type == "cpu"
     if os.environ.get("TRITON_INTERPRET") == "1":
         assert DEVICE == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# The "flat" design (one launch per pass): the same checks, plus skewed degrees and launch counts
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def flat_design(monkeypatch):
+    monkeypatch.setattr(gta, "KERNEL_DESIGN", "flat")
+
+
+@pytest.mark.parametrize("mode", ["materialised", "fused"])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)],
+    ids=str,
+)
+@pytest.mark.parametrize(("heads", "chans", "d_e", "max_deg", "skew"), CASES)
+def test_flat_matches_reference(flat_design, mode, dtype, heads, chans, d_e, max_deg, skew):
+    check_against_reference(mode, dtype, heads, chans, d_e, max_deg, skew)
+
+
+@pytest.mark.parametrize("mode", ["materialised", "fused"])
+@pytest.mark.parametrize("candidate", [2, 3, 4])
+def test_every_flat_candidate(flat_design, monkeypatch, mode, candidate):
+    """Edge blocks of 2, 8 and 1 (candidate 0, blocks of 4, runs in every other test)."""
+    monkeypatch.setattr(gta, "FORCE_CANDIDATE", candidate)
+    check_against_reference(mode, torch.bfloat16, 5, 12, 4, 20, 70)
+
+
+def skewed_graph(n_src: int, n_dst: int, hub_in: int, hub_out: int, gen: torch.Generator):
+    """Mostly degree 0 to 6, one destination with ``hub_in`` edges, one source (node 0) feeding
+    ``hub_out`` of all edges, a run of destinations with no edge (stretched-grid / observation
+    degree profiles)."""
+    deg = torch.randint(0, 7, (n_dst,), generator=gen)
+    deg[1] = hub_in
+    deg[-5:] = 0
+    colptr = torch.zeros(n_dst + 1, dtype=torch.int64)
+    colptr[1:] = torch.cumsum(deg, 0)
+    n_edges = int(colptr[-1])
+    row = torch.randint(1, n_src, (n_edges,), generator=gen)
+    row[torch.randperm(n_edges, generator=gen)[:hub_out]] = 0
+    return EdgeIndex.from_csc(colptr, row, n_src).to(DEVICE)
+
+
+@pytest.mark.parametrize("design", ["classes", "flat"])
+@pytest.mark.parametrize("mode", ["materialised", "fused"])
+def test_thousands_of_edges_at_one_node(monkeypatch, design, mode):
+    """In-degree 0 to 2,000 and out-degree up to 1,500 in one graph, bf16, against the rule."""
+    monkeypatch.setattr(gta, "KERNEL_DESIGN", design)
+    gen = torch.Generator().manual_seed(8)
+    heads, chans, d_e, n_src, n_dst = 2, 3, 3, 40, 30
+    index = skewed_graph(n_src, n_dst, 2000, 1500, gen)
+    deg_out = index.rowptr[1:] - index.rowptr[:-1]
+    assert int(deg_out.max()) >= 1500 and int((index.colptr[1:] - index.colptr[:-1]).max()) == 2000
+    inputs = make_inputs(n_src, n_dst, index.num_edges, heads, chans, d_e, torch.bfloat16, gen)
+    grad_out = torch.randn(n_dst, heads, chans, generator=gen, dtype=torch.float64).to(DEVICE)
+    names, make = (MAT, materialised) if mode == "materialised" else (FUSED, fused)
+    exact = run(make(index, "torch"), {n: t.double() for n, t in inputs.items()}, names, grad_out)
+    torch_same = run(make(index, "torch"), inputs, names, grad_out)
+    kernel = run(make(index, "triton"), inputs, names, grad_out)
+    for what, ref, same, ker in zip(["out", *names], exact, torch_same, kernel, strict=True):
+        e_ker, e_torch = rel_err(ker, ref), rel_err(same, ref)
+        assert e_ker <= 2 * e_torch + ATOL[torch.bfloat16], (
+            f"{what}: kernel {e_ker:.2e}, torch {e_torch:.2e}"
+        )
+    empty = (index.colptr[1:] == index.colptr[:-1]).nonzero().flatten()
+    assert torch.equal(kernel[0][empty], torch.zeros_like(kernel[0][empty]))
+
+
+@pytest.mark.parametrize("mode", ["materialised", "fused"])
+def test_flat_bitwise_deterministic_and_zero_in_degree(flat_design, mode):
+    gen = torch.Generator().manual_seed(9)
+    index = random_graph(23, 19, 12, 90, gen)
+    inputs = make_inputs(23, 19, index.num_edges, 3, 12, 4, torch.bfloat16, gen)
+    grad_out = torch.randn(19, 3, 12, generator=gen, dtype=torch.float64).to(DEVICE)
+    names, make = (MAT, materialised) if mode == "materialised" else (FUSED, fused)
+    first = run(make(index, "triton"), inputs, names, grad_out)
+    second = run(make(index, "triton"), inputs, names, grad_out)
+    for what, a, b in zip(["out", *names], first, second, strict=True):
+        assert torch.equal(a, b), what
+    empty = (index.colptr[1:] == index.colptr[:-1]).nonzero().flatten()
+    assert empty.numel() >= 2
+    for t in first[:2]:  # out and dq of a destination without edges are exactly 0
+        assert torch.equal(t[empty], torch.zeros_like(t[empty]))
+
+
+def test_flat_fused_equals_materialised(flat_design):
+    test_fused_equals_materialised()
+
+
+def test_flat_views_of_one_projection(flat_design):
+    test_views_of_one_projection_need_no_copy("fused")
+
+
+def test_unknown_design_is_one_line_error(monkeypatch):
+    monkeypatch.setattr(gta, "KERNEL_DESIGN", "fast")
+    with pytest.raises(ValueError, match="'classes', 'flat'"):
+        gta.kernel_design()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="counts CUDA kernels with torch.profiler")
+@pytest.mark.parametrize("mode", ["materialised", "fused"])
+def test_flat_launch_counts(flat_design, mode):
+    """At most 2 GPU kernels per forward and 3 per backward (casts and the [W; b] concatenation
+    included) on a graph with every degree class and a 2,000-edge node."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(10)
+    index = skewed_graph(40, 30, 2000, 1500, gen)
+    inputs = make_inputs(40, 30, index.num_edges, 4, 16, 5, torch.bfloat16, gen)
+    names, make = (MAT, materialised) if mode == "materialised" else (FUSED, fused)
+    leaves = {n: inputs[n].detach().clone().requires_grad_(True) for n in names}
+    grad_out = torch.randn(30, 4, 16, generator=gen).to(DEVICE, torch.bfloat16)
+    fn = make(index, "triton")
+    fn(**leaves)  # compile outside the counted region
+
+    def kernels(prof):
+        return [
+            e.name
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+            and not e.name.lower().startswith(("memcpy", "memset"))
+        ]
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as fwd_prof:
+        out = fn(**leaves)
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as bwd_prof:
+        torch.autograd.grad(out, list(leaves.values()), grad_out)
+        torch.cuda.synchronize()
+    assert 1 <= len(kernels(fwd_prof)) <= 2, kernels(fwd_prof)
+    assert 1 <= len(kernels(bwd_prof)) <= 3, kernels(bwd_prof)

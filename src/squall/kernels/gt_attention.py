@@ -512,8 +512,17 @@ if HAS_TRITON:
         D_AUG: tl.constexpr, D_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         """``part[chunk, d, h, :] = sum_{i in chunk} sa[i, d, h] dO[i, h, :] + sb[i, d, h] q[i, h, :]``."""
-        chunk = tl.program_id(0)
-        h = tl.program_id(1)
+        _dw_chunk(
+            tl.program_id(0), tl.program_id(1), sa_ptr, sb_ptr, q_ptr, do_ptr, part_ptr,
+            N, H, C, ROWS, SQ, D_AUG, D_PAD, C_PAD, BLOCK_N,
+        )  # fmt: skip
+
+    @triton.jit
+    def _dw_chunk(
+        chunk, h, sa_ptr, sb_ptr, q_ptr, do_ptr, part_ptr, N, H, C, ROWS, SQ,
+        D_AUG: tl.constexpr, D_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """One ``(row chunk, head)`` slice of the dW partial sums (fixed order: deterministic)."""
         HC = H * C
         offs_d = tl.arange(0, D_PAD)
         offs_c = tl.arange(0, C_PAD)
@@ -539,6 +548,285 @@ if HAS_TRITON:
             acc += tl.dot(tl.trans(sb), q, input_precision="ieee")
         out = part_ptr + chunk * (D_AUG * HC) + offs_d[:, None] * HC + h * C + offs_c[None, :]
         tl.store(out, acc, mask=mask_d[:, None] & mask_c[None, :])
+
+    @triton.jit
+    def _sum_chunks_kernel(part_ptr, out_ptr, n_chunks, n_cols, BLOCK: tl.constexpr):
+        """``out[j] = sum_c part[c, j]`` over chunks in ascending order, stored in out's dtype."""
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for c in range(n_chunks):
+            acc += tl.load(part_ptr + c * n_cols + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    # ------------------------------------------------------------------------------------------
+    # "flat" design: one launch per pass for any degree distribution, one node (all heads) per
+    # program, the next edge block's ids loaded while the current block's rows are in flight.
+    # ------------------------------------------------------------------------------------------
+    @triton.jit
+    def _flat_node(sched_ptr, n_sched):
+        """Node id and edge range of this program. Slots are taken from the end of the degree-class
+        schedule, so the highest-degree nodes (the longest programs) start first and the launch
+        ends on short ones instead of a tail of long ones."""
+        slot = n_sched - 1 - tl.program_id(0)
+        node = tl.load(sched_ptr + slot).to(tl.int64)
+        beg = tl.load(sched_ptr + n_sched + slot)
+        end = tl.load(sched_ptr + 2 * n_sched + slot)
+        return node, beg, end
+
+    @triton.jit
+    def _all_heads(H: tl.constexpr, C: tl.constexpr, H_PAD: tl.constexpr, C_PAD: tl.constexpr):
+        """Offsets and masks of a whole ``[H_PAD, C_PAD]`` row (every head of a node)."""
+        offs_h = tl.arange(0, H_PAD)
+        offs_c = tl.arange(0, C_PAD)
+        mask_h = offs_h < H
+        hc = offs_h[:, None] * C + offs_c[None, :]
+        mask_hc = mask_h[:, None] & (offs_c[None, :] < C)
+        return offs_h, mask_h, hc, mask_hc
+
+    @triton.jit
+    def _flat_gather(
+        eid, mask_e, src, k_ptr, v_ptr, e_ptr, attr_ptr, hc, mask_hc, offs_d, SKV,
+        HC: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr,
+    ):  # fmt: skip
+        """k, v rows of the block's sources and its edge term (features, or ``e`` rows), fp32."""
+        eid64 = eid.to(tl.int64)
+        m3 = mask_e[:, None, None] & mask_hc[None, :, :]
+        kv = src.to(tl.int64)[:, None, None] * SKV + hc[None]
+        k = tl.load(k_ptr + kv, mask=m3, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + kv, mask=m3, other=0.0).to(tl.float32)
+        if FUSED:
+            edge = _load_attr(attr_ptr, eid64, mask_e, offs_d, D_E)
+        else:
+            edge = tl.load(e_ptr + eid64[:, None, None] * HC + hc[None], mask=m3, other=0.0)
+            edge = edge.to(tl.float32)
+        return eid64, k, v, edge
+
+    @triton.jit
+    def _flat_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w_ptr, out_ptr, lse_ptr, row_ptr, sched_ptr,
+        n_sched, deg_key, qk_scale, SQ, SKV,
+        H: tl.constexpr, C: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr,
+        D_PAD: tl.constexpr, H_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):  # fmt: skip
+        """One destination per program, all heads: ``out`` and base-2 ``lse`` (``deg_key``, the
+        mean degree, only keys the autotuner)."""
+        HC = H * C
+        node, beg, end = _flat_node(sched_ptr, n_sched)
+        offs_h, mask_h, hc, mask_hc = _all_heads(H, C, H_PAD, C_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        offs_e = tl.arange(0, BLOCK_E)
+        q = tl.load(q_ptr + node * SQ + hc, mask=mask_hc, other=0.0).to(tl.float32)
+        pa = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
+        if FUSED:  # W_aug q: [D_PAD, H_PAD]; the W tile is loaded again for the epilogue
+            qw = tl.sum(q[None, :, :] * _load_w(w_ptr, hc, mask_hc, offs_d, HC, D_E + 1), 2)
+        else:
+            qw = pa
+        m = tl.full([H_PAD], -1e30, tl.float32)
+        l_sum = tl.zeros([H_PAD], dtype=tl.float32)
+        acc = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
+        nxt = beg + offs_e
+        src_next = tl.load(row_ptr + nxt, mask=nxt < end, other=0)
+        for start in range(beg, end, BLOCK_E):
+            eid = start + offs_e
+            mask_e = eid < end
+            src = src_next
+            nxt = eid + BLOCK_E
+            src_next = tl.load(row_ptr + nxt, mask=nxt < end, other=0)
+            eid64, k, v, a = _flat_gather(
+                eid, mask_e, src, k_ptr, v_ptr, e_ptr, attr_ptr, hc, mask_hc, offs_d, SKV, HC,
+                FUSED, D_E,
+            )  # fmt: skip
+            if FUSED:  # a: edge features
+                s = tl.sum(q[None] * k, 2) + tl.sum(a[:, :, None] * qw[None], 1)
+            else:  # a: the edge rows e
+                v = v + a
+                s = tl.sum(q[None] * (k + a), 2)
+            s = tl.where(mask_e[:, None], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[None, :])
+            l_sum = l_sum * alpha + tl.sum(p, 0)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 0)
+            if FUSED:
+                pa = pa * alpha[None, :] + tl.sum(a[:, :, None] * p[:, None, :], 0)
+            m = m_new
+        if FUSED:
+            acc += tl.sum(pa[:, :, None] * _load_w(w_ptr, hc, mask_hc, offs_d, HC, D_E + 1), 0)
+        has = l_sum > 0
+        l_safe = tl.where(has, l_sum, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(has, m + tl.log2(l_safe), 0.0)
+        tl.store(out_ptr + node * HC + hc, out.to(out_ptr.dtype.element_ty), mask=mask_hc)
+        tl.store(lse_ptr + node * H + offs_h, lse, mask=mask_h)
+
+    @triton.jit
+    def _flat_store_dattr(
+        dattr_ptr, p, pdp, delta, gw, qw, eid64, mask_e, offs_d, sm_scale, D_E: tl.constexpr,
+    ):  # fmt: skip
+        """``d attr_j = sum_h p G + scale (p dp - p delta) Qw`` over all heads, in attr's dtype."""
+        ds_s = (pdp - p * delta[None, :]) * sm_scale
+        da = tl.sum(p[:, None, :] * gw[None] + ds_s[:, None, :] * qw[None], 2)
+        mask = mask_e[:, None] & (offs_d[None, :] < D_E)
+        ptr = dattr_ptr + eid64[:, None] * D_E + offs_d[None, :]
+        tl.store(ptr, da.to(dattr_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _flat_bwd_dst_kernel(
+        q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w_ptr, do_ptr, lse_ptr,
+        dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr, pdp_ptr, delta_ptr,
+        row_ptr, sched_ptr, n_sched, deg_key, sm_scale, qk_scale, SQ, SKV,
+        H: tl.constexpr, C: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr,
+        D_PAD: tl.constexpr, H_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):  # fmt: skip
+        """Per destination, all heads: ``p``, ``p dp`` per edge, exact ``delta``, ``dq``; fused:
+        ``A``, ``B`` sums and ``d edge_attr``."""
+        HC = H * C
+        node, beg, end = _flat_node(sched_ptr, n_sched)
+        offs_h, mask_h, hc, mask_hc = _all_heads(H, C, H_PAD, C_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        offs_e = tl.arange(0, BLOCK_E)
+        q = tl.load(q_ptr + node * SQ + hc, mask=mask_hc, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + node * HC + hc, mask=mask_hc, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + node * H + offs_h, mask=mask_h, other=0.0)
+        sa = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
+        sc = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
+        if FUSED:
+            w3 = _load_w(w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)
+            qw = tl.sum(q[None, :, :] * w3, 2)
+            gw = tl.sum(do[None, :, :] * w3, 2)
+        else:
+            qw = sa
+            gw = sa
+        x_acc = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
+        y_acc = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
+        delta = tl.zeros([H_PAD], dtype=tl.float32)
+        p = tl.zeros([BLOCK_E, H_PAD], dtype=tl.float32)  # last block's, for d edge_attr
+        pdp = tl.zeros([BLOCK_E, H_PAD], dtype=tl.float32)
+        nxt = beg + offs_e
+        src_next = tl.load(row_ptr + nxt, mask=nxt < end, other=0)
+        for start in range(beg, end, BLOCK_E):
+            eid = start + offs_e
+            mask_e = eid < end
+            src = src_next
+            nxt = eid + BLOCK_E
+            src_next = tl.load(row_ptr + nxt, mask=nxt < end, other=0)
+            eid64, k, v, a = _flat_gather(
+                eid, mask_e, src, k_ptr, v_ptr, e_ptr, attr_ptr, hc, mask_hc, offs_d, SKV, HC,
+                FUSED, D_E,
+            )  # fmt: skip
+            if FUSED:  # a: edge features
+                s = tl.sum(q[None] * k, 2) + tl.sum(a[:, :, None] * qw[None], 1)
+                dp = tl.sum(do[None] * v, 2) + tl.sum(a[:, :, None] * gw[None], 1)
+            else:  # a: the edge rows e
+                k = k + a
+                s = tl.sum(q[None] * k, 2)
+                dp = tl.sum(do[None] * (v + a), 2)
+            p = tl.exp2(s * qk_scale - lse[None, :])
+            p = tl.where(mask_e[:, None], p, 0.0)
+            pdp = p * dp
+            delta += tl.sum(pdp, 0)
+            x_acc += tl.sum(pdp[:, :, None] * k, 0)
+            y_acc += tl.sum(p[:, :, None] * k, 0)
+            ph = eid64[:, None] * H + offs_h[None, :]
+            mask_eh = mask_e[:, None] & mask_h[None, :]
+            tl.store(p_ptr + ph, p, mask=mask_eh)
+            tl.store(pdp_ptr + ph, pdp, mask=mask_eh)
+            if FUSED:
+                sa += tl.sum(a[:, :, None] * p[:, None, :], 0)
+                sc += tl.sum(a[:, :, None] * pdp[:, None, :], 0)
+        # dq = scale * sum_j p (dp - delta) kk = scale * (x_acc - delta * y_acc)
+        dq = (x_acc - delta[:, None] * y_acc) * sm_scale
+        tl.store(delta_ptr + node * H + offs_h, delta, mask=mask_h)
+        if FUSED:
+            # B = scale * sum_j ds_j a_j with ds = p dp - p delta; the e-part of dq is B W_aug.
+            sb = (sc - delta[None, :] * sa) * sm_scale
+            dq += tl.sum(sb[:, :, None] * _load_w(w_ptr, hc, mask_hc, offs_d, HC, D_E + 1), 0)
+            dh = node * (D_E + 1) * H + offs_d[:, None] * H + offs_h[None, :]
+            mask_dh = (offs_d[:, None] < D_E + 1) & mask_h[None, :]
+            tl.store(sa_ptr + dh, sa, mask=mask_dh)
+            tl.store(sb_ptr + dh, sb, mask=mask_dh)
+            if end - beg <= BLOCK_E:  # one block: its p, p dp are still in registers
+                eid = beg + offs_e
+                _flat_store_dattr(
+                    dattr_ptr, p, pdp, delta, gw, qw, eid.to(tl.int64), eid < end, offs_d,
+                    sm_scale, D_E,
+                )  # fmt: skip
+            else:
+                # second pass now that delta is known, over the p, p dp rows this program wrote
+                # (barrier: other threads of the program wrote them)
+                tl.debug_barrier()
+                for start in range(beg, end, BLOCK_E):
+                    eid = start + offs_e
+                    mask_e = eid < end
+                    eid64 = eid.to(tl.int64)
+                    ph = eid64[:, None] * H + offs_h[None, :]
+                    mask_eh = mask_e[:, None] & mask_h[None, :]
+                    p = tl.load(p_ptr + ph, mask=mask_eh, other=0.0)
+                    pdp = tl.load(pdp_ptr + ph, mask=mask_eh, other=0.0)
+                    _flat_store_dattr(
+                        dattr_ptr, p, pdp, delta, gw, qw, eid64, mask_e, offs_d, sm_scale, D_E
+                    )
+        tl.store(dq_ptr + node * HC + hc, dq.to(dq_ptr.dtype.element_ty), mask=mask_hc)
+
+    @triton.jit
+    def _flat_bwd_src_kernel(
+        q_ptr, do_ptr, p_ptr, pdp_ptr, delta_ptr, dk_ptr, dv_ptr, de_ptr,
+        csr_perm_ptr, csr_dst_ptr, sched_ptr, n_sched, deg_key, sm_scale, SQ,
+        sa_ptr, sb_ptr, part_ptr, n_dst, rows_per_chunk,
+        H: tl.constexpr, C: tl.constexpr, WRITE_DE: tl.constexpr, H_PAD: tl.constexpr,
+        C_PAD: tl.constexpr, BLOCK_E: tl.constexpr, D_AUG: tl.constexpr, D_PAD_DW: tl.constexpr,
+        C_PAD_DW: tl.constexpr,
+    ):  # fmt: skip
+        """Programs ``< n_sched``: per source (CSR view), all heads, ``dk``, ``dv`` and,
+        materialised, ``de`` of each out-edge. Programs past them (fused launches only): the
+        ``(row chunk, head)`` slices of the dW partial sums, which need only backward's first pass."""
+        pid = tl.program_id(0)
+        if pid < n_sched:
+            HC = H * C
+            node, beg, end = _flat_node(sched_ptr, n_sched)
+            offs_h, mask_h, hc, mask_hc = _all_heads(H, C, H_PAD, C_PAD)
+            offs_e = tl.arange(0, BLOCK_E)
+            dk = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
+            dv = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
+            nxt = beg + offs_e
+            eid_next = tl.load(csr_perm_ptr + nxt, mask=nxt < end, other=0)
+            dst_next = tl.load(csr_dst_ptr + nxt, mask=nxt < end, other=0)
+            for start in range(beg, end, BLOCK_E):
+                pos = start + offs_e
+                mask_e = pos < end
+                eid = eid_next.to(tl.int64)
+                dst = dst_next.to(tl.int64)
+                nxt = pos + BLOCK_E
+                eid_next = tl.load(csr_perm_ptr + nxt, mask=nxt < end, other=0)
+                dst_next = tl.load(csr_dst_ptr + nxt, mask=nxt < end, other=0)
+                mask_eh = mask_e[:, None] & mask_h[None, :]
+                ph = eid[:, None] * H + offs_h[None, :]
+                p = tl.load(p_ptr + ph, mask=mask_eh, other=0.0)
+                pdp = tl.load(pdp_ptr + ph, mask=mask_eh, other=0.0)
+                dlt = tl.load(
+                    delta_ptr + dst[:, None] * H + offs_h[None, :], mask=mask_eh, other=0.0
+                )
+                ds_s = (pdp - p * dlt) * sm_scale
+                m3 = mask_e[:, None, None] & mask_hc[None, :, :]
+                qd = tl.load(q_ptr + dst[:, None, None] * SQ + hc[None], mask=m3, other=0.0)
+                dod = tl.load(do_ptr + dst[:, None, None] * HC + hc[None], mask=m3, other=0.0)
+                qd = qd.to(tl.float32)
+                dod = dod.to(tl.float32)
+                dk += tl.sum(ds_s[:, :, None] * qd, 0)
+                dv += tl.sum(p[:, :, None] * dod, 0)
+                if WRITE_DE:
+                    de = p[:, :, None] * dod + ds_s[:, :, None] * qd
+                    de_at = de_ptr + eid[:, None, None] * HC + hc[None]
+                    tl.store(de_at, de.to(de_ptr.dtype.element_ty), mask=m3)
+            tl.store(dk_ptr + node * HC + hc, dk.to(dk_ptr.dtype.element_ty), mask=mask_hc)
+            tl.store(dv_ptr + node * HC + hc, dv.to(dv_ptr.dtype.element_ty), mask=mask_hc)
+        else:
+            idx = pid - n_sched
+            _dw_chunk(
+                idx // H, idx % H, sa_ptr, sb_ptr, q_ptr, do_ptr, part_ptr, n_dst, H, C,
+                rows_per_chunk, SQ, D_AUG, D_PAD_DW, C_PAD_DW, 32,
+            )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,6 +912,136 @@ def _tuned(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool):
     return _TUNED[key]
 
 
+# Kernel design: "classes" (per degree class launches, head blocks, autotuned per class) or "flat"
+# (one launch per pass: one node and all heads per program, the highest degrees first). Read at
+# every call, so a process may switch; both designs share the forward's saved state (base-2 lse).
+KERNEL_DESIGNS = ("classes", "flat")
+KERNEL_DESIGN = os.environ.get("SQUALL_GT_KERNEL", "classes")
+
+
+def kernel_design() -> str:
+    """The design the Triton backend launches now (``SQUALL_GT_KERNEL`` or ``KERNEL_DESIGN``)."""
+    if KERNEL_DESIGN not in KERNEL_DESIGNS:
+        raise ValueError(
+            f"unknown attention kernel design {KERNEL_DESIGN!r}; choose one of {KERNEL_DESIGNS}"
+        )
+    return KERNEL_DESIGN
+
+
+def _flat_configs(h_pad: int, c_pad: int) -> list[tuple[int, int]]:
+    """Candidate ``(BLOCK_E, num_warps)`` of the flat kernels (one list for every pass).
+
+    A block's k, v and e tiles are ``3 BLOCK_E H_pad C_pad`` fp32 values spread over the
+    program's threads; ``MAX_TILE_ELEMS`` keeps them in registers. Edge blocks of 4 cover the
+    decoder's knn-3 and most mesh nodes (5 to 7 edges: two blocks) in one or two dependent
+    gathers; 2 and 8 trade gathers in flight per program against programs per SM; 1 is the
+    one-edge-at-a-time schedule.
+    """
+    tile = h_pad * c_pad
+    cands = [
+        (be, w)
+        for be, w in ((4, 4), (4, 8), (2, 4), (8, 8), (1, 4), (8, 4))
+        if be * tile <= MAX_TILE_ELEMS
+    ]
+    if not cands:  # one [H, C] row alone exceeds the tile budget: one edge at a time
+        cands = [(1, 8)]
+    if FORCE_CANDIDATE is not None:
+        return [cands[FORCE_CANDIDATE % len(cands)]]
+    if _interpreting() or os.environ.get("SQUALL_AUTOTUNE", "1") == "0":
+        return cands[:1]
+    return cands
+
+
+def _flat_tuned(kernel: str, h_pad: int, c_pad: int, fused: bool):
+    """Autotuned flat kernel, keyed on ``(H, C, deg_key)`` (deg_key: the mean degree, from shapes)."""
+    cands = tuple(_flat_configs(h_pad, c_pad))
+    key = ("flat_" + kernel, -1, cands, fused)
+    if key not in _TUNED:
+        fn = {
+            "fwd": _flat_fwd_kernel, "bwd_dst": _flat_bwd_dst_kernel,
+            "bwd_src": _flat_bwd_src_kernel,
+        }[kernel]  # fmt: skip
+        configs = [triton.Config({"BLOCK_E": be}, num_warps=w) for be, w in cands]
+        _TUNED[key] = triton.autotune(configs=configs, key=["H", "C", "deg_key"])(fn)
+    return _TUNED[key]
+
+
+def _deg_key(n_edges: int, n_nodes: int) -> int:
+    """Mean degree, rounded: graphs of different degree get their own tuning (no host sync)."""
+    return max(1, round(n_edges / max(1, n_nodes)))
+
+
+def _flat_fwd(q, k, v, edge, attr, w_aug, row, sched):
+    """Forward of the flat design: one launch, ``(out, lse)``."""
+    n_dst, h, c = q.shape
+    h_pad, c_pad = _pads(h, c)
+    fused = attr is not None
+    d_e = attr.shape[1] if fused else 0
+    out = _new(q.shape, q.dtype, q.device)
+    lse = _new((n_dst, h), torch.float32, q.device)
+    if n_dst:
+        _flat_tuned("fwd", h_pad, c_pad, fused)[(n_dst,)](
+            q, k, v, edge if edge is not None else q, attr if fused else q,
+            w_aug if fused else q, out, lse, row, sched, n_dst,
+            _deg_key(row.shape[0], n_dst), LOG2E / math.sqrt(c), q.stride(0), k.stride(0),
+            H=h, C=c, FUSED=fused, D_E=d_e, D_PAD=triton.next_power_of_2(d_e + 1),
+            H_PAD=h_pad, C_PAD=c_pad,
+        )  # fmt: skip
+    return out, lse
+
+
+def _flat_bwd(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors):
+    """Backward of the flat design: two launches (three fused: the dW chunk sums)."""
+    row, csr_perm, csr_dst, dst_sched, src_sched = kidx_tensors
+    n_dst, h, c = q.shape
+    n_src = k.shape[0]
+    n_edges = row.shape[0]
+    h_pad, c_pad = _pads(h, c)
+    fused = attr is not None
+    d_e = attr.shape[1] if fused else 0
+    d_pad = triton.next_power_of_2(d_e + 1)
+    dev = q.device
+    f32 = torch.float32
+    dq = _new(q.shape, q.dtype, dev)
+    p = _new((n_edges, h), f32, dev)
+    pdp = _new((n_edges, h), f32, dev)
+    delta = _new((n_dst, h), f32, dev)
+    if fused:
+        de = _new(0, f32, dev)
+        dattr = _new(attr.shape, attr.dtype, dev)
+        sa = _new((n_dst, d_e + 1, h), f32, dev)
+        sb = _new_like(sa)
+    else:
+        de = _new_like(edge)
+        dattr = sa = sb = de
+    sm_scale = 1.0 / math.sqrt(c)
+    if n_dst:
+        _flat_tuned("bwd_dst", h_pad, c_pad, fused)[(n_dst,)](
+            q, k, v, edge if edge is not None else q, attr if fused else q,
+            w_aug if fused else q, dout, lse, dq, dattr, sa, sb, p, pdp, delta,
+            row, dst_sched, n_dst, _deg_key(n_edges, n_dst), sm_scale, sm_scale * LOG2E,
+            q.stride(0), k.stride(0), H=h, C=c, FUSED=fused, D_E=d_e, D_PAD=d_pad,
+            H_PAD=h_pad, C_PAD=c_pad,
+        )  # fmt: skip
+    dk = _new(k.shape, k.dtype, dev)
+    dv = _new(v.shape, v.dtype, dev)
+    n_chunks = triton.cdiv(n_dst, DW_ROWS_PER_CHUNK) if fused else 0
+    part = _new((n_chunks, d_e + 1, h * c), f32, dev) if fused else de
+    if n_src + n_chunks * h:
+        _flat_tuned("bwd_src", h_pad, c_pad, fused)[(n_src + n_chunks * h,)](
+            q, dout, p, pdp, delta, dk, dv, de, csr_perm, csr_dst, src_sched, n_src,
+            _deg_key(n_edges, n_src), sm_scale, q.stride(0), sa, sb, part, n_dst,
+            DW_ROWS_PER_CHUNK, H=h, C=c, WRITE_DE=not fused, H_PAD=h_pad, C_PAD=c_pad,
+            D_AUG=d_e + 1, D_PAD_DW=max(16, d_pad), C_PAD_DW=max(16, c_pad),
+        )  # fmt: skip
+    if not fused:
+        return dq, dk, dv, de
+    dw_aug = _new(w_aug.shape, w_aug.dtype, dev)
+    n_cols = dw_aug.numel()
+    _sum_chunks_kernel[(triton.cdiv(n_cols, 1024),)](part, dw_aug, n_chunks, n_cols, BLOCK=1024)
+    return dq, dk, dv, dattr, dw_aug
+
+
 def _pads(h: int, c: int) -> tuple[int, int]:
     return triton.next_power_of_2(h), triton.next_power_of_2(c)
 
@@ -673,6 +1091,8 @@ def _launch_bwd(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_counts,
 
 
 def _launch_fwd_here(q, k, v, edge, attr, w_aug, row, sched, counts):
+    if kernel_design() == "flat":
+        return _flat_fwd(q, k, v, edge, attr, w_aug, row, sched)
     n_dst, h, c = q.shape
     h_pad, c_pad = _pads(h, c)
     fused = attr is not None
@@ -690,6 +1110,8 @@ def _launch_fwd_here(q, k, v, edge, attr, w_aug, row, sched, counts):
 
 
 def _launch_bwd_here(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_counts, src_counts):
+    if kernel_design() == "flat":
+        return _flat_bwd(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors)
     row, csr_perm, csr_dst, dst_sched, src_sched = kidx_tensors
     n_dst, h, c = q.shape
     n_src = k.shape[0]
@@ -742,7 +1164,7 @@ def _launch_bwd_here(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_co
         D_AUG=d_e + 1, D_PAD=max(16, d_pad), C_PAD=max(16, c_pad), BLOCK_N=32,
         num_warps=4,
     )  # fmt: skip
-    dw_aug = part.sum(0)
+    dw_aug = part.sum(0).to(w_aug.dtype)
     return dq, dk, dv, dattr.sum(0).to(attr.dtype), dw_aug
 
 
@@ -852,7 +1274,8 @@ def _op_fused_bwd(
     csr_dst: torch.Tensor, dst_sched: torch.Tensor, src_sched: torch.Tensor,
     dst_counts: list[int], src_counts: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Fused-edge backward: ``(dq, dk, dv, d_attr, dw_aug)`` (``dw_aug`` in fp32)."""
+    """Fused-edge backward: ``(dq, dk, dv, d_attr, dw_aug)`` (``dw_aug`` summed in fp32, stored
+    in ``w_aug``'s dtype)."""
     kt = (row, csr_perm, csr_dst, dst_sched, src_sched)
     return _launch_bwd(
         *_qkv(q, k, v), None, _c(attr), _c(w_aug), lse, _c(dout), kt,
@@ -862,7 +1285,7 @@ def _op_fused_bwd(
 
 @_op_fused_bwd.register_fake
 def _(q, k, v, attr, w_aug, lse, dout, *rest):
-    dw = w_aug.new_empty(w_aug.shape, dtype=torch.float32)
+    dw = w_aug.new_empty(w_aug.shape)
     return (
         q.new_empty(q.shape),
         k.new_empty(k.shape),
@@ -882,7 +1305,7 @@ def _setup_fused(ctx, inputs, output):
 def _backward_fused(ctx, dout, dlse):
     q, k, v, attr, w_aug, lse = ctx.saved_tensors
     dq, dk, dv, dattr, dw = _op_fused_bwd(q, k, v, attr, w_aug, lse, dout, *ctx.index, *ctx.counts)
-    return (dq, dk, dv, dattr, dw.to(w_aug.dtype)) + (None,) * 9
+    return (dq, dk, dv, dattr, dw) + (None,) * 9
 
 
 _op_fused_fwd.register_autograd(_backward_fused, setup_context=_setup_fused)
