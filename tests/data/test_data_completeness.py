@@ -142,3 +142,24 @@ def test_worker_message_keeps_plain_messages():
                         "(most recent call last):\n  File ...\nsquall.errors.DataError: dataset "
                         "x: times 1..2 failed: y")  # fmt: skip
     assert worker_message(wrapped) == "dataset x: times 1..2 failed: y"
+
+
+
+def test_store_api_path_agrees_with_plain_files(copy):
+    """Stores other than local directories (object stores) are probed through zarr's store API:
+    the same sizes, headers and missing keys as the plain-file path."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import LocalStore, MemoryStore
+
+    from squall.data.zarr_dataset import _read_heads
+
+    (copy / "data" / "4.0.0.0").unlink()
+    raw = (copy / "data" / "6.0.0.0").read_bytes()
+    (copy / "data" / "6.0.0.0").write_bytes(raw[:100])
+    keys = [f"data/{t}.0.0.0" for t in range(10)]
+    local = _read_heads(LocalStore(str(copy)), keys)
+    buffer = default_buffer_prototype().buffer
+    memory = MemoryStore({k: buffer.from_bytes((copy / k).read_bytes())
+                          for k in keys if (copy / k).exists()})  # fmt: skip
+    assert _read_heads(memory, keys) == local
+    assert local[4] is None and local[6] == (100, raw[:16])
