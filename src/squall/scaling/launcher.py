@@ -205,7 +205,8 @@ class ShapedSweepLauncher(BaseSubmititLauncher):
 
         On a cluster with whole nodes per point every shape goes out at once. Without
         (``cluster.exclusive=false``) points could be timed side by side on one node, so every
-        job of the sweep gets one name and ``--dependency=singleton``: Slurm runs one at a time.
+        job of the sweep gets one name and ``--dependency=singleton``, and each array runs one
+        task at a time (``%1``): Slurm runs one point at a time.
         A shape Slurm refuses (``sbatch: error: ...``) fails its points with that reason.
         """
         serialise = self._EXECUTOR == "slurm" and self._shared_nodes()
@@ -217,6 +218,7 @@ class ShapedSweepLauncher(BaseSubmititLauncher):
                 extra = dict(shape.get("additional_parameters")
                              or self.params.get("additional_parameters") or {})
                 shape["additional_parameters"] = {**extra, "dependency": "singleton"}
+                shape["array_parallelism"] = 1  # singleton does not order one array's tasks
             executor = self._executor(shape, name)
             for chunk in [[m] for m in members] if self.serial_points else [members]:
                 args = [(m.overrides, "hydra.sweep.dir", m.idx, f"job_id_for_{m.idx}",
