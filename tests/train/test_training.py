@@ -182,3 +182,25 @@ def test_resuming_past_max_steps_says_so(tiny_cfg, recording_logger, caplog):
     with caplog.at_level("WARNING", logger="squall.train.loop"):
         train(tiny_cfg("training.max_steps=1"), recording_logger())
     assert any("nothing to train" in r.getMessage() for r in caplog.records)
+
+
+def test_nan_in_the_data_names_the_store_not_a_divergence(tiny_cfg, recording_logger):
+    """Values damaged inside an intact chunk pass the chunk check; the first non-finite loss then
+    points at the store and the times, and a non-finite loss on finite data says diverged."""
+    import zarr
+
+    from squall.data.setup import ensure_dataset
+    from squall.train.loop import TrainingDiverged
+    from squall.train.runner import build_run
+
+    cfg = tiny_cfg("training.max_steps=3")
+    path = ensure_dataset(cfg)
+    zarr.open_group(str(path), mode="r+")["data"][0:40, 0, 0, 5] = float("nan")  # every train time
+    with pytest.raises(DataError) as err:
+        train(cfg, recording_logger())
+    msg = str(err.value)
+    assert str(path) in msg and "NaN or infinite" in msg and "step 1 " in msg and "\n" not in msg
+    parts = build_run(tiny_cfg("training.max_steps=3", "data.path=" + str(path) + "-fresh"),
+                      recording_logger())  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 0: .*training\.lr"):
+        parts.trainer.global_loss(torch.tensor(float("nan")))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from squall.errors import DataError, SquallError
 from squall.progress import Progress
 from squall.tracking import metrics as M
 from squall.tracking.metrics import StepTimer, peak_memory
@@ -27,6 +28,10 @@ LOSS_VAL_PERSISTENCE = "loss/val_persistence"  # prognostic variables, repeating
 SKILL_VS_PERSISTENCE = "skill/val_vs_persistence"  # 1 - loss/val_prognostic / loss/val_persistence
 #: What :meth:`Trainer.validate` returns, logged at the step it ran (the summary repeats the last).
 VALIDATION_METRICS = (M.LOSS_VAL, LOSS_VAL_PROGNOSTIC, LOSS_VAL_PERSISTENCE, SKILL_VS_PERSISTENCE)
+
+
+class TrainingDiverged(SquallError, FloatingPointError):
+    """The loss became NaN or infinite on finite data."""
 
 
 @dataclass(frozen=True)
@@ -210,7 +215,10 @@ class Trainer:
         host sync: the value is logged anyway); raises on a non-finite loss."""
         value = float(self.reduce(loss))
         if not math.isfinite(value):
-            raise FloatingPointError(f"loss became {value} at step {self.step}")
+            raise TrainingDiverged(
+                f"loss became {value} at step {self.step}: training diverged; lower training.lr "
+                f"({float(self.cfg.lr):g}) or training.grad_clip ({float(self.cfg.grad_clip):g})"
+            )
         return value
 
     @torch.no_grad()
@@ -284,7 +292,8 @@ class Trainer:
         timer = StepTimer(warmup=warmup)
         history, last = [], {}
         try:
-            loader = iter(make_train_loader(self.samples_seen))
+            train_loader = make_train_loader(self.samples_seen)
+            loader = iter(train_loader)
             peak_memory(reset=True)
             logged_at = self.step
             if bar is not None and self.step:
@@ -297,7 +306,11 @@ class Trainer:
                 batch = next(loader)
                 start = time.perf_counter()
                 loss, grad_norm = self.train_step(batch)
-                loss = self.global_loss(loss)
+                try:
+                    loss = self.global_loss(loss)
+                except TrainingDiverged:
+                    _check_finite(batch, getattr(train_loader, "dataset", None), self.step)
+                    raise
                 seconds = time.perf_counter() - start
                 timer.record(seconds, batch["x"].shape[0])
                 history.append(loss)
@@ -345,3 +358,20 @@ class Trainer:
         if timer.measured_steps:
             summary.update(timer.stats().as_metrics())
         return summary
+
+
+def _check_finite(batch: dict, dataset, step: int) -> None:
+    """Raise :class:`DataError` naming the store and times when ``batch`` holds NaN or inf (a
+    damaged dataset, not a diverged training)."""
+    bad = sum(int((~torch.isfinite(batch[k])).sum()) for k in ("x", "y"))
+    if not bad:
+        return
+    where = getattr(dataset, "path", "the training dataset")
+    times = [int(t) for t in torch.as_tensor(batch.get("index", [])).flatten()]
+    dates = getattr(dataset, "dates", None)
+    named = ", ".join(f"{t} ({dates[t]})" if dates is not None else str(t) for t in times)
+    raise DataError(
+        f"dataset {where}: the batch of step {step} holds {bad} NaN or infinite values (windows "
+        f"whose last input is at time index {named}); the store is damaged: regenerate or "
+        "re-copy it"
+    )
