@@ -776,7 +776,7 @@ if HAS_TRITON:
         sa_ptr, sb_ptr, part_ptr, n_dst, rows_per_chunk,
         H: tl.constexpr, C: tl.constexpr, WRITE_DE: tl.constexpr, H_PAD: tl.constexpr,
         C_PAD: tl.constexpr, BLOCK_E: tl.constexpr, D_AUG: tl.constexpr, D_PAD_DW: tl.constexpr,
-        C_PAD_DW: tl.constexpr,
+        C_PAD_DW: tl.constexpr, DW: tl.constexpr,
     ):  # fmt: skip
         """Programs ``< n_sched``: per source (CSR view), all heads, ``dk``, ``dv`` and,
         materialised, ``de`` of each out-edge. Programs past them (fused launches only): the
@@ -821,7 +821,7 @@ if HAS_TRITON:
                     tl.store(de_at, de.to(de_ptr.dtype.element_ty), mask=m3)
             tl.store(dk_ptr + node * HC + hc, dk.to(dk_ptr.dtype.element_ty), mask=mask_hc)
             tl.store(dv_ptr + node * HC + hc, dv.to(dv_ptr.dtype.element_ty), mask=mask_hc)
-        else:
+        elif DW:  # compiled into fused launches only (sa, sb are fp32 there)
             idx = pid - n_sched
             _dw_chunk(
                 idx // H, idx % H, sa_ptr, sb_ptr, q_ptr, do_ptr, part_ptr, n_dst, H, C,
@@ -1032,7 +1032,7 @@ def _flat_bwd(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors):
             q, dout, p, pdp, delta, dk, dv, de, csr_perm, csr_dst, src_sched, n_src,
             _deg_key(n_edges, n_src), sm_scale, q.stride(0), sa, sb, part, n_dst,
             DW_ROWS_PER_CHUNK, H=h, C=c, WRITE_DE=not fused, H_PAD=h_pad, C_PAD=c_pad,
-            D_AUG=d_e + 1, D_PAD_DW=max(16, d_pad), C_PAD_DW=max(16, c_pad),
+            D_AUG=d_e + 1, D_PAD_DW=max(16, d_pad), C_PAD_DW=max(16, c_pad), DW=fused,
         )  # fmt: skip
     if not fused:
         return dq, dk, dv, de
