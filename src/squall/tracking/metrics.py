@@ -44,7 +44,20 @@ KERNEL_GBPS = "kernel/achieved_GBps"
 GPU_UTILIZATION_PCT = "system/gpu_utilization_pct"
 GPU_MEMORY_USED_GIB = "system/gpu_memory_used_GiB"
 
+# Forecast scores (jobs.forecast), one value per lead time, logged at step = lead time in hours.
+# Area-weighted RMSE over the prognostic variables in normalised units (each variable divided by
+# its training spread, so variables weigh alike): dimensionless.
+FORECAST_RMSE_NORM = "forecast/rmse_normalised"
+FORECAST_RMSE_PERSISTENCE_NORM = "forecast/rmse_persistence_normalised"
+FORECAST_SKILL = "forecast/skill"  # 1 - mse_model / mse_persistence, dimensionless
+
 GIB = 1024**3
+
+
+def forecast_rmse(variable: str) -> str:
+    """Key of one variable's area-weighted forecast RMSE in the dataset's own units of that
+    variable (denormalised), e.g. ``forecast/rmse/2t``."""
+    return f"forecast/rmse/{variable}"
 
 
 def per_rank(name: str, rank: int) -> str:

@@ -51,6 +51,8 @@ def save_checkpoint(path, model, optimizer, scheduler, step: int, samples_seen: 
         "samples_seen": int(samples_seen),
         "rng": rng_state(),
         "extra": extra or {},
+        # graph and architecture, so a forecast can refuse a checkpoint of another model
+        "identity": model.identity() if hasattr(model, "identity") else None,
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(payload, tmp)

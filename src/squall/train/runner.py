@@ -310,10 +310,13 @@ def open_tracking_run(cfg, store_dir, rank: int = 0, world_size: int = 1):
     from omegaconf import OmegaConf
 
     from squall.tracking import create_logger, flatten_config, resolve_tracking_uri
+    from squall.tracking.experiment import layout_name, run_name
 
     tracking = to_plain(cfg.tracking)
-    kwargs = {"store_dir": store_dir, "rank": rank,
-              "run_name": f"train-{cfg.graph.name}-{cfg.model.name}",
+    model_parallel = int(cfg.parallel.get("model_parallel", 1))
+    name = run_name("train", str(cfg.graph.name), str(cfg.model.name),
+                    layout_name(model_parallel, max(1, world_size // model_parallel)))  # fmt: skip
+    kwargs = {"store_dir": store_dir, "rank": rank, "run_name": name,
               "tags": {"job": "train", "world_size": world_size}}  # fmt: skip
     previous = previous_run(cfg) if rank == 0 and tracking.get("enabled", True) else None
     logger = None
@@ -323,7 +326,9 @@ def open_tracking_run(cfg, store_dir, rank: int = 0, world_size: int = 1):
             reason = f"it is in {previous.tracking_uri}, this job logs to {target}"
         else:
             try:
-                logger = create_logger(tracking, run_id=previous.run_id, **kwargs)
+                # a continued run keeps the name it was given when it started
+                logger = create_logger(tracking, run_id=previous.run_id,
+                                       **{**kwargs, "run_name": None})  # fmt: skip
                 reason = None
             except Exception as err:  # a deleted run, another store: never stop training
                 reason = (
