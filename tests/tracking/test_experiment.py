@@ -63,3 +63,23 @@ def test_run_names_tell_graph_model_layout_and_time_apart():
         run_name("forecast", "o32_l4", "tiny", "mp1dp1", when),
     }
     assert len(others) == 5 and name not in others
+
+
+def test_the_readmes_metric_names_exist_and_cpu_runs_record_theirs():
+    """Every metric the README's MLflow and Forecast sections name is a name squall logs; the
+    memory metric it names for CPU runs is the one a CPU process records."""
+    import re
+
+    import torch
+
+    from squall.tracking import metrics as M
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    text = readme[readme.index("### MLflow"):readme.index("## Graphs")]
+    named = set(re.findall(r"`((?:throughput|time|memory|forecast)/[a-z_A-Z/<>]+)`", text))
+    known = {v for v in vars(M).values() if isinstance(v, str) and "/" in v}
+    known.add(M.forecast_rmse("<variable>"))
+    assert named and named <= known, named - known
+    assert M.PEAK_RSS_GIB in named and M.PEAK_ALLOCATED_GIB in named
+    if not torch.cuda.is_available():
+        assert M.PEAK_RSS_GIB in M.peak_memory()
