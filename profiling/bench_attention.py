@@ -398,7 +398,8 @@ def bench(args):
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu-interpreter",
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "git_sha": sha or os.environ.get("SQUALL_GIT_SHA", "unknown"),  # no .git on the device
+        # the device copy's .git (if any) is not this checkout's: the caller passes the sha
+        "git_sha": os.environ.get("SQUALL_GIT_SHA") or sha or "unknown",
         "encoder_factor": args.encoder_factor,
         "anemoi_models": anemoi_version,
     }
@@ -455,7 +456,7 @@ def run_provider(args, provider, gname, role, source, dname, index, x, grad_out,
         err = max_rel_err(provider, index, x, grad_out, compiled_ref, anemoi)
     for t in leaves.values():
         t.grad = None
-    launches = count_launches(step)
+    launches = count_launches(step) if args.launches else ""
     for t in leaves.values():
         t.grad = None
     peak = peak_above_inputs_MiB(step)
@@ -579,6 +580,7 @@ def main(argv=None):
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--breakdown", action="store_true", help="also time triton fwd / bwd alone")
     p.add_argument("--show-configs", action="store_true", help="print the autotuner's choices")
+    p.add_argument("--launches", action="store_true", help="count GPU kernels (torch.profiler)")
     p.add_argument("--precompile", action="store_true", help="fill triton's cache in parallel")
     p.add_argument("--once", action="store_true", help="run each provider once (for ncu)")
     p.add_argument("--warmup", type=int, default=25, help="ms")

@@ -549,7 +549,7 @@ if HAS_TRITON:
         out = part_ptr + chunk * (D_AUG * HC) + offs_d[:, None] * HC + h * C + offs_c[None, :]
         tl.store(out, acc, mask=mask_d[:, None] & mask_c[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_chunks", "n_cols"])
     def _sum_chunks_kernel(part_ptr, out_ptr, n_chunks, n_cols, BLOCK: tl.constexpr):
         """``out[j] = sum_c part[c, j]`` over chunks in ascending order, stored in out's dtype."""
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -585,6 +585,31 @@ if HAS_TRITON:
         return offs_h, mask_h, hc, mask_hc
 
     @triton.jit
+    def _w_proj(
+        x, y, w_ptr, hc, mask_hc, offs_d, HC, D_AUG: tl.constexpr, BOTH: tl.constexpr,
+        D_PAD: tl.constexpr, H_PAD: tl.constexpr,
+    ):  # fmt: skip
+        """``sum_c x[h, c] W_aug[d, h, c]`` (and the same of ``y`` when ``BOTH``) as
+        ``[D_PAD, H_PAD]``, one W row at a time: a whole ``[D_PAD, H, C]`` W tile is 128 fp32
+        registers per thread at 4 warps (H 16, C 64) and spilled."""
+        xw = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
+        yw = xw
+        for d in tl.static_range(D_AUG):
+            w = tl.load(w_ptr + d * HC + hc, mask=mask_hc, other=0.0).to(tl.float32)
+            xw = tl.where(offs_d[:, None] == d, tl.sum(x * w, 1)[None, :], xw)
+            if BOTH:
+                yw = tl.where(offs_d[:, None] == d, tl.sum(y * w, 1)[None, :], yw)
+        return xw, yw
+
+    @triton.jit
+    def _w_expand(acc, coef, w_ptr, hc, mask_hc, offs_d, HC, D_AUG: tl.constexpr):
+        """``acc + sum_d coef[d, h] W_aug[d, h, :]``, one W row at a time."""
+        for d in tl.static_range(D_AUG):
+            w = tl.load(w_ptr + d * HC + hc, mask=mask_hc, other=0.0).to(tl.float32)
+            acc += tl.sum(tl.where(offs_d[:, None] == d, coef, 0.0), 0)[:, None] * w
+        return acc
+
+    @triton.jit
     def _flat_gather(
         eid, mask_e, src, k_ptr, v_ptr, e_ptr, attr_ptr, hc, mask_hc, offs_d, SKV,
         HC: tl.constexpr, FUSED: tl.constexpr, D_E: tl.constexpr,
@@ -602,7 +627,7 @@ if HAS_TRITON:
             edge = edge.to(tl.float32)
         return eid64, k, v, edge
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_sched", "deg_key"])  # one binary for every graph
     def _flat_fwd_kernel(
         q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w_ptr, out_ptr, lse_ptr, row_ptr, sched_ptr,
         n_sched, deg_key, qk_scale, SQ, SKV,
@@ -618,8 +643,8 @@ if HAS_TRITON:
         offs_e = tl.arange(0, BLOCK_E)
         q = tl.load(q_ptr + node * SQ + hc, mask=mask_hc, other=0.0).to(tl.float32)
         pa = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
-        if FUSED:  # W_aug q: [D_PAD, H_PAD]; the W tile is loaded again for the epilogue
-            qw = tl.sum(q[None, :, :] * _load_w(w_ptr, hc, mask_hc, offs_d, HC, D_E + 1), 2)
+        if FUSED:  # W_aug q: [D_PAD, H_PAD]
+            qw, _ = _w_proj(q, q, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1, False, D_PAD, H_PAD)
         else:
             qw = pa
         m = tl.full([H_PAD], -1e30, tl.float32)
@@ -652,7 +677,7 @@ if HAS_TRITON:
                 pa = pa * alpha[None, :] + tl.sum(a[:, :, None] * p[:, None, :], 0)
             m = m_new
         if FUSED:
-            acc += tl.sum(pa[:, :, None] * _load_w(w_ptr, hc, mask_hc, offs_d, HC, D_E + 1), 0)
+            acc = _w_expand(acc, pa, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)
         has = l_sum > 0
         l_safe = tl.where(has, l_sum, 1.0)
         out = acc / l_safe[:, None]
@@ -671,7 +696,7 @@ if HAS_TRITON:
         ptr = dattr_ptr + eid64[:, None] * D_E + offs_d[None, :]
         tl.store(ptr, da.to(dattr_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_sched", "deg_key"])
     def _flat_bwd_dst_kernel(
         q_ptr, k_ptr, v_ptr, e_ptr, attr_ptr, w_ptr, do_ptr, lse_ptr,
         dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr, pdp_ptr, delta_ptr,
@@ -692,9 +717,7 @@ if HAS_TRITON:
         sa = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
         sc = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
         if FUSED:
-            w3 = _load_w(w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)
-            qw = tl.sum(q[None, :, :] * w3, 2)
-            gw = tl.sum(do[None, :, :] * w3, 2)
+            qw, gw = _w_proj(q, do, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1, True, D_PAD, H_PAD)
         else:
             qw = sa
             gw = sa
@@ -741,7 +764,7 @@ if HAS_TRITON:
         if FUSED:
             # B = scale * sum_j ds_j a_j with ds = p dp - p delta; the e-part of dq is B W_aug.
             sb = (sc - delta[None, :] * sa) * sm_scale
-            dq += tl.sum(sb[:, :, None] * _load_w(w_ptr, hc, mask_hc, offs_d, HC, D_E + 1), 0)
+            dq = _w_expand(dq, sb, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)
             dh = node * (D_E + 1) * H + offs_d[:, None] * H + offs_h[None, :]
             mask_dh = (offs_d[:, None] < D_E + 1) & mask_h[None, :]
             tl.store(sa_ptr + dh, sa, mask=mask_dh)
@@ -769,7 +792,7 @@ if HAS_TRITON:
                     )
         tl.store(dq_ptr + node * HC + hc, dq.to(dq_ptr.dtype.element_ty), mask=mask_hc)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_sched", "deg_key", "n_dst"])
     def _flat_bwd_src_kernel(
         q_ptr, do_ptr, p_ptr, pdp_ptr, delta_ptr, dk_ptr, dv_ptr, de_ptr,
         csr_perm_ptr, csr_dst_ptr, sched_ptr, n_sched, deg_key, sm_scale, SQ,
@@ -932,16 +955,14 @@ def _flat_configs(h_pad: int, c_pad: int) -> list[tuple[int, int]]:
     """Candidate ``(BLOCK_E, num_warps)`` of the flat kernels (one list for every pass).
 
     A block's k, v and e tiles are ``3 BLOCK_E H_pad C_pad`` fp32 values spread over the
-    program's threads; ``MAX_TILE_ELEMS`` keeps them in registers. Edge blocks of 4 cover the
-    decoder's knn-3 and most mesh nodes (5 to 7 edges: two blocks) in one or two dependent
-    gathers; 2 and 8 trade gathers in flight per program against programs per SM; 1 is the
-    one-edge-at-a-time schedule.
+    program's threads; ``MAX_TILE_ELEMS`` keeps them in registers. H200 autotune on o96 era_to_h
+    (bf16, from (4, 4), (4, 8), (2, 4), (8, 8), (1, 4), (8, 4)): one edge per step at 4 warps for
+    the forward and the destination pass, two for the fused source pass: more programs per SM beat
+    more gathers per program. Blocks of 4 and 8 stay for graphs where they win.
     """
     tile = h_pad * c_pad
     cands = [
-        (be, w)
-        for be, w in ((4, 4), (4, 8), (2, 4), (8, 8), (1, 4), (8, 4))
-        if be * tile <= MAX_TILE_ELEMS
+        (be, w) for be, w in ((1, 4), (2, 4), (4, 4), (1, 2), (8, 8)) if be * tile <= MAX_TILE_ELEMS
     ]
     if not cands:  # one [H, C] row alone exceeds the tile budget: one edge at a time
         cands = [(1, 8)]
@@ -1239,6 +1260,7 @@ def _setup_fwd(ctx, inputs, output):
     ctx.index = inputs[4:11]
     ctx.counts = inputs[11:13]
     ctx.save_for_backward(q, k, v, edge, output[1])
+    ctx.set_materialize_grads(False)  # lse has no gradient: no zero-filled d lse kernel
 
 
 def _backward_fwd(ctx, dout, dlse):
@@ -1300,6 +1322,7 @@ def _setup_fused(ctx, inputs, output):
     ctx.index = inputs[5:12]
     ctx.counts = inputs[12:14]
     ctx.save_for_backward(q, k, v, attr, w_aug, output[1])
+    ctx.set_materialize_grads(False)  # lse has no gradient: no zero-filled d lse kernel
 
 
 def _backward_fused(ctx, dout, dlse):
