@@ -424,7 +424,9 @@ def bench(args):
                 dtype = DTYPES[dname]
                 index, x, grad_out = make_case(colptr, row, n_src, h, c, dtype, device, gen)
                 for provider in providers:
-                    if provider == "ref_compiled" and dname not in args.compiled_dtypes:
+                    if provider == "ref_compiled" and (
+                        dname not in args.compiled_dtypes or gname not in args.compiled_graphs
+                    ):
                         continue
                     try:
                         run_provider(
@@ -575,6 +577,8 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--compiled-dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
                    help="dtypes the compiled reference runs in (each costs compiles)")  # fmt: skip
+    p.add_argument("--compiled-graphs", nargs="+", default=list(GRAPHS),
+                   help="graphs the compiled reference runs on")  # fmt: skip
     p.add_argument("--encoder-factor", type=float, default=1.2,
                    help="encoder cutoff as a factor of the mesh spacing (conf: 0.6)")  # fmt: skip
     p.add_argument("--no-check", dest="check", action="store_false")
