@@ -264,15 +264,19 @@ def test_aborted_driver_cancels_every_job_it_submitted(local_slurm, tmp_path):
 
 @pytest.mark.timeout(4 * POINT_S)
 def test_two_sweeps_started_in_the_same_second_stay_apart(tmp_path):
-    # The local launcher: no Slurm needed. Both drivers start together and share the cache.
-    procs = [start_scale(["--multirun", *TINY, "parallel.gpus=1"], tmp_path) for _ in range(2)]
+    # The local launcher: no Slurm needed. Both drivers start together and share the cache; the
+    # default directory's timestamp is pinned, so that both have the same "second" for sure.
+    same_second = "hydra.sweep.dir=${paths.cache}/sweeps/2026-01-01_00-00-00_${sweep_uid:}"
+    procs = [start_scale(["--multirun", *TINY, "parallel.gpus=1", same_second], tmp_path)
+             for _ in range(2)]
     outs = []
     for proc, log in procs:
         proc.wait(timeout=3 * POINT_S)
         outs.append(log.read_text())
         assert proc.returncode == 0, outs[-1][-3000:]
     states = [sweep_state(out) for out in outs]
-    assert states[0].sweep_dir != states[1].sweep_dir
+    names = sorted(Path(state.sweep_dir).name for state in states)
+    assert names[0] != names[1] and all(n.startswith("2026-01-01_00-00-00_") for n in names)
     assert states[0].sweep_id != states[1].sweep_id
     client = MlflowClient(tracking_uri=states[0].tracking_uri)
     for state, out in zip(states, outs, strict=True):
