@@ -31,7 +31,8 @@ import numpy as np
 from squall.errors import GraphError
 from squall.graphs import grids
 from squall.graphs.attributes import edge_attributes, node_attributes
-from squall.graphs.edges import build_edges
+from squall.graphs.edges import build_edges, search_steps
+from squall.progress import Progress
 
 
 @dataclass(frozen=True, eq=False)
@@ -198,20 +199,31 @@ def build_graph(spec: dict, spec_hash: str = "") -> Graph:
     start = time.perf_counter()
     if not spec.get("nodes") or not spec.get("edges"):
         raise GraphError("graph spec needs non-empty 'nodes' and 'edges' sections")
+    title = f"graph {spec.get('name', 'graph')}"
     try:
-        nodes = {name: build_nodes(name, dict(s)) for name, s in spec["nodes"].items()}
-        edges = {}
-        for name, s in spec["edges"].items():
-            s = dict(s)
+        nodes = {}
+        with Progress(len(spec["nodes"]), f"{title}: node sets", unit="set") as bar:
+            for name, s in spec["nodes"].items():
+                bar.set_postfix(name)
+                nodes[name] = build_nodes(name, dict(s))
+                bar.update()
+        edge_specs = {name: dict(s) for name, s in spec["edges"].items()}
+        for name, s in edge_specs.items():
             for end in ("src", "dst"):
                 if s.get(end) not in nodes:
                     raise GraphError(
                         f"edge set {name!r}: {end}={s.get(end)!r} is not a node set "
                         f"(have {sorted(nodes)})"
                     )
-            src_set, dst_set = nodes[s["src"]], nodes[s["dst"]]
-            pairs = build_edges(s, src_set, dst_set)
-            edges[name] = EdgeSet.from_pairs(name, src_set, dst_set, *pairs)
+        # One step per block of destinations searched (squall.graphs.edges.SEARCH_CHUNK).
+        steps = sum(search_steps(s, nodes[s["dst"]]) for s in edge_specs.values())
+        edges = {}
+        with Progress(steps, f"{title}: edge sets", unit="step") as bar:
+            for name, s in edge_specs.items():
+                bar.set_postfix(f"{name} ({s.get('type')})")
+                src_set, dst_set = nodes[s["src"]], nodes[s["dst"]]
+                pairs = build_edges(s, src_set, dst_set, bar.update)
+                edges[name] = EdgeSet.from_pairs(name, src_set, dst_set, *pairs)
     except KeyError as err:
         raise GraphError(f"graph spec {spec.get('name')!r}: missing key {err}") from None
     except (TypeError, ValueError) as err:
