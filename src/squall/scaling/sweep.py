@@ -312,6 +312,32 @@ def point_logger(cfg, job_num: int | None, sweep_dir: str | None, run_name: str)
                         run_name=run_name, log_environment=False, tags={KIND_TAG: "point"})
 
 
+#: Config groups whose values decide the graph and dataset every point shares.
+_INPUT_KEYS = ("graph", "data", "paths")
+
+
+def prepare_inputs(config: DictConfig) -> None:
+    """On the local cluster, build the graph and generate the dataset in the driver before the
+    points start, so that their progress shows on the user's terminal (a point would do it in
+    its own log, leaving the driver silent); skipped when a sweep varies them. A failure here is
+    only a warning: each point prepares its inputs itself and records why it cannot."""
+    if str(config.cluster.get("name")) != "local":
+        return
+    params = dict(config.hydra.sweeper.get("params") or {})
+    swept = list(params) + [o.split("=", 1)[0] for o in config.hydra.overrides.task
+                            if "," in o.split("=", 1)[-1]]  # fmt: skip
+    if any(k.lstrip("+~").split(".")[0].split("@")[0] in _INPUT_KEYS for k in swept):
+        return
+    from squall.scaling.point import _prepare
+
+    try:
+        _prepare(config)
+    except Exception as err:  # noqa: BLE001 - the points report it with their own reason
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"warning: graph and dataset not prepared before the points ({first})",
+              file=sys.stderr)  # fmt: skip
+
+
 class SweepCallback(Callback):
     """Starts a sweep before its points launch and reports on it when the multirun ends."""
 
@@ -324,6 +350,7 @@ class SweepCallback(Callback):
         self.state = start_sweep(config)
         where = self.state.tracking_uri or "nowhere (tracking.enabled=false)"
         print(f"sweep {self.state.sweep_id}: points in {self.state.sweep_dir}, runs in {where}")
+        prepare_inputs(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
         from mlflow.exceptions import MlflowException
