@@ -1,20 +1,31 @@
-"""Hydra launchers for scaling sweeps: hydra-submitit-launcher's, with three changes.
+"""Hydra launchers for scaling sweeps: hydra-submitit-launcher's, with these changes.
 
 1. **Per-point shape.** The stock launcher submits every job of a sweep as one array with the same
    resources, so a sweep over world sizes cannot work. Here each point's config is composed first,
    :func:`~squall.scaling.plan.plan_point` gives its nodes and tasks per node, and points of one
-   shape go out as one job array (one Slurm task, and one GPU, per rank).
+   shape go out as one job array (one Slurm task, and one GPU, per rank). Launcher settings that
+   follow a swept key (``cluster.partition``, ``cluster.time_min``) apply per point.
 2. **Bad points never launch.** A point whose layout cannot run (more GPUs than a node has, a
    world size the layout cannot split, a layout not supported yet) is recorded as failed with the
-   reason and skipped; the other points go on.
-3. **Failures do not end the sweep.** A point that raises, is killed, runs out of memory or out of
-   time (past its requeues) is recorded as failed with its reason on its MLflow run, and handed to
-   Hydra as a completed job whose return value is ``{"status": "failed", "reason": ...}``, so the
-   sweep's end callback still writes the report. Nothing recorded by the point is lost.
+   reason and skipped; so is a shape ``sbatch`` refuses. The other points go on.
+3. **Slurm decides when a point is over.** The driver follows its jobs with squeue/sacct
+   (:mod:`squall.scaling.slurm`), waits for requeued attempts, reports pending reasons at once and
+   cancels a point waiting cannot schedule after ``scale.pending_limit_s``; a live line counts
+   points done, running and pending.
+4. **Failures do not end the sweep.** A point that raises (its job then fails, non-zero exit), is
+   killed, cancelled, runs out of memory or out of time is recorded with its reason and Slurm's
+   state on its MLflow run, and handed to Hydra as a completed job whose return value is
+   ``{"status": "failed" | "cancelled", "reason": ...}``, so the sweep's end callback still writes
+   the report. A driver that stops early (Ctrl-C, SIGTERM, an error) cancels every job it
+   submitted.
+5. **Points are not timed side by side.** Whole nodes per point on clusters
+   (``cluster.exclusive``); without, one point at a time (singleton dependency); the local
+   launcher runs points one after another.
 
-Requeue after a timeout or preemption is submitit's: its signal reaches the point, which
-checkpoints and hands over to submitit (:mod:`squall.scaling.point`), which requeues the job up to
-``max_num_timeout`` times; the point then resumes from its checkpoint in the same MLflow run.
+Requeue: a time-limit warning or a preemption reaches the point, which checkpoints and hands
+over to submitit (:mod:`squall.scaling.point`), which requeues the job up to ``max_num_timeout``
+times; a job Slurm requeued itself is left to Slurm; the point then resumes from its checkpoint
+in the same MLflow run.
 """
 
 from __future__ import annotations
