@@ -516,6 +516,34 @@ def render(path: Path) -> None:
     Path(path).with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def readme_lines(rows) -> list[str]:
+    """README table: squall's default (flat) kernels against Anemoi's and the compiled reference,
+    latest row of each, bf16, with the card and commit they were measured on."""
+    latest = {}
+    for r in rows:
+        if r.get("dtype", "bf16") == "bf16":
+            latest[(r["graph"], r["edges_name"], r["provider"])] = r
+    cases = dict.fromkeys(k[:2] for k in latest)
+    out = [
+        "| graph | edges | E | fused (model path) | Anemoi proj. + kernel | materialised | Anemoi "
+        "kernel | compiled reference |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    cards = set()
+    for g, e in cases:
+        cell = []
+        for prov in ("flat_fused", "anemoi_proj", "flat", "anemoi", "ref_compiled"):
+            r = latest.get((g, e, prov))
+            if r:
+                cards.add(f"{r['gpu']}, torch {r['torch']}, triton {r['triton']}, {r['git_sha']}")
+            cell.append(f"{float(r['median_ms']):.2f} ms" if r else "")
+        n = next(latest[(g, e, p)]["n_edges"] for p in PROVIDERS if (g, e, p) in latest)
+        out.append(f"| {g} | {e} | {int(n):,} | " + " | ".join(cell) + " |")
+    out.append("")
+    out.append("Forward + backward, bf16, median; measured on " + "; ".join(sorted(cards)) + ".")
+    return out
+
+
 def summary_lines(rows) -> list[str]:
     """Side-by-side table of the latest row of each (gpu, graph, edges, dtype, provider)."""
     latest = {}
@@ -571,6 +599,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--csv", default=str(REPO / "profiling" / "results" / "attention_vs_anemoi.csv"))
     p.add_argument("--render", help="only regenerate the markdown table of this CSV")
+    p.add_argument("--readme", help="print the README's attention table from this CSV")
     p.add_argument("--graphs", nargs="+", default=["o96_l6", "o320_l7"])
     p.add_argument("--roles", nargs="+", default=list(ROLES))
     p.add_argument("--providers", nargs="+", default=[p for p in PROVIDERS if p != "ref_eager"])
@@ -592,6 +621,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.render:
         render(Path(args.render))
+        return 0
+    if args.readme:
+        with Path(args.readme).open() as fh:
+            print("\n".join(readme_lines(list(csv.DictReader(fh)))))
         return 0
     if args.once:  # one forward + backward per provider, no timing: a target for ncu
         device = "cuda" if torch.cuda.is_available() else "cpu"
