@@ -102,3 +102,23 @@ def test_signal_during_the_build_stops_after_the_first_step(tmp_path, monkeypatc
         run_point(cfg, lambda env, plan: logger)
     assert logger.finished == ["KILLED"] and (tmp_path / "run" / "checkpoint.pt").is_file()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_stand_alone_point_continues_its_mlflow_run_only_from_its_checkpoint(tmp_path):
+    """jobs/slurm/scale.sbatch requeued: the same run directory, a checkpoint in it, one run."""
+    from omegaconf import open_dict
+
+    from squall.scaling.sweep import point_logger
+
+    cfg = compose_scale(f"paths.cache={tmp_path}/cache")
+    with open_dict(cfg):
+        cfg.training.run_dir = str(tmp_path / "run")
+    first = point_logger(cfg, None, None, "point")
+    first.finish("KILLED")
+    no_checkpoint = point_logger(cfg, None, None, "point")  # nothing to resume: a new run
+    no_checkpoint.finish()
+    assert no_checkpoint.run_id != first.run_id
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    resumed = point_logger(cfg, None, None, "point")
+    resumed.finish()
+    assert resumed.run_id == no_checkpoint.run_id

@@ -307,9 +307,30 @@ def point_logger(cfg, job_num: int | None, sweep_dir: str | None, run_name: str)
                                 when_unreachable="journal",
                                 journal_dir=journal_dir(sweep_dir, job_num),
                                 tags={KIND_TAG: "point", JOB_TAG: job_num})
+    # A point outside a sweep (e.g. jobs/slurm/scale.sbatch, requeued): the run named in its run
+    # directory continues while the checkpoint it resumes from is there.
+    run_dir = Path(str(cfg.training.run_dir))
+    record = run_dir / POINT_RUN_RECORD
+    run_id = None
+    if (run_dir / "checkpoint.pt").exists() and bool(cfg.training.get("resume", True)):
+        try:
+            run_id = json.loads(record.read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            run_id = None
     uri = resolve_tracking_uri(tracking.get("uri"), store_dir(cfg))
-    return MlflowLogger(uri=uri, experiment=str(tracking.experiment), store_dir=store_dir(cfg),
-                        run_name=run_name, log_environment=False, tags={KIND_TAG: "point"})
+    logger = MlflowLogger(uri=uri, experiment=str(tracking.experiment), store_dir=store_dir(cfg),
+                          run_name=run_name, log_environment=False, run_id=run_id,
+                          tags={KIND_TAG: "point"})  # fmt: skip
+    if getattr(logger, "run_id", None) is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / f".{POINT_RUN_RECORD}.{os.getpid()}"
+        tmp.write_text(json.dumps({"run_id": logger.run_id}))
+        os.replace(tmp, record)
+    return logger
+
+
+#: File in a stand-alone point's ``training.run_dir`` naming its MLflow run (JSON ``run_id``).
+POINT_RUN_RECORD = "mlflow_point_run.json"
 
 
 #: Config groups whose values decide the graph and dataset every point shares.
