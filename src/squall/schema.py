@@ -294,7 +294,7 @@ class CheckpointSchema(Schema):
             for policy in policies:
                 if not (policy is None or isinstance(policy, bool)
                         or policy in CHECKPOINT_POLICIES):  # fmt: skip
-                    raise ConfigError(f"{path}.{role}={policy!r}: choose one of "
+                    raise ConfigError(f"{path}.{role}: {policy!r} is not one of "
                                       f"{_listing(CHECKPOINT_POLICIES)}, or true/false")  # fmt: skip
 
 

@@ -157,7 +157,7 @@ def test_bad_training_settings(override, wanted):
     (["model.num_heads=3"], "model.num_channels=32 is not a multiple of model.num_heads=3"),
     (["model.checkpoint.processor=[none,mlp,full]"],
      "model.checkpoint.processor lists 3 policies for model.processor_layers=2"),
-    (["model.checkpoint.encoder=some"], "model.checkpoint.encoder='some': choose one of none, "
+    (["model.checkpoint.encoder=some"], "model.checkpoint.encoder: 'some' is not one of none, "
                                         "mlp, full, or true/false"),
     (["model.compile=maybe"], "model.compile: Value 'maybe' is not a valid bool"),
     (["model.attention_backend=cuda"], "model.attention_backend='cuda': choose one of torch, "

@@ -164,7 +164,7 @@ def test_checkpoint_budget_chooses_the_policies(tiny_cfg, recording_logger, capl
     [
         ("jobs.dry_run", "model.checkpoint.processor=sometimes", "'sometimes' is not one of"),
         ("jobs.dry_run", "model.checkpoint.budget_gib=0.01", "raise the budget"),
-        ("jobs.forecast", "forecast.steps=abc", "must be integers"),
+        ("jobs.forecast", "forecast.steps=abc", "forecast.steps: Value 'abc' of type 'str'"),
     ],
 )
 def test_bad_values_are_one_line(tmp_path, tiny_overrides, job, bad, says):
