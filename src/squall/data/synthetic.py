@@ -465,18 +465,21 @@ def generate(path, nodes: NodeSet, settings: SyntheticSettings, grid_name: str =
         "synthetic": {"seed": s.seed, "psi_blobs": s.psi_blobs, "jet_ms": s.jet_ms,
                       "solid_body_ms": s.solid_body_ms, "noise": s.noise},
     }  # fmt: skip
-    with DatasetWriter(
-        path,
-        variables=list(s.variables),
-        dates=gen.dates,
-        frequency=s.frequency,
-        latitudes=np.degrees(gen.lat),
-        longitudes=np.degrees(gen.lon),
-        area_weights=nodes.area,
-        resolution=grid_name or nodes.meta.get("grid", ""),
-        attrs=attrs,
-        overwrite=overwrite,
-    ) as writer, Progress(s.num_times, "generating dataset", unit="time") as bar:
+    with (
+        DatasetWriter(
+            path,
+            variables=list(s.variables),
+            dates=gen.dates,
+            frequency=s.frequency,
+            latitudes=np.degrees(gen.lat),
+            longitudes=np.degrees(gen.lon),
+            area_weights=nodes.area,
+            resolution=grid_name or nodes.meta.get("grid", ""),
+            attrs=attrs,
+            overwrite=overwrite,
+        ) as writer,
+        Progress(s.num_times, "generating dataset", unit="time") as bar,
+    ):
         for first in range(0, s.num_times, s.block):
             index = np.arange(first, min(first + s.block, s.num_times))
             fields = gen.fields(index)
