@@ -41,9 +41,19 @@ blocks are then summed in a fixed order) and the per-destination sums
 which ``dW_aug = sum_i A_i dO_i + B_i q_i`` is reduced in fixed-size row chunks, then summed over
 chunks in a fixed order (deterministic).
 
-Nodes are launched per degree class (:mod:`squall.kernels.edge_index`), each class with its own
-autotuned edge block ``BLOCK_E``, nodes per program ``DPP``, heads per program ``BLOCK_H`` and
-warps, keyed on ``(H, C)`` (``d_e``, dtypes and the class's config candidates are compile-time).
+Two launch designs compute the same passes (``KERNEL_DESIGN`` / ``SQUALL_GT_KERNEL``):
+
+* ``"flat"`` (default): one launch per pass for any degree distribution. One program per node
+  holds all its heads; programs take the degree-class schedule from its end, so the highest
+  degrees start first; each edge step issues the next step's edge ids before its own row gathers.
+  Fused mode applies ``W_aug`` one row at a time and computes the dW chunk sums in extra programs
+  of the per-source launch, summed by one more fixed-order kernel: forward 1 launch (2 fused, with
+  the ``[W; b]`` concatenation), backward 2 (3 fused). Autotuned over ``(BLOCK_E, num_warps)``
+  keyed on ``(H, C)`` and the mean degree.
+* ``"classes"``: nodes launched per degree class (:mod:`squall.kernels.edge_index`), each class
+  with its own autotuned edge block ``BLOCK_E``, nodes per program ``DPP``, heads per program
+  ``BLOCK_H`` and warps, keyed on ``(H, C)`` (``d_e``, dtypes and the class's config candidates
+  are compile-time); up to 14 launches a call.
 """
 
 from __future__ import annotations
@@ -935,11 +945,12 @@ def _tuned(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool):
     return _TUNED[key]
 
 
-# Kernel design: "classes" (per degree class launches, head blocks, autotuned per class) or "flat"
-# (one launch per pass: one node and all heads per program, the highest degrees first). Read at
-# every call, so a process may switch; both designs share the forward's saved state (base-2 lse).
+# Kernel design: "flat" (one launch per pass: one node and all heads per program, the highest
+# degrees first; the default: 1.2 to 2.4x faster than "classes" on the H200, results/
+# attention_vs_anemoi.md) or "classes" (per degree class launches, head blocks, autotuned per
+# class). Read at every call, so a process may switch; both designs save the same state (base-2 lse).
 KERNEL_DESIGNS = ("classes", "flat")
-KERNEL_DESIGN = os.environ.get("SQUALL_GT_KERNEL", "classes")
+KERNEL_DESIGN = os.environ.get("SQUALL_GT_KERNEL", "flat")
 
 
 def kernel_design() -> str:
@@ -955,10 +966,11 @@ def _flat_configs(h_pad: int, c_pad: int) -> list[tuple[int, int]]:
     """Candidate ``(BLOCK_E, num_warps)`` of the flat kernels (one list for every pass).
 
     A block's k, v and e tiles are ``3 BLOCK_E H_pad C_pad`` fp32 values spread over the
-    program's threads; ``MAX_TILE_ELEMS`` keeps them in registers. H200 autotune on o96 era_to_h
-    (bf16, from (4, 4), (4, 8), (2, 4), (8, 8), (1, 4), (8, 4)): one edge per step at 4 warps for
-    the forward and the destination pass, two for the fused source pass: more programs per SM beat
-    more gathers per program. Blocks of 4 and 8 stay for graphs where they win.
+    program's threads; ``MAX_TILE_ELEMS`` keeps them in registers. H200 autotune over the six
+    AIFS graphs, bf16 and fp16 (profiling/results/attention_vs_anemoi_run2.log): one edge per step
+    in 64 of 72 choices (2 warps in 43), two edges in the rest: more programs per SM beat more
+    gathers per program. Larger blocks stay for graphs where they win. The interpreter takes
+    blocks of 4 (a quarter of the interpreted loop steps; same arithmetic).
     """
     tile = h_pad * c_pad
     cands = [
@@ -968,7 +980,9 @@ def _flat_configs(h_pad: int, c_pad: int) -> list[tuple[int, int]]:
         cands = [(1, 8)]
     if FORCE_CANDIDATE is not None:
         return [cands[FORCE_CANDIDATE % len(cands)]]
-    if _interpreting() or os.environ.get("SQUALL_AUTOTUNE", "1") == "0":
+    if _interpreting():
+        return [max((c for c in cands if c[0] <= 4), key=lambda c: c[0])]
+    if os.environ.get("SQUALL_AUTOTUNE", "1") == "0":
         return cands[:1]
     return cands
 
