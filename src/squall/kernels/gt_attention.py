@@ -946,9 +946,11 @@ def _tuned(kernel: str, cls: int, h_pad: int, c_pad: int, fused: bool):
 
 
 # Kernel design: "flat" (one launch per pass: one node and all heads per program, the highest
-# degrees first; the default: 1.2 to 2.4x faster than "classes" on the H200, results/
-# attention_vs_anemoi.md) or "classes" (per degree class launches, head blocks, autotuned per
-# class). Read at every call, so a process may switch; both designs save the same state (base-2 lse).
+# degrees first; the default: on one H200, 2.4x / 2.0x faster than "classes" materialised / fused
+# on the o96 encoder in the same call, 1.2 to 2.7x below the classes times of issue 15's table on
+# the other graphs; results/attention_vs_anemoi.md) or "classes" (per degree class launches, head
+# blocks, autotuned per class). Read at every call, so a process may switch; both designs save the
+# same state (base-2 lse).
 KERNEL_DESIGNS = ("classes", "flat")
 KERNEL_DESIGN = os.environ.get("SQUALL_GT_KERNEL", "flat")
 
