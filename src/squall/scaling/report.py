@@ -235,7 +235,7 @@ def collect_rows(state: SweepState) -> list[Row]:
         if status == "FINISHED":
             reason = ""
         row = Row(
-            job=_int_or_none(tags.get(JOB_TAG)) if tags.get(JOB_TAG) is not None else -1,
+            job=_int_or_none(tags.get(JOB_TAG)),
             series=series,
             gpus=_int_or_none(params.get("point.gpus", tags.get(GPUS_TAG)))
             or _gpus_from(overrides),
@@ -265,7 +265,7 @@ def collect_rows(state: SweepState) -> list[Row]:
                 if k.startswith("point.") and k not in COVERED_TAGS
             },
         )
-        if row.job is None:
+        if row.job is None:  # a run without a job number sorts first
             row.job = -1
         if row.fell_back:
             row.series = f"{series} -> {row.backend_used} ({row.fallback or 'fell back'})"
