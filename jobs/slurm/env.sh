@@ -4,8 +4,8 @@
 #   SQUALL_VENV     the virtual environment to activate            [$SLURM_SUBMIT_DIR/.venv]
 #   SQUALL_CACHE    graphs, datasets, local MLflow store           [$SLURM_SUBMIT_DIR/.cache/squall]
 #   MLFLOW_TRACKING_URI  a tracking server reachable from the compute nodes [the local store]
-# Every wrapper works in outputs/<job>/$SLURM_JOB_ID: a requeued job (same id) finds its checkpoint
-# there and continues from it (jobs.train also in the same MLflow run).
+# Every wrapper works in $SQUALL_CACHE/slurm/<job>/$SLURM_JOB_ID: a requeued job (same id) finds
+# its checkpoint there and continues from it (jobs.train also in the same MLflow run).
 if [ -n "${SQUALL_MODULES:-}" ]; then
     module purge
     # shellcheck disable=SC2086  # a list of module names

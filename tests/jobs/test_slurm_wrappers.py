@@ -82,7 +82,7 @@ def test_requeued_train_wrapper_continues_its_mlflow_run_and_log(local_slurm, tm
     job_id = submit.stdout.strip().split(";")[0]
     end = time.monotonic() + TRAIN_DEADLINE_S
     log = tmp_path / f"squall-train-{job_id}.out"
-    run_dir = tmp_path / "outputs" / "train" / job_id
+    run_dir = cache / "slurm" / "train" / job_id
     ckpt = run_dir / "checkpoint.pt"
     try:
         # First start: requeue once it has written a checkpoint, i.e. while it trains.
