@@ -312,7 +312,7 @@ def test_flat_matches_reference(flat_design, mode, dtype, heads, chans, d_e, max
 
 
 @pytest.mark.parametrize("mode", ["materialised", "fused"])
-@pytest.mark.parametrize("candidate", [0, 1, 4])
+@pytest.mark.parametrize("candidate", [pytest.param(0, marks=pytest.mark.slow), 1, 4])
 def test_every_flat_candidate(flat_design, monkeypatch, mode, candidate):
     """Edge blocks of 1, 2 and 8 (the interpreter's default, 4, runs in every other test)."""
     monkeypatch.setattr(gta, "FORCE_CANDIDATE", candidate)
@@ -334,7 +334,8 @@ def skewed_graph(n_src: int, n_dst: int, hub_in: int, hub_out: int, gen: torch.G
     return EdgeIndex.from_csc(colptr, row, n_src).to(DEVICE)
 
 
-@pytest.mark.parametrize("design", [pytest.param("classes", marks=pytest.mark.slow), "flat"])
+@pytest.mark.slow  # 27 to 46 s each in the interpreter on 2 shared cores
+@pytest.mark.parametrize("design", ["classes", "flat"])
 @pytest.mark.parametrize("mode", ["materialised", "fused"])
 def test_thousands_of_edges_at_one_node(monkeypatch, design, mode):
     """In-degree 0 to 2,000 and out-degree up to 1,500 in one graph, bf16, against the rule."""
@@ -384,6 +385,7 @@ def test_flat_views_of_one_projection(flat_design):
     test_views_of_one_projection_need_no_copy("fused")
 
 
+@pytest.mark.slow  # 32 s in the interpreter; the op registrations are shared by both designs
 def test_flat_opcheck_and_compile(flat_design):
     test_opcheck()
     test_torch_compile_traces_through()
