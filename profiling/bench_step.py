@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_rows, machine_info  # noqa: E402
 from _step import add_model_args, load_graph, make_processor_step, make_step, matmul_tflops  # noqa: E402
 
+from squall.kernels.gt_attention import kernel_design  # noqa: E402
 from squall.parallel.estimate import describe_checkpointing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,7 @@ def time_step(graph, args, backend: str, checkpoint: str) -> dict:
         "heads": args.heads,
         "vars": v,
         "backend": backend,
+        "kernel_design": kernel_design() if backend == "triton" else "-",
         "checkpoint": checkpoint,
         "checkpoint_plan": describe_checkpointing(model.cfg).removeprefix("checkpointing: "),
         "compile": args.compile,
