@@ -39,6 +39,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from jobs._entry import hydra_job
+from squall.data.setup import check_source
 from squall.parallel.env import destroy_distributed, dist_env, init_distributed
 from squall.train.loop import VALIDATION_METRICS
 from squall.train.runner import end_attempt, open_tracking_run, train
@@ -86,6 +87,8 @@ def run(cfg: DictConfig, stop: StopSignals):
     if env.backend == "nccl":  # one GPU per rank
         cfg.training.device = f"cuda:{env.local_rank}"
     try:
+        # A missing dataset is bad input: said before a tracking run is opened (or continued).
+        check_source(cfg)
         with stop.deferred():  # a stop while the run is created ends it after, as KILLED
             logger, _ = open_tracking_run(cfg, Path(cfg.paths.cache) / "mlflow", env.rank,
                                           env.world_size)  # fmt: skip

@@ -114,6 +114,8 @@ def test_train_job_bad_input_is_one_line(tmp_path, tiny_overrides):
         and "/nonexistent/ds.zarr" in last
         and "Traceback" not in out.stderr
     )
+    # said before any tracking run was opened (a finished run in this run_dir stays FINISHED)
+    assert not list(tmp_path.rglob("mlflow.db")), "a tracking store was opened for bad input"
 
 
 def test_forecast_rolls_out_scores_and_writes_zarr(tiny_cfg, recording_logger, tmp_path):

@@ -50,6 +50,14 @@ def synthetic_settings(data_cfg) -> SyntheticSettings:
     return SyntheticSettings(**gen)
 
 
+def check_source(cfg) -> None:
+    """Raise :class:`DataError` now when the configured dataset is not synthetic and is missing
+    or unreadable (metadata only: milliseconds), so a job fails before it opens a tracking run or
+    builds anything."""
+    if str(cfg.data.get("source", "zarr")) != "synthetic":
+        read_info(Path(str(cfg.data.path)))
+
+
 def ensure_dataset(cfg, nodes: NodeSet | None = None) -> Path:
     """Path of the configured dataset, generating it first if it is synthetic and missing.
 
