@@ -421,8 +421,8 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: st
         M.SAMPLES_PER_S_PER_GPU: stats.samples_per_s / plan.gpus,
         # Data-parallel points exchange no halo.
         M.HALO_BYTES_PER_STEP: 0.0, M.HALO_ROWS_SENT: 0.0, **halo,
-        "model/parameters": float(model.num_parameters()),
-        "model/gflop_per_sample": model.flops_per_sample() / 1e9,
+        M.MODEL_PARAMETERS: float(model.num_parameters()),
+        M.MODEL_GFLOP_PER_SAMPLE: model.flops_per_sample() / 1e9,
     }
     for entry in gathered:
         for key, value in entry["memory"].items():

@@ -41,6 +41,8 @@ HALO_BYTES_PER_STEP = "halo/bytes_per_step"
 EDGE_IMBALANCE = "partition/edge_imbalance"  # max / mean edges per rank, all edge sets
 NODE_IMBALANCE = "partition/node_imbalance"  # max / mean nodes per rank, worst node set
 KERNEL_GBPS = "kernel/achieved_GBps"
+MODEL_PARAMETERS = "model/parameters"  # count of trainable and frozen parameters
+MODEL_GFLOP_PER_SAMPLE = "model/gflop_per_sample"  # analytic forward GFLOP of one sample
 GPU_UTILIZATION_PCT = "system/gpu_utilization_pct"
 GPU_MEMORY_USED_GIB = "system/gpu_memory_used_GiB"
 

@@ -35,6 +35,7 @@ from squall.parallel.parallelize import (
     prepare_parallel,
     reduce_loss,
 )  # fmt: skip
+from squall.tracking import metrics as M
 from squall.train.checkpoint import checkpoint_extra
 from squall.train.loop import ResumableSampler, Trainer, VariableLayout
 
@@ -218,9 +219,8 @@ def train(cfg, logger) -> dict:
 
     val_loader = make_dataloader(parts.val_set, batch_size=batch, num_workers=0)
     summary = trainer.fit(make_loader, val_loader)
-    summary.update(
-        parameters=model.num_parameters(), gflop_per_sample=model.flops_per_sample() / 1e9
-    )
+    summary.update({M.MODEL_PARAMETERS: float(model.num_parameters()),
+                    M.MODEL_GFLOP_PER_SAMPLE: model.flops_per_sample() / 1e9})  # fmt: skip
     return summary
 
 
