@@ -46,6 +46,7 @@ def test_default_local_sweep_falls_back_to_local_store_and_prints_table(tmp_path
         run = client.get_run(state.points[job])
         data = run.data
         assert run.info.status == "FINISHED"
+        assert run.info.run_name.startswith(f"#{job} dp{gpus} gpus={gpus}"), run.info.run_name
         assert data.tags["mlflow.parentRunId"] == state.parent_run_id
         assert data.tags["sweep_id"] == state.sweep_id
         assert data.params["point.layout"] == f"dp{gpus}" and data.params["point.gpus"] == str(gpus)

@@ -301,7 +301,9 @@ def point_logger(cfg, job_num: int | None, sweep_dir: str | None, run_name: str)
         if state.tracking_uri is not None:
             # The sweep's store, even while it does not answer: the journal keeps the run.
             return MlflowLogger(uri=state.tracking_uri, experiment=state.experiment,
-                                store_dir=store_dir(cfg), run_name=run_name,
+                                store_dir=store_dir(cfg),
+                                # a planned run keeps the driver's name (#<n> <layout> ...)
+                                run_name=None if run_id else run_name,
                                 sweep_id=state.sweep_id, parent_run_id=state.parent_run_id,
                                 run_id=run_id, log_environment=False,
                                 when_unreachable="journal",
