@@ -317,6 +317,11 @@ def root_logging():
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     yield buffer
+    # setup_logging filters every root handler, pytest's own log capture among them (added for
+    # the test's call): take those filters off, or later tests capture no INFO record
+    for handler in {*root.handlers, *saved[0]}:
+        for rank_filter in [f for f in handler.filters if isinstance(f, _entry.RankFilter)]:
+            handler.removeFilter(rank_filter)
     root.handlers[:], root.level = saved
 
 
