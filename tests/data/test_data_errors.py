@@ -198,6 +198,7 @@ def _ensure_in_process(overrides, barrier, delay_s):
     setup.ensure_dataset(cfg)
 
 
+@pytest.mark.slow  # 22 s: staggered processes each generate
 def test_ranks_generating_at_once_share_one_dataset(tmp_path):
     """Every rank of a fresh distributed job calls ensure_dataset together: one generates, the
     others wait for it (no 'already exists' error, one complete store)."""

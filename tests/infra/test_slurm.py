@@ -97,6 +97,7 @@ def test_two_task_job_all_reduces_over_gloo(jobs):
     assert [r[1] for r in results] == [1, 1]  # 0 + 1 on every rank
 
 
+@pytest.mark.slow  # 15 s: waits for Slurm accounting
 def test_killed_job_is_reported_failed(jobs):
     job = jobs["killed"]
     wait_done(job, QUICK_JOB_DEADLINE_S)
@@ -105,6 +106,7 @@ def test_killed_job_is_reported_failed(jobs):
         job.result()
 
 
+@pytest.mark.slow  # 15 s: waits for Slurm accounting
 def test_cancelled_job_is_reported_cancelled(jobs):
     job = jobs["cancelled"]
     end = time.monotonic() + QUICK_JOB_DEADLINE_S

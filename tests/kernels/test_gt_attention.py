@@ -111,7 +111,10 @@ def test_matches_reference(mode, dtype, heads, chans, d_e, max_deg, skew):
 
 
 @pytest.mark.parametrize("mode", ["materialised", "fused"])
-@pytest.mark.parametrize("candidate", [0, 2, 4, 5])
+# 8-26 s each in the interpreter: candidate 0 in the default run, the others with the slow tests
+@pytest.mark.parametrize(
+    "candidate", [0, *(pytest.param(c, marks=pytest.mark.slow) for c in (2, 4, 5))]
+)
 def test_every_launch_candidate(monkeypatch, mode, candidate):
     """Each autotune candidate (all heads per program, or head blocks) is right on its own."""
     monkeypatch.setattr(gta, "FORCE_CANDIDATE", candidate)

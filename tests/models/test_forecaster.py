@@ -154,6 +154,7 @@ def test_tiny_model_overfits_a_tiny_dataset(tiny_graph):
     assert loss.item() < first / 10, (first, loss.item())
 
 
+@pytest.mark.slow  # 54 s on 2 cores: inductor compiles C++ for every block
 def test_compiled_blocks_match_eager(tiny_graph):
     from squall.models.forecaster import compile_blocks
 

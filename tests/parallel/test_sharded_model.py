@@ -164,7 +164,7 @@ def test_one_part_and_chunks_equal_the_unsharded_model():
     [
         (2, "sfc", CONFIGS),
         (3, "ranges", CONFIGS[:1]),
-        (4, "sfc", CONFIGS[2:]),
+        pytest.param(4, "sfc", CONFIGS[2:], marks=pytest.mark.slow),  # 13 s: four gloo ranks
         (2, "lopsided", CONFIGS[:1]),
     ],
 )
@@ -172,6 +172,7 @@ def test_sharded_model_equals_the_unsharded_one(world, method, configs):
     spawn(_model_parallel, world, method, configs)
 
 
+@pytest.mark.slow  # 12 s: four gloo ranks
 def test_model_and_data_parallel_together():
     spawn(_model_x_data, 4)
 

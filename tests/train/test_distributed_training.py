@@ -51,6 +51,8 @@ def history(cache: Path, key: str) -> list[float]:
     ]
 
 
+@pytest.mark.slow  # 26-33 s each: two job processes and one reference (gradient sync is
+# covered in the default run by tests/parallel/test_gradient_sync.py)
 @pytest.mark.parametrize(
     "layout, reference",
     [
