@@ -104,7 +104,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("mode", ["materialised", "fused"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "dtype",
+    # 7-11 s each in the interpreter; bf16 runs by default in the candidate test below
+    [torch.float32]
+    + [pytest.param(d, marks=pytest.mark.slow) for d in (torch.bfloat16, torch.float16)],
+    ids=str,
+)
 @pytest.mark.parametrize(("heads", "chans", "d_e", "max_deg", "skew"), CASES)
 def test_matches_reference(mode, dtype, heads, chans, d_e, max_deg, skew):
     check_against_reference(mode, dtype, heads, chans, d_e, max_deg, skew)
@@ -219,6 +225,7 @@ def _op_samples(gen):
     return mat, fus
 
 
+@pytest.mark.slow  # 24 s in the interpreter
 def test_opcheck():
     mat, fus = _op_samples(torch.Generator().manual_seed(4))
     torch.library.opcheck(gta._op_fwd, mat)
@@ -315,7 +322,10 @@ def test_flat_matches_reference(flat_design, mode, dtype, heads, chans, d_e, max
 
 
 @pytest.mark.parametrize("mode", ["materialised", "fused"])
-@pytest.mark.parametrize("candidate", [pytest.param(0, marks=pytest.mark.slow), 1, 4])
+# 9-19 s each in the interpreter: candidate 4 by default, 0 and 1 with the slow tests
+@pytest.mark.parametrize(
+    "candidate", [*(pytest.param(c, marks=pytest.mark.slow) for c in (0, 1)), 4]
+)
 def test_every_flat_candidate(flat_design, monkeypatch, mode, candidate):
     """Edge blocks of 1, 2 and 8 (the interpreter's default, 4, runs in every other test)."""
     monkeypatch.setattr(gta, "FORCE_CANDIDATE", candidate)

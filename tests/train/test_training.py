@@ -81,6 +81,7 @@ def run_train_job(tmp_path, tiny_overrides, *extra, env_extra=None):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # 13 s: a whole jobs.train process
 def test_train_job_records_run_in_local_mlflow(tmp_path, tiny_overrides):
     out = run_train_job(tmp_path, tiny_overrides, "training.max_steps=6")
     assert out.returncode == 0, out.stderr[-3000:]
