@@ -72,21 +72,25 @@ def checkpoint_extra(path) -> dict:
     return {**payload.get("extra", {}), "step": int(payload.get("step", 0))}
 
 
-def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng=True) -> dict:
-    """Restore states from ``path`` into the given objects; return the checkpoint dict."""
+def read_payload(path, advice: str, error: type[SquallError] = SquallError) -> dict:
+    """The checkpoint dict at ``path`` (CPU tensors), or ``error`` in one line: not found,
+    unreadable (then ``advice`` says what to do), or not a squall checkpoint of this format."""
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise SquallError(f"checkpoint {path} not found") from None
+        raise error(f"checkpoint {path} not found") from None
     except Exception as err:  # torch raises many types for a truncated or foreign file
-        raise SquallError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to start afresh"
-        ) from None
+        raise error(f"checkpoint {path} cannot be read ({type(err).__name__}): {advice}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
-        raise SquallError(
-            f"checkpoint {path} is not a squall checkpoint of format {FORMAT_VERSION}"
-        )
+        raise error(f"checkpoint {path} is not a squall checkpoint of format {FORMAT_VERSION}")
+    return payload
+
+
+def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng=True) -> dict:
+    """Restore states from ``path`` into the given objects; return the checkpoint dict."""
+    path = Path(path)
+    payload = read_payload(path, "delete it to start afresh")
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:

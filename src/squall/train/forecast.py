@@ -37,7 +37,7 @@ from squall.progress import Progress
 from squall.tracking import NullLogger, create_logger
 from squall.tracking import metrics as M
 from squall.tracking.experiment import layout_name, run_name
-from squall.train.checkpoint import FORMAT_VERSION
+from squall.train.checkpoint import read_payload
 from squall.train.runner import build_run
 
 log = logging.getLogger(__name__)
@@ -68,17 +68,8 @@ class CheckpointInfo:
 
 def read_checkpoint(path: Path) -> tuple[CheckpointInfo, dict]:
     """The checkpoint's description and its states (CPU tensors); one-line errors."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise ConfigError(f"checkpoint {path} not found") from None
-    except Exception as err:  # torch raises many types for a truncated or foreign file
-        raise ConfigError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}): train again (python -m "
-            "jobs.train with the same graph and model) or set forecast.checkpoint"
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
-        raise ConfigError(f"checkpoint {path} is not a squall checkpoint of format {FORMAT_VERSION}")
+    payload = read_payload(path, "train again (python -m jobs.train with the same graph and "
+                           "model) or set forecast.checkpoint", ConfigError)  # fmt: skip
     extra = payload.get("extra") or {}
     info = CheckpointInfo(Path(path), int(payload.get("step", 0)), extra.get("mlflow_run_id"),
                           extra.get("tracking_uri"), payload.get("identity"))  # fmt: skip
