@@ -112,7 +112,9 @@ CASES = [
     ids=str,
 )
 @pytest.mark.parametrize(("heads", "chans", "d_e", "max_deg", "skew"), CASES)
-def test_matches_reference(mode, dtype, heads, chans, d_e, max_deg, skew):
+@pytest.mark.parametrize("design", gta.KERNEL_DESIGNS)
+def test_matches_reference(monkeypatch, design, mode, dtype, heads, chans, d_e, max_deg, skew):
+    monkeypatch.setattr(gta, "KERNEL_DESIGN", design)
     check_against_reference(mode, dtype, heads, chans, d_e, max_deg, skew)
 
 
@@ -122,7 +124,9 @@ def test_matches_reference(mode, dtype, heads, chans, d_e, max_deg, skew):
     "candidate", [0, *(pytest.param(c, marks=pytest.mark.slow) for c in (2, 4, 5))]
 )
 def test_every_launch_candidate(monkeypatch, mode, candidate):
-    """Each autotune candidate (all heads per program, or head blocks) is right on its own."""
+    """Each autotune candidate of the per-class design (all heads per program, or head blocks)
+    is right on its own (test_every_flat_candidate covers the flat design's)."""
+    monkeypatch.setattr(gta, "KERNEL_DESIGN", "classes")
     monkeypatch.setattr(gta, "FORCE_CANDIDATE", candidate)
     check_against_reference(mode, torch.bfloat16, 5, 12, 4, 20, 70)
 
@@ -306,19 +310,6 @@ def test_degree_schedule_and_move():
 @pytest.fixture
 def flat_design(monkeypatch):
     monkeypatch.setattr(gta, "KERNEL_DESIGN", "flat")
-
-
-@pytest.mark.parametrize("mode", ["materialised", "fused"])
-@pytest.mark.parametrize(
-    "dtype",
-    # bf16 runs by default in the candidate, hub and determinism tests below (interpreter time)
-    [torch.float32]
-    + [pytest.param(d, marks=pytest.mark.slow) for d in (torch.bfloat16, torch.float16)],
-    ids=str,
-)
-@pytest.mark.parametrize(("heads", "chans", "d_e", "max_deg", "skew"), CASES)
-def test_flat_matches_reference(flat_design, mode, dtype, heads, chans, d_e, max_deg, skew):
-    check_against_reference(mode, dtype, heads, chans, d_e, max_deg, skew)
 
 
 @pytest.mark.parametrize("mode", ["materialised", "fused"])
