@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 from jobs._entry import hydra_job
 from squall.graphs import load_or_build
 from squall.models.forecaster import ModelConfig
-from squall.parallel.estimate import estimate, format_estimate
 from squall.parallel.parallelize import ParallelConfig
+from squall.planning.estimate import estimate, format_estimate
 
 
 @hydra_job()

@@ -11,8 +11,8 @@ import yaml
 
 from squall.graphs import build_graph
 from squall.models.forecaster import GraphForecaster, ModelConfig, compile_blocks
-from squall.parallel.estimate import estimate
 from squall.parallel.parallelize import ParallelConfig
+from squall.planning.estimate import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -36,11 +36,11 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import RESULTS, append_rows, machine_info  # noqa: E402
 
+from squall.distributed.env import destroy_distributed, dist_env, init_distributed  # noqa: E402
+from squall.distributed.layout import Layout, build_groups  # noqa: E402
 from squall.graphs import build_graph, load_or_build  # noqa: E402
 from squall.models.forecaster import GraphForecaster, ModelConfig  # noqa: E402
-from squall.parallel.env import destroy_distributed, dist_env, init_distributed  # noqa: E402
 from squall.parallel.halo import build_halo_plans  # noqa: E402
-from squall.parallel.layout import Layout, build_groups  # noqa: E402
 from squall.parallel.parallelize import ParallelConfig, parallelize  # noqa: E402
 from squall.parallel.partition import partition_graph, partition_report  # noqa: E402
 from squall.train.loop import area_weighted_mse  # noqa: E402

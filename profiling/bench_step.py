@@ -24,7 +24,7 @@ from _results import append_rows, machine_info  # noqa: E402
 from _step import add_model_args, load_graph, make_processor_step, make_step, matmul_tflops  # noqa: E402
 
 from squall.kernels.gt_attention import kernel_design  # noqa: E402
-from squall.parallel.estimate import describe_checkpointing  # noqa: E402
+from squall.planning.estimate import describe_checkpointing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

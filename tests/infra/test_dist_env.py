@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from squall.errors import SquallError
-from squall.parallel.env import (
+from squall.distributed.env import (
     PORT_BASE,
     PORT_SPAN,
     DistEnv,
@@ -22,6 +21,7 @@ from squall.parallel.env import (
     init_distributed,
     port_from_job_id,
 )
+from squall.errors import SquallError
 
 
 def slurm_step(**overrides: str) -> dict[str, str]:
@@ -259,7 +259,7 @@ def test_submitit_local_executor_two_tasks(tmp_path):
     # submitit's local executor really starts two tasks; each reads its DistEnv and all-reduces.
     import submitit
 
-    from squall.parallel.env import rank_sum_check
+    from squall.distributed.env import rank_sum_check
 
     executor = submitit.LocalExecutor(folder=tmp_path / "%j")
     executor.update_parameters(tasks_per_node=2, nodes=1, timeout_min=2)

@@ -18,7 +18,7 @@ import cloudpickle
 import pytest
 import submitit
 
-from squall.parallel.env import rank_sum_check
+from squall.distributed.env import rank_sum_check
 
 pytestmark = pytest.mark.slurm
 

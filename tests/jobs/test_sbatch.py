@@ -15,8 +15,8 @@ from _scale_helpers import REPO, TINY, compose_scale
 from omegaconf import OmegaConf
 
 from hydra_plugins.squall_scaling import SquallSlurmLauncher
+from squall.distributed.env import rank_sum_check
 from squall.errors import ConfigError
-from squall.parallel.env import rank_sum_check
 from squall.scaling.batch import make_executor
 from squall.scaling.plan import plan_point
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from parallel_workers import tiny_graph
 
+from squall.distributed.layout import Layout, LayoutError
 from squall.graphs import build_graph
 from squall.parallel.halo import build_halo_plans, chunk_subgraphs, interior_first_order
-from squall.parallel.layout import Layout, LayoutError
 from squall.parallel.parallelize import ParallelConfig
 from squall.parallel.partition import (
     hilbert_index,
@@ -165,7 +165,7 @@ def test_degree_errors_print_every_number():
 
 def test_dry_run_estimates_match_the_plans():
     from squall.models.forecaster import ModelConfig
-    from squall.parallel.estimate import estimate, format_estimate
+    from squall.planning.estimate import estimate, format_estimate
 
     g = tiny_graph()
     mcfg = ModelConfig(num_channels=16, num_heads=4, processor_layers=3)
@@ -196,7 +196,7 @@ def test_checkpoint_plan_fits_the_budget_with_the_least_recomputation():
     from dataclasses import replace
 
     from squall.models.forecaster import ModelConfig
-    from squall.parallel.estimate import (
+    from squall.planning.estimate import (
         PLAN_HEADROOM_GIB,
         activation_bytes,
         estimate,
@@ -236,7 +236,7 @@ def test_estimate_counts_rollout_chunks_and_where_compile_applies():
 
     from squall.errors import ConfigError
     from squall.models.forecaster import ModelConfig
-    from squall.parallel.estimate import estimate
+    from squall.planning.estimate import estimate
 
     g = tiny_graph()
     base = ModelConfig(num_channels=64, num_heads=4, processor_layers=2, mlp_ratio=4)

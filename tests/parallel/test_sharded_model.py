@@ -9,8 +9,8 @@ import pytest
 import torch
 from parallel_workers import make_model, spawn, tiny_graph
 
+from squall.distributed.layout import Layout, build_groups
 from squall.parallel.halo import build_halo_plans
-from squall.parallel.layout import Layout, build_groups
 from squall.parallel.parallelize import ParallelConfig, parallelize, reduce_loss
 from squall.parallel.partition import Partition
 from squall.train.loop import area_weighted_mse

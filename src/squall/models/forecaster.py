@@ -49,7 +49,7 @@ class ModelConfig:
     """Model sizes, attention backend and per-block checkpointing.
 
     ``checkpoint_processor`` is one policy for every processor layer or a tuple of one per layer;
-    ``checkpoint_budget_gib`` (when set) asks :func:`squall.parallel.estimate.plan_checkpointing`
+    ``checkpoint_budget_gib`` (when set) asks :func:`squall.planning.estimate.plan_checkpointing`
     to choose all three under that much memory per GPU.
     """
 

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from squall.distributed.layout import Layout, LayoutError, ProcessGroups, build_groups
 from squall.graphs import Graph
 from squall.models.forecaster import ROLES, GraphForecaster, GraphInputs
 from squall.parallel.chunking import (
@@ -60,7 +61,6 @@ from squall.parallel.halo import (
     chunk_subgraphs,
     interior_first_order,
 )
-from squall.parallel.layout import Layout, LayoutError, ProcessGroups, build_groups
 from squall.parallel.partition import ALIASES, METHODS, Partition, partition_graph
 from squall.tracking import metrics as M
 

@@ -30,7 +30,7 @@ What a Slurm cluster's script carries, and why:
 GPUs
     ``--gpus-per-node`` equal to the tasks per node, one task per GPU, and no ``--gpu-bind`` or
     ``--gpus-per-task``: every task sees all GPUs of its node and takes GPU ``SLURM_LOCALID``
-    (:func:`squall.parallel.env.init_distributed`). Binding a task to its GPU would renumber it
+    (:func:`squall.distributed.env.init_distributed`). Binding a task to its GPU would renumber it
     ``cuda:0`` and the local rank would name a device the task cannot see.
 ``cluster.env``
     Exported after ``cluster.setup`` (the config wins over what a module sets): NCCL's network
@@ -39,7 +39,7 @@ GPUs
 ``cluster.srun_args``
     Further srun options of the site, after the ones above (``--mpi=pmix``, ...).
 
-Rendezvous is not in the script: every task derives it in :mod:`squall.parallel.env`, the one
+Rendezvous is not in the script: every task derives it in :mod:`squall.distributed.env`, the one
 place for it (master: the first host of the step's node list; port: from the job id, so two jobs
 on one node do not collide). ``MASTER_ADDR`` or ``MASTER_PORT`` in ``cluster.env`` override them.
 """

@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass
 
 # One error for every layout that cannot run (ranks, nodes, batch, parallel degrees, scheme).
-from squall.parallel.layout import LayoutError
+from squall.distributed.layout import LayoutError
 
 MODES = ("strong", "weak")
 __all__ = ["LayoutError", "PointPlan", "model_parallel_supported", "plan_point"]

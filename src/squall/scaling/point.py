@@ -3,7 +3,7 @@
 Run by every rank of the point (``jobs/scale.py``). The order:
 
 1. :func:`~squall.scaling.plan.plan_point` checks the layout; the launcher's world size must match.
-2. ``torch.distributed`` from the launcher's environment (:mod:`squall.parallel.env`): NCCL on
+2. ``torch.distributed`` from the launcher's environment (:mod:`squall.distributed.env`): NCCL on
    GPUs, gloo on CPU.
 3. Rank 0 builds graph, dataset and model first (it may write the graph cache and the synthetic
    dataset), the others after a barrier. Model-parallel points shard the model in place
@@ -48,9 +48,9 @@ from omegaconf import OmegaConf, open_dict
 from squall.data.sampler import EpochSampler
 from squall.data.setup import ensure_dataset
 from squall.data.zarr_dataset import make_dataloader
+from squall.distributed.env import DistEnv, destroy_distributed, dist_env, init_distributed
 from squall.errors import SquallError
 from squall.graphs import load_or_build
-from squall.parallel.env import DistEnv, destroy_distributed, dist_env, init_distributed
 from squall.scaling import slurm
 from squall.scaling.plan import LayoutError, PointPlan, plan_point
 from squall.scaling.sweep import FAILURE_TAG, INTERRUPT_TAG, NODELIST_TAG

@@ -27,7 +27,6 @@ from squall.data.zarr_dataset import make_dataloader
 from squall.errors import ConfigError
 from squall.graphs import Graph, load_or_build
 from squall.models.forecaster import GraphForecaster, ModelConfig, compile_blocks
-from squall.parallel.estimate import describe_checkpointing, estimate
 from squall.parallel.parallelize import (
     ParallelConfig,
     ParallelSetup,
@@ -35,6 +34,7 @@ from squall.parallel.parallelize import (
     prepare_parallel,
     reduce_loss,
 )  # fmt: skip
+from squall.planning.estimate import describe_checkpointing, estimate
 from squall.tracking import metrics as M
 from squall.train.checkpoint import checkpoint_extra
 from squall.train.loop import ResumableSampler, Trainer, VariableLayout

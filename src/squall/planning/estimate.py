@@ -18,12 +18,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from squall.distributed.layout import Layout
 from squall.errors import ConfigError
 from squall.graphs import Graph
 from squall.layers.graph_transformer import block_flops
 from squall.models.forecaster import CHECKPOINT_POLICIES, ROLES, GraphForecaster, ModelConfig
 from squall.parallel.halo import build_halo_plans
-from squall.parallel.layout import Layout
 from squall.parallel.parallelize import ParallelConfig, make_partition
 
 GIB = 1024**3
