@@ -6,7 +6,6 @@ import pytest
 from _scale_helpers import CLUSTERS, EXPERIMENTS, compose_scale, run_scale
 from omegaconf import OmegaConf
 
-from squall.scaling import plan as plan_module
 from squall.scaling.plan import LayoutError, plan_point
 
 LAUNCHERS = {"local": "hydra_plugins.squall_scaling.SquallLocalLauncher",
@@ -82,12 +81,8 @@ def test_layouts_that_cannot_run(overrides, message):
     assert message in str(err.value)
 
 
-def test_model_parallel_waits_for_partitioning(monkeypatch):
+def test_model_parallel_point_checks_its_scheme():
     cfg = compose_scale("experiment=partition_compare")
-    monkeypatch.setattr(plan_module, "model_parallel_supported", lambda: False)
-    with pytest.raises(LayoutError, match=r"layout dp1xmp2 not supported yet: .*issue 6"):
-        plan_point(cfg)
-    monkeypatch.setattr(plan_module, "model_parallel_supported", lambda: True)
     with pytest.raises(LayoutError, match="parallel.partition='hexagons': choose one of"):
         plan_point(compose_scale("experiment=partition_compare", "parallel.partition=hexagons"))
     plan = plan_point(cfg)

@@ -5,15 +5,10 @@ frozen :class:`PointPlan`: how many ranks, on how many nodes, how they split int
 model-parallel groups, and the batch each rank draws. Every rule a layout can break is checked up
 front and reported in one :class:`LayoutError` that prints every number involved, so a bad point
 fails in the sweep's launcher (recorded, the others go on) instead of after a queue wait.
-
-Model parallelism (graph partitioning, issue 6) plugs in at :func:`model_parallel_supported`:
-until ``squall.parallel.parallelize`` exists, a point with ``model_parallel > 1`` is refused with
-that reason.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import asdict, dataclass
 
@@ -21,12 +16,7 @@ from dataclasses import asdict, dataclass
 from squall.distributed.layout import LayoutError
 
 MODES = ("strong", "weak")
-__all__ = ["LayoutError", "PointPlan", "model_parallel_supported", "plan_point"]
-
-
-def model_parallel_supported() -> bool:
-    """Whether graph partitioning has landed (``squall.parallel.parallelize`` importable)."""
-    return importlib.util.find_spec("squall.parallel.parallelize") is not None
+__all__ = ["LayoutError", "PointPlan", "plan_point"]
 
 
 @dataclass(frozen=True)
@@ -146,11 +136,6 @@ def plan_point(cfg) -> PointPlan:
         per_rank = batch
     if problems:
         raise LayoutError("point cannot run: " + "; ".join(problems))
-    if mp > 1 and not model_parallel_supported():
-        raise LayoutError(
-            f"layout dp{dp}xmp{mp} not supported yet: model parallelism "
-            "(squall.parallel.parallelize, issue 6) has not landed; use parallel.model_parallel=1"
-        )
     if mp > 1:  # scheme names and degrees, checked where no GPU hour is spent yet
         from squall.parallel.parallelize import ParallelConfig
 
