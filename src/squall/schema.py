@@ -464,7 +464,13 @@ class ForecastSchema(Schema):
     max_starts : int
         Initial states, evenly spaced through the split.
     output : str or None
-        Optional zarr path for the denormalised forecasts.
+        Optional zarr path for the denormalised forecasts (written by a background thread).
+    precision : str
+        ``auto`` (bf16 autocast on GPU, fp32 on CPU), ``bf16`` or ``fp32``.
+    cuda_graphs : bool
+        Capture the model's step into a CUDA graph and replay it (GPU only).
+    write_queue : int
+        Fields waiting for the disk before the rollout blocks.
     """
 
     checkpoint: str = MISSING
@@ -472,6 +478,9 @@ class ForecastSchema(Schema):
     steps: int = setting(ge=1)
     max_starts: int = setting(ge=1)
     output: str | None = None
+    precision: str = setting("auto", choices=("auto", "bf16", "fp32"))
+    cuda_graphs: bool = False
+    write_queue: int = setting(4, ge=1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -379,3 +379,17 @@ def _torch_reader() -> list[Callable[[], dict[str, float]]]:
         return out
 
     return [read]
+
+
+# Forecast and profiling speed (jobs.forecast, jobs.profile, profiling/bench_forecast.py).
+FORECAST_STEP_S = "forecast/step_s"  # median seconds of one rollout step (device time on a GPU)
+FORECAST_ROLLOUT_S = "forecast/rollout_s"  # forecast/step_s x steps: one start's rollout
+FORECAST_TOTAL_S = "forecast/total_s"  # wall time of all starts, until the last field is written
+FORECAST_WRITE_WAIT_S = "forecast/write_wait_s"  # the rollout waited on the zarr writer (queue full)
+PROFILE_STEP_S = "profile/step_s"  # median wall time of a profiled step
+
+
+def profile_component_s(component: str) -> str:
+    """Key of one component's time per profiled step (``encoder``, ``processor``, ``decoder``,
+    ``optimiser``, ``communication``), e.g. ``profile/encoder_s``."""
+    return f"profile/{component}_s"

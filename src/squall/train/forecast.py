@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import csv
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from squall.config import to_container
 from squall.data.setup import build_dataset
@@ -34,7 +37,7 @@ from squall.errors import ConfigError, SquallError
 from squall.graphs.store import spec_hash, to_plain
 from squall.models.forecaster import ModelConfig
 from squall.progress import Progress
-from squall.tracking import NullLogger, create_logger
+from squall.tracking import NullLogger, create_logger, peak_memory
 from squall.tracking import metrics as M
 from squall.tracking.experiment import layout_name, run_name
 from squall.train.checkpoint import read_payload
@@ -114,21 +117,360 @@ def check_identity(info: CheckpointInfo, cfg) -> None:
             "forecast.checkpoint")  # fmt: skip
 
 
-@torch.no_grad()
-def rollout(trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Predictions ``[B, steps, G, V_out]`` for windows ``x [B, T_in, G, V]``, ``y [B, steps, G, V]``."""
-    preds = [pred for pred, _ in trainer.rollout({"x": x, "y": y})]
-    return torch.stack(preds, 1)
+# ----------------------------------------------------------------------------------------------
+# How a step runs: precision, inference mode, CUDA graphs
+# ----------------------------------------------------------------------------------------------
+
+#: Eager forwards on a side stream before a CUDA graph is captured: the first runs Triton's
+#: autotuning and cuBLAS's workspace set-up, which must not happen inside the capture; the
+#: second checks that nothing allocates differently once warm (PyTorch's CUDA-graph notes use 3
+#: for DDP, whose first iterations build buckets: squall's step builds nothing).
+CAPTURE_WARMUP = 2
 
 
-def _per_variable_mse(pred: torch.Tensor, truth: torch.Tensor, area: torch.Tensor) -> np.ndarray:
-    """Area-weighted MSE of each variable, ``[V]``, for ``pred, truth [B, G, V]`` (fp32)."""
-    err = (pred.float() - truth.float()).square() * area.float()[None, :, None]
-    return err.mean(dim=(0, 1)).double().cpu().numpy()
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``forecast.precision`` on ``device`` (``None``: plain fp32).
+
+    ``auto`` is bf16 on a GPU and fp32 on a CPU (where bf16 matrix products are slow and fp32
+    outputs are what the tests compare bitwise).
+    """
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ConfigError(f"forecast.precision={precision!r}: choose auto, bf16 or fp32")
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+class ModelStep:
+    """One forward of the model, ``state [B, T_in, G_local, V_in] -> [B, G_local, V_out]``,
+    without autograd (``torch.inference_mode``) and under autocast when ``dtype`` is set.
+
+    With ``cuda_graphs`` on a CUDA device the forward is captured once into a CUDA graph
+    (after :data:`CAPTURE_WARMUP` eager forwards on a side stream) and replayed every step: one
+    launch instead of a few hundred kernel launches per step. The replayed output lives in the
+    graph's static buffer, overwritten by the next replay: whatever reads it must be queued on
+    the same stream before the next call (the rollout below does all its work on the current
+    stream). A capture that fails (an operation that cannot be captured, e.g. a host sync in a
+    communication op) is logged and the step runs eagerly; on a CPU the option is a no-op, said
+    once in the log.
+    """
+
+    def __init__(self, model, device: torch.device, dtype: torch.dtype | None,
+                 cuda_graphs: bool) -> None:  # fmt: skip
+        self.model, self.device, self.dtype = model, device, dtype
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_in = self.static_out = None
+        self.captured = False
+        self.want_graph = bool(cuda_graphs) and device.type == "cuda"
+        if cuda_graphs and device.type != "cuda":
+            log.info("forecast.cuda_graphs: no CUDA device, the step runs eagerly on %s", device)
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16,
+                            enabled=self.dtype is not None):  # fmt: skip
+            return self.model(state)
+
+    def __call__(self, state: torch.Tensor) -> torch.Tensor:
+        if self.want_graph and not self.captured:
+            self.captured = True
+            self._capture(state)
+        if self.graph is None:
+            return self.forward(state)
+        self.static_in.copy_(state)
+        self.graph.replay()
+        return self.static_out
+
+    def _capture(self, state: torch.Tensor) -> None:
+        try:
+            static_in = state.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(CAPTURE_WARMUP):
+                    self.forward(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.forward(static_in)
+        except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager
+            torch.cuda.synchronize(self.device)
+            log.warning("forecast.cuda_graphs: capture failed (%s: %s); the step runs eagerly",
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")  # fmt: skip
+            return
+        self.graph, self.static_in, self.static_out = graph, static_in, static_out
+        log.info("forecast.cuda_graphs: step captured into a CUDA graph")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fields to zarr in the background
+# ----------------------------------------------------------------------------------------------
+
+
+class ForecastWriteError(SquallError):
+    """Writing the forecast fields failed; the store is marked incomplete."""
+
+
+class FieldWriter:
+    """Writes forecast fields to a zarr array in a background thread while the rollout goes on.
+
+    The store holds ``data[start, step, variable, grid]`` float32, denormalised, chunked one field
+    per (start, step), so each write is one chunk and no two writes touch the same chunk (several
+    writers, e.g. data-parallel ranks, may share the store). ``attrs["complete"]`` is ``false``
+    until every field has been written and :meth:`close` returned; ``attrs["fields_written"]``
+    then counts what is there and a failed write leaves ``attrs["error"]``.
+
+    The rollout hands over a field with :meth:`put`: the device-to-host copy goes into one of
+    ``queue_size + 1`` pinned host buffers, queued on the device's stream, so ``put`` returns at
+    once; the thread waits for that copy, denormalises and writes. Only when every buffer is
+    still waiting for the disk does ``put`` block (a bounded queue: host memory stays at
+    ``queue_size + 1`` fields however slow the disk); the time it blocked is
+    :attr:`wait_s`. An error in the thread is raised, once, as :class:`ForecastWriteError` by the
+    next :meth:`put` or by :meth:`close`.
+
+    Parameters
+    ----------
+    path : Path
+        The zarr group (created by :meth:`create` beforehand).
+    denormalise : callable
+        Normalised ``[G, V]`` fp32 CPU tensor to the variables' own units.
+    shape : tuple of int
+        ``(G, V)`` of one field.
+    device : torch.device
+        Where the fields come from.
+    queue_size : int
+        Fields waiting for the disk before :meth:`put` blocks.
+    """
+
+    def __init__(self, path: Path, denormalise, shape: tuple[int, int], device: torch.device,
+                 queue_size: int = 4) -> None:  # fmt: skip
+        import zarr
+
+        if queue_size < 1:
+            raise ConfigError(f"forecast.write_queue={queue_size} must be >= 1")
+        self.path, self.denormalise, self.device = Path(path), denormalise, device
+        self.array = zarr.open_group(str(path), mode="r+")["data"]
+        pin = device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(device) if pin else None
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(queue_size + 1):
+            self._free.put(torch.empty(shape, dtype=torch.float32, pin_memory=pin))
+        self._work: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._error_at: tuple[int, int] | None = None
+        self._raised = False
+        self.written = 0
+        self.wait_s = 0.0
+        self.write_s = 0.0
+        self._thread = threading.Thread(target=self._run, name="squall-forecast-writer",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    @staticmethod
+    def create(path: Path, shape: tuple[int, int, int, int], attrs: dict) -> None:
+        """A new store for ``shape = (starts, steps, variables, grid)`` fields, marked incomplete."""
+        import zarr
+
+        root = zarr.open_group(str(path), mode="w", zarr_format=2)
+        root.create_array("data", shape=shape, chunks=(1, 1, *shape[2:]), dtype="float32",
+                          fill_value=np.nan)  # fmt: skip
+        root.attrs.update({**attrs, "layout": "data[start, step, variable, grid]",
+                           "complete": False, "fields_written": 0})  # fmt: skip
+
+    def put(self, start: int, step: int, field: torch.Tensor) -> None:
+        """Queue ``field [G, V]`` (normalised, on the rollout's device) for ``data[start, step]``."""
+        self._check()
+        began = time.perf_counter()
+        buf = self._free.get()  # the thread hands every buffer back, after an error too
+        self.wait_s += time.perf_counter() - began
+        event = None
+        if field.device.type == "cuda":
+            # a device-side copy on the compute stream (the field may be a CUDA graph's output,
+            # overwritten by the next replay), then the slow device-to-host copy on a stream of
+            # its own, so the next step's kernels do not queue behind it
+            staged = field.float().clone()
+            self._copy_stream.wait_stream(torch.cuda.current_stream(field.device))
+            with torch.cuda.stream(self._copy_stream):
+                buf.copy_(staged, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+            staged.record_stream(self._copy_stream)
+        else:
+            buf.copy_(field)
+        self._work.put((start, step, buf, event))
+
+    def _run(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            start, step, buf, event = item
+            if self._error is None:
+                try:
+                    if event is not None:
+                        event.synchronize()
+                    began = time.perf_counter()
+                    values = self.denormalise(buf).numpy().T  # [V, G]
+                    self.array[start, step] = values
+                    self.write_s += time.perf_counter() - began
+                    self.written += 1
+                except BaseException as err:  # noqa: BLE001 - reported by put / close
+                    self._error, self._error_at = err, (start, step)
+            self._free.put(buf)
+
+    def _check(self) -> None:
+        if self._error is not None and not self._raised:
+            self._raised = True
+            start, step = self._error_at
+            first = str(self._error).splitlines()[0] if str(self._error) else ""
+            raise ForecastWriteError(
+                f"writing forecast fields to {self.path} failed at start {start}, step "
+                f"{step + 1} ({type(self._error).__name__}: {first}); {self.written} fields "
+                "were written, the store is marked incomplete (attrs complete=false)")  # fmt: skip
+
+    def close(self) -> None:
+        """Wait until every queued field is on disk; raise the thread's error if there was one."""
+        if self._thread.is_alive():
+            self._work.put(None)
+            self._thread.join()
+        self._check()
+
+    def abort(self) -> None:
+        """Stop after what is queued (an error elsewhere); never raises."""
+        try:
+            self.close()
+        except ForecastWriteError:
+            pass
+
+    @staticmethod
+    def finish(path: Path, written: int, expected: int, error: str | None) -> None:
+        """Record in the store's attributes how many fields it holds and whether that is all."""
+        import zarr
+
+        root = zarr.open_group(str(path), mode="r+")
+        attrs = {"fields_written": written, "complete": error is None and written == expected}
+        if error is not None:
+            attrs["error"] = error
+        root.attrs.update(attrs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The rollout
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutTimes:
+    """Seconds of every rollout step (device time on a GPU: CUDA events, read once at the end)."""
+
+    step_s: list[float]
+    total_s: float  # first step to the last field on disk
+    write_wait_s: float  # the rollout blocked on the writer (a full queue)
+
+
+class StepClock:
+    """Per-step times without a host sync per step: CUDA events on a GPU (read at the end),
+    the wall clock on a CPU (where every operation is synchronous)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self, pairs: list[tuple[int, int]]) -> list[float]:
+        """Seconds between marks ``(i, j)`` of each pair."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [self.marks[i].elapsed_time(self.marks[j]) / 1e3 for i, j in pairs]
+        return [self.marks[j] - self.marks[i] for i, j in pairs]
+
+
+class Rollout:
+    """Autoregressive rollout of a (possibly sharded) model over the full grid's fields.
+
+    A start's ``x [1, T_in, G, V]`` and ``y [1, steps, G, V]`` (the dataset's columns, full grid)
+    are cut to this rank's grid rows (all rows for an unsharded model); each step's prediction on
+    those rows is gathered to the full grid (``model.gather`` for a sharded model), scored
+    against the truth with the full grid's cell areas, handed to the writer, and fed back as the
+    next input's prognostic variables (forcings from ``y``, as in training).
+
+    Parameters
+    ----------
+    model : GraphForecaster or ParallelForecaster
+    layout : VariableLayout
+    area : torch.Tensor
+        ``[G]`` cell areas of the full grid (mean 1), on the device.
+    rows : numpy.ndarray or None
+        This rank's grid rows, ascending (``None``: the whole grid).
+    step : ModelStep
+    """
+
+    def __init__(self, model, layout, area: torch.Tensor, rows, step: ModelStep) -> None:
+        device = area.device
+        self.model, self.step, self.area, self.device = model, step, area.float(), device
+        self.inputs = torch.tensor(layout.inputs, device=device)
+        self.outputs = torch.tensor(layout.outputs, device=device)
+        self.prog_in = torch.tensor(layout.prognostic_in, device=device)
+        self.prog_out = torch.tensor(layout.prognostic_out, device=device)
+        self.rows = None if rows is None else torch.as_tensor(np.asarray(rows), device=device)
+        self.gather = getattr(model, "gather", None)
+
+    def _mse(self, pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """Area-weighted MSE per variable ``[V]`` (float64) of ``[B, G, V]`` fields, on device."""
+        err = (pred.float() - truth.float()).square() * self.area[None, :, None]
+        return err.mean(dim=(0, 1)).double()
+
+    @torch.inference_mode()
+    def run(self, x: torch.Tensor, y: torch.Tensor, on_step=None) -> tuple[torch.Tensor, ...]:
+        """Roll out from one start; returns the per-step MSE of the model and of persistence over
+        the prognostic variables, ``[steps, P]`` float64 on the device each.
+
+        ``on_step(s, field)`` is called with each step's full-grid prediction ``[G, V_out]``
+        (valid until the next step is queued on the device's stream).
+        """
+        steps = y.shape[1]
+        truth = y.index_select(-1, self.outputs).index_select(-1, self.prog_out)
+        last = x[:, -1].index_select(-1, self.inputs).index_select(-1, self.prog_in)
+        if self.rows is not None:
+            x, y = x.index_select(2, self.rows), y.index_select(2, self.rows)
+        state = x.index_select(-1, self.inputs)
+        mse_model = torch.zeros(steps, len(self.prog_out), dtype=torch.float64,
+                                device=self.device)  # fmt: skip
+        mse_persist = torch.zeros_like(mse_model)
+        for s in range(steps):
+            pred = self.step(state)
+            full = pred if self.gather is None else self.gather(pred)
+            mse_model[s] = self._mse(full.index_select(-1, self.prog_out), truth[:, s])
+            mse_persist[s] = self._mse(last, truth[:, s])
+            if on_step is not None:
+                on_step(s, full[0])
+            if s + 1 < steps:
+                nxt = y[:, s].index_select(-1, self.inputs)
+                nxt = nxt.index_copy(-1, self.prog_in,
+                                     pred.index_select(-1, self.prog_out).to(nxt.dtype))  # fmt: skip
+                state = torch.cat([state[:, 1:], nxt.unsqueeze(1)], dim=1)
+        return mse_model, mse_persist
+
+
+def _rank_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def forecast(cfg) -> dict:
-    """Roll the checkpointed model out as ``cfg.forecast`` says; score, record and return."""
+    """Roll the checkpointed model out as ``cfg.forecast`` says; score, record and return.
+
+    Runs on every rank of an initialised process group (``cfg.parallel``: model-parallel ranks
+    share each start's graph, data-parallel replicas take every n-th start); every rank returns
+    the same scores, global rank 0 writes the CSV and the MLflow run.
+    """
     f = cfg.forecast
     try:
         steps, max_starts = int(f.steps), int(f.max_starts)
@@ -144,50 +486,112 @@ def forecast(cfg) -> dict:
                           "the same graph and model) or set forecast.checkpoint")  # fmt: skip
     info, payload = read_checkpoint(ckpt)
     check_identity(info, cfg)
-    print(f"checkpoint: {info.describe()}", flush=True)
+    rank, world = _rank_info()
+    if rank == 0:
+        print(f"checkpoint: {info.describe()}", flush=True)
 
-    parts = build_run(cfg, NullLogger(), training=False)
+    parts = build_run(cfg, NullLogger(), training=False, distribute=True)
     try:
         parts.model.load_state_dict(payload["model"])
     except RuntimeError as err:
         raise CheckpointMismatch(f"checkpoint {ckpt} does not fit this model "
                                  f"({str(err).splitlines()[0]})") from None  # fmt: skip
     del payload
-    trainer, model = parts.trainer, parts.model.eval()
+    model, device = parts.model.eval(), parts.trainer.device
+    dtype = autocast_dtype(str(f.get("precision", "auto")), device)
+    setup = parts.parallel
+    groups = setup.groups
+    dp_rank, dp_size = groups.data_rank, groups.layout.data_parallel
+    writes_fields = groups.model_rank == 0  # one rank of each model group writes its starts
+
     data = build_dataset(cfg, str(f.split), rollout=steps, normaliser=parts.train_set.normaliser)
     starts = np.unique(np.linspace(0, len(data) - 1, min(max_starts, len(data))).astype(int))
-    prog_out = trainer.prog_out
+    mine = list(range(len(starts)))[dp_rank::dp_size]
     out_vars = [data.variables[i] for i in parts.layout.outputs]
     prog_vars = [out_vars[i] for i in parts.layout.prognostic_out]
     scale = parts.train_set.normaliser.subset(prog_vars).scale.double().numpy()
-    area = model.graph.area
-    mse_model = np.zeros((steps, len(prog_vars)))
-    mse_persist = np.zeros((steps, len(prog_vars)))
-    seconds, predictions = [], []
-    with Progress(len(starts), f"forecast ({steps} steps from each start)", unit="start") as bar:
-        for k in starts:
-            sample = data[int(k)]
-            x, y = sample["x"][None].to(trainer.device), sample["y"][None].to(trainer.device)
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            pred = rollout(trainer, x, y)
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
-            truth = y.index_select(-1, trainer.outputs)[..., prog_out]
-            last = x[:, -1].index_select(-1, trainer.inputs)[..., trainer.prog_in]
-            for s in range(steps):
-                mse_model[s] += _per_variable_mse(pred[:, s, ..., prog_out], truth[:, s], area)
-                mse_persist[s] += _per_variable_mse(last, truth[:, s], area)
-            predictions.append((int(sample["index"]), pred[0].float().cpu()))
-            bar.update()
-    mse_model /= len(starts)
-    mse_persist /= len(starts)
+    area = torch.from_numpy(parts.graph.nodes["data"].area.astype(np.float32)).to(device)
+    step = ModelStep(model, device, dtype, bool(f.get("cuda_graphs", False)))
+    roll = Rollout(model, parts.layout, area, setup.grid_indices, step)
     hours = _step_hours(data)
+
+    output = Path(str(f.output)) if f.get("output") else None
+    writer = None
+    if output is not None:
+        if rank == 0:
+            FieldWriter.create(output, (len(starts), steps, len(out_vars), len(area)), {
+                "variables": out_vars, "initial_dates": [str(data.dates[i]) for i in starts],
+                "lead_hours": [hours * (s + 1) for s in range(steps)],
+            })  # fmt: skip
+        if world > 1:
+            dist.barrier()
+        if writes_fields:
+            norm = parts.train_set.normaliser.subset(out_vars)
+            writer = FieldWriter(output, norm.denormalise, (len(area), len(out_vars)), device,
+                                 int(f.get("write_queue", 4)))  # fmt: skip
+
+    mse_model = torch.zeros(steps, len(prog_vars), dtype=torch.float64, device=device)
+    mse_persist = torch.zeros_like(mse_model)
+    clock = StepClock(device)
+    pairs, error = [], None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    try:
+        with Progress(len(mine) * steps, f"forecast ({len(mine)} starts x {steps} steps of "
+                      f"{hours:g} h)", unit="step") as bar:  # fmt: skip
+            host_last = time.perf_counter()
+            for n, i in enumerate(mine):
+                sample = data[int(starts[i])]
+                x, y = sample["x"][None].to(device), sample["y"][None].to(device)
+                clock.mark()
+
+                def on_step(s, field, i=i, n=n):
+                    nonlocal host_last
+                    if writer is not None:
+                        writer.put(i, s, field)
+                    clock.mark()
+                    pairs.append((len(clock.marks) - 2, len(clock.marks) - 1))
+                    now = time.perf_counter()
+                    per_step, host_last = now - host_last, now
+                    left = (len(mine) - n - 1) * steps + steps - s - 1
+                    bar.set_postfix(f"start {n + 1}/{len(mine)}, lead {hours * (s + 1):g} h, "
+                                    f"{per_step:.3g} s/step, ETA {left * per_step:.0f} s")  # fmt: skip
+                    bar.update()
+
+                m, p = roll.run(x, y, on_step)
+                if writes_fields:
+                    mse_model += m
+                    mse_persist += p
+        if writer is not None:
+            writer.close()
+    except BaseException as err:
+        error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        if output is not None:
+            written = writer.written if writer is not None else 0
+            if world > 1 and error is None:  # every writer's count (no collective after an
+                counts = torch.tensor([float(written)], device=device)  # error: peers hang)
+                dist.all_reduce(counts)
+                written = int(counts.item())
+            if (rank == 0 and error is None) or writer is not None:
+                FieldWriter.finish(output, written, len(starts) * steps, error)
+    step_s = clock.intervals(pairs)
+    total_s = time.perf_counter() - began
+    if world > 1:
+        both = torch.stack([mse_model, mse_persist]).cpu()
+        dist.all_reduce(both)
+        mse_model, mse_persist = both[0], both[1]
+    mse_model = mse_model.cpu().numpy() / len(starts)
+    mse_persist = mse_persist.cpu().numpy() / len(starts)
     # The mean over variables of the per-variable MSE is area_weighted_mse over all of them.
     total_model, total_persist = mse_model.mean(axis=1), mse_persist.mean(axis=1)
     physical = np.sqrt(mse_model) * scale  # normalised error x the variable's scale
+    memory = peak_memory()
     result = {
         "checkpoint": str(info.path),
         "checkpoint_step": info.step,
@@ -200,11 +604,24 @@ def forecast(cfg) -> dict:
         "skill": (1 - total_model / total_persist).tolist(),
         "rmse_by_variable": {v: physical[:, i].tolist() for i, v in enumerate(prog_vars)},
         "units": UNITS,
-        "rollout_s_median": float(np.median(seconds)),
-        "step_s_median": float(np.median(seconds)) / steps,
+        "step_s_median": float(np.median(step_s)),
+        "rollout_s_median": float(np.median(step_s)) * steps,
+        "total_s": total_s,
+        "write_wait_s": writer.wait_s if writer is not None else 0.0,
+        "precision": "bf16" if dtype is not None else "fp32",
+        "cuda_graph": step.graph is not None,
+        "ranks": world,
+        "model_parallel": groups.layout.model_parallel,
+        "memory": memory,
     }
-    if f.get("output"):
-        result["output"] = str(write_forecasts(Path(str(f.output)), data, parts, predictions))
+    if output is not None:
+        result["output"] = str(output)
+    if world > 1:
+        per_rank_memory = [None] * world
+        dist.all_gather_object(per_rank_memory, memory)
+        result["memory_by_rank"] = per_rank_memory
+    if rank != 0:
+        return result
     result["csv"] = str(write_scores(result, ckpt.parent / "forecast"
                                      / f"scores-step{info.step}-{f.split}.csv"))  # fmt: skip
     record(cfg, result, info)
@@ -244,7 +661,9 @@ def record(cfg, result: dict, info: CheckpointInfo) -> None:
             "squall.checkpoint_step": info.step, "squall.units": UNITS}  # fmt: skip
     if info.run_id is not None:
         tags["squall.trained_in_run"] = info.run_id
-    name = run_name("forecast", str(cfg.graph.name), str(cfg.model.name), layout_name(1, 1))
+    mp = int(result.get("model_parallel", 1))
+    name = run_name("forecast", str(cfg.graph.name), str(cfg.model.name),
+                    layout_name(mp, int(result.get("ranks", 1)) // mp))  # fmt: skip
     with create_logger(tracking, store_dir=store, run_name=name, tags=tags,
                        parent_run_id=info.run_id if same_store else None) as logger:  # fmt: skip
         if logger.run_id is None:  # tracking.enabled=false
@@ -259,25 +678,18 @@ def record(cfg, result: dict, info: CheckpointInfo) -> None:
             metrics.update({M.forecast_rmse(v): values[s]
                             for v, values in result["rmse_by_variable"].items()})  # fmt: skip
             logger.log_metrics(metrics, step=int(round(hours)))
+        logger.log_metrics(performance_metrics(result), step=0)
         logger.log_artifact(result["csv"], "forecast")
         result["mlflow_run_id"], result["tracking_uri"] = logger.run_id, logger.tracking_uri
 
 
-def write_forecasts(path: Path, data, parts, predictions) -> Path:
-    """Denormalised forecasts as ``data[start, step, variable, grid]`` float32 in a zarr group,
-    with the initial dates, lead times in hours and variable names as attributes."""
-    import zarr
-
-    out_vars = [data.variables[i] for i in parts.layout.outputs]
-    norm = parts.train_set.normaliser.subset(out_vars)
-    root = zarr.open_group(str(path), mode="w", zarr_format=2)
-    stacked = torch.stack([norm.denormalise(p) for _, p in predictions]).numpy().astype(np.float32)
-    values = np.ascontiguousarray(stacked.transpose(0, 1, 3, 2))  # [start, step, variable, grid]
-    root.create_array("data", data=values, chunks=(1, 1, *values.shape[2:]))
-    root.attrs.update(
-        variables=out_vars,
-        initial_dates=[str(data.dates[i]) for i, _ in predictions],
-        lead_hours=[_step_hours(data) * (s + 1) for s in range(stacked.shape[1])],
-        layout="data[start, step, variable, grid]",
-    )
-    return path
+def performance_metrics(result: dict) -> dict[str, float]:
+    """How fast the rollout ran and what it held, under :mod:`squall.tracking.metrics` names
+    (peak memory of every rank when several ran)."""
+    out = {M.FORECAST_STEP_S: result["step_s_median"],
+           M.FORECAST_ROLLOUT_S: result["rollout_s_median"],
+           M.FORECAST_TOTAL_S: result["total_s"],
+           M.FORECAST_WRITE_WAIT_S: result["write_wait_s"], **result["memory"]}  # fmt: skip
+    for rank, memory in enumerate(result.get("memory_by_rank") or []):
+        out.update({M.per_rank(k, rank): v for k, v in memory.items()})
+    return out
