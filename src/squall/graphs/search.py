@@ -1,0 +1,451 @@
+"""Exact k-nearest and radius search on the unit sphere, in torch on the GPU or the CPU.
+
+Distances are chord lengths between unit vectors, compared as squared chords computed in float64
+in one fixed order, ``d2 = ((dx * dx + dy * dy) + dz * dz)`` with ``d = source - query``: every
+device (and the scipy path of :mod:`squall.graphs.edges`) computes the same bits, so results agree
+exactly. Ties are broken by source index: neighbours are ordered by ``(d2, source index)``.
+
+Sources are held in latitude *bands*, each sorted by longitude (:class:`SphereIndex`):
+
+* structured grids (reduced Gaussian, octahedral, regular lat-lon: rows of equal latitude holding
+  ``n`` points at longitudes ``2 pi j / n``) use their own rows as bands; a query's longitude
+  window in a row is two integer ranges found by arithmetic;
+* any other point set (mesh nodes, observations, cut-outs) is cut into bands of equal height
+  sorted by ``(band, longitude)``; windows are found by binary search.
+
+A query with search angle ``theta`` visits the bands within ``theta`` of its latitude and in each
+the longitude window of the spherical cap at the band's latitudes (the whole band when the cap
+holds a pole, so poles and the dateline need no special case). Every source within ``theta``
+(plus :data:`MARGIN`) is a candidate. A k-nearest search accepts a query once its k-th candidate
+lies strictly inside the cap, which proves no source outside is nearer; otherwise the cap grows
+to the k-th candidate's distance (or doubles while fewer than k were found) and the query is
+searched again. Queries are processed in groups sized so that candidate matrices stay within
+:func:`candidate_budget` elements.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from squall.errors import GraphError
+from squall.graphs.grids import latlon_to_xyz
+
+TWO_PI = 2 * math.pi
+HALF_PI = math.pi / 2
+#: Angle (rad) added to every search window. Coordinates carry float64 rounding (~1e-16 rad) and
+#: lat-lon grids place longitudes within 1e-12 rad of 2 pi j / n (degrees -> radians), so 1e-9
+#: rad keeps every source within the search angle inside its window at no measurable cost.
+MARGIN = 1e-9
+#: A k-th neighbour is accepted when its squared chord is below ``ACCEPT`` times the squared chord
+#: of the search angle: float64 rounding of d2 (a few 1e-16 relative) cannot then put an outside
+#: source at or below it.
+ACCEPT = 1.0 - 1e-12
+#: Longitudes of a structured row may differ from ``2 pi j / n`` by this much (lat-lon grids built
+#: from degrees differ by ~1e-15 rad); larger differences mean the rows are not regular.
+_ROW_TOLERANCE = 1e-12
+#: Expected sources in a first k-nearest cap, as a multiple of k: cap radius
+#: ``sqrt(SEED * 4 k / N)`` (a cap holding ``SEED * k`` of N uniform points). 2.25 accepts nearly
+#: all queries of grids and meshes in the first round (O96/level-6 both ways: > 99 %).
+SEED = 2.25
+#: Queries per group at most (per-query arrays of a group stay a few tens of MB).
+MAX_GROUP_ROWS = 1 << 20
+
+
+def candidate_budget(device: torch.device) -> int:
+    """Candidate matrix elements per group: ``[rows, candidates]`` int64 + float64 arrays and their
+    temporaries take ~100 bytes per element, so 2^25 is ~3 GB on a GPU and 2^21 ~200 MB on the
+    CPU (where larger groups are no faster)."""
+    return 1 << 25 if device.type == "cuda" else 1 << 21
+
+
+def search_device() -> torch.device | None:
+    """Device of the torch search, or ``None`` for the scipy KD-tree path.
+
+    ``SQUALL_GRAPH_SEARCH``: ``auto`` (default: the GPU when there is one, else scipy), ``scipy``,
+    ``cpu`` (torch on the CPU) or ``cuda``.
+    """
+    mode = os.environ.get("SQUALL_GRAPH_SEARCH", "auto").strip().lower()
+    if mode == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    if mode == "scipy":
+        return None
+    if mode == "cpu":
+        return torch.device("cpu")
+    if mode == "cuda":
+        if not torch.cuda.is_available():
+            raise GraphError("SQUALL_GRAPH_SEARCH=cuda but no CUDA device is available")
+        return torch.device("cuda")
+    raise GraphError(f"SQUALL_GRAPH_SEARCH={mode!r}: choose auto, scipy, cpu or cuda")
+
+
+def chord2(angle):
+    """Squared chord of a central angle (tensor or float)."""
+    half = angle / 2
+    s = torch.sin(half) if isinstance(half, torch.Tensor) else math.sin(half)
+    return 4 * s * s
+
+
+def squared_chords(src_xyz: np.ndarray, dst_xyz: np.ndarray) -> np.ndarray:
+    """``d2`` of paired rows in the module's fixed float64 order (numpy twin of the torch code)."""
+    dx = src_xyz[..., 0] - dst_xyz[..., 0]
+    dy = src_xyz[..., 1] - dst_xyz[..., 1]
+    dz = src_xyz[..., 2] - dst_xyz[..., 2]
+    return (dx * dx + dy * dy) + dz * dz
+
+
+def regular_rows(latlon: np.ndarray):
+    """``(starts, counts, latitudes)`` of the rows when ``latlon`` is a structured grid, else None.
+
+    Structured: runs of equal latitude, strictly monotone from run to run, each holding ``n``
+    points at longitudes ``2 pi j / n``, ``j = 0 .. n-1`` in order (within :data:`_ROW_TOLERANCE`).
+    """
+    lat, lon = latlon[:, 0], latlon[:, 1]
+    n = len(lat)
+    if n == 0:
+        return None
+    starts = np.concatenate([[0], np.flatnonzero(lat[1:] != lat[:-1]) + 1])
+    counts = np.diff(np.append(starts, n))
+    row_lat = lat[starts]
+    step = np.diff(row_lat)
+    if len(step) and not (np.all(step < 0) or np.all(step > 0)):
+        return None
+    position = np.arange(n) - np.repeat(starts, counts)
+    expected = TWO_PI * position / np.repeat(counts, counts)
+    if np.abs(lon - expected).max() > _ROW_TOLERANCE:
+        return None
+    return starts, counts, row_lat
+
+
+@dataclass(frozen=True, eq=False)
+class SphereIndex:
+    """Sources held in latitude bands for :func:`knn` and :func:`radius`.
+
+    Attributes
+    ----------
+    xyz : torch.Tensor
+        ``[3, N]`` float64 unit vectors (x, y, z rows) in source order.
+    order : torch.Tensor
+        ``[N]`` int64 source index at each banded position (identity for structured grids).
+    band_lo, band_hi : torch.Tensor
+        ``[B]`` float64 latitude bounds of each band, ascending (equal for a grid row).
+    band_start, band_count : torch.Tensor
+        ``[B]`` int64 first banded position and number of sources of each band.
+    key : torch.Tensor or None
+        ``[N]`` float64 ``8 * band + longitude`` at each position, ascending (binary-search key);
+        ``None`` for structured rows, whose windows are computed directly.
+    """
+
+    xyz: torch.Tensor
+    order: torch.Tensor
+    band_lo: torch.Tensor
+    band_hi: torch.Tensor
+    band_start: torch.Tensor
+    band_count: torch.Tensor
+    key: torch.Tensor | None
+    num: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.xyz.device
+
+    @property
+    def structured(self) -> bool:
+        return self.key is None
+
+    @classmethod
+    def build(cls, latlon: np.ndarray, device=None, band_height: float | None = None,
+              xyz: np.ndarray | None = None) -> SphereIndex:  # fmt: skip
+        """Index the sources ``latlon`` (``[N, 2]`` radians, longitudes in ``[0, 2 pi)``).
+
+        ``band_height`` (rad) sets the bands of an unstructured set (default: the spacing of
+        ``SEED * 4`` points); structured grids always use their rows. ``xyz`` may pass the unit
+        vectors already computed from ``latlon``.
+        """
+        latlon = np.asarray(latlon, dtype=np.float64)
+        if latlon.ndim != 2 or latlon.shape[1] != 2 or len(latlon) == 0:
+            raise GraphError(f"sphere index: need a non-empty [N, 2] lat/lon array, got "
+                             f"{latlon.shape}")  # fmt: skip
+        device = torch.device(device or "cpu")
+        n = len(latlon)
+        xyz = latlon_to_xyz(latlon) if xyz is None else xyz
+        xyz_t = torch.from_numpy(np.ascontiguousarray(xyz.T)).to(device)
+        rows = regular_rows(latlon)
+        if rows is not None:
+            starts, counts, row_lat = rows
+            if len(row_lat) > 1 and row_lat[1] < row_lat[0]:  # north to south: bands ascend
+                starts, counts, row_lat = starts[::-1], counts[::-1], row_lat[::-1]
+            lat = torch.from_numpy(row_lat.copy()).to(device)
+            return cls(xyz_t, torch.arange(n, device=device), lat, lat,
+                       torch.from_numpy(starts.copy()).to(device),
+                       torch.from_numpy(counts.copy()).to(device), None, n)  # fmt: skip
+        if band_height is None:
+            band_height = math.sqrt(SEED * 16 / n)
+        bands = max(1, min(1 << 16, math.ceil(math.pi / max(band_height, 1e-12))))
+        height = math.pi / bands
+        lat = torch.from_numpy(latlon[:, 0].copy()).to(device)
+        lon = torch.from_numpy(latlon[:, 1].copy()).to(device)
+        band = ((lat + HALF_PI) / height).floor().clamp_(0, bands - 1).to(torch.int64)
+        key = band.to(torch.float64) * 8 + lon
+        key, order = torch.sort(key, stable=True)
+        band_ids = torch.arange(bands, device=device)
+        start = torch.searchsorted(band[order], band_ids)
+        count = torch.diff(start, append=torch.tensor([n], device=device))
+        lo = -HALF_PI + band_ids.to(torch.float64) * height
+        hi = lo + height
+        return cls(xyz_t, order, lo, hi, start, count, key, n)
+
+
+def _query_arrays(latlon: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    latlon = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
+    xyz = torch.from_numpy(np.ascontiguousarray(latlon_to_xyz(latlon).T)).to(device)
+    lat = torch.from_numpy(latlon[:, 0].copy()).to(device)
+    lon = torch.from_numpy(latlon[:, 1].copy()).to(device)
+    return xyz, lat, lon
+
+
+def _groups(cost: np.ndarray, budget: int):
+    """``(lo, hi)`` runs of ascending ``cost`` with ``(hi - lo) * cost[hi - 1] <= budget`` (at least
+    one row each, at most :data:`MAX_GROUP_ROWS`)."""
+    lo, n = 0, len(cost)
+    while lo < n:
+        a, b = lo + 1, min(n, lo + MAX_GROUP_ROWS)  # largest hi in [a, b] that fits
+        while a < b:
+            mid = (a + b + 1) // 2
+            if (mid - lo) * max(int(cost[mid - 1]), 1) <= budget:
+                a = mid
+            else:
+                b = mid - 1
+        yield lo, a
+        lo = a
+
+
+def _band_range(index: SphereIndex, lat: torch.Tensor, theta: torch.Tensor):
+    """First and last band within ``theta`` (+margin) of each latitude."""
+    b0 = torch.searchsorted(index.band_hi, lat - theta - MARGIN)
+    b1 = torch.searchsorted(index.band_lo, lat + theta + MARGIN, right=True) - 1
+    return b0, b1
+
+
+def _segments(index, lat, lon, theta, b0, nb: int):
+    """Start and length ``[G, 2 * nb]`` of the banded positions in each query's window."""
+    b = b0[:, None] + torch.arange(nb, device=lat.device)
+    nbands = index.band_lo.numel()
+    valid = b < nbands
+    b = b.clamp(max=nbands - 1)
+    th = (theta + MARGIN)[:, None]
+    phi = lat[:, None]
+    lo = torch.maximum(index.band_lo[b], phi - th)
+    hi = torch.minimum(index.band_hi[b], phi + th)
+    valid &= lo <= hi
+    # Longitude half-width of the cap at latitude p: cos dl = (cos th - sin phi sin p) /
+    # (cos phi cos p), largest at p* = asin(sin phi / cos th) (clamped to the band's part).
+    p = torch.asin((torch.sin(phi) / torch.cos(th)).clamp(-1, 1))
+    p = torch.minimum(torch.maximum(p, lo), hi)
+    denom = torch.cos(phi) * torch.cos(p)
+    cos_dl = (torch.cos(th) - torch.sin(phi) * torch.sin(p)) / denom.clamp(min=1e-300)
+    dl = torch.acos(cos_dl.clamp(-1, 1)) + MARGIN
+    full = (denom < 1e-12) | (cos_dl <= -1) | (phi.abs() + th >= HALF_PI) | (dl >= math.pi)
+    start_b, count_b = index.band_start[b], index.band_count[b]
+    lam = lon[:, None]
+    if index.structured:
+        nf = count_b.to(torch.float64)
+        jlo = torch.ceil((lam - dl) * nf / TWO_PI).to(torch.int64)
+        jhi = torch.floor((lam + dl) * nf / TWO_PI).to(torch.int64)
+        length = (jhi - jlo + 1).clamp(min=0)
+        full |= length >= count_b
+        first = torch.remainder(jlo, count_b.clamp(min=1))
+        first = torch.where(full, 0, first)
+        length = torch.where(full, count_b, length)
+        len_a = torch.minimum(length, count_b - first)
+        start_a = start_b + first
+    else:
+        base = b.to(torch.float64) * 8
+        west = torch.remainder(lam - dl, TWO_PI)
+        east = west + 2 * dl
+        wraps = east >= TWO_PI
+        start_a = torch.searchsorted(index.key, base + west)
+        end_a = torch.where(wraps, start_b + count_b,
+                            torch.searchsorted(index.key, base + east, right=True))  # fmt: skip
+        end_b = torch.searchsorted(index.key, base + (east - TWO_PI), right=True)
+        start_a = torch.where(full, start_b, start_a)
+        end_a = torch.where(full, start_b + count_b, end_a)
+        len_a = end_a - start_a
+        length = len_a + torch.where(wraps & ~full, end_b - start_b, 0)
+    len_b = length - len_a
+    zero = torch.zeros_like(len_a)
+    start = torch.stack([start_a, start_b], 2).reshape(len(lat), 2 * nb)
+    seg_len = torch.stack([torch.where(valid, len_a, zero), torch.where(valid, len_b, zero)], 2)
+    return start, seg_len.reshape(len(lat), 2 * nb)
+
+
+def _expand(index, start, seg_len, width: int):
+    """Source indices ``[G, width]`` of the concatenated segments (``index.num`` past the end)."""
+    cum = seg_len.cumsum(1)
+    pos = torch.arange(width, device=start.device).expand(len(start), width).contiguous()
+    seg = torch.searchsorted(cum, pos, right=True)
+    inside = seg < seg_len.shape[1]
+    seg = seg.clamp(max=seg_len.shape[1] - 1)
+    offset = pos - (cum.gather(1, seg) - seg_len.gather(1, seg))
+    banded = (start.gather(1, seg) + offset).clamp(0, index.num - 1)
+    return torch.where(inside, index.order[banded], index.num)
+
+
+def _distances(index, qxyz, rows, idx):
+    """``d2`` ``[G, C]`` from queries ``rows`` to sources ``idx`` (inf where ``idx`` is past the end)."""
+    safe = idx.clamp(max=index.num - 1)
+    d2 = None
+    for axis in range(3):
+        d = index.xyz[axis][safe] - qxyz[axis][rows][:, None]
+        d2 = d * d if d2 is None else d2.add_(d * d)
+    return d2.masked_fill_(idx >= index.num, math.inf)
+
+
+def _candidates(index, qxyz, lat, lon, rows, theta):
+    """Yield ``(rows, theta, idx [G, C], d2 [G, C])`` over groups of the queries ``rows``."""
+    budget = candidate_budget(index.device)
+    b0, b1 = _band_range(index, lat[rows], theta)
+    nb = (b1 - b0 + 1).clamp(min=1)
+    order = torch.argsort(nb)
+    rows, theta, b0, nb = rows[order], theta[order], b0[order], nb[order]
+    nb_host = nb.cpu().numpy()
+    for lo, hi in _groups(2 * nb_host, budget):
+        g_rows, g_theta = rows[lo:hi], theta[lo:hi]
+        start, seg_len = _segments(index, lat[g_rows], lon[g_rows], g_theta, b0[lo:hi],
+                                   int(nb_host[hi - 1]))  # fmt: skip
+        count = seg_len.sum(1)
+        by_count = torch.argsort(count)
+        count_host = count[by_count].cpu().numpy()
+        for clo, chi in _groups(count_host, budget):
+            sub = by_count[clo:chi]
+            width = max(int(count_host[chi - 1]), 1)
+            idx = _expand(index, start[sub], seg_len[sub], width)
+            yield g_rows[sub], g_theta[sub], idx, _distances(index, qxyz, g_rows[sub], idx)
+
+
+def _smallest(idx, d2, k: int):
+    """The ``k`` nearest candidates of each row ordered by ``(d2, idx)``: ``(idx, d2)`` ``[G, k]``."""
+    if idx.shape[1] < k:
+        pad = k - idx.shape[1]
+        idx = torch.nn.functional.pad(idx, (0, pad), value=torch.iinfo(torch.int64).max)
+        d2 = torch.nn.functional.pad(d2, (0, pad), value=math.inf)
+    kth = torch.topk(d2, k, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True)
+    # Rank: every candidate nearer than the k-th value first (-1), then ties by source index.
+    rank = torch.where(d2 < kth, torch.full_like(idx, -1),
+                       torch.where(d2 == kth, idx, torch.iinfo(torch.int64).max))  # fmt: skip
+    pick = torch.topk(rank, k, dim=1, largest=False, sorted=False).indices
+    idx, d2 = idx.gather(1, pick), d2.gather(1, pick)
+    by_idx = torch.sort(idx, dim=1).indices
+    idx, d2 = idx.gather(1, by_idx), d2.gather(1, by_idx)
+    by_d2 = torch.sort(d2, dim=1, stable=True).indices
+    return idx.gather(1, by_d2), d2.gather(1, by_d2)
+
+
+def knn(index: SphereIndex, query_latlon: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest sources of each query, ordered by ``(d2, source index)``.
+
+    Parameters
+    ----------
+    index : SphereIndex
+        The sources.
+    query_latlon : np.ndarray
+        ``[Q, 2]`` float64 latitude and longitude (radians).
+    k : int
+        Neighbours per query, ``1 <= k <= N``.
+
+    Returns
+    -------
+    idx, d2 : torch.Tensor
+        ``[Q, k]`` int64 source indices and float64 squared chords, on the index's device.
+    """
+    if not 1 <= k <= index.num:
+        raise GraphError(f"k-nearest search: k={k} must be between 1 and the number of sources "
+                         f"({index.num})")  # fmt: skip
+    device = index.device
+    qxyz, lat, lon = _query_arrays(query_latlon, device)
+    q = len(lat)
+    out_idx = torch.empty((q, k), dtype=torch.int64, device=device)
+    out_d2 = torch.empty((q, k), dtype=torch.float64, device=device)
+    rows = torch.arange(q, device=device)
+    theta = torch.full((q,), min(math.pi, math.sqrt(SEED * 4 * k / index.num)),
+                       dtype=torch.float64, device=device)  # fmt: skip
+    while rows.numel():
+        retry_rows, retry_theta = [], []
+        for g_rows, g_theta, idx, d2 in _candidates(index, qxyz, lat, lon, rows, theta):
+            s_idx, s_d2 = _smallest(idx, d2, k)
+            kth = s_d2[:, -1]
+            done = (g_theta >= math.pi) | (kth <= chord2(g_theta) * ACCEPT)
+            out_idx[g_rows[done]] = s_idx[done]
+            out_d2[g_rows[done]] = s_d2[done]
+            miss = ~done
+            # Grow to the k-th candidate (the next round then holds k sources inside its cap),
+            # or double while fewer than k were found.
+            reach = 2 * torch.asin((kth.clamp(max=4.0).sqrt() / 2).clamp(max=1.0))
+            grown = torch.where(torch.isfinite(kth), reach * (1 + 1e-6) + 2 * MARGIN, 2 * g_theta)
+            retry_rows.append(g_rows[miss])
+            retry_theta.append(grown[miss].clamp(max=math.pi))
+        rows, theta = torch.cat(retry_rows), torch.cat(retry_theta)
+    return out_idx, out_d2
+
+
+def radius(index: SphereIndex, query_latlon: np.ndarray, r: float,
+           max_neighbours: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Every source with chord distance ``<= r`` of each query (``d2 <= r * r``).
+
+    With ``max_neighbours``, each query keeps its nearest ``max_neighbours`` by ``(d2, index)``.
+
+    Returns
+    -------
+    query, source, d2 : torch.Tensor
+        ``[E]`` int64, int64, float64 pairs sorted by query, then source index.
+    """
+    if not r >= 0:
+        raise GraphError(f"radius search: radius must be >= 0, got {r}")
+    if max_neighbours is not None and max_neighbours < 1:
+        raise GraphError(f"radius search: max_neighbours must be >= 1, got {max_neighbours}")
+    device = index.device
+    qxyz, lat, lon = _query_arrays(query_latlon, device)
+    q = len(lat)
+    r2 = float(r) * float(r)
+    theta = torch.full((q,), min(math.pi, 2 * math.asin(min(r / 2, 1.0))), dtype=torch.float64,
+                       device=device)  # fmt: skip
+    parts = []
+    counts = torch.zeros(q, dtype=torch.int64, device=device)
+    for g_rows, _, idx, d2 in _candidates(index, qxyz, lat, lon, torch.arange(q, device=device),
+                                          theta):  # fmt: skip
+        if max_neighbours is not None and idx.shape[1] > max_neighbours:
+            idx, d2 = _smallest(idx, d2, max_neighbours)
+        inside = d2 <= r2
+        key = torch.where(inside, idx, torch.iinfo(torch.int64).max)
+        key, by_idx = torch.sort(key, dim=1)
+        count = inside.sum(1)
+        width = int(count.max()) if count.numel() else 0
+        key, d2 = key[:, :width], d2.gather(1, by_idx[:, :width])
+        keep = torch.arange(width, device=device) < count[:, None]
+        counts[g_rows] = count
+        parts.append((g_rows.repeat_interleave(count), key[keep], d2[keep],
+                      torch.arange(width, device=device).expand(len(keep), width)[keep]))
+    offsets = torch.cumsum(counts, 0) - counts
+    total = int(counts.sum())
+    query = torch.empty(total, dtype=torch.int64, device=device)
+    source = torch.empty(total, dtype=torch.int64, device=device)
+    dist2 = torch.empty(total, dtype=torch.float64, device=device)
+    for g_q, g_s, g_d2, g_rank in parts:
+        at = offsets[g_q] + g_rank
+        query[at], source[at], dist2[at] = g_q, g_s, g_d2
+    return query, source, dist2
+
+
+def brute_force_knn(src_xyz: torch.Tensor, dst_xyz: torch.Tensor, k: int,
+                    chunk: int = 1 << 14) -> torch.Tensor:  # fmt: skip
+    """Baseline: ``cdist`` + ``topk`` over blocks of ``chunk`` queries (``[N, 3]``/``[Q, 3]``
+    tensors); no tie rule, for timing only."""
+    out = []
+    for lo in range(0, len(dst_xyz), chunk):
+        d = torch.cdist(dst_xyz[lo : lo + chunk], src_xyz)
+        out.append(torch.topk(d, k, dim=1, largest=False).indices)
+    return torch.cat(out) if out else torch.empty((0, k), dtype=torch.int64)
