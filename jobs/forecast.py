@@ -9,6 +9,13 @@ table per lead time of the model's and persistence's RMSE over the prognostic va
 normalised units (dimensionless) and the skill, each variable's RMSE in its own units, where the
 scores went (a CSV beside the checkpoint, an MLflow run with step = lead time in hours), and one
 JSON line.
+
+Several processes (``srun`` with one task per GPU, or torchrun) share the rollout as in training:
+``parallel.model_parallel`` ranks split each start's graph (same partition and halo exchange),
+the remaining factor of the world size are replicas that take every n-th start;
+``parallel.chunks`` runs the encoder and decoder in pieces to cap memory. Rank 0 reports.
+``forecast.precision`` (bf16 autocast on GPU by default), ``forecast.cuda_graphs`` and
+``forecast.output`` (zarr, written in the background) are in ``conf/forecast/default.yaml``.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import json
 from omegaconf import DictConfig
 
 from jobs._entry import hydra_job
+from squall.distributed.env import destroy_distributed, dist_env, init_distributed
 from squall.train.forecast import forecast
 
 
@@ -36,7 +44,13 @@ def format_table(result: dict) -> str:
         for s, h in enumerate(result["lead_hours"]):
             lines.append(f"{h:>7.0f}" + "".join(
                 f"{result['rmse_by_variable'][n][s]:>{width}.4g}" for n in names))  # fmt: skip
-    lines.append(f"{result['starts']} starts, {result['step_s_median'] * 1e3:.1f} ms per step")
+    memory = ", ".join(f"{k} {v:.3g}" for k, v in result.get("memory", {}).items())
+    lines.append(f"{result['starts']} starts on {result.get('ranks', 1)} rank(s), "
+                 f"{result.get('precision', 'fp32')}{', CUDA graph' if result.get('cuda_graph') else ''}: "
+                 f"{result['step_s_median'] * 1e3:.1f} ms per step, {result.get('total_s', 0):.2f} s "
+                 f"in all (writer wait {result.get('write_wait_s', 0):.2f} s); {memory}")  # fmt: skip
+    if result.get("output"):
+        lines.append(f"forecasts: {result['output']}")
     where = [f"scores: {result['csv']}"] if result.get("csv") else []
     if result.get("mlflow_run_id"):
         where.append(f"MLflow run {result['mlflow_run_id']} in {result['tracking_uri']}")
@@ -47,9 +61,17 @@ def format_table(result: dict) -> str:
 
 @hydra_job()
 def main(cfg: DictConfig) -> dict:
-    result = forecast(cfg)
-    print(format_table(result))
-    print(json.dumps(result))
+    env = dist_env()
+    init_distributed(env)
+    if env.backend == "nccl":  # one GPU per rank
+        cfg.training.device = f"cuda:{env.local_rank}"
+    try:
+        result = forecast(cfg)
+    finally:
+        destroy_distributed()
+    if env.rank == 0:
+        print(format_table(result))
+        print(json.dumps(result))
     return result
 
 

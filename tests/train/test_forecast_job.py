@@ -1,27 +1,39 @@
-"""jobs.forecast: says which checkpoint it scores, refuses one of another graph or model, and keeps
-its scores (CSV beside the checkpoint, an MLflow run with one point per lead time)."""
+"""jobs.forecast: says which checkpoint it scores, refuses one of another graph or model, keeps its
+scores (CSV beside the checkpoint, an MLflow run with one point per lead time) and its speed; the
+fields it writes in the background are the rollout's, whatever the layout (chunked, sharded over
+ranks, data-parallel starts); a slow or failing disk neither stalls nor loses anything silently."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 import math
 import os
 import shutil
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import zarr
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from squall.errors import SquallError
 from squall.tracking import NullLogger, local_store_uri
 from squall.tracking import metrics as M
-from squall.train.forecast import CheckpointMismatch, forecast
-from squall.train.runner import train
+from squall.train.forecast import (
+    CheckpointMismatch,
+    FieldWriter,
+    ForecastWriteError,
+    forecast,
+)
+from squall.train.runner import build_run, train
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = str(ROOT / "conf")
@@ -105,6 +117,13 @@ def test_forecast_names_its_checkpoint_and_keeps_its_scores(trained, capsys):
     assert [m.value for m in physical] == result["rmse_by_variable"][name]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "forecast")] == [
         "forecast/scores-step4-test.csv"]
+    # how fast, and what it held
+    speed = run.data.metrics
+    assert speed[M.FORECAST_STEP_S] == result["step_s_median"] > 0
+    assert speed[M.FORECAST_ROLLOUT_S] == pytest.approx(3 * result["step_s_median"])
+    assert speed[M.FORECAST_TOTAL_S] >= 2 * speed[M.FORECAST_ROLLOUT_S]  # two starts
+    assert speed[M.FORECAST_WRITE_WAIT_S] == 0.0  # nothing written
+    assert speed[M.PEAK_RSS_GIB] > 0  # CPU: the process's peak resident memory
 
 
 def test_per_variable_rmse_is_the_normalised_one_in_each_variables_units(trained):
@@ -167,3 +186,181 @@ def test_forecast_job_refuses_a_foreign_checkpoint_in_one_line(trained):
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"error: checkpoint {cache}/run/checkpoint.pt was trained with another model (num_heads "
         "2 != 4;")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fields written in the background, and the layouts that must not change them
+
+
+def reference_fields(cfg) -> np.ndarray:
+    """``[start, step, variable, grid]`` denormalised predictions of the training code's own
+    rollout (``Trainer.rollout``, fp32, one process) from the starts the forecast picks."""
+    from squall.data.setup import build_dataset
+
+    parts = build_run(cfg, NullLogger(), training=False)
+    parts.model.load_state_dict(torch.load(cfg.forecast.checkpoint, weights_only=False)["model"])
+    parts.model.eval()
+    steps = int(cfg.forecast.steps)
+    data = build_dataset(cfg, "test", rollout=steps, normaliser=parts.train_set.normaliser)
+    starts = np.unique(np.linspace(0, len(data) - 1, min(int(cfg.forecast.max_starts),
+                                                          len(data))).astype(int))  # fmt: skip
+    out_vars = [data.variables[i] for i in parts.layout.outputs]
+    norm = parts.train_set.normaliser.subset(out_vars)
+    fields = []
+    with torch.no_grad():
+        for k in starts:
+            sample = data[int(k)]
+            batch = {"x": sample["x"][None], "y": sample["y"][None]}
+            preds = [norm.denormalise(p[0]) for p, _ in parts.trainer.rollout(batch)]
+            fields.append(torch.stack(preds).transpose(1, 2).numpy())
+    return np.stack(fields)
+
+
+@pytest.fixture(scope="module")
+def plain(trained, tmp_path_factory) -> tuple[dict, np.ndarray]:
+    """The plain one-process fp32 forecast with its fields written, and the stored fields."""
+    cache, _ = trained
+    out = tmp_path_factory.mktemp("plain") / "fc.zarr"
+    result = forecast(compose_tiny(cache, f"forecast.output={out}", "tracking.enabled=false"))
+    return result, zarr.open_group(str(out), mode="r")["data"][:]
+
+
+def test_written_fields_are_the_rollout_and_the_store_says_complete(trained, plain):
+    cache, _ = trained
+    result, fields = plain
+    store = zarr.open_group(result["output"], mode="r")
+    assert store.attrs["complete"] is True and store.attrs["fields_written"] == 2 * 3
+    assert store.attrs["lead_hours"] == [6.0, 12.0, 18.0] and len(store.attrs["initial_dates"]) == 2
+    expected = reference_fields(compose_tiny(cache))
+    assert fields.shape == expected.shape == (2, 3, len(store.attrs["variables"]), 544)
+    # the same fp32 operations as the training code's rollout, in inference mode: bitwise
+    assert np.array_equal(fields, expected)
+
+
+def test_chunked_mappers_and_the_cuda_graph_option_change_nothing_on_cpu(trained, plain, tmp_path,
+                                                                        caplog):  # fmt: skip
+    cache, _ = trained
+    result, fields = plain
+    out = tmp_path / "fc.zarr"
+    with caplog.at_level(logging.INFO, logger="squall.train.forecast"):
+        chunked = forecast(compose_tiny(cache, f"forecast.output={out}", "parallel.chunks=3",
+                                        "forecast.cuda_graphs=true", "tracking.enabled=false"))  # fmt: skip
+    assert "forecast.cuda_graphs: no CUDA device, the step runs eagerly on cpu" in caplog.text
+    assert chunked["cuda_graph"] is False
+    # chunking splits the mappers' destinations, each one's edges and sums unchanged: bitwise
+    assert np.array_equal(zarr.open_group(str(out), mode="r")["data"][:], fields)
+    assert chunked["rmse_model"] == result["rmse_model"]
+
+
+def test_progress_shows_lead_time_speed_and_eta(trained, monkeypatch, capsys):
+    cache, _ = trained
+    monkeypatch.setenv("SQUALL_PROGRESS", "1")  # the bar, as on a terminal
+    forecast(compose_tiny(cache, "tracking.enabled=false"))
+    err = capsys.readouterr().err
+    assert "forecast (2 starts x 3 steps of 6 h)" in err
+    assert "start 2/2, lead 18 h" in err and " s/step, ETA 0 s" in err
+
+
+# Seconds each write takes in the slow-disk test: long against a queue operation (microseconds)
+# even on the loaded 2-core machine, short enough for the default test run.
+SLOW_WRITE_S = 0.3
+
+
+def _writer(path, denormalise, queue_size=2, shape=(6, 3), starts=1, steps=5):
+    FieldWriter.create(path, (starts, steps, shape[1], shape[0]), {"variables": ["a", "b", "c"]})
+    return FieldWriter(path, denormalise, shape, torch.device("cpu"), queue_size)
+
+
+def test_a_slow_disk_does_not_stall_the_rollout_and_nothing_is_lost(tmp_path):
+    def slow(field):
+        time.sleep(SLOW_WRITE_S)
+        return field * 2 + 1
+
+    writer = _writer(tmp_path / "fc.zarr", slow, queue_size=2)
+    fields = [torch.randn(6, 3) for _ in range(5)]
+    began = time.perf_counter()
+    for s in range(3):  # queue_size + 1 buffers: handed over without waiting for the disk
+        writer.put(0, s, fields[s])
+    assert time.perf_counter() - began < SLOW_WRITE_S and writer.wait_s < SLOW_WRITE_S / 2
+    for s in range(3, 5):  # every buffer waits for the disk: bounded, the rollout blocks
+        writer.put(0, s, fields[s])
+    assert writer.wait_s >= SLOW_WRITE_S / 2
+    writer.close()
+    FieldWriter.finish(writer.path, writer.written, 5, None)
+    store = zarr.open_group(str(writer.path), mode="r")
+    assert store.attrs["complete"] is True and store.attrs["fields_written"] == 5
+    expected = np.stack([(f * 2 + 1).numpy().T for f in fields])
+    assert np.array_equal(store["data"][0], expected)
+
+
+def test_a_failing_disk_is_one_error_and_an_incomplete_store(tmp_path):
+    path = tmp_path / "fc.zarr"
+    writer = _writer(path, lambda f: f, queue_size=1)
+    writer.put(0, 0, torch.ones(6, 3))
+    writer.close()  # the first field is on disk
+    writer = FieldWriter(path, lambda f: f, (6, 3), torch.device("cpu"), 1)
+    # the disk refuses every further chunk: its folder becomes a file
+    shutil.rmtree(path / "data")
+    (path / "data").write_text("not a folder")
+    with pytest.raises(ForecastWriteError) as err:
+        for s in range(1, 5):
+            writer.put(0, s, torch.ones(6, 3))
+            time.sleep(0.05)  # let the thread fail before the last put
+        writer.close()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(
+        f"writing forecast fields to {path} failed at start 0, step 2 (")
+    assert "the store is marked incomplete" in message
+    writer.abort()  # raised once; the thread has stopped
+    FieldWriter.finish(path, 1 + writer.written, 5, f"ForecastWriteError: {message}")
+    attrs = zarr.open_group(str(path), mode="r").attrs
+    assert attrs["complete"] is False and attrs["fields_written"] == 1
+    assert attrs["error"].startswith("ForecastWriteError: writing forecast fields")
+
+
+def _launch(cache: Path, overrides: list[str], world: int) -> list[subprocess.CompletedProcess]:
+    """jobs.forecast on ``world`` CPU ranks, launched as srun would (gloo)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MLFLOW_"))}
+    base.update(SQUALL_CACHE=str(cache), OMP_NUM_THREADS="1")
+    job = str(uuid.uuid4().int % 10**8)
+    args = [a for a in TINY if not a.startswith("paths.cache")]
+    procs = []
+    for rank in range(world):
+        env = {**base, "SLURM_JOB_ID": job, "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank),
+               "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_STEP_NUM_TASKS": str(world),
+               "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_NUM_NODES": "1",
+               "SLURM_STEP_TASKS_PER_NODE": str(world)}  # fmt: skip
+        cmd = [sys.executable, "-m", "jobs.forecast", *args, *FORECAST, *overrides,
+               f"hydra.run.dir={cache}/hydra{rank}"]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    for d in done:
+        assert d.returncode == 0, d.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow  # about 40 s: two job processes per layout
+@pytest.mark.parametrize("layout", [["parallel.model_parallel=2"], ["parallel.model_parallel=1"]],
+                         ids=["graph_split_over_2_ranks", "starts_split_over_2_replicas"])  # fmt: skip
+def test_two_ranks_write_and_score_what_one_process_does(trained, plain, layout, tmp_path):
+    """fp32 on gloo: each rank's rows see the same edges, summed in the same order, as in one
+    process (tests/parallel/test_sharded_model.py), and scores are summed over the same starts in
+    the same order: bitwise equal."""
+    cache, _ = trained
+    result, fields = plain
+    out = tmp_path / "fc.zarr"
+    done = _launch(cache, [*layout, f"forecast.output={out}", "tracking.enabled=false"], world=2)
+    assert "rmse model" in done[0].stdout and "rmse model" not in done[1].stdout, "rank 0 reports"
+    assert "starts on 2 rank(s)" in done[0].stdout
+    store = zarr.open_group(str(out), mode="r")
+    assert store.attrs["complete"] is True and store.attrs["fields_written"] == 2 * 3
+    assert np.array_equal(store["data"][:], fields)
+    import json
+
+    two = json.loads(done[0].stdout.strip().splitlines()[-1])
+    assert two["rmse_model"] == result["rmse_model"] and two["skill"] == result["skill"]
+    assert two["ranks"] == 2 and len(two["memory_by_rank"]) == 2
