@@ -170,7 +170,11 @@ class GeneratorSchema(Schema):
     diffusivity_m2s : float
         Horizontal diffusivity widening the blobs (m^2/s).
     noise : float
-        Smooth noise relative to one blob's amplitude.
+        Smooth noise relative to one blob's amplitude: the stochastic part of the weather.
+    noise_memory : float
+        AR(1) coefficient of the noise per time step (< 1 keeps it stationary).
+    noise_seed : int or None
+        Seed of the noise alone (null: derived from ``seed``), for independent realisations.
     lifetime_days : list of float
         Shortest and longest blob lifetime (days).
     block : int
@@ -190,6 +194,8 @@ class GeneratorSchema(Schema):
     solid_body_ms: float = MISSING
     diffusivity_m2s: float = setting(ge=0)
     noise: float = setting(ge=0)
+    noise_memory: float = setting(0.8, ge=0, le=0.99)
+    noise_seed: int | None = None
     lifetime_days: list[float] = MISSING
     block: int = setting(ge=1)
     variables: list[str] | None = None

@@ -14,6 +14,16 @@ sigma^2`` (diffusion), and it fades in and out smoothly at birth and death. Birt
 uniformly in time so the population is stationary. A small smooth noise (fixed large-scale basis
 with AR(1) coefficients in time) is added to ``psi`` and ``T'``.
 
+Stochastic part
+---------------
+Two things cannot be predicted from the past states: blob births, and the noise's AR(1) shocks.
+The shocks have a known spread: each basis coefficient gets an independent normal shock of standard
+deviation ``a sqrt(1 - rho^2)`` per step (``a``: ``noise`` times the blob amplitude, ``rho``:
+``noise_memory``), so a variable that is linear in the noise has a one-step unpredictable part of
+known standard deviation at every point (:meth:`Synthetic.shock_std`). An ensemble trained on
+data with a larger ``noise`` has this spread to learn, and its calibration can be checked
+against it. ``noise_seed`` draws another realisation of the noise with the same blobs and land.
+
 Variables derive from these fields:
 
 * ``u_850, v_850``: the advecting zonal flow plus the non-divergent wind of ``psi``
@@ -99,6 +109,10 @@ class SyntheticSettings:
         Range of blob lifetimes.
     noise : float
         Amplitude of the smooth noise relative to one blob's amplitude.
+    noise_memory : float
+        AR(1) coefficient of the noise per time step, in [0, 1).
+    noise_seed : int or None
+        Seed of the noise alone; ``None`` derives it from ``seed``.
     block : int
         Times generated and written per block (bounds memory: ``block * vars * grid`` floats).
     """
@@ -115,6 +129,8 @@ class SyntheticSettings:
     temperature_blobs: int = 10
     lifetime_days: tuple[float, float] = (6.0, 14.0)
     noise: float = 0.03
+    noise_memory: float = 0.8
+    noise_seed: int | None = None
     block: int = 32
 
     def validate(self) -> None:
@@ -127,6 +143,9 @@ class SyntheticSettings:
             raise DataError(f"synthetic variables must be unique and non-empty: {self.variables}")
         if self.num_times < 1:
             raise DataError(f"synthetic num_times must be >= 1, got {self.num_times}")
+        if self.noise < 0 or not 0 <= self.noise_memory < 1:
+            raise DataError(f"synthetic noise must be >= 0 and noise_memory in [0, 1); got "
+                            f"{self.noise} and {self.noise_memory}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,8 +281,8 @@ class SmoothNoise:
     """Large-scale noise: fixed Gaussian basis on the sphere with AR(1) coefficients in time."""
 
     def __init__(self, rng, lat, lon, num_times, amp, basis=24, rho=0.8):
-        # 24 bumps of 30 deg: smooth at the scale of the blobs; rho = 0.8 per step keeps it smooth
-        # in time but unpredictable beyond a day.
+        # 24 bumps of 30 deg: smooth at the scale of the blobs; rho = 0.8 per 6 h step keeps it
+        # smooth in time but unpredictable beyond a day.
         c_lat = np.arcsin(rng.uniform(-1.0, 1.0, basis))
         c_lon = rng.uniform(0.0, 2 * np.pi, basis)
         var = np.radians(30.0) ** 2
@@ -280,7 +299,8 @@ class SmoothNoise:
         self.d_lon = g * ddot_dlon / var
         self.d_lat = g * ddot_dlat / var
         coef = np.zeros((num_times, basis))
-        shocks = rng.normal(0.0, amp * np.sqrt(1 - rho**2), (num_times, basis))
+        self.shock_std = amp * np.sqrt(1 - rho**2)
+        shocks = rng.normal(0.0, self.shock_std, (num_times, basis))
         coef[0] = rng.normal(0.0, amp, basis)
         for t in range(1, num_times):
             coef[t] = rho * coef[t - 1] + shocks[t]
@@ -368,6 +388,8 @@ class Synthetic:
         # Separate streams so changing one setting leaves the other fields unchanged.
         r_static, r_psi, r_temp, r_noise = (np.random.default_rng(x) for x in rng.integers(
             0, 2**63, 4))  # fmt: skip
+        if s.noise_seed is not None:
+            r_noise = np.random.default_rng(s.noise_seed)
         self.lsm, self.orography = static_fields(r_static, self.lat, self.lon)
         end = float(self.seconds[-1]) + 1.0
         # 2e7 m^2/s: ~10 m/s wind and ~200 gpm geopotential anomalies at 45 deg, as in real
@@ -376,8 +398,30 @@ class Synthetic:
         self.psi = Blobs.sample(r_psi, s.psi_blobs, end, s, self.psi_amp, storm_track=True)
         self.temp = Blobs.sample(r_temp, s.temperature_blobs, end, s, 4.0, storm_track=False)
         self.psi_noise = SmoothNoise(r_noise, self.lat, self.lon, s.num_times,
-                                     s.noise * self.psi_amp)  # fmt: skip
-        self.temp_noise = SmoothNoise(r_noise, self.lat, self.lon, s.num_times, s.noise * 4.0)
+                                     s.noise * self.psi_amp, rho=s.noise_memory)  # fmt: skip
+        self.temp_noise = SmoothNoise(r_noise, self.lat, self.lon, s.num_times, s.noise * 4.0,
+                                      rho=s.noise_memory)  # fmt: skip
+
+    def shock_std(self) -> dict[str, np.ndarray]:
+        """One-step unpredictable standard deviation ``[N]`` of each variable linear in the noise.
+
+        For ``X_{t+1} = D_{t+1} + rho (X_t - D_t) + shock`` (``D``: the noise-free fields of the
+        same seed), the shock at a point is a sum of independent normal basis shocks, so its
+        standard deviation is the shock scale times the norm of the variable's basis row. ``tp``
+        is not linear in the noise and has no entry.
+        """
+        cos_lat = np.maximum(np.cos(self.lat), 1e-6)
+        coriolis = 2 * OMEGA_EARTH * np.sin(self.lat)
+        p, t = self.psi_noise, self.temp_noise
+        psi = p.shock_std * np.linalg.norm(p.basis, axis=0)
+        u = p.shock_std * np.linalg.norm(p.d_lat, axis=0) / EARTH_RADIUS_M
+        v = p.shock_std * np.linalg.norm(p.d_lon, axis=0) / (EARTH_RADIUS_M * cos_lat)
+        temp = t.shock_std * np.linalg.norm(t.basis, axis=0)
+        friction = 0.8 - 0.35 * self.lsm
+        std = {"z_500": np.abs(coriolis) * psi, "msl": RHO_AIR * 0.8 * np.abs(coriolis) * psi,
+               "u_850": u, "v_850": v, "10u": friction * u, "10v": friction * v,
+               "t_850": temp, "2t": 0.8 * temp}  # fmt: skip
+        return {k: std[k] for k in self.s.variables if k in std}
 
     def fields(self, index: np.ndarray) -> dict[str, np.ndarray]:
         """Every catalogue variable needed by the settings at time indices ``index``, ``[T, N]``."""
@@ -463,7 +507,8 @@ def generate(path, nodes: NodeSet, settings: SyntheticSettings, grid_name: str =
     attrs = {
         "source": "squall.data.synthetic",
         "synthetic": {"seed": s.seed, "psi_blobs": s.psi_blobs, "jet_ms": s.jet_ms,
-                      "solid_body_ms": s.solid_body_ms, "noise": s.noise},
+                      "solid_body_ms": s.solid_body_ms, "noise": s.noise,
+                      "noise_memory": s.noise_memory, "noise_seed": s.noise_seed},
     }  # fmt: skip
     with (
         DatasetWriter(
