@@ -41,7 +41,7 @@ from omegaconf import DictConfig
 from jobs._entry import hydra_job
 from squall.data.setup import check_source
 from squall.distributed.env import destroy_distributed, dist_env, init_distributed
-from squall.train.loop import VALIDATION_METRICS
+from squall.tracking.metrics import VALIDATION_METRICS
 from squall.train.runner import end_attempt, open_tracking_run, train
 from squall.train.signals import STOPPED_EXIT_CODE, Stopped, StopSignals, signal_name
 

@@ -157,22 +157,31 @@ def test_normaliser_state_dict_round_trip():
     torch.testing.assert_close(m.normalise(x), torch.tensor([[1.0, 1.0]]))
 
 
-def test_epoch_sampler_partitions_and_resumes():
-    from squall.data.sampler import EpochSampler
+def test_sampler_shares_epochs_drops_the_tail_and_resumes_at_any_sample():
+    from itertools import islice
 
-    ranks = [EpochSampler(10, shuffle=True, seed=3, rank=r, num_replicas=3) for r in range(3)]
-    for s in ranks:
-        s.set_epoch(2)
-    got = [list(s) for s in ranks]
-    assert all(len(g) == 4 for g in got)  # ceil(10 / 3), padded from the start of the order
-    assert set(sum(got, [])) == set(range(10))
-    assert list(ranks[0]) == got[0]  # pure function of (seed, epoch, rank)
-    ranks[0].set_epoch(3)
-    assert list(ranks[0]) != got[0]
-    ranks[1].set_position(2, 3)
-    assert list(ranks[1]) == got[1][3:] and len(ranks[1]) == 1
-    dropped = EpochSampler(10, shuffle=False, rank=2, num_replicas=3, drop_last=True)
-    assert list(dropped) == [2, 5, 8]
+    from squall.data.sampler import ResumableSampler
+
+    n, replicas = 10, 3
+    streams = [list(islice(ResumableSampler(n, seed=3, rank=r, replicas=replicas), 9))
+               for r in range(replicas)]  # fmt: skip
+    for epoch in range(3):  # 3 samples per replica and epoch (10 // 3)
+        shares = [s[3 * epoch : 3 * epoch + 3] for s in streams]
+        seen = sum(shares, [])
+        assert len(seen) == len(set(seen)) == 9, "replicas never overlap, no sample twice"
+        assert set(seen) < set(range(n))  # one sample of each epoch left out: the tail
+    firsts = [sorted(sum((s[3 * e : 3 * e + 3] for s in streams), [])) for e in range(3)]
+    assert len({tuple(f) for f in firsts}) > 1, "each epoch draws a new order"
+    # Resuming after k samples gives exactly the rest of the uninterrupted stream.
+    whole = list(islice(ResumableSampler(n, seed=3, rank=1, replicas=replicas), 12))
+    for k in (0, 1, 3, 7):
+        resumed = list(islice(ResumableSampler(n, 3, samples_seen=k, rank=1, replicas=3), 12 - k))
+        assert resumed == whole[k:]
+    # One replica reads every sample once per epoch, nothing dropped.
+    one = list(islice(ResumableSampler(n, seed=3), 2 * n))
+    assert sorted(one[:n]) == sorted(one[n:]) == list(range(n)) and one[:n] != one[n:]
+    with pytest.raises(DataError, match="2 samples cannot feed 3 data-parallel replicas"):
+        ResumableSampler(2, seed=0, rank=0, replicas=3)
 
 
 def test_normalisation_methods():

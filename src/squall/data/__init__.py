@@ -5,7 +5,7 @@ the generated fields.
 """
 
 from squall.data.normalise import Normaliser, area_weights_from_latitudes
-from squall.data.sampler import EpochSampler
+from squall.data.sampler import ResumableSampler
 from squall.data.setup import build_dataset, data_nodes, ensure_dataset, variable_roles
 from squall.data.synthetic import SyntheticSettings, generate
 from squall.data.zarr_dataset import (
@@ -19,8 +19,8 @@ from squall.data.zarr_dataset import (
 __all__ = [
     "DatasetInfo",
     "DatasetWriter",
-    "EpochSampler",
     "Normaliser",
+    "ResumableSampler",
     "SyntheticSettings",
     "WindowDataset",
     "area_weights_from_latitudes",

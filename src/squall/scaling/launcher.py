@@ -48,10 +48,8 @@ from squall.errors import SquallError
 from squall.progress import Progress
 from squall.scaling import slurm
 from squall.scaling.plan import PointPlan, plan_point
+from squall.scaling.state import NODELIST_TAG, SLURM_STATE_TAG, SweepState, one_line
 from squall.scaling.sweep import (
-    NODELIST_TAG,
-    SLURM_STATE_TAG,
-    SweepState,
     abort_sweep,
     ensure_sweep,
     plan_point_run,
@@ -392,8 +390,6 @@ class ShapedSweepLauncher(BaseSubmititLauncher):
             log.error("point #%d failed: %s", p.idx, reason)
             return self._failed_return(p.overrides, p.idx, reason)
         if ret.status == JobStatus.FAILED:
-            from squall.scaling.point import one_line
-
             reason = one_line(ret._return_value)
             record_failure(state, p.run_id, reason)
             log.error("point #%d failed: %s", p.idx, reason)

@@ -1,25 +1,29 @@
-"""One point of a scaling sweep: join the process group, build, warm up, time N training steps.
+"""One point of a scaling sweep: join the process group, build, then time training steps.
 
-Run by every rank of the point (``jobs/scale.py``). The order:
+Run by every rank of the point (``jobs/scale.py``). A point is a measurement wrapper around the
+one training loop (:meth:`squall.train.loop.Trainer.fit`); the order:
 
 1. :func:`~squall.scaling.plan.plan_point` checks the layout; the launcher's world size must match.
 2. ``torch.distributed`` from the launcher's environment (:mod:`squall.distributed.env`): NCCL on
    GPUs, gloo on CPU.
-3. Rank 0 builds graph, dataset and model first (it may write the graph cache and the synthetic
-   dataset), the others after a barrier. Model-parallel points shard the model in place
-   (:func:`squall.parallel.parallelize.parallelize`; each rank reads its grid rows, gradients are
-   reduced by the model); pure data-parallel points wrap it in DDP.
-4. ``scale.warmup_steps`` untimed steps, then ``scale.steps`` timed ones, each a real training
-   step (:meth:`squall.train.loop.Trainer.train_step`) on batches drawn for this data-parallel
-   rank. A checkpoint every ``scale.checkpoint_every`` steps; on SIGUSR1/SIGUSR2/SIGTERM all
-   ranks agree to stop after the current step, rank 0 checkpoints and asks Slurm why the signal
-   came (:func:`squall.scaling.slurm.stop_cause`): a time-limit warning or a preemption is
-   handed to submitit's handler (which requeues the job), a job Slurm requeued itself just
-   exits, a cancelled one ends KILLED and is not requeued. A resumed point repeats its warm-up
-   and times all its steps again: timings come from one allocation, the last. Each attempt's
-   job id, array index, nodes, start, end, why it ended and its own median step time are tags
-   ``attempt.<n>.*`` of the point's one run.
-5. The gradient all-reduce measured alone (``time/comm_s``, ``comm/bytes_per_step``), the halo
+3. Rank 0 builds graph and dataset first (it may write the graph cache and the synthetic
+   dataset), the others after a barrier; then every rank builds the run as ``jobs.train`` does
+   (:func:`squall.train.runner.build_run`: the layout is applied by :mod:`squall.parallel`).
+4. The point's training config (:func:`point_config`): the per-rank batch of the plan, a step
+   budget of ``scale.warmup_steps + scale.steps``, ``scale.warmup_steps`` left out of the timing,
+   a checkpoint every ``scale.checkpoint_every`` steps. ``Trainer.fit`` then runs the steps on the
+   training sampler of ``jobs.train`` (:class:`squall.data.sampler.ResumableSampler`) and logs
+   every step to the point's run, as ``jobs.train`` logs to its own.
+5. On SIGUSR1/SIGUSR2/SIGTERM (caught from the start of the build) all ranks agree to stop after
+   the current step; rank 0 asks Slurm why the signal came (:func:`squall.scaling.slurm.
+   stop_cause`) and the checkpoint is written: a time-limit warning or a preemption is handed to
+   submitit's handler (which requeues the job), a job Slurm requeued itself just exits, a
+   cancelled one ends KILLED and is not requeued. A resumed point repeats its warm-up and times
+   all its steps again: timings come from one allocation, the last. Each attempt's job id, array
+   index, nodes, start, end, why it ended and its own median step time are tags
+   ``attempt.<n>.*`` of the point's one run (kept across requeues in the checkpoint, through
+   :class:`PointHooks`).
+6. The gradient all-reduce measured alone (``time/comm_s``, ``comm/bytes_per_step``), the halo
    volume of model-parallel points from their plans, peak memory of every rank, the job's own GPU
    statistics; rank 0 logs all of it to the point's MLflow run.
 
@@ -29,15 +33,12 @@ before it propagates, so the sweep's report can show why.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import signal
 import statistics
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,25 +46,26 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf, open_dict
 
-from squall.data.sampler import EpochSampler
-from squall.data.setup import ensure_dataset
-from squall.data.zarr_dataset import make_dataloader
 from squall.distributed.env import DistEnv, destroy_distributed, dist_env, init_distributed
 from squall.errors import SquallError
-from squall.graphs import load_or_build
 from squall.scaling import slurm
+from squall.scaling.inputs import build_inputs
 from squall.scaling.plan import LayoutError, PointPlan, plan_point
-from squall.scaling.sweep import FAILURE_TAG, INTERRUPT_TAG, NODELIST_TAG
+from squall.scaling.state import FAILURE_TAG, INTERRUPT_TAG, NODELIST_TAG, one_line
 from squall.tracking import NullLogger, RunLogger
 from squall.tracking import metrics as M
 from squall.tracking.environment import collect_environment
-from squall.tracking.metrics import GpuSampler, StepTimer, peak_memory
-from squall.train.checkpoint import load_checkpoint, save_checkpoint
-from squall.train.runner import build_run
+from squall.tracking.metrics import GpuSampler
+from squall.train.checkpoint import checkpoint_extra
+from squall.train.loop import Trainer, TrainerHooks
+from squall.train.runner import build_run, train_loader_factory
+from squall.train.signals import StopSignals
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+#: Signals that stop a point after its step: Slurm's warning (``--signal=USR1``), submitit's
+#: time-limit signal (USR2) and scancel / preemption / requeue (TERM).
+POINT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 #: DDP's default gradient bucket (torch.nn.parallel.DistributedDataParallel bucket_cap_mb=25):
 #: the comm probe all-reduces buckets of this size, as DDP does.
 DDP_BUCKET_BYTES = 25 * 1024**2
@@ -73,23 +75,11 @@ class PointInterrupted(SquallError):
     """The point stopped on a signal after writing its checkpoint; rerunning it resumes."""
 
 
-def one_line(err: BaseException, limit: int = 500) -> str:
-    """``Type: first line of the message``, cut to ``limit`` characters (for tags and tables)."""
-    text = str(err).strip().splitlines()
-    msg = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
-
-
 @dataclass
 class Progress:
-    """What survives a requeue, stored in the checkpoint's ``extra``.
+    """What survives a requeue, stored in the checkpoint: the number of attempts so far and one
+    summary per finished attempt (its tags, see :func:`_attempt_tags`)."""
 
-    ``measured_s``/``data_s`` are the timed steps of the current attempt only; ``history`` keeps
-    one summary per earlier attempt (its tags, see :func:`_attempt_tags`).
-    """
-
-    measured_s: list[float] = field(default_factory=list)
-    data_s: list[float] = field(default_factory=list)
     attempts: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -99,32 +89,49 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _point_config(cfg, plan: PointPlan, device: torch.device):
-    """The training config of this point: per-rank batch, step budget, device."""
+def point_config(cfg, plan: PointPlan, device: torch.device):
+    """The training config of this point: ``conf/scale.yaml``'s training settings with the
+    per-rank batch of the plan, a step budget of warm-up plus timed steps (the learning-rate
+    schedule's length), the warm-up left out of the timing and the point's checkpoint interval.
+    ``jobs.train`` on this config trains exactly what the point times."""
     point = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    s = cfg.scale
     with open_dict(point):
         point.training.batch_size = plan.batch_per_rank
-        point.training.max_steps = int(cfg.scale.warmup_steps) + int(cfg.scale.steps)
+        point.training.max_steps = int(s.warmup_steps) + int(s.steps)
+        point.training.timing_warmup_steps = int(s.warmup_steps)
+        point.training.checkpoint_every = int(s.checkpoint_every)
         point.training.device = str(device)
     return point
 
 
-def _batches(dataset, batch: int, seed: int, rank: int, replicas: int, workers: int,
-             start_batch: int, pin: bool) -> Iterator[dict]:
-    """Endless batches of this data-parallel rank, continuing after ``start_batch`` batches."""
-    sampler = EpochSampler(len(dataset), shuffle=True, seed=seed, rank=rank,
-                           num_replicas=replicas, drop_last=True)
-    per_epoch = sampler.per_rank // batch
-    if per_epoch < 1:
-        raise LayoutError(f"{len(dataset)} training windows give no batch of {batch} to each of "
-                          f"{replicas} data-parallel ranks; lower scale.batch or use more data")
-    epoch, done = divmod(start_batch, per_epoch)
-    while True:
-        sampler.set_position(epoch, done * batch)
-        loader = make_dataloader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                                 drop_last=True, pin_memory=pin)
-        yield from loader
-        epoch, done = epoch + 1, 0
+class PointHooks(TrainerHooks):
+    """The point's part of the training loop: which point wrote a checkpoint, its attempts, and
+    why this attempt ended (Slurm's cause of a stop signal, asked by rank 0)."""
+
+    def __init__(self, point_id: str | None, env: DistEnv, device: torch.device) -> None:
+        self.point_id, self.env, self.device = point_id, env, device
+        self.progress = Progress()
+        self.attempt: dict = {}
+        self.cause = ""
+
+    def state_dict(self) -> dict:
+        return {"point_id": self.point_id, "progress": asdict(self.progress)}
+
+    def load_state_dict(self, state: dict) -> None:
+        known = state.get("progress", {})
+        self.progress = Progress(int(known.get("attempts", 0)), list(known.get("history", [])))
+
+    def on_fit_end(self, trainer: Trainer, signum: int) -> None:
+        if signum:
+            self.cause = _agreed_cause(signum, self.env, self.device)
+            ended = f"{self.cause} ({signal.Signals(signum).name}) at step {trainer.step}"
+        else:
+            ended = "completed"
+        timed = trainer.timer.measured_steps
+        step_s = f"{trainer.timer.stats().median_s:.6g}" if timed else "-"
+        self.progress.history.append(self.attempt | {"end": _now(), "ended": ended,
+                                                     "timed_steps": timed, "step_s": step_s})
 
 
 def _gradient_allreduce_s(model: torch.nn.Module, device: torch.device, repeats: int) -> tuple[float, int]:
@@ -149,36 +156,6 @@ def _gradient_allreduce_s(model: torch.nn.Module, device: torch.device, repeats:
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:]), nbytes
-
-
-class _StopFlag:
-    """Signal handlers that ask for a stop at the end of the step; restores the previous ones."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> _StopFlag:
-        from threading import current_thread, main_thread
-
-        if current_thread() is main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
-        return self
-
-    def _handle(self, signum, _frame) -> None:
-        log.warning("signal %s: checkpointing after this step, then stopping",
-                    signal.Signals(signum).name)
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def agreed(self, device: torch.device) -> int:
-        """The signal any rank received (0 if none): every rank stops at the same step."""
-        flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
 
 
 def _under_submitit() -> bool:
@@ -231,8 +208,8 @@ def run_point(cfg, logger_factory, point_id: str | None = None) -> dict:
             try:
                 # Stop signals are caught from here on: one that comes while the point is still
                 # building stops it after its first step, with a checkpoint, instead of killing it.
-                with _StopFlag() as stop:
-                    summary = _measure(cfg, plan, env, logger, point_id, stop)
+                with StopSignals(immediate=False, signals=POINT_SIGNALS):
+                    summary = _measure(cfg, plan, env, logger, point_id)
             except _Stopped as stopped:  # handlers restored: submitit's is the one to call now
                 _interrupted(stopped, env, logger)
         except SystemExit:  # submitit requeued the job (tagged already) or it was told to exit
@@ -281,11 +258,11 @@ def _attempt_tags(entry: dict) -> dict[str, str]:
     return {f"attempt.{n}.{k}": v for k, v in entry.items() if k != "attempt"}
 
 
-def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: str | None,
-             stop: _StopFlag) -> dict:
+def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger,
+             point_id: str | None) -> dict:
     s = cfg.scale
     device = torch.device("cuda", env.local_rank) if env.backend == "nccl" else torch.device("cpu")
-    point = _point_config(cfg, plan, device)
+    point = point_config(cfg, plan, device)
     if env.is_main:
         logger.log_config(point)
         logger.log_params(plan.as_params())
@@ -299,131 +276,70 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: st
         })
     # Rank 0 first: it may build the graph cache and generate the synthetic dataset.
     if env.is_main:
-        _prepare(point)
+        build_inputs(point)
     dist.barrier()
-    # The layout is applied by build_run (squall.parallel): a model-parallel point is sharded in
-    # place and its datasets hold this rank's grid rows; data-parallel replicas go through DDP.
-    # Every rank enters it together: process groups and DDP's parameter broadcast are collectives.
-    parts = build_run(point, NullLogger(), device=device, distribute=True)
+    # Every rank enters build_run together: process groups and DDP's parameter broadcast are
+    # collectives. Rank 0's trainer logs every step to the point's run.
+    hooks = PointHooks(point_id, env, device)
+    parts = build_run(point, logger, device=device, distribute=True, hooks=hooks)
     model, trainer = parts.model, parts.trainer
-    setup = parts.parallel
-    dp_rank, halo = setup.data_parallel_rank, {}
+    halo = {}
     if plan.model_parallel > 1:
         halo = _halo_volume(model, parts.graph, plan, device, int(point.training.rollout))
+    make_loader = train_loader_factory(parts, point)
 
-    ckpt = Path(str(point.training.run_dir)) / "checkpoint.pt"
-    owner = ckpt.with_suffix(".json")  # which point wrote the checkpoint
-    progress, start = Progress(), 0
+    ckpt = trainer.checkpoint_path
     if ckpt.exists() and point_id is not None and (
-            not owner.exists() or json.loads(owner.read_text()).get("point_id") != point_id):
+            checkpoint_extra(ckpt).get("hooks", {}).get("point_id") != point_id):
         log.warning("%s belongs to another sweep's point: starting afresh", ckpt)
     elif ckpt.exists() and bool(point.training.resume):
-        payload = load_checkpoint(ckpt, model, trainer.optimizer, trainer.scheduler)
-        start = int(payload["step"])
-        progress = Progress(**payload["extra"].get("progress", {}))
-        log.info("resumed point at step %d from %s", start, ckpt)
+        trainer.resume()
+    start = trainer.step
+    progress = hooks.progress
     # An attempt that died before its first checkpoint still counts: Slurm's restart count.
     where = slurm.attempt_from_env()
     progress.attempts = max(progress.attempts, int(where["restarts"])) + 1
-    # Timings come from one allocation: a resumed point times all its steps again here (on
-    # another node, perhaps); the earlier attempts' numbers stay in their attempt tags.
-    progress.measured_s, progress.data_s = [], []
-    attempt = {"attempt": progress.attempts, "job_id": where["job_id"],
-               "array_index": where["array_index"], "nodes": where["nodes"], "start": _now(),
-               "first_step": start + 1}
-    trainer.step = start
-    warmup, steps = int(s.warmup_steps), int(s.steps)
-    total = start + warmup + steps  # warm-up is repeated after a resume
+    hooks.attempt = {"attempt": progress.attempts, "job_id": where["job_id"],
+                     "array_index": where["array_index"], "nodes": where["nodes"],
+                     "start": _now(), "first_step": start + 1}
     if env.is_main:
         logger.set_tags({"point.attempts": progress.attempts, NODELIST_TAG: where["nodes"],
-                         **_attempt_tags(attempt)})
-
-    def attempt_summary(ended: str) -> dict:
-        timed = progress.measured_s
-        return attempt | {"end": _now(), "ended": ended, "timed_steps": len(timed),
-                          "step_s": f"{statistics.median(timed):.6g}" if timed else "-"}
-
-    batches = _batches(parts.train_set, plan.batch_per_rank, int(point.training.seed), dp_rank,
-                       plan.data_parallel, int(point.data.get("num_workers", 0)), start,
-                       device.type == "cuda")
-    pending: list[tuple[dict, int]] = []
-
-    def flush() -> None:
-        for metrics, step in pending:
-            logger.log_metrics(metrics, step)
-        pending.clear()
-
-    def save() -> None:
-        if env.is_main:
-            save_checkpoint(ckpt, model, trainer.optimizer, trainer.scheduler, trainer.step,
-                            trainer.samples_seen, extra={"progress": vars(progress)})
-            owner.write_text(json.dumps({"point_id": point_id}) + "\n")
-        dist.barrier()
-
+                         **_attempt_tags(hooks.attempt)})
+    # Timings come from one allocation: a resumed point repeats its warm-up and times all its
+    # steps again here (on another node, perhaps); earlier attempts' numbers stay in their tags.
+    total = start + int(s.warmup_steps) + int(s.steps)
     sampler = GpuSampler() if env.local_rank == 0 else None
-    peak_memory(reset=True)
-    stopped_by = 0
-    with sampler or _Nothing():
-        first = trainer.step
-        while trainer.step < total:
-            t0 = time.perf_counter()
-            batch = next(batches)
-            waited = time.perf_counter() - t0
-            _sync(device)
-            t0 = time.perf_counter()
-            loss, grad_norm = trainer.train_step(batch)
-            _sync(device)
-            seconds = time.perf_counter() - t0
-            loss = trainer.global_loss(loss)  # outside the timed span (a collective when sharded)
-            timed = trainer.step - first > warmup
-            if timed:
-                progress.measured_s.append(seconds)
-                progress.data_s.append(waited)
-            pending.append(({M.LOSS_TRAIN: loss, M.GRAD_NORM: float(grad_norm),
-                             M.LR: trainer.scheduler.get_last_lr()[0], "time/last_step_s": seconds,
-                             "time/last_data_s": waited, "time/timed": float(timed)}, trainer.step))
-            stopped_by = stop.agreed(device)
-            cause = _agreed_cause(stopped_by, env, device) if stopped_by else ""
-            if stopped_by:
-                name = signal.Signals(stopped_by).name
-                progress.history.append(attempt_summary(f"{cause} ({name}) at step {trainer.step}"))
-            if trainer.step % int(s.checkpoint_every) == 0 or stopped_by:
-                flush()
-                save()
-            if stopped_by:
-                if env.is_main:
-                    logger.set_tags(_attempt_tags(progress.history[-1]))
-                break
-        flush()
-        if sampler:
+    if sampler is not None:
+        sampler.start()
+    try:
+        result = trainer.fit(make_loader, max_steps=total)
+        if sampler is not None:
             sampler.sample()  # at least one sample, however short the point
-    if stopped_by:
-        raise _Stopped(stopped_by, trainer.step, ckpt, cause)
-    progress.history.append(attempt_summary("completed"))
+    finally:
+        if sampler is not None:
+            sampler.stop()
     if env.is_main:
         logger.set_tags(_attempt_tags(progress.history[-1]))
-    save()
+    if trainer.stop_requested:
+        raise _Stopped(trainer.stop_signum, trainer.step, ckpt, hooks.cause)
 
     comm_s, comm_bytes = _gradient_allreduce_s(model, device, int(s.comm_repeats))
-    memory = peak_memory(reset=False)
+    memory = result["peak_memory"]
     gpu = sampler.collect() if sampler else {}
     gathered: list = [None] * env.world_size
     dist.all_gather_object(gathered, {"rank": env.rank, "node": env.node_rank, "memory": memory,
                                       "gpu": gpu})
-    timer = StepTimer(warmup=0, sync=lambda: None)
-    for sec in progress.measured_s:
-        timer.record(sec, plan.global_batch)
-    stats = timer.stats()
-    summary = stats.as_metrics() | {
+    median_s = result[M.STEP_S]
+    summary = {k: result[k] for k in (M.STEP_S, M.STEP_P10_S, M.STEP_P90_S, M.STEP_SPREAD,
+                                      M.SAMPLES_PER_S, M.MEASURED_STEPS, M.DATA_S)} | {
         M.COMM_S: comm_s, M.COMM_BYTES_PER_STEP: float(comm_bytes),
-        M.COMM_SHARE: comm_s / stats.median_s if stats.median_s > 0 else 0.0,
-        M.DATA_S: statistics.median(progress.data_s),
-        M.SAMPLES_PER_S_PER_GPU: stats.samples_per_s / plan.gpus,
+        M.COMM_SHARE: comm_s / median_s if median_s > 0 else 0.0,
+        M.SAMPLES_PER_S_PER_GPU: result[M.SAMPLES_PER_S] / plan.gpus,
         # Data-parallel points exchange no halo.
         M.HALO_BYTES_PER_STEP: 0.0, M.HALO_ROWS_SENT: 0.0, **halo,
         M.MODEL_PARAMETERS: float(model.num_parameters()),
         M.MODEL_GFLOP_PER_SAMPLE: model.flops_per_sample() / 1e9,
-    }
+    }  # fmt: skip
     for entry in gathered:
         for key, value in entry["memory"].items():
             summary[M.per_rank(key, entry["rank"])] = value
@@ -434,7 +350,7 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger, point_id: st
     if env.is_main:
         logger.log_metrics(summary, trainer.step)
         log.info("point %s: %.4g s/step (spread %.2f), %.4g samples/s, comm %.3g s", plan.layout,
-                 stats.median_s, stats.spread, stats.samples_per_s, comm_s)
+                 median_s, summary[M.STEP_SPREAD], summary[M.SAMPLES_PER_S], comm_s)
     return summary
 
 
@@ -453,10 +369,10 @@ def _halo_volume(model, graph, plan: PointPlan, device: torch.device,
     cfg = model.cfg
     uses = {"encoder": 1, "processor": int(cfg.processor_layers), "decoder": 1}
     sent = [sum(int(p[role].send_counts.sum()) * n for role, n in uses.items()) * 2 * rollout
-            for p in build_plans(graph, model.partition)]
+            for p in build_plans(graph, model.runner.partition)]
     element = 2 if device.type == "cuda" else 4
     rows = max(sent)
-    balance = partition_report(graph, model.partition)
+    balance = partition_report(graph, model.runner.partition)
     return {M.HALO_ROWS_SENT: float(rows),
             M.HALO_BYTES_PER_STEP: float(rows * int(cfg.num_channels) * element
                                          * plan.batch_per_rank),
@@ -471,28 +387,6 @@ def _attention_ran(backend: str, device: torch.device) -> dict[str, str]:
 
     used, why = resolve_backend(backend, device)
     return {"point.attention_backend_used": used} | ({"point.attention_fallback": why} if why else {})
-
-
-def _prepare(point) -> None:
-    """Build the graph cache and the synthetic dataset if missing, one point at a time: points
-    of a sweep that run side by side (a Slurm array) share the cache directory."""
-    cache = Path(str(point.paths.cache))
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".prepare.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            graph = load_or_build(point.graph, cache / "graphs")
-            ensure_dataset(point, graph.nodes["data"])
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 #: Exit status of a point that stopped on SIGTERM and is not requeued by itself (128 + 15, the

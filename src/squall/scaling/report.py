@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from squall.errors import SquallError
-from squall.scaling.sweep import (
+from squall.scaling.state import (
     FAILURE_TAG,
     GPUS_TAG,
     INTERRUPT_TAG,

@@ -22,7 +22,6 @@ import os
 import secrets
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,22 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from squall.errors import SquallError
+from squall.scaling.inputs import build_inputs
+from squall.scaling.report import report_sweep
+from squall.scaling.state import (  # noqa: F401 - re-exported: the sweep's names in one place
+    FAILURE_TAG,
+    GPUS_TAG,
+    INTERRUPT_TAG,
+    JOB_TAG,
+    MAX_REASON,
+    NODELIST_TAG,
+    OVERRIDES_TAG,
+    SLURM_STATE_TAG,
+    STATE_FILE,
+    SweepState,
+    journal_dir,
+    store_dir,
+)
 from squall.tracking import (
     MlflowLogger,
     NullLogger,
@@ -43,21 +58,6 @@ from squall.tracking import (
 from squall.tracking.logger import KIND_TAG, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "sweep.json"
-JOB_TAG = "squall.job_num"
-OVERRIDES_TAG = "squall.overrides"
-FAILURE_TAG = "squall.failure_reason"
-INTERRUPT_TAG = "squall.interrupted"
-GPUS_TAG = "point.gpus"
-#: Node list of the point's last attempt (``SLURM_JOB_NODELIST``, or the hostname).
-NODELIST_TAG = "point.nodelist"
-#: Slurm's end state of the point's job (COMPLETED, FAILED, CANCELLED, ...).
-SLURM_STATE_TAG = "slurm.state"
-#: MLflow's tag value limit is 8000 characters (mlflow.utils.validation, 3.x); reasons are cut
-#: well below it.
-MAX_REASON = 2000
-
 
 def _sweep_uid() -> str:
     """Six random hex digits: the suffix that keeps sweep directories started in the same second
@@ -73,73 +73,6 @@ if not OmegaConf.has_resolver("sweep_uid"):
 
 class SweepDirExists(SquallError):
     """The sweep directory exists already: sweeps never share one."""
-
-
-@dataclass
-class SweepState:
-    """Contents of ``sweep.json``.
-
-    Attributes
-    ----------
-    sweep_id : str
-        Value of the ``sweep_id`` tag on every run of the sweep.
-    sweep_dir : str
-        Hydra's sweep directory (absolute).
-    tracking_uri : str or None
-        Store of the sweep's runs; None with ``tracking.enabled=false``.
-    experiment, experiment_id : str
-        MLflow experiment name and id.
-    parent_run_id : str or None
-        The sweep's parent run.
-    fallback_from : str or None
-        The configured server that did not answer, when the sweep fell back to the local store.
-    points : dict
-        Hydra job number (as a string) to the point's run id.
-    title : str
-        What was swept where, for the report (experiment, cluster, graph and model).
-    """
-
-    sweep_id: str
-    sweep_dir: str
-    tracking_uri: str | None
-    experiment: str
-    experiment_id: str | None = None
-    parent_run_id: str | None = None
-    fallback_from: str | None = None
-    points: dict[str, str] = field(default_factory=dict)
-    title: str = ""
-
-    def save(self) -> None:
-        """Write atomically (points read it while the launcher adds to it)."""
-        path = Path(self.sweep_dir) / STATE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, sweep_dir: str | Path) -> SweepState:
-        """Read ``<sweep_dir>/sweep.json``."""
-        return cls(**json.loads((Path(sweep_dir) / STATE_FILE).read_text()))
-
-    def client(self):
-        """An MlflowClient on the sweep's store."""
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient(tracking_uri=self.tracking_uri)
-
-
-def journal_dir(sweep_dir: str | Path, job_num: int | str | None = None) -> Path:
-    """Root of the tracking journals of a sweep's driver, or of its point ``job_num`` (in the
-    point's directory); ``python -m jobs.report --sync SWEEP_DIR`` finds them all."""
-    if job_num is None:
-        return Path(sweep_dir) / "tracking"
-    return Path(sweep_dir) / str(job_num) / "tracking"
-
-
-def store_dir(cfg) -> Path:
-    """Directory of the embedded MLflow store (as for ``jobs/train.py``), made absolute."""
-    return (Path(str(cfg.paths.cache)) / "mlflow").resolve()
 
 
 def _job_config(config: DictConfig) -> DictConfig:
@@ -351,10 +284,8 @@ def prepare_inputs(config: DictConfig) -> None:
                             if "," in o.split("=", 1)[-1]]  # fmt: skip
     if any(k.lstrip("+~").split(".")[0].split("@")[0] in _INPUT_KEYS for k in swept):
         return
-    from squall.scaling.point import _prepare
-
     try:
-        _prepare(config)
+        build_inputs(config)
     except Exception as err:  # noqa: BLE001 - the points report it with their own reason
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"warning: graph and dataset not prepared before the points ({first})",
@@ -377,8 +308,6 @@ class SweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
         from mlflow.exceptions import MlflowException
-
-        from squall.scaling.report import report_sweep
 
         state = SweepState.load(Path(str(config.hydra.sweep.dir)).resolve())
         # Whatever the points or the driver could not send during an outage.

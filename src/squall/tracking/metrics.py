@@ -17,22 +17,43 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-# Run-level, per logging window or per run.
-LOSS_TRAIN = "loss/train"
-LOSS_VAL = "loss/val"
+# What one training step is, for every name below: one call of ``Trainer.train_step`` (forward
+# and backward of the rollout, the gradient all-reduce of data-parallel replicas and the halo
+# exchange of model-parallel ranks inside them, gradient clipping, the optimiser and scheduler
+# step), the device synchronised at both ends. It excludes waiting for the batch
+# (time/last_data_s, time/data_s) and the collectives the loop adds after the step (the loss
+# reduction for logging and the stop agreement: time/last_sync_s).
+
+# Per step, logged at the step (every training.log_every steps; every step in a scaling point).
+LOSS_TRAIN = "loss/train"  # area-weighted MSE of the step, mean over the global batch, normalised
 LR = "optim/lr"
-GRAD_NORM = "optim/grad_norm"
-SAMPLES_PER_S = "throughput/samples_per_s"
-STEP_S = "time/step_s"  # median over the measured (post warm-up) steps
+GRAD_NORM = "optim/grad_norm"  # global L2 norm of the gradients before clipping
+LAST_STEP_S = "time/last_step_s"  # wall time of this one step (see above)
+LAST_DATA_S = "time/last_data_s"  # wait for this step's batch before the step
+LAST_SYNC_S = "time/last_sync_s"  # loss reduction and stop agreement after this step
+STEP_TIMED = "time/timed"  # 1 if this step counts in time/step_s, 0 in the timing warm-up
+
+# Validation (every training.val_every steps), area-weighted MSE in normalised units.
+LOSS_VAL = "loss/val"
+LOSS_VAL_PROGNOSTIC = "loss/val_prognostic"  # the prognostic variables only
+LOSS_VAL_PERSISTENCE = "loss/val_persistence"  # prognostic variables, repeating the last state
+SKILL_VS_PERSISTENCE = "skill/val_vs_persistence"  # 1 - loss/val_prognostic / loss/val_persistence
+
+# Per run (one training job attempt, or one scaling point): over the timed steps, i.e. after the
+# timing warm-up (training.timing_warmup_steps, scale.warmup_steps) of this attempt.
+SAMPLES_PER_S = "throughput/samples_per_s"  # global samples (all replicas) / summed step time
+STEP_S = "time/step_s"  # median step time
 STEP_P10_S = "time/step_p10_s"
 STEP_P90_S = "time/step_p90_s"
 STEP_SPREAD = "time/step_spread"  # (p90 - p10) / median, dimensionless
+DATA_S = "time/data_s"  # median wait for a batch
+MEASURED_STEPS = "time/measured_steps"
+# The gradient all-reduce measured alone after the steps (scaling points): DDP-sized buckets.
 COMM_S = "time/comm_s"
 COMM_BYTES_PER_STEP = "comm/bytes_per_step"  # gradient bytes each rank all-reduces per step
 COMM_SHARE = "comm/share"  # time/comm_s / time/step_s, dimensionless (no overlap assumed)
 SAMPLES_PER_S_PER_GPU = "throughput/samples_per_s_per_gpu"
-DATA_S = "time/data_s"
-MEASURED_STEPS = "time/measured_steps"
+# Peak memory: per logging window at a step, the largest window over the run in a summary.
 PEAK_ALLOCATED_GIB = "memory/peak_allocated_GiB"
 PEAK_RESERVED_GIB = "memory/peak_reserved_GiB"
 PEAK_RSS_GIB = "memory/peak_rss_GiB"
@@ -45,6 +66,9 @@ MODEL_PARAMETERS = "model/parameters"  # count of trainable and frozen parameter
 MODEL_GFLOP_PER_SAMPLE = "model/gflop_per_sample"  # analytic forward GFLOP of one sample
 GPU_UTILIZATION_PCT = "system/gpu_utilization_pct"
 GPU_MEMORY_USED_GIB = "system/gpu_memory_used_GiB"
+
+#: What a validation returns, logged at the step it ran (a summary repeats the last).
+VALIDATION_METRICS = (LOSS_VAL, LOSS_VAL_PROGNOSTIC, LOSS_VAL_PERSISTENCE, SKILL_VS_PERSISTENCE)
 
 # Forecast scores (jobs.forecast), one value per lead time, logged at step = lead time in hours.
 # Area-weighted RMSE over the prognostic variables in normalised units (each variable divided by

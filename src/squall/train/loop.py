@@ -3,12 +3,18 @@ gradient clipping, bf16 autocast on GPU, validation against persistence, checkpo
 
 SIGTERM or SIGUSR1 during :meth:`Trainer.fit` finishes the step, writes a checkpoint and returns
 with ``stopped_early`` (see :mod:`squall.train.signals`).
+
+This is the only step loop: ``jobs.train`` runs it to ``training.max_steps``, a scaling point
+(:mod:`squall.scaling.point`) runs it for its warm-up and timed steps and adds its own checkpoint
+state and end-of-run bookkeeping through :class:`TrainerHooks`. What a step's time includes is
+written once, in :mod:`squall.tracking.metrics`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -23,11 +29,10 @@ from squall.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-LOSS_VAL_PROGNOSTIC = "loss/val_prognostic"
-LOSS_VAL_PERSISTENCE = "loss/val_persistence"  # prognostic variables, repeating the last state
-SKILL_VS_PERSISTENCE = "skill/val_vs_persistence"  # 1 - loss/val_prognostic / loss/val_persistence
-#: What :meth:`Trainer.validate` returns, logged at the step it ran (the summary repeats the last).
-VALIDATION_METRICS = (M.LOSS_VAL, LOSS_VAL_PROGNOSTIC, LOSS_VAL_PERSISTENCE, SKILL_VS_PERSISTENCE)
+LOSS_VAL_PROGNOSTIC = M.LOSS_VAL_PROGNOSTIC
+LOSS_VAL_PERSISTENCE = M.LOSS_VAL_PERSISTENCE
+SKILL_VS_PERSISTENCE = M.SKILL_VS_PERSISTENCE
+VALIDATION_METRICS = M.VALIDATION_METRICS
 
 
 class TrainingDiverged(SquallError, FloatingPointError):
@@ -83,33 +88,25 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return factor
 
 
-class ResumableSampler(torch.utils.data.Sampler):
-    """Endless shuffled sample order, one fresh permutation per epoch from ``seed + epoch``,
-    starting after ``samples_seen`` samples of this replica: the data position of a resumed run.
+class TrainerHooks:
+    """What a caller adds to :meth:`Trainer.fit` without a loop of its own; every method runs on
+    every rank. The default does nothing."""
 
-    Data-parallel replica ``rank`` of ``replicas`` takes every ``replicas``-th sample of each
-    permutation (the tail that does not divide evenly is dropped), so replicas never overlap and
-    every rank of one model group, having the same replica rank, reads the same samples.
-    """
+    def state_dict(self) -> dict:
+        """Extra state written into each checkpoint (``extra["hooks"]``)."""
+        return {}
 
-    def __init__(self, num_samples: int, seed: int, samples_seen: int = 0, rank: int = 0,
-                 replicas: int = 1):  # fmt: skip
-        if not 0 <= rank < replicas or num_samples < replicas:
-            raise ValueError(f"replica {rank} of {replicas} with {num_samples} samples")
-        self.num_samples, self.seed, self.start = num_samples, seed, samples_seen
-        self.rank, self.replicas = rank, replicas
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` from the checkpoint a run resumes from."""
 
-    def __iter__(self):
-        per_replica = self.num_samples // self.replicas
-        epoch, offset = divmod(self.start, per_replica)
-        while True:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.num_samples, generator=g)[: per_replica * self.replicas]
-            yield from order[self.rank :: self.replicas].tolist()[offset:]
-            epoch, offset = epoch + 1, 0
+    def on_fit_end(self, trainer: Trainer, signum: int) -> None:
+        """After the last step, before the final checkpoint: ``signum`` is the stop signal every
+        rank agreed on (0 when the run reached its step budget)."""
 
-    def __len__(self):  # endless; DataLoader only needs this for its own bookkeeping
-        return 2**62
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Trainer:
@@ -118,7 +115,9 @@ class Trainer:
     In a distributed run, ``wrapped`` is the module the forward goes through (DDP) while ``model``
     holds the state that is checkpointed; ``reduce`` turns a rank's loss share into the global
     value for logging (sum over the model group, mean over replicas); only ``is_main`` writes
-    checkpoints; ``agree`` makes every rank stop at the same step after a signal.
+    checkpoints; ``agree(signum) -> signum`` returns the stop signal any rank received (0 for
+    none), so every rank stops at the same step; ``replicas`` data-parallel replicas each take a
+    batch per step (throughput counts all of them).
 
     Parameters
     ----------
@@ -130,10 +129,13 @@ class Trainer:
         ``conf/training`` settings.
     device : torch.device
     logger : object with ``log_metrics(dict, step)``
+    hooks : TrainerHooks, optional
+        Extra checkpoint state and end-of-run bookkeeping (a scaling point's).
     """
 
     def __init__(self, model, layout: VariableLayout, cfg, device, logger, checkpoint_path=None,
-                 wrapped=None, reduce=None, is_main=True, agree=None, barrier=None):  # fmt: skip
+                 wrapped=None, reduce=None, is_main=True, agree=None, barrier=None, replicas=1,
+                 hooks: TrainerHooks | None = None):  # fmt: skip
         self.model, self.layout, self.cfg, self.device, self.logger = (
             model,
             layout,
@@ -144,8 +146,10 @@ class Trainer:
         self.checkpoint_path = checkpoint_path
         self.net = wrapped if wrapped is not None else model
         self.reduce = reduce or (lambda t: t.detach())
-        self.is_main, self.agree = is_main, agree or (lambda flag: flag)
+        self.is_main, self.agree = is_main, agree or (lambda signum: signum)
         self.barrier = barrier or (lambda: None)
+        self.replicas = int(replicas)
+        self.hooks = hooks or TrainerHooks()
         params = [p for p in model.parameters() if p.requires_grad]
         fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -167,6 +171,11 @@ class Trainer:
         self.prog_out = torch.tensor(layout.prognostic_out, device=device)
         self.stop_requested = False
         self.stopped_by: str | None = None
+        self.stop_signum = 0
+        # Step times of the last fit() (warm-up excluded), and the waits for their batches.
+        self.timer = StepTimer(sync=lambda: None)
+        self.data_waits: list[float] = []
+        self._peaks: dict[str, float] = {}
 
     # -- maths ----------------------------------------------------------------------------------
 
@@ -252,34 +261,60 @@ class Trainer:
     def save(self):
         """Rank 0 writes (parameters are identical on every rank); the others wait for it.
 
-        The checkpoint names the MLflow run it belongs to, so a resumed job continues that run.
+        The checkpoint names the MLflow run it belongs to, so a resumed job continues that run,
+        and holds the hooks' state.
         """
         if self.checkpoint_path is not None and self.is_main:
             run_id = getattr(self.logger, "run_id", None)
             extra = {} if run_id is None else {
                 "mlflow_run_id": run_id, "tracking_uri": getattr(self.logger, "tracking_uri", None)
             }  # fmt: skip
+            hooks = self.hooks.state_dict()
+            if hooks:
+                extra["hooks"] = hooks
             save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.scheduler,
                             self.step, self.samples_seen, extra)  # fmt: skip
         self.barrier()
 
     def resume(self) -> bool:
+        """Continue from ``checkpoint_path`` when it exists: states, step, data position, RNG and
+        the hooks' state. Returns whether there was a checkpoint."""
         if self.checkpoint_path is None or not self.checkpoint_path.exists():
             return False
         payload = load_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.scheduler)
         self.step, self.samples_seen = payload["step"], payload["samples_seen"]
+        self.hooks.load_state_dict(payload.get("extra", {}).get("hooks", {}))
         log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
-        if self.step >= int(self.cfg.max_steps):
-            log.warning("the checkpoint is at step %d >= training.max_steps=%d: nothing to train "
-                        "(raise max_steps, or training.resume=false to start over, which "
-                        "replaces the checkpoint)", self.step, int(self.cfg.max_steps))  # fmt: skip
         return True
 
-    def fit(self, make_train_loader, val_loader=None) -> dict:
-        """Run until ``max_steps``; return a summary dict. ``make_train_loader(samples_seen)``
-        builds a loader starting at the data position (after a resume)."""
+    def _peak_memory(self) -> dict[str, float]:
+        """This logging window's peak memory (then reset); the run's largest kept for the end."""
+        window = peak_memory(reset=True)
+        for key, value in window.items():
+            self._peaks[key] = max(value, self._peaks.get(key, 0.0))
+        return window
+
+    def fit(self, make_train_loader, val_loader=None, max_steps: int | None = None) -> dict:
+        """Train up to step ``max_steps`` (``training.max_steps`` by default); return a summary.
+
+        ``make_train_loader(samples_seen)`` builds a loader starting at the data position (after
+        a resume). The first ``training.timing_warmup_steps`` steps of this call are left out of
+        the timing (``time/step_s`` and the rest of :meth:`StepTimer.stats`, ``time/data_s``);
+        every step logs its own ``time/last_step_s`` with ``time/timed`` saying which it is.
+
+        Returns
+        -------
+        dict
+            ``step``, ``stopped_early``, ``stopped_by`` (signal name or None), ``losses`` (this
+            call's global training losses, one per step), ``peak_memory`` (this rank's largest
+            window, by metric name), the last validation metrics and the timing metrics.
+        """
         cfg = self.cfg
-        max_steps = int(cfg.max_steps)
+        max_steps = int(cfg.max_steps) if max_steps is None else int(max_steps)
+        if self.step >= max_steps:
+            log.warning("the checkpoint is at step %d >= max_steps=%d: nothing to train (raise "
+                        "training.max_steps, or training.resume=false to start over, which "
+                        "replaces the checkpoint)", self.step, max_steps)  # fmt: skip
         # The job's own stop handler when it installed one (it covers start-up too), else one
         # for the duration of this call.
         stop = signals.active()
@@ -289,40 +324,48 @@ class Trainer:
         stop.training_started()
         bar = Progress(max_steps, "training", unit="step") if self.is_main else None
         warmup = min(int(cfg.get("timing_warmup_steps", 5)), max(0, max_steps - self.step - 1))
-        timer = StepTimer(warmup=warmup)
-        history, last = [], {}
+        self.timer, self.data_waits, self._peaks = StepTimer(warmup, sync=lambda: None), [], {}
+        history, last, signum = [], {}, 0
         try:
             train_loader = make_train_loader(self.samples_seen)
             loader = iter(train_loader)
-            peak_memory(reset=True)
+            self._peak_memory()
             logged_at = self.step
             if bar is not None and self.step:
                 bar.update(self.step)  # a resumed run's bar starts at its step
             while self.step < max_steps:
-                if self.agree(stop.requested):  # every rank stops at the same step
-                    self.stop_requested = True
-                    self.stopped_by = stop.name or "a stop signal on another rank"
-                    break
+                start = time.perf_counter()
                 batch = next(loader)
+                waited = time.perf_counter() - start
+                _sync(self.device)
                 start = time.perf_counter()
                 loss, grad_norm = self.train_step(batch)
+                _sync(self.device)
+                seconds = time.perf_counter() - start
+                start = time.perf_counter()
                 try:
                     loss = self.global_loss(loss)
                 except TrainingDiverged:
                     _check_finite(batch, getattr(train_loader, "dataset", None), self.step)
                     raise
-                seconds = time.perf_counter() - start
-                timer.record(seconds, batch["x"].shape[0])
+                synced = time.perf_counter() - start
+                measured = self.timer.measured_steps
+                self.timer.record(seconds, batch["x"].shape[0] * self.replicas)
+                timed = self.timer.measured_steps > measured
+                if timed:
+                    self.data_waits.append(waited)
                 history.append(loss)
                 if bar is not None:
                     bar.update()
                     bar.set_postfix(f"loss {loss:.4g}")
                 if self.step % int(cfg.log_every) == 0 or self.step == max_steps:
                     metrics = {M.LOSS_TRAIN: loss, M.GRAD_NORM: float(grad_norm),
-                               M.LR: self.scheduler.get_last_lr()[0], "time/last_step_s": seconds,
-                               **peak_memory(reset=True)}  # fmt: skip
-                    if hasattr(self.model, "parallel_metrics"):  # halo traffic of a sharded model
-                        metrics.update(self.model.parallel_metrics(self.step - logged_at))
+                               M.LR: self.scheduler.get_last_lr()[0], M.LAST_STEP_S: seconds,
+                               M.LAST_DATA_S: waited, M.LAST_SYNC_S: synced,
+                               M.STEP_TIMED: float(timed), **self._peak_memory()}  # fmt: skip
+                    runner = getattr(self.model, "runner", None)  # halo traffic when sharded
+                    if hasattr(runner, "parallel_metrics"):
+                        metrics.update(runner.parallel_metrics(self.step - logged_at))
                         logged_at = self.step
                     self.logger.log_metrics(metrics, self.step)
                     log.info("step %d/%d loss %.4g lr %.2e %.3f s/step", self.step, max_steps, loss,
@@ -331,14 +374,23 @@ class Trainer:
                     self.step % int(cfg.val_every) == 0 or self.step == max_steps
                 ):
                     last = self.validate(val_loader, int(cfg.val_batches))
-                    if hasattr(self.model, "parallel_metrics"):
-                        self.model.parallel_metrics()  # validation traffic is not a step's
+                    if hasattr(getattr(self.model, "runner", None), "parallel_metrics"):
+                        self.model.runner.parallel_metrics()  # validation traffic is not a step's
                     self.logger.log_metrics(last, self.step)
                     log.info("step %d validation loss %.4g, prognostic %.4g vs persistence %.4g: skill %.3f",
                              self.step, last[M.LOSS_VAL], last[LOSS_VAL_PROGNOSTIC],
                              last[LOSS_VAL_PERSISTENCE], last[SKILL_VS_PERSISTENCE])  # fmt: skip
+                # Last in the step, so a signal that came during it (logging included) stops
+                # the run here; every rank stops at the same step.
+                signum = int(self.agree(stop.signum or 0))
+                if signum:
+                    self.stop_requested, self.stop_signum = True, signum
+                    self.stopped_by = signals.signal_name(signum)
+                    break
                 if self.step % int(cfg.checkpoint_every) == 0:
                     self.save()
+            self._peak_memory()
+            self.hooks.on_fit_end(self, signum)
             self.save()
         finally:
             if bar is not None:
@@ -353,10 +405,12 @@ class Trainer:
             "stopped_early": self.stop_requested,
             "stopped_by": self.stopped_by,
             "losses": history,
+            "peak_memory": dict(self._peaks),
             **last,
         }
-        if timer.measured_steps:
-            summary.update(timer.stats().as_metrics())
+        if self.timer.measured_steps:
+            summary.update(self.timer.stats().as_metrics())
+            summary[M.DATA_S] = statistics.median(self.data_waits)
         return summary
 
 

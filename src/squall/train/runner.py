@@ -22,11 +22,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from squall.data.sampler import ResumableSampler
 from squall.data.setup import build_dataset, ensure_dataset, variable_roles
 from squall.data.zarr_dataset import make_dataloader
-from squall.errors import ConfigError
+from squall.errors import ConfigError, DataError
 from squall.graphs import Graph, load_or_build
-from squall.models.forecaster import GraphForecaster, ModelConfig, compile_blocks
+from squall.models.forecaster import GraphForecaster, ModelConfig
 from squall.parallel.parallelize import (
     ParallelConfig,
     ParallelSetup,
@@ -37,7 +38,7 @@ from squall.parallel.parallelize import (
 from squall.planning.estimate import describe_checkpointing, estimate
 from squall.tracking import metrics as M
 from squall.train.checkpoint import checkpoint_extra
-from squall.train.loop import ResumableSampler, Trainer, VariableLayout
+from squall.train.loop import Trainer, TrainerHooks, VariableLayout
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def build_run(
     device: torch.device | None = None,
     distribute: bool = False,
     training: bool = True,
+    hooks: TrainerHooks | None = None,
 ) -> RunParts:
     """Build graph, datasets, model and trainer from ``cfg`` (nothing trained yet).
 
@@ -121,7 +123,7 @@ def build_run(
     :func:`squall.parallel.parallelize.parallelize` and each rank reads its own grid rows; the
     remaining ranks are data-parallel replicas (DDP when there is no model parallelism).
     ``training=False`` (forecasts) skips planning checkpointing for ``checkpoint.budget_gib``:
-    nothing is kept for a backward.
+    nothing is kept for a backward. ``hooks`` go to the :class:`Trainer` (a scaling point's).
     """
     t = cfg.training
     device = device or pick_device(str(t.device))
@@ -144,17 +146,11 @@ def build_run(
     if mcfg.checkpoint_budget_gib is not None and training:
         mcfg = resolve_checkpointing(graph, mcfg, setup, int(t.batch_size), layout,
                                      train_set.input_steps, device, str(t.precision), rollout)  # fmt: skip
-    sharded = setup is not None and (setup.config.model_parallel > 1 or setup.config.chunks > 1)
-    if mcfg.compile and sharded:
-        log.warning("model.compile has no effect on sharded or chunked blocks: they run through "
-                    "their project / attend / update steps, outside the compiled forward")  # fmt: skip
     torch.manual_seed(int(t.seed))  # parameters identical whatever was drawn before
     model = GraphForecaster(
         graph, mcfg, len(layout.inputs), len(layout.outputs),
         train_set.input_steps, layout.residual, tendency_spread(spread_set, layout),
     ).to(device)  # fmt: skip
-    if mcfg.compile:
-        compile_blocks(model)
     groups = setup.groups if setup is not None else None
     distributed = groups is not None and groups.layout.world_size > 1
     model, wrapped = apply_parallelism(model, graph, setup, device)
@@ -163,8 +159,9 @@ def build_run(
         model, layout, t, device, logger, run_dir / "checkpoint.pt", wrapped=wrapped,
         reduce=(lambda x: reduce_loss(x, groups)) if distributed else None,
         is_main=not distributed or dist.get_rank() == 0,
-        agree=(lambda flag: _any_rank(flag, device)) if distributed else None,
+        agree=(lambda signum: _agreed_signal(signum, device)) if distributed else None,
         barrier=dist.barrier if distributed else None,
+        replicas=setup.data_parallel_size if setup is not None else 1, hooks=hooks,
     )  # fmt: skip
     return RunParts(graph, model, trainer, train_set, val_set, layout, setup)
 
@@ -191,11 +188,42 @@ def resolve_checkpointing(graph, mcfg, setup, batch, layout, input_steps, device
     return mcfg
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether any rank has ``flag`` set (one tiny all-reduce)."""
-    value = torch.tensor([float(flag)], device=device)
+def _agreed_signal(signum: int, device: torch.device) -> int:
+    """The stop signal any rank received, 0 for none (one tiny all-reduce)."""
+    value = torch.tensor([signum], dtype=torch.int64, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return int(value.item())
+
+
+def train_loader_factory(parts: RunParts, cfg):
+    """``make_loader(samples_seen)`` for :meth:`Trainer.fit`: this data-parallel replica's
+    batches of ``training.batch_size`` from :class:`~squall.data.sampler.ResumableSampler`,
+    starting after ``samples_seen`` samples.
+
+    Raises
+    ------
+    DataError
+        If an epoch gives this replica no whole batch (a batch would repeat samples).
+    """
+    t, setup = cfg.training, parts.parallel
+    rank, replicas = (0, 1) if setup is None else (setup.data_parallel_rank,
+                                                   setup.data_parallel_size)  # fmt: skip
+    batch, windows = int(t.batch_size), len(parts.train_set)
+    if windows // replicas < batch:
+        raise DataError(
+            f"{windows} training windows give no batch of {batch} to each of {replicas} "
+            "data-parallel rank(s); lower training.batch_size (scale.batch for a scaling point) "
+            "or use more data"
+        )
+    workers = int(cfg.data.get("num_workers", 0))
+    pin = parts.trainer.device.type == "cuda"
+
+    def make_loader(samples_seen: int):
+        sampler = ResumableSampler(windows, int(t.seed), samples_seen, rank, replicas)
+        return make_dataloader(parts.train_set, batch_size=batch, num_workers=workers,
+                               sampler=sampler, pin_memory=pin)  # fmt: skip
+
+    return make_loader
 
 
 def train(cfg, logger) -> dict:
@@ -206,18 +234,10 @@ def train(cfg, logger) -> dict:
         "model: %s parameters, %.3g GFLOP forward per sample; graph %s; %d training windows",
         f"{model.num_parameters():,}", model.flops_per_sample() / 1e9, parts.graph.name, len(parts.train_set),
     )  # fmt: skip
+    make_loader = train_loader_factory(parts, cfg)
     if bool(t.resume):
         trainer.resume()
-    workers = int(cfg.data.get("num_workers", 0))
-    batch = int(t.batch_size)
-
-    def make_loader(samples_seen: int):
-        sampler = ResumableSampler(len(parts.train_set), int(t.seed), samples_seen,
-                                   parts.parallel.data_parallel_rank, parts.parallel.data_parallel_size)  # fmt: skip
-        return make_dataloader(parts.train_set, batch_size=batch, num_workers=workers, sampler=sampler,
-                               pin_memory=trainer.device.type == "cuda")  # fmt: skip
-
-    val_loader = make_dataloader(parts.val_set, batch_size=batch, num_workers=0)
+    val_loader = make_dataloader(parts.val_set, batch_size=int(t.batch_size), num_workers=0)
     summary = trainer.fit(make_loader, val_loader)
     summary.update({M.MODEL_PARAMETERS: float(model.num_parameters()),
                     M.MODEL_GFLOP_PER_SAMPLE: model.flops_per_sample() / 1e9})  # fmt: skip

@@ -51,7 +51,10 @@ def signal_name(signum: int) -> str:
 
 
 class StopSignals:
-    """Catch :data:`STOP_SIGNALS` while the ``with`` block runs (main thread only).
+    """Catch ``signals`` (:data:`STOP_SIGNALS` by default) while the ``with`` block runs.
+
+    Handlers can only be installed in the main thread: elsewhere nothing is caught and the
+    previous handlers stay.
 
     Starts in start-up mode, where the first signal raises :class:`Stopped` at once; after
     :meth:`training_started` a signal is only recorded (:attr:`signum`), and the training loop
@@ -59,9 +62,10 @@ class StopSignals:
     must not be cut (creating the tracking run), and raises when the section is over.
     """
 
-    def __init__(self, immediate: bool = True) -> None:
+    def __init__(self, immediate: bool = True, signals=STOP_SIGNALS) -> None:
         self.signum: int | None = None
         self.immediate = immediate
+        self.signals = tuple(signals)
         self._previous: dict = {}
 
     @property
@@ -75,7 +79,7 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         global _active
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+            self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
             self._outer, _active = _active, self
         return self
 
