@@ -1,0 +1,209 @@
+"""Validate the scaling model (squall.planning.scaling) against the committed GPU measurements.
+
+Every prediction comes from a one-GPU calibration run and the real partition of the graph;
+the measured value of the same layout is only read to compare. Writes
+``profiling/results/scaling_model.md`` and ``scaling_model.csv``.
+
+    .venv/bin/python profiling/validate_scaling_model.py [--cache .cache/squall/graphs]
+
+Builds (or loads from the cache) o96_l6 and o320_l7: about a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from squall.graphs import load_or_build  # noqa: E402
+from squall.models.forecaster import ModelConfig  # noqa: E402
+from squall.planning.scaling import (  # noqa: E402
+    Calibration,
+    ClusterSpec,
+    ScalingModel,
+    calibrate,
+    load_calibration,
+)
+
+RESULTS = ROOT / "profiling" / "results"
+RUNS = RESULTS / "parallel_runs"
+# What the error is judged against (issue 16's target).
+TARGET = 0.10
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    calibration: str  # spec, or "tiny" for the jobs.scale rows
+    graph: str
+    gpus: int
+    model_parallel: int
+    measured_s: float
+    measured_gib: float
+    source: str
+    target_plan: str | None = None  # step.csv query of the measured row's model (other plan)
+    is_calibration: bool = False
+
+
+def _bench(path: Path, overlap: bool = False) -> tuple[float, float]:
+    """Slowest rank's median step and highest peak of a bench_parallel time_*.json."""
+    r = json.loads(path.read_text())
+    rows = [next(x for x in s["rows"] if x["overlap"] == overlap or r["gpus"] == 1)
+            for s in r["ranks"]]  # fmt: skip
+    return max(x["s_per_step"] for x in rows), max(x["peak_GiB"] for x in rows)
+
+
+def cases() -> list[Case]:
+    out = []
+    t1 = RUNS / "h100x4_20261127" / "time_1.json"
+    s, m = _bench(t1)
+    cal1 = str(t1.relative_to(ROOT))
+    out.append(Case("o320_l7 1 GPU (eager, all full)", cal1, "o320_l7", 1, 1, s, m,
+                    "parallel_runs/h100x4_20261127/time_1.json", is_calibration=True))  # fmt: skip
+    for gpus, run in ((2, "h100x4_20261127"), (4, "h100x4_20261127"), (2, "h100x2_20261127")):
+        s, m = _bench(RUNS / run / f"time_{gpus}.json")
+        out.append(Case(f"o320_l7 dp1xmp{gpus} (eager, all full)", cal1, "o320_l7", gpus, gpus,
+                        s, m, f"parallel_runs/{run}/time_{gpus}.json"))  # fmt: skip
+    step = str((RESULTS / "step.csv").relative_to(ROOT))
+    rows = list(csv.DictReader((RESULTS / "step.csv").open()))
+
+    def row(**q):
+        [r] = [r for r in rows if all(r[k] == v for k, v in q.items())]
+        return float(r["step_ms_median"]) / 1e3, float(r["peak_GiB"])
+
+    o96 = f"{step}?git=eee58d7"
+    s, m = row(git="eee58d7")
+    out.append(Case("o96_l6 1 GPU (compiled, budget 14.1)", o96, "o96_l6", 1, 1, s, m,
+                    "step.csv git eee58d7", is_calibration=True))  # fmt: skip
+    for ck, label in (("budget:60", "budget 60"), ("on", "all full")):
+        s, m = row(git="da9ae5a", checkpoint=ck)
+        out.append(Case(f"o320_l7 1 GPU (compiled, {label})", o96, "o320_l7", 1, 1, s, m,
+                        f"step.csv git da9ae5a {ck}", f"git=da9ae5a&checkpoint={ck}"))  # fmt: skip
+    h200 = f"{step}?git=95809d3%2Bdirty&checkpoint=budget:14&kernel_design=flat"
+    s, m = row(git="95809d3+dirty", checkpoint="budget:14", kernel_design="flat")
+    out.append(Case("o96_l6 1 GPU H200 (compiled, budget 14)", h200, "o96_l6", 1, 1, s, m,
+                    "step.csv git 95809d3 flat budget:14", is_calibration=True))  # fmt: skip
+    s, m = row(git="95809d3+dirty", checkpoint="off", kernel_design="flat")
+    out.append(Case("o96_l6 1 GPU H200 (compiled, no checkpointing)", h200, "o96_l6", 1, 1, s, m,
+                    "step.csv git 95809d3 flat off",
+                    "git=95809d3%2Bdirty&checkpoint=off&kernel_design=flat"))  # fmt: skip
+    scale = list(csv.DictReader((RESULTS / "model_parallel_runs" / "scaling.csv").open()))
+    for r in scale:
+        gpus = int(r["gpus"])
+        out.append(Case(f"o96_l6 256 ch fp32 jobs.scale dp1xmp{gpus}", "tiny", "o96_l6", gpus,
+                        gpus, float(r["step_s"]), float(r["peak_memory_gib"]),
+                        "model_parallel_runs/scaling.csv", is_calibration=gpus == 1))  # fmt: skip
+    return out
+
+
+def tiny_calibration() -> Calibration:
+    """The jobs.scale one-GPU point of model_parallel_runs (profiling/model_parallel_runs.py:
+    256 channels, 8 heads, 4 layers, mlp 4, 8 trainable edge features, triton, fp32, the
+    synthetic data set's 13 inputs and 7 outputs, no checkpointing, eager)."""
+    [r] = [r for r in csv.DictReader((RESULTS / "model_parallel_runs" / "scaling.csv").open())
+           if r["gpus"] == "1"]  # fmt: skip
+    mcfg = ModelConfig(num_channels=256, num_heads=8, processor_layers=4, mlp_ratio=4,
+                       trainable_edge_features=8, attention_backend="triton")  # fmt: skip
+    return Calibration("model_parallel_runs/scaling.csv gpus=1", "NVIDIA H100 80GB HBM3",
+                       "o96_l6", mcfg, 1, float(r["step_s"]), None, float(r["peak_memory_gib"]),
+                       0.0, (13, 7))  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "squall" / "graphs"))
+    ap.add_argument("--out", default=str(RESULTS / "scaling_model"))
+    args = ap.parse_args()
+    clusters = {}
+    for name in ("h100", "h200"):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            clusters[name] = ClusterSpec.from_cfg(
+                compose(config_name="scale", overrides=[f"cluster={name}"]).cluster)
+    graphs = {}
+
+    def graph(name):
+        if name not in graphs:
+            spec = yaml.safe_load((ROOT / "conf" / "graph" / f"{name}.yaml").read_text())
+            graphs[name] = load_or_build(spec, args.cache)
+        return graphs[name]
+
+    results = []
+    for case in cases():
+        cluster = clusters["h200" if "H200" in case.label else "h100"]
+        tiny = case.calibration == "tiny"
+        cal = tiny_calibration() if tiny else load_calibration(str(ROOT / case.calibration))
+        rates = calibrate(cal, graph(cal.graph), cluster.hbm_Bps)
+        mcfg = cal.mcfg
+        if case.target_plan:
+            mcfg = load_calibration(f"{ROOT / 'profiling/results/step.csv'}?{case.target_plan}"
+                                    ).mcfg  # fmt: skip
+        model = ScalingModel(graph(case.graph), replace(mcfg, checkpoint_budget_gib=None), rates,
+                             cluster, act_bytes=4 if tiny else 2, num_vars=cal.num_vars)  # fmt: skip
+        p = model.project(case.gpus, case.model_parallel, 1)
+        results.append({
+            "case": case.label, "gpu": cluster.name, "calibration": cal.source.replace(
+                str(ROOT) + "/", ""), "measured": case.source,
+            "layout": p.layout, "measured_s": case.measured_s, "predicted_s": p.step_s,
+            "err_s": p.step_s / case.measured_s - 1, "measured_GiB": case.measured_gib,
+            "predicted_GiB": p.peak_gib, "err_GiB": p.peak_gib / case.measured_gib - 1,
+            "compute_s": p.compute_s, "halo_s": p.halo_s, "grad_s": p.grad_s,
+            "calibration_point": case.is_calibration,
+        })  # fmt: skip
+        print(f"{case.label}: {p.step_s:.4f} s vs {case.measured_s:.4f} "
+              f"({results[-1]['err_s']:+.1%}), {p.peak_gib:.2f} GiB vs {case.measured_gib:.2f} "
+              f"({results[-1]['err_GiB']:+.1%})", flush=True)  # fmt: skip
+    write(results, Path(args.out))
+
+
+def write(results: list[dict], out: Path) -> None:
+    with out.with_suffix(".csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(results[0]))
+        w.writeheader()
+        w.writerows(results)
+    lines = [
+        "# Scaling model against measurement (profiling/validate_scaling_model.py)",
+        "",
+        "Predictions of `squall.planning.scaling` (step time and peak allocated memory per rank)",
+        "from a one-GPU calibration run, the real SFC partition and halo counts of the graph and",
+        "the cluster config (conf/cluster/h100.yaml, h200.yaml), against the committed",
+        "measurements of the same layout. On a calibration row the step time is the input",
+        "(error 0 by construction) and only memory is a prediction. Target: within "
+        f"{TARGET:.0%}.",
+        "",
+        "| case | GPU | layout | calibration | measured | s/step measured | s/step predicted "
+        "| error | GiB measured | GiB predicted | error | predicted compute / halo / grad s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        err_s = "(input)" if r["calibration_point"] else f"{r['err_s']:+.1%}"
+        lines.append(
+            f"| {r['case']} | {r['gpu']} | {r['layout']} | {r['calibration']} | {r['measured']} "
+            f"| {r['measured_s']:.4f} | {r['predicted_s']:.4f} | {err_s} "
+            f"| {r['measured_GiB']:.2f} | {r['predicted_GiB']:.2f} | {r['err_GiB']:+.1%} "
+            f"| {r['compute_s']:.4f} / {r['halo_s']:.4f} / {r['grad_s']:.4f} |"
+        )
+    big = [r for r in results if not r["calibration_point"] and r["gpu"] and "256 ch" not in
+           r["case"]]  # fmt: skip
+    within_s = sum(abs(r["err_s"]) <= TARGET for r in big)
+    mem = [r for r in results if "256 ch" not in r["case"]]
+    within_m = sum(abs(r["err_GiB"]) <= TARGET for r in mem)
+    lines += [
+        "",
+        f"1024-channel model: step time within {TARGET:.0%} on {within_s} of {len(big)} "
+        f"predicted rows; peak memory within {TARGET:.0%} on {within_m} of {len(mem)} rows.",
+    ]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out.with_suffix('.md')} and .csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,779 @@
+"""Scaling model: seconds per step and peak memory per rank for P GPUs on N nodes, before the
+allocation is spent.
+
+Inputs
+------
+* a **calibration** (:class:`Calibration`): one measured single-GPU step of a model on a graph
+  (its step time, and the processor's share when the run measured it), from the committed
+  results (``profiling/results/step.csv``, ``parallel_runs/*/time_1.json``) or an MLflow run;
+* the **graph** to project, cut by the real partition (:func:`squall.parallel.partition.
+  partition_graph`, the run's method and weights) for every model-parallel degree up to
+  ``exact_parts``; beyond, a surface-to-volume extrapolation (see :func:`extrapolate_sizes`);
+* the **cluster** (:class:`ClusterSpec`, ``conf/cluster/*.yaml``): GPUs per node, device memory,
+  NVLink and network bandwidth per GPU, message latencies, measured HBM rate.
+
+Step time of a layout (``model_parallel`` M x ``data_parallel`` D, optional parameter sharding),
+no overlap of communication with compute assumed (as the runs measure today)::
+
+    t = fixed + max over model ranks (compute_r + halo_r) + gradient sync + optimizer
+
+* ``compute_r``: the rank's training FLOPs (forward x 3 plus what its checkpoint plan recomputes,
+  :func:`squall.layers.graph_transformer.block_flops` on the rank's own destination rows, local
+  source rows and edges) at the calibration's FLOP rate, processor and mappers apart. Blocks that
+  run eager where the calibration was compiled take :data:`EAGER_OVER_COMPILED` longer.
+* ``halo_r``: every halo exchange of the step (each edge-set use once forward, once backward),
+  each ``exchange latency + peers x peer latency + bytes / link``, with the bytes each rank sends
+  and receives to ranks of its own node over NVLink and to other nodes over the network.
+* gradient sync: one all-reduce of the fp32 gradients over every replica of a parameter (all
+  ``M x D`` ranks hold every parameter); with sharding, an all-gather of bf16 parameters in
+  forward and again in backward and a reduce-scatter of fp32 gradients (FSDP); ring bandwidth
+  term ``(W - 1) / W`` per pass, latency per tree step.
+* optimizer: fused AdamW reads parameters, gradients and both moments and writes three of them
+  (28 B per fp32 parameter held) at the measured HBM rate.
+
+Peak memory per rank: :mod:`squall.planning.estimate` (static state plus activations of the
+checkpoint plan on the largest rank), with the static part divided over the ranks when
+parameters are sharded. A memory budget picks the checkpoint plan
+(:func:`~squall.planning.estimate.plan_checkpointing`), whose recomputation then costs time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+
+from squall.errors import ConfigError
+from squall.graphs import Graph
+from squall.layers.graph_transformer import block_flops
+from squall.models.forecaster import ROLES, GraphForecaster, ModelConfig
+from squall.parallel.partition import partition_graph
+from squall.planning.estimate import GIB, PLAN_HEADROOM_GIB, activation_bytes, plan_checkpointing
+
+# Eager blocks against compiled ones, same card, kernels and plan: 212.8 / 183.3 ms (H100, o96_l6,
+# 1024 channels, no checkpointing, git 3ae6303, profiling/results/step.csv). Model-parallel and
+# chunked blocks run eager (squall.planning.estimate).
+EAGER_OVER_COMPILED = 212.8 / 183.3
+# Fused AdamW per fp32 parameter: reads parameter, gradient and two moments, writes parameter
+# and two moments (7 x 4 B).
+ADAMW_BYTES_PER_PARAM = 28
+# Static bytes per parameter held whole: fp32 parameter, gradient and two AdamW moments (16), the
+# bf16 copy autocast keeps for backward (2), the flat gradient all-reduce buffer with > 1 rank (4)
+# (squall.planning.estimate).
+STATE_BYTES, BF16_COPY_BYTES, FLAT_GRAD_BYTES = 16, 2, 4
+# Model-parallel degrees cut by the real partition by default; beyond, extrapolated. 64 parts of
+# o1280_l8 take about a minute on one CPU core (partition and halo counts of 35 M edges).
+EXACT_PARTS = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# cluster
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What the model needs of a cluster (``conf/cluster/*.yaml``: ``links`` and ``rates``).
+
+    Bandwidths are per GPU and direction, bytes per second; latencies in seconds.
+    """
+
+    name: str
+    gpus_per_node: int
+    memory_gib: float | None
+    nvlink_Bps: float
+    network_Bps: float
+    exchange_latency_s: float
+    peer_latency_s: float
+    collective_latency_s: float
+    hbm_Bps: float
+
+    @classmethod
+    def from_cfg(cls, cluster) -> ClusterSpec:
+        """From the ``cluster`` config node; a one-line error names a missing key."""
+        def get(path):
+            node = cluster
+            for key in path.split("."):
+                node = node.get(key) if hasattr(node, "get") else None
+                if node is None or node == "???":
+                    name = cluster.get("name", "?") if hasattr(cluster, "get") else "?"
+                    raise ConfigError(f"cluster {name}: cluster.{path} is not set; the scaling "
+                                      "model needs it (see conf/cluster/slurm_gpu.yaml)")  # fmt: skip
+            return node
+
+        memory = cluster.get("gpu_memory_gb")
+        return cls(
+            name=str(get("name")),
+            gpus_per_node=int(get("gpus_per_node")),
+            memory_gib=None if memory is None else float(memory) * 1e9 / GIB,
+            nvlink_Bps=float(get("links.nvlink_GBps")) * 1e9,
+            network_Bps=float(get("links.network_GBps")) * 1e9,
+            exchange_latency_s=float(get("links.exchange_latency_us")) * 1e-6,
+            peer_latency_s=float(get("links.peer_latency_us")) * 1e-6,
+            collective_latency_s=float(get("links.collective_latency_us")) * 1e-6,
+            hbm_Bps=float(get("rates.hbm_GBps")) * 1e9,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# per-rank sizes of a partition
+
+
+@dataclass(frozen=True)
+class PartSizes:
+    """Per-rank counts of one model group of ``parts`` ranks (arrays ``[parts]``).
+
+    ``rows``: owned ``data`` and ``mesh`` rows and local source rows per edge set
+    (``src_<role>``: owned plus halo, as :mod:`squall.planning.estimate` counts them); ``edges``
+    per edge set; ``send`` / ``recv``: halo rows sent and received per edge set and exchange,
+    ``[parts, 2]`` (to/from ranks on the same node, on other nodes); ``peers``: ranks exchanged
+    with per edge set. ``exact``: from the real partition (False: extrapolated).
+    """
+
+    parts: int
+    rows: dict[str, np.ndarray]
+    edges: dict[str, np.ndarray]
+    send: dict[str, np.ndarray]
+    recv: dict[str, np.ndarray]
+    peers: dict[str, np.ndarray]
+    exact: bool = True
+
+    def largest(self) -> tuple[dict, dict]:
+        """Rows and edges of the largest rank in each count (what memory must hold)."""
+        return ({k: int(v.max()) for k, v in self.rows.items()},
+                {k: int(v.max()) for k, v in self.edges.items()})  # fmt: skip
+
+
+def _mesh_name(graph: Graph) -> str:
+    return graph.edges["processor"].dst
+
+
+def partition_sizes(graph: Graph, parts: int, layers: int, method: str = "sfc",
+                    gpus_per_node: int | None = None) -> PartSizes:  # fmt: skip
+    """Sizes of every rank under the run's partition (:func:`partition_graph` with the
+    processor's edges weighing ``layers``, as ``squall.parallel.parallelize`` cuts it).
+
+    Halo rows are the unique (receiving rank, source node) pairs of edges that cross parts: the
+    rows each rank's halo plan receives (:func:`squall.parallel.halo.build_halo_plans`). Ranks
+    ``r`` and ``q`` of the group share a node when ``r // gpus_per_node == q // gpus_per_node``
+    (model ranks are consecutive global ranks; None: one node).
+    """
+    part = partition_graph(graph, parts, method, edge_weights={"processor": layers})
+    node_of = np.arange(parts) // (gpus_per_node or parts)
+    mesh = _mesh_name(graph)
+    dst_set = {"encoder": mesh, "processor": mesh, "decoder": graph.edges["decoder"].dst}
+    rows = {"data": part.counts(dst_set["decoder"]), "mesh": part.counts(mesh)}
+    edges, send, recv, peers = {}, {}, {}, {}
+    for role in ROLES:
+        e = graph.edges[role]
+        dst_owner = part.owner[e.dst][e.dst_index]
+        src_owner = part.owner[e.src][e.row]
+        edges[role] = np.bincount(dst_owner, minlength=parts)
+        remote = dst_owner != src_owner
+        pairs = np.unique(dst_owner[remote].astype(np.int64) * e.num_src + e.row[remote])
+        receiver = pairs // e.num_src
+        sender = part.owner[e.src][pairs % e.num_src].astype(np.int64)
+        links = np.bincount(receiver * parts + sender, minlength=parts * parts)
+        links = links.reshape(parts, parts)  # [receiver, sender] rows
+        same = node_of[:, None] == node_of[None, :]
+        recv[role] = np.stack([(links * same).sum(1), (links * ~same).sum(1)], 1)
+        send[role] = np.stack([(links * same).sum(0), (links * ~same).sum(0)], 1)
+        peers[role] = ((links + links.T) > 0).sum(1)
+        rows[f"src_{role}"] = part.counts(e.src) + recv[role].sum(1)
+    return PartSizes(parts, rows, edges, send, recv, peers)
+
+
+def extrapolate_sizes(base: PartSizes, parts: int, gpus_per_node: int | None) -> PartSizes:
+    """Sizes at ``parts`` ranks from a real partition into ``base.parts`` (fewer) ranks.
+
+    Surface to volume on the sphere: a part's owned rows and edges fall as ``1 / P`` (the
+    imbalance of ``base`` kept), its halo as the perimeter of its patch, ``sqrt(1 / P)``, capped
+    at its edge count (every edge reading a remote source). Peers stay those of ``base`` (a patch
+    of a 2-D cut keeps its few neighbours); the share of halo rows crossing nodes is ``base``'s
+    when ``base`` spanned several nodes, else every row crosses when the group does.
+    This is an extrapolation, not a partition: it misses the mesh's coarse long edges becoming
+    a larger share of a small patch's halo.
+    """
+    if parts <= base.parts:
+        raise ValueError(f"extrapolate to {parts} parts from {base.parts}: use the partition")
+    s = base.parts / parts
+    spans = gpus_per_node is not None and parts > gpus_per_node
+    rows = {"data": np.array([math.ceil(base.rows["data"].max() * s)]),
+            "mesh": np.array([math.ceil(base.rows["mesh"].max() * s)])}  # fmt: skip
+    edges, send, recv, peers = {}, {}, {}, {}
+    for role in ROLES:
+        edges[role] = np.array([math.ceil(base.edges[role].max() * s)])
+        for out, src in ((send, base.send[role]), (recv, base.recv[role])):
+            total = src.sum(1)
+            worst = int(total.argmax())
+            rows_r = min(math.ceil(total[worst] * math.sqrt(s)), int(edges[role][0]))
+            if not spans:
+                share = 0.0
+            elif base.parts > (gpus_per_node or base.parts):
+                share = src[:, 1].sum() / max(src.sum(), 1)
+            else:
+                share = 1.0
+            out[role] = np.array([[rows_r - round(rows_r * share), round(rows_r * share)]])
+        peers[role] = np.array([min(int(base.peers[role].max()), parts - 1)])
+        owned_src = rows["mesh"][0] if role != "encoder" else math.ceil(
+            (base.rows["src_encoder"] - base.recv["encoder"].sum(1)).max() * s)
+        rows[f"src_{role}"] = np.array([owned_src + recv[role][0].sum()])
+    return PartSizes(parts, rows, edges, send, recv, peers, exact=False)
+
+
+class GraphSizes:
+    """Per-rank sizes of one graph for any model-parallel degree, computed once per degree:
+    the real partition up to ``exact_parts``, :func:`extrapolate_sizes` from the largest real
+    one beyond."""
+
+    def __init__(self, graph: Graph, layers: int, gpus_per_node: int | None,
+                 method: str = "sfc", exact_parts: int = EXACT_PARTS) -> None:  # fmt: skip
+        self.graph, self.layers, self.method = graph, layers, method
+        self.gpus_per_node, self.exact_parts = gpus_per_node, exact_parts
+        self.smallest_set = min(len(n) for n in graph.nodes.values())
+        self._cache: dict[int, PartSizes] = {}
+
+    def __call__(self, parts: int) -> PartSizes:
+        if parts not in self._cache:
+            limit = min(self.exact_parts, self.smallest_set)
+            if parts <= limit:
+                self._cache[parts] = partition_sizes(self.graph, parts, self.layers, self.method,
+                                                     self.gpus_per_node)  # fmt: skip
+            else:
+                base = 1 << int(math.log2(limit))
+                self._cache[parts] = extrapolate_sizes(self(base), parts, self.gpus_per_node)
+        return self._cache[parts]
+
+
+# ----------------------------------------------------------------------------------------------
+# work
+
+
+def edge_dims(model: GraphForecaster) -> dict[str, int]:
+    """Edge feature width of each edge set's projection."""
+    return {"encoder": model.encoder.edge_weight.shape[0],
+            "processor": model.processor[0].edge_weight.shape[0],
+            "decoder": model.decoder.edge_weight.shape[0]}  # fmt: skip
+
+
+def training_flops(mcfg: ModelConfig, rows: dict, edges: dict, dims: dict,
+                   batch: int = 1) -> dict[str, float]:  # fmt: skip
+    """Training FLOPs of one rank per step, ``{"processor": ..., "mappers": ...}``: every block's
+    forward three times (forward, and backward at twice the forward) plus what its checkpoint
+    policy recomputes (``full``: its forward; ``mlp``: its first MLP product, as
+    :func:`squall.planning.estimate.recompute_flops` counts)."""
+    c, ratio = mcfg.num_channels, mcfg.mlp_ratio
+    dst = {"encoder": rows["mesh"], "processor": rows["mesh"], "decoder": rows["data"]}
+    out = {"processor": 0.0, "mappers": 0.0}
+    blocks = [("encoder", 0), *(("processor", i) for i in range(mcfg.processor_layers)),
+              ("decoder", 0)]  # fmt: skip
+    for role, layer in blocks:
+        fwd = block_flops(c, ratio, dims[role], rows[f"src_{role}"], dst[role], edges[role])
+        policy = mcfg.block_policy(role, layer)
+        extra = fwd if policy == "full" else 2 * c * ratio * c * dst[role] if policy == "mlp" else 0
+        out["processor" if role == "processor" else "mappers"] += batch * (3 * fwd + extra)
+    return out
+
+
+def _model_facts(graph: Graph, mcfg: ModelConfig, num_vars: tuple[int, int],
+                 input_steps: int) -> tuple[int, int, dict]:  # fmt: skip
+    """Parameters, parameters of the largest block, and edge feature widths (meta device)."""
+    with torch.device("meta"):
+        model = GraphForecaster(graph, mcfg, num_vars[0], num_vars[1], input_steps)
+    blocks = [model.encoder, model.decoder, *model.processor]
+    largest = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    return model.num_parameters(), largest, edge_dims(model)
+
+
+def whole_graph_sizes(graph: Graph) -> tuple[dict, dict]:
+    """Rows and edges of one rank holding the whole graph."""
+    mesh = _mesh_name(graph)
+    rows = {"data": len(graph.nodes[graph.edges["decoder"].dst]), "mesh": len(graph.nodes[mesh])}
+    rows.update({f"src_{r}": len(graph.nodes[graph.edges[r].src]) for r in ROLES})
+    return rows, {r: graph.edges[r].num_edges for r in ROLES}
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration
+
+
+def parse_checkpoint_plan(text: str, layers: int) -> dict:
+    """``"encoder full, processor 13 mlp, 3 full, decoder full"`` (bench_step's description) ->
+    ModelConfig checkpoint fields."""
+    try:
+        enc, rest = text.split("encoder ", 1)[1].split(",", 1)
+        proc, dec = rest.split("decoder ", 1)
+        counts = [p.split() for p in proc.replace("processor", "").split(",") if p.strip()]
+        per_layer = tuple(pol for n, pol in counts for _ in range(int(n)))
+    except (IndexError, ValueError) as err:
+        raise ConfigError(f"cannot read checkpoint plan {text!r}") from err
+    if len(per_layer) != layers:
+        raise ConfigError(f"checkpoint plan {text!r} names {len(per_layer)} of {layers} layers")
+    return {"checkpoint_encoder": enc.strip(), "checkpoint_processor": per_layer,
+            "checkpoint_decoder": dec.strip().rstrip(",")}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One measured single-GPU training step: what the model's FLOP rates come from.
+
+    Attributes
+    ----------
+    source : str
+        Where it was read (file and row, or MLflow run).
+    gpu, graph : str
+        Device name and graph name of the run.
+    mcfg : ModelConfig
+        Model as it ran (checkpoint plan resolved, compile flag).
+    batch : int
+        Samples per step.
+    step_s : float
+        Median step time.
+    processor_s : float or None
+        Forward + backward of the processor layers alone, when measured (then the mappers get
+        their own rate).
+    peak_gib : float or None
+        Peak allocated memory of the run (compared, never used to predict).
+    fixed_s : float
+        Per-step time that does not scale with the graph (0 unless the run measured it).
+    num_vars, input_steps : tuple of int, int
+        Model inputs (the parameter count).
+    """
+
+    source: str
+    gpu: str
+    graph: str
+    mcfg: ModelConfig
+    batch: int
+    step_s: float
+    processor_s: float | None = None
+    peak_gib: float | None = None
+    fixed_s: float = 0.0
+    num_vars: tuple[int, int] = (100, 100)
+    input_steps: int = 2
+
+
+def _select(rows: list[dict], query: dict, source: str) -> dict:
+    found = [r for r in rows if all(str(r.get(k, "")) == v for k, v in query.items())]
+    if len(found) != 1:
+        keys = sorted({k for r in rows for k in ("git", "graph", "gpu", "checkpoint", "compile")})
+        have = ["&".join(f"{k}={r.get(k, '')}" for k in keys) for r in rows]
+        raise ConfigError(f"calibration {source}: {len(found)} rows match {query}, need one; "
+                          f"rows: {'; '.join(have)}")  # fmt: skip
+    return found[0]
+
+
+def load_calibration(spec: str, graph_layers: int | None = None) -> Calibration:
+    """Read a calibration named by ``spec``.
+
+    * ``path/step.csv?git=eee58d7&graph=o96_l6&checkpoint=budget:14.1``: the one row of a
+      ``profiling/bench_step.py`` CSV matching every ``key=value`` (checkpoint plan, compile,
+      processor time and peak from the row; 1024-channel columns as written);
+    * ``path/time_1.json``: a one-GPU ``profiling/bench_parallel.py time`` result;
+    * ``mlflow:<run id>[@<tracking uri>]``: a one-GPU scaling point or training run in MLflow
+      (``time/step_s``, ``memory/peak_allocated_GiB``, model and graph from its parameters).
+    """
+    if spec.startswith("mlflow:"):
+        return _calibration_from_mlflow(spec[len("mlflow:"):])
+    path, _, query = spec.partition("?")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"calibration {spec!r}: no file {path}")
+    if p.suffix == ".json":
+        r = json.loads(p.read_text())
+        if r.get("gpus") != 1:
+            raise ConfigError(f"calibration {spec!r}: a one-GPU run is needed, this has "
+                              f"{r.get('gpus')} GPUs")  # fmt: skip
+        ckpt = "full" if r["checkpoint"] else "none"
+        rank = r["ranks"][0]
+        row = next(x for x in rank["rows"] if x["overlap"]) if rank["rows"] else None
+        mcfg = ModelConfig(num_channels=r["channels"], num_heads=r["heads"],
+                           processor_layers=r["layers"], mlp_ratio=4, trainable_edge_features=8,
+                           attention_backend=r["backend"], checkpoint_encoder=ckpt,
+                           checkpoint_processor=ckpt, checkpoint_decoder=ckpt)  # fmt: skip
+        return Calibration(f"{p} (git {r['info']['git']})", r["info"]["gpu"], r["graph"], mcfg,
+                           r["batch"], row["s_per_step"], None, row["peak_GiB"])  # fmt: skip
+    with p.open() as f:
+        rows = list(csv.DictReader(f))
+    r = _select(rows, dict(parse_qsl(query)), spec)
+    layers = int(r["layers"])
+    plan = r.get("checkpoint_plan") or ""
+    ck = r["checkpoint"]
+    if plan:
+        fields = parse_checkpoint_plan(plan, layers)
+    else:
+        pol = "full" if ck in ("True", "on") else "none"
+        fields = {"checkpoint_encoder": pol, "checkpoint_processor": pol, "checkpoint_decoder": pol}
+    mcfg = ModelConfig(num_channels=int(r["channels"]), num_heads=int(r["heads"]),
+                       processor_layers=layers, mlp_ratio=4, trainable_edge_features=8,
+                       attention_backend=r["backend"], compile=r.get("compile") == "True",
+                       **fields)  # fmt: skip
+    proc = r.get("processor_ms_median")
+    vars_ = int(r.get("vars") or 100)
+    return Calibration(f"{p} ({query})", r["gpu"], r["graph"], mcfg, 1,
+                       float(r["step_ms_median"]) / 1e3, float(proc) / 1e3 if proc else None,
+                       float(r["peak_GiB"]), 0.0, (vars_, vars_))  # fmt: skip
+
+
+def _calibration_from_mlflow(ref: str) -> Calibration:
+    import mlflow
+
+    from squall.tracking import metrics as m
+
+    run_id, _, uri = ref.partition("@")
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri or None)
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:  # noqa: BLE001 - any MLflow failure is one message
+        raise ConfigError(f"calibration mlflow:{ref}: cannot read the run ({err})") from err
+    params, metrics = run.data.params, run.data.metrics
+    gpus = int(params.get("parallel.gpus", params.get("parallel.model_parallel", 1)))
+    if gpus != 1 or m.STEP_S not in metrics:
+        raise ConfigError(f"calibration mlflow:{ref}: a one-GPU run with {m.STEP_S} is needed "
+                          f"(gpus={gpus}, metrics {sorted(metrics)[:8]}...)")  # fmt: skip
+    plan = params.get("model.checkpoint_plan")
+    layers = int(params["model.processor_layers"])
+    fields = parse_checkpoint_plan(plan, layers) if plan else {}
+    mcfg = ModelConfig(num_channels=int(params["model.num_channels"]),
+                       num_heads=int(params["model.num_heads"]), processor_layers=layers,
+                       mlp_ratio=int(params.get("model.mlp_ratio", 4)),
+                       trainable_edge_features=int(params.get("model.trainable_edge_features", 0)),
+                       attention_backend=params.get("model.attention_backend", "torch"),
+                       compile=params.get("model.compile") in ("True", "true"),
+                       **fields)  # fmt: skip
+    return Calibration(f"mlflow run {run_id}", params.get("device.name", "?"),
+                       params.get("graph.name", "?"), mcfg,
+                       int(params.get("scale.batch", params.get("training.batch_size", 1))),
+                       float(metrics[m.STEP_S]), None, metrics.get(m.PEAK_ALLOCATED_GIB),
+                       float(metrics.get("time/fixed_s", 0.0)))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Rates:
+    """FLOP rates (FLOP/s) of the processor and the mappers, and the calibration's own terms."""
+
+    processor: float
+    mappers: float
+    compiled: bool
+    optimizer_s: float
+    fixed_s: float
+    source: str
+
+
+def calibrate(cal: Calibration, graph: Graph, hbm_Bps: float) -> Rates:
+    """FLOP rates of a calibration run on its own graph (``graph`` must be it): the step less
+    its optimizer and fixed time, over the training FLOPs; processor and mappers apart when the
+    processor was timed alone."""
+    if graph.name != cal.graph:
+        raise ConfigError(f"calibration {cal.source} ran on {cal.graph}, given graph {graph.name}")
+    params, _, dims = _model_facts(graph, cal.mcfg, cal.num_vars, cal.input_steps)
+    rows, edges = whole_graph_sizes(graph)
+    work = training_flops(cal.mcfg, rows, edges, dims, cal.batch)
+    opt = ADAMW_BYTES_PER_PARAM * params / hbm_Bps
+    busy = cal.step_s - opt - cal.fixed_s
+    if cal.processor_s is not None and 0 < cal.processor_s < busy:
+        proc, maps = work["processor"] / cal.processor_s, work["mappers"] / (busy - cal.processor_s)
+    else:
+        proc = maps = (work["processor"] + work["mappers"]) / busy
+    return Rates(proc, maps, cal.mcfg.compile, opt, cal.fixed_s, cal.source)
+
+
+# ----------------------------------------------------------------------------------------------
+# projection
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Projected step of one layout (seconds, GiB per rank)."""
+
+    gpus: int
+    nodes: int
+    model_parallel: int
+    data_parallel: int
+    shard: bool
+    batch: int  # samples per model group per step
+    compute_s: float
+    halo_s: float
+    grad_s: float
+    optimizer_s: float
+    fixed_s: float
+    static_gib: float
+    activation_gib: float
+    plan: str
+    exact: bool  # sizes from the real partition
+
+    @property
+    def step_s(self) -> float:
+        return self.fixed_s + self.compute_s + self.halo_s + self.grad_s + self.optimizer_s
+
+    @property
+    def comm_s(self) -> float:
+        return self.halo_s + self.grad_s
+
+    @property
+    def peak_gib(self) -> float:
+        return self.static_gib + self.activation_gib
+
+    @property
+    def layout(self) -> str:
+        return f"dp{self.data_parallel}xmp{self.model_parallel}" + ("+shard" if self.shard else "")
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.batch * self.data_parallel / self.step_s
+
+
+def _ring(bytes_: float, world: int, bw: float, latency: float) -> float:
+    """One ring pass (all-gather or reduce-scatter) of ``bytes_`` over ``world`` ranks; an
+    all-reduce is two."""
+    if world <= 1:
+        return 0.0
+    return (world - 1) / world * bytes_ / bw + math.ceil(math.log2(world)) * latency
+
+
+@dataclass
+class ScalingModel:
+    """Projections of one model on one graph and cluster (see the module docstring).
+
+    Parameters
+    ----------
+    graph : Graph
+    mcfg : ModelConfig
+        The model; ``checkpoint_budget_gib`` (or ``budget_gib`` of :meth:`project`) chooses the
+        checkpoint plan per layout, else its own policies are kept.
+    rates : Rates
+        From :func:`calibrate` (a run of the same model width and kernels).
+    cluster : ClusterSpec
+    partition : str
+    act_bytes, rollout, num_vars, input_steps
+        As :func:`squall.planning.estimate.estimate`.
+    """
+
+    graph: Graph
+    mcfg: ModelConfig
+    rates: Rates
+    cluster: ClusterSpec
+    partition: str = "sfc"
+    act_bytes: int = 2
+    rollout: int = 1
+    num_vars: tuple[int, int] = (100, 100)
+    input_steps: int = 2
+    exact_parts: int = EXACT_PARTS
+    sizes: GraphSizes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.params, self.block_params, self.dims = _model_facts(
+            self.graph, self.mcfg, self.num_vars, self.input_steps)
+        self.sizes = GraphSizes(self.graph, self.mcfg.processor_layers,
+                                self.cluster.gpus_per_node, self.partition, self.exact_parts)  # fmt: skip
+
+    def static_gib(self, world: int, shard: bool) -> float:
+        """Parameters, gradients, AdamW state and bf16 copies held by one rank."""
+        bf16 = BF16_COPY_BYTES if self.act_bytes == 2 else 0
+        if shard and world > 1:
+            # sharded state, plus the gathered bf16 parameters and fp32 gradients of the block in
+            # use and the one prefetched
+            whole = 2 * (bf16 + 4) * self.block_params
+            return ((STATE_BYTES + bf16) * self.params / world + whole) / GIB
+        flat = FLAT_GRAD_BYTES if world > 1 else 0
+        return (STATE_BYTES + bf16 + flat) * self.params / GIB
+
+    def project(self, gpus: int, model_parallel: int, batch: int, shard: bool = False,
+                budget_gib: float | None = None) -> Projection:  # fmt: skip
+        """Step time and memory of ``gpus`` ranks as ``model_parallel`` x ``gpus /
+        model_parallel``, ``batch`` samples per model group.
+
+        Raises :class:`~squall.errors.ConfigError` when the layout cannot be cut, or no
+        checkpoint plan fits ``budget_gib`` (default ``mcfg.checkpoint_budget_gib``).
+        """
+        if gpus % model_parallel:
+            raise ConfigError(f"{gpus} GPUs do not split into model groups of {model_parallel}")
+        if model_parallel > self.sizes.smallest_set:
+            raise ConfigError(f"model_parallel={model_parallel} exceeds the smallest node set "
+                              f"({self.sizes.smallest_set} nodes)")  # fmt: skip
+        c = self.cluster
+        dp = gpus // model_parallel
+        nodes = math.ceil(gpus / c.gpus_per_node)
+        sizes = self.sizes(model_parallel)
+        static = self.static_gib(gpus, shard)
+        mcfg = self.mcfg
+        # blocks run eager under model parallelism (squall.planning.estimate)
+        compiled = mcfg.compile and model_parallel == 1
+        budget = budget_gib if budget_gib is not None else mcfg.checkpoint_budget_gib
+        rows, edges = sizes.largest()
+        if budget is not None:
+            mcfg = plan_checkpointing(replace(mcfg, compile=compiled), budget, static, batch, rows,
+                                      edges, self.dims, self.act_bytes, self.rollout)  # fmt: skip
+        act = activation_bytes(replace(mcfg, compile=compiled), batch, rows, edges,
+                               self.act_bytes, self.rollout) / GIB  # fmt: skip
+        slow = EAGER_OVER_COMPILED if self.rates.compiled and not compiled else 1.0
+        compute = 0.0
+        uses = {"encoder": 1, "processor": mcfg.processor_layers, "decoder": 1}
+        halo = 0.0
+        row_bytes = batch * mcfg.num_channels * self.act_bytes
+        for r in range(sizes.parts):
+            rr = {k: int(v[r]) for k, v in sizes.rows.items()}
+            er = {k: int(v[r]) for k, v in sizes.edges.items()}
+            w = training_flops(mcfg, rr, er, self.dims, batch * self.rollout)
+            t_c = slow * (w["processor"] / self.rates.processor + w["mappers"] / self.rates.mappers)
+            t_h = 0.0
+            for role in ROLES:
+                peers = int(sizes.peers[role][r])
+                if not peers:
+                    continue
+                moved = np.maximum(sizes.send[role][r], sizes.recv[role][r]) * row_bytes
+                wire = max(moved[0] / c.nvlink_Bps, moved[1] / c.network_Bps)
+                # forward and backward (reverse) exchange of every use of the edge set
+                per = c.exchange_latency_s + peers * c.peer_latency_s + wire
+                t_h += 2 * uses[role] * self.rollout * per
+            if t_c + t_h > compute + halo:
+                compute, halo = t_c, t_h
+        bw = c.nvlink_Bps if nodes == 1 else c.network_Bps
+        lat = c.collective_latency_s
+        if shard and gpus > 1:
+            blocks = mcfg.processor_layers + 2
+            grad = (2 * _ring(2 * self.params, gpus, bw, 0.0)  # bf16 gathers, forward + backward
+                    + _ring(4 * self.params, gpus, bw, 0.0)  # fp32 reduce-scatter
+                    + 3 * blocks * math.ceil(math.log2(gpus)) * lat)  # fmt: skip
+            held = self.params / gpus
+        else:
+            grad = 2 * _ring(4 * self.params, gpus, bw, lat)
+            held = self.params
+        opt = ADAMW_BYTES_PER_PARAM * held / c.hbm_Bps
+        from squall.planning.estimate import describe_checkpointing
+
+        return Projection(gpus, nodes, model_parallel, dp, shard, batch, compute, halo, grad, opt,
+                          self.rates.fixed_s, static, act,
+                          describe_checkpointing(mcfg).removeprefix("checkpointing: "),
+                          sizes.exact)  # fmt: skip
+
+    def choose(self, gpus: int, batch: int, mode: str = "strong",
+               budget_gib: float | None = None) -> tuple[Projection, list[Projection]]:  # fmt: skip
+        """The fastest layout of ``gpus`` ranks that fits the memory budget.
+
+        ``mode="strong"``: ``batch`` is the global batch, split over the data-parallel ranks
+        (which must divide it); ``"weak"``: ``batch`` samples per model group. Candidates: every
+        power-of-two model-parallel degree, with and without parameter sharding. Returns the
+        choice and every candidate that fits; raises :class:`ConfigError` when none does.
+        """
+        budget = budget_gib if budget_gib is not None else self.mcfg.checkpoint_budget_gib
+        if budget is None:
+            budget = self.cluster.memory_gib
+        fitting, reasons = [], []
+        mp = 1
+        while mp <= gpus:
+            dp = gpus // mp
+            if gpus % mp == 0 and (mode == "weak" or batch % dp == 0):
+                per_group = batch if mode == "weak" else batch // dp
+                for shard in (False, True) if gpus > 1 else (False,):
+                    try:
+                        p = self.project(gpus, mp, per_group, shard, budget)
+                    except ConfigError as err:
+                        reasons.append(f"dp{dp}xmp{mp}{'+shard' if shard else ''}: {err}")
+                        continue
+                    if budget is None or p.peak_gib <= budget - PLAN_HEADROOM_GIB + 1e-9:
+                        fitting.append(p)
+            mp *= 2
+        if not fitting:
+            raise ConfigError(f"no layout of {gpus} GPUs fits {budget} GiB per GPU "
+                              f"({mode} scaling, batch {batch}): "
+                              + "; ".join(reasons[-3:]))  # fmt: skip
+        best = min(fitting, key=lambda p: (round(p.step_s, 9), p.shard, p.model_parallel))
+        return best, fitting
+
+    def scaling(self, gpus_list, batch: int, mode: str = "strong",
+                budget_gib: float | None = None) -> list[Projection | str]:  # fmt: skip
+        """:meth:`choose` for every GPU count; a count without a fitting layout gives its
+        reason (a string) instead."""
+        out = []
+        for g in gpus_list:
+            try:
+                out.append(self.choose(g, batch, mode, budget_gib)[0])
+            except ConfigError as err:
+                out.append(str(err))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# text and plots
+
+
+def crossover(points: list) -> int | None:
+    """The first GPU count whose communication takes longer than its compute."""
+    for p in points:
+        if isinstance(p, Projection) and p.comm_s > p.compute_s:
+            return p.gpus
+    return None
+
+
+def format_scaling(title: str, points: list, mode: str) -> str:
+    """Plain-text table of :meth:`ScalingModel.scaling` with efficiencies against its first
+    point and the crossover marked."""
+    first = next((p for p in points if isinstance(p, Projection)), None)
+    lines = [title, f"{'GPUs':>5} {'nodes':>5} {'layout':>16} {'batch/grp':>9} {'s/step':>9} "
+             f"{'compute':>8} {'halo':>8} {'grad':>8} {'eff':>6} {'GiB/rank':>8} "
+             f"{'part':>5}  checkpoint plan"]  # fmt: skip
+    cross = crossover(points)
+    for p in points:
+        if not isinstance(p, Projection):
+            lines.append(f"  (no layout) {p}")
+            continue
+        if mode == "strong":
+            eff = first.step_s * first.gpus / (p.step_s * p.gpus)
+        else:
+            eff = (p.samples_per_s / p.gpus) / (first.samples_per_s / first.gpus)
+        mark = "  <- communication > compute" if p.gpus == cross else ""
+        lines.append(f"{p.gpus:>5} {p.nodes:>5} {p.layout:>16} {p.batch:>9} {p.step_s:>9.4f} "
+                     f"{p.compute_s:>8.4f} {p.halo_s:>8.4f} {p.grad_s:>8.4f} {eff:>6.2f} "
+                     f"{p.peak_gib:>8.2f} {'real' if p.exact else 'extr':>5}  {p.plan}{mark}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_scaling(curves: dict[str, tuple[list, str]], path: str | Path) -> Path:
+    """Write one figure: per curve (name -> (points, mode)) the step time against GPUs, compute
+    and communication apart, the crossover marked; strong and weak side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({mode for _, mode in curves.values()}, reverse=True)
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.6), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        for i, (name, (points, m)) in enumerate(curves.items()):
+            if m != mode:
+                continue
+            pts = [p for p in points if isinstance(p, Projection)]
+            if not pts:
+                continue
+            color = f"C{i}"
+            g = [p.gpus for p in pts]
+            ax.plot(g, [p.step_s for p in pts], "o-", color=color, label=f"{name}: step")
+            ax.plot(g, [p.compute_s for p in pts], "--", color=color, label=f"{name}: compute")
+            ax.plot(g, [p.comm_s for p in pts], ":", color=color, label=f"{name}: communication")
+            if mode == "strong":
+                ideal = [pts[0].step_s * pts[0].gpus / x for x in g]
+                ax.plot(g, ideal, "-", color=color, alpha=0.25, lw=4)
+            cross = crossover(pts)
+            if cross is not None:
+                ax.axvline(cross, color=color, lw=0.8)
+                ax.annotate("comm > compute", (cross, ax.get_ylim()[1]), color=color,
+                            fontsize=7, rotation=90, va="top", ha="right")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel("s / step")
+        ax.set_title(f"{mode} scaling (projected; thick pale line: ideal)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
