@@ -489,6 +489,35 @@ class ForecastSchema(Schema):
     write_queue: int = setting(4, ge=1)
 
 
+@dataclass
+class ProfileSchema(Schema):
+    """What ``jobs.profile`` measures (``profile`` in ``conf/profile.yaml``; absent elsewhere).
+
+    Attributes
+    ----------
+    mode : str
+        ``train``: forward, backward and optimiser of a training step; ``forecast``: one
+        inference step of the rollout (``forecast.precision``, ``forecast.cuda_graphs``).
+    warmup_steps : int
+        Steps run before profiling (autotuning, allocator warm-up), not recorded.
+    steps : int
+        Steps recorded by the profiler.
+    output : str
+        Folder of the profile; each rank writes ``rank<N>/`` in it.
+    memory_snapshot : bool
+        Record CUDA allocations and write a memory snapshot (GPU only).
+    memory_history_entries : int
+        Allocation events the memory history keeps (older ones are dropped).
+    """
+
+    mode: str = setting("train", choices=("train", "forecast"))
+    warmup_steps: int = setting(2, ge=0)
+    steps: int = setting(3, ge=1)
+    output: str = MISSING
+    memory_snapshot: bool = True
+    memory_history_entries: int = setting(100000, ge=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # parallel, scale, cluster
 
@@ -643,6 +672,7 @@ class SquallSchema:
     tracking: TrackingSchema = MISSING
     forecast: ForecastSchema = MISSING
     parallel: ParallelSchema = MISSING
+    profile: ProfileSchema | None = None  # conf/profile.yaml only
     scale: dict[str, Any] = field(default_factory=dict)  # checked against ScaleSchema (open)
     cluster: dict[str, Any] = field(default_factory=dict)  # checked against ClusterSchema
 
