@@ -427,8 +427,14 @@ def radius(index: SphereIndex, query_latlon: np.ndarray, r: float,
         key, d2 = key[:, :width], d2.gather(1, by_idx[:, :width])
         keep = torch.arange(width, device=device) < count[:, None]
         counts[g_rows] = count
-        parts.append((g_rows.repeat_interleave(count), key[keep], d2[keep],
-                      torch.arange(width, device=device).expand(len(keep), width)[keep]))
+        parts.append(
+            (
+                g_rows.repeat_interleave(count),
+                key[keep],
+                d2[keep],
+                torch.arange(width, device=device).expand(len(keep), width)[keep],
+            )
+        )
     offsets = torch.cumsum(counts, 0) - counts
     total = int(counts.sum())
     query = torch.empty(total, dtype=torch.int64, device=device)
