@@ -114,8 +114,10 @@ def run(cfg: DictConfig, stop: StopSignals):
                 for k, v in summary.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
-            # Validation metrics were logged at the step they were measured.
-            logger.log_metrics({k: v for k, v in final.items() if k not in VALIDATION_METRICS},
+            # Validation metrics were logged at the step they were measured; the step is the
+            # metrics' own step, not a metric.
+            logger.log_metrics({k: v for k, v in final.items()
+                                if k not in VALIDATION_METRICS and k != "step"},
                                summary["step"])  # fmt: skip
             if losses and env.rank == 0:
                 log.info("loss %.4g -> %.4g over %d steps", losses[0], losses[-1], len(losses))
