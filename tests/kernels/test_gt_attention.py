@@ -17,9 +17,10 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from squall.kernels import gt_attention as gta  # noqa: E402
 from squall.kernels.edge_index import DEGREE_CLASS_CAPS, EdgeIndex, degree_schedule  # noqa: E402
+from squall.kernels.gt_attention import forward, op, tuning  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and type(gta._fwd_kernel).__name__ != "InterpretedFunction":
+if DEVICE == "cpu" and type(forward._fwd_kernel).__name__ != "InterpretedFunction":
     pytest.skip(
         "kernels were decorated without TRITON_INTERPRET=1 (module imported before the kernels "
         "conftest) and no GPU is present",
@@ -33,13 +34,13 @@ ATOL = {torch.float32: 2e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(gta, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(tuning, "POISON_OUTPUTS", True)
 
 
 @pytest.fixture(autouse=True)
 def _classes_design(monkeypatch):
     """Tests run the degree-class design unless they ask for the flat one (``flat_design``)."""
-    monkeypatch.setattr(gta, "KERNEL_DESIGN", "classes")
+    monkeypatch.setattr(tuning, "KERNEL_DESIGN", "classes")
 
 
 def random_graph(n_src: int, n_dst: int, max_deg: int, skew: int, gen: torch.Generator):
@@ -114,7 +115,7 @@ CASES = [
 @pytest.mark.parametrize(("heads", "chans", "d_e", "max_deg", "skew"), CASES)
 @pytest.mark.parametrize("design", gta.KERNEL_DESIGNS)
 def test_matches_reference(monkeypatch, design, mode, dtype, heads, chans, d_e, max_deg, skew):
-    monkeypatch.setattr(gta, "KERNEL_DESIGN", design)
+    monkeypatch.setattr(tuning, "KERNEL_DESIGN", design)
     check_against_reference(mode, dtype, heads, chans, d_e, max_deg, skew)
 
 
@@ -126,8 +127,8 @@ def test_matches_reference(monkeypatch, design, mode, dtype, heads, chans, d_e, 
 def test_every_launch_candidate(monkeypatch, mode, candidate):
     """Each autotune candidate of the per-class design (all heads per program, or head blocks)
     is right on its own (test_every_flat_candidate covers the flat design's)."""
-    monkeypatch.setattr(gta, "KERNEL_DESIGN", "classes")
-    monkeypatch.setattr(gta, "FORCE_CANDIDATE", candidate)
+    monkeypatch.setattr(tuning, "KERNEL_DESIGN", "classes")
+    monkeypatch.setattr(tuning, "FORCE_CANDIDATE", candidate)
     check_against_reference(mode, torch.bfloat16, 5, 12, 4, 20, 70)
 
 
@@ -206,7 +207,7 @@ def test_views_of_one_projection_need_no_copy(mode):
     dense = run(make(index, "triton"), inputs, names, grad_out)
     packed = torch.cat([inputs[x].reshape(n, -1) for x in "qkv"], 1).requires_grad_(True)
     q, k, v = (t.view(n, heads, chans) for t in packed.chunk(3, 1))
-    assert q.stride(0) == 3 * heads * chans and gta._rows(q) is q
+    assert q.stride(0) == 3 * heads * chans and op.rows(q) is q
     rest = {x: inputs[x] for x in names[3:]}
     out = make(index, "triton")(q, k, v, **rest)
     (d_packed,) = torch.autograd.grad(out, [packed], grad_out.to(out.dtype))
@@ -232,16 +233,16 @@ def _op_samples(gen):
 @pytest.mark.slow  # 24 s in the interpreter
 def test_opcheck():
     mat, fus = _op_samples(torch.Generator().manual_seed(4))
-    torch.library.opcheck(gta._op_fwd, mat)
-    torch.library.opcheck(gta._op_fused_fwd, fus)
+    torch.library.opcheck(op.op_fwd, mat)
+    torch.library.opcheck(op.op_fused_fwd, fus)
     # row-strided q, k, v (views of packed projections, as a mapper's q and kv)
     q, k, v = (t.detach().flatten(1) for t in mat[:3])
     q_pad = torch.cat([q, torch.zeros_like(q)], 1).requires_grad_(True)
     kv = torch.cat([k, v], 1).requires_grad_(True)
     hc, shape = q.shape[1], mat[0].shape[1:]
     views = tuple(t.unflatten(1, shape) for t in (q_pad[:, :hc], kv[:, :hc], kv[:, hc:]))
-    assert views[1].stride(0) == 2 * hc and gta._rows(views[1]) is views[1]
-    torch.library.opcheck(gta._op_fused_fwd, (*views, *fus[3:]))
+    assert views[1].stride(0) == 2 * hc and op.rows(views[1]) is views[1]
+    torch.library.opcheck(op.op_fused_fwd, (*views, *fus[3:]))
 
 
 def test_torch_compile_traces_through():
@@ -309,7 +310,7 @@ def test_degree_schedule_and_move():
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture
 def flat_design(monkeypatch):
-    monkeypatch.setattr(gta, "KERNEL_DESIGN", "flat")
+    monkeypatch.setattr(tuning, "KERNEL_DESIGN", "flat")
 
 
 @pytest.mark.parametrize("mode", ["materialised", "fused"])
@@ -319,7 +320,7 @@ def flat_design(monkeypatch):
 )
 def test_every_flat_candidate(flat_design, monkeypatch, mode, candidate):
     """Edge blocks of 1, 2 and 8 (the interpreter's default, 4, runs in every other test)."""
-    monkeypatch.setattr(gta, "FORCE_CANDIDATE", candidate)
+    monkeypatch.setattr(tuning, "FORCE_CANDIDATE", candidate)
     check_against_reference(mode, torch.bfloat16, 5, 12, 4, 20, 70)
 
 
@@ -343,7 +344,7 @@ def skewed_graph(n_src: int, n_dst: int, hub_in: int, hub_out: int, gen: torch.G
 @pytest.mark.parametrize("mode", ["materialised", "fused"])
 def test_thousands_of_edges_at_one_node(monkeypatch, design, mode):
     """In-degree 0 to 2,000 and out-degree up to 1,500 in one graph, bf16, against the rule."""
-    monkeypatch.setattr(gta, "KERNEL_DESIGN", design)
+    monkeypatch.setattr(tuning, "KERNEL_DESIGN", design)
     gen = torch.Generator().manual_seed(8)
     heads, chans, d_e, n_src, n_dst = 2, 3, 3, 40, 30
     index = skewed_graph(n_src, n_dst, 2000, 1500, gen)
@@ -396,7 +397,7 @@ def test_flat_opcheck_and_compile(flat_design):
 
 
 def test_unknown_design_is_one_line_error(monkeypatch):
-    monkeypatch.setattr(gta, "KERNEL_DESIGN", "fast")
+    monkeypatch.setattr(tuning, "KERNEL_DESIGN", "fast")
     with pytest.raises(ValueError, match="'classes', 'flat'"):
         gta.kernel_design()
 
@@ -408,7 +409,7 @@ def test_flat_launch_counts(flat_design, monkeypatch, mode):
     included) on a graph with every degree class and a 2,000-edge node."""
     from torch.profiler import ProfilerActivity, profile
 
-    monkeypatch.setattr(gta, "POISON_OUTPUTS", False)  # the NaN fills are test-only kernels
+    monkeypatch.setattr(tuning, "POISON_OUTPUTS", False)  # the NaN fills are test-only kernels
 
     gen = torch.Generator().manual_seed(10)
     index = skewed_graph(40, 30, 2000, 1500, gen)

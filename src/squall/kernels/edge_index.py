@@ -17,8 +17,9 @@ import torch
 
 # Degree classes: a node of in-degree (or out-degree) d falls in the first class whose cap is >= d,
 # or in the last, open class. Each class is launched with its own edge-block size and destinations
-# per program (tuned per class in gt_attention.py). 4 holds the decoder's knn-3 nodes in one block,
-# 8 the processor's refined-mesh nodes (5 to 7 edges), 16 the encoder's cutoff nodes (5 to 12).
+# per program (tuned per class in gt_attention/tuning.py). 4 holds the decoder's knn-3 nodes in
+# one block, 8 the processor's refined-mesh nodes (5 to 7 edges), 16 the encoder's cutoff nodes
+# (5 to 12).
 DEGREE_CLASS_CAPS = (4, 8, 16)
 
 

@@ -1,0 +1,159 @@
+"""The kernels as ``torch.library`` custom ops (fake + autograd), so ``torch.compile`` traces
+through them and autograd calls the backward kernels.
+
+``squall::gt_attention_fwd`` / ``_bwd`` take the materialised edge term, ``squall::
+gt_attention_fused_fwd`` / ``_bwd`` the edge features and ``w_aug = [W; b]``. Every op takes the
+graph's kernel index as tensors plus the degree-class sizes as ``list[int]`` (no host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from squall.kernels.edge_index import EdgeIndex
+from squall.kernels.gt_attention.backward import launch_bwd
+from squall.kernels.gt_attention.forward import launch_fwd
+
+
+def kidx_args(index: EdgeIndex):
+    """``(tensors, dst_counts, src_counts)`` of ``index``'s kernel view, as the ops take them:
+    tensors ``(colptr, row, rowptr, csr_perm, csr_dst, dst_sched, src_sched)``."""
+    ki = index.kernel
+    tensors = (ki.colptr, ki.row, ki.rowptr, ki.csr_perm, ki.csr_dst, ki.dst_sched, ki.src_sched)
+    return tensors, list(ki.dst_counts), list(ki.src_counts)
+
+
+def _c(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous()
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [N, H, C]`` as the kernels read q, k and v: any row stride (views of one fused
+    projection, ``[N, 3 H C]`` chunked, travel without a copy), each row's ``H x C`` dense."""
+    h, c = x.shape[1:]
+    if x.stride(2) == 1 and (x.stride(1) == c or h == 1) and x.stride(0) >= h * c:
+        return x
+    return x.contiguous()
+
+
+def _qkv(q, k, v):
+    """q, k, v for the kernels: k and v share one row stride (else both are made contiguous)."""
+    q, k, v = rows(q), rows(k), rows(v)
+    if k.stride(0) != v.stride(0):
+        k, v = k.contiguous(), v.contiguous()
+    return q, k, v
+
+
+@torch.library.custom_op("squall::gt_attention_fwd", mutates_args=())
+def op_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, edge: torch.Tensor,
+    colptr: torch.Tensor, row: torch.Tensor, rowptr: torch.Tensor, csr_perm: torch.Tensor,
+    csr_dst: torch.Tensor, dst_sched: torch.Tensor, src_sched: torch.Tensor,
+    dst_counts: list[int], src_counts: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Materialised-edge forward: ``(out, lse)``."""
+    return launch_fwd(*_qkv(q, k, v), _c(edge), None, None, row, dst_sched, dst_counts)
+
+
+@op_fwd.register_fake
+def _(q, k, v, edge, colptr, row, rowptr, csr_perm, csr_dst, dst_sched, src_sched, dc, sc):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("squall::gt_attention_bwd", mutates_args=())
+def op_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, edge: torch.Tensor,
+    lse: torch.Tensor, dout: torch.Tensor,
+    colptr: torch.Tensor, row: torch.Tensor, rowptr: torch.Tensor, csr_perm: torch.Tensor,
+    csr_dst: torch.Tensor, dst_sched: torch.Tensor, src_sched: torch.Tensor,
+    dst_counts: list[int], src_counts: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Materialised-edge backward: ``(dq, dk, dv, de)``."""
+    kt = (row, csr_perm, csr_dst, dst_sched, src_sched)
+    return launch_bwd(
+        *_qkv(q, k, v), _c(edge), None, None, lse, _c(dout), kt, dst_counts, src_counts
+    )
+
+
+@op_bwd.register_fake
+def _(q, k, v, edge, lse, dout, *rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), torch.empty_like(edge)
+
+
+def _setup_fwd(ctx, inputs, output):
+    q, k, v, edge = inputs[:4]
+    ctx.index = inputs[4:11]
+    ctx.counts = inputs[11:13]
+    ctx.save_for_backward(q, k, v, edge, output[1])
+    ctx.set_materialize_grads(False)  # lse has no gradient: no zero-filled d lse kernel
+
+
+def _backward_fwd(ctx, dout, dlse):
+    q, k, v, edge, lse = ctx.saved_tensors
+    dq, dk, dv, de = op_bwd(q, k, v, edge, lse, dout, *ctx.index, *ctx.counts)
+    return (dq, dk, dv, de) + (None,) * 9
+
+
+op_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
+
+
+@torch.library.custom_op("squall::gt_attention_fused_fwd", mutates_args=())
+def op_fused_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attr: torch.Tensor, w_aug: torch.Tensor,
+    colptr: torch.Tensor, row: torch.Tensor, rowptr: torch.Tensor, csr_perm: torch.Tensor,
+    csr_dst: torch.Tensor, dst_sched: torch.Tensor, src_sched: torch.Tensor,
+    dst_counts: list[int], src_counts: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Fused-edge forward, ``w_aug = [W; b]`` of shape ``[d_e + 1, H*C]``: ``(out, lse)``."""
+    return launch_fwd(*_qkv(q, k, v), None, _c(attr), _c(w_aug), row, dst_sched, dst_counts)
+
+
+@op_fused_fwd.register_fake
+def _(q, k, v, attr, w_aug, *rest):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("squall::gt_attention_fused_bwd", mutates_args=())
+def op_fused_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attr: torch.Tensor, w_aug: torch.Tensor,
+    lse: torch.Tensor, dout: torch.Tensor,
+    colptr: torch.Tensor, row: torch.Tensor, rowptr: torch.Tensor, csr_perm: torch.Tensor,
+    csr_dst: torch.Tensor, dst_sched: torch.Tensor, src_sched: torch.Tensor,
+    dst_counts: list[int], src_counts: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Fused-edge backward: ``(dq, dk, dv, d_attr, dw_aug)`` (``dw_aug`` summed in fp32, stored
+    in ``w_aug``'s dtype)."""
+    kt = (row, csr_perm, csr_dst, dst_sched, src_sched)
+    return launch_bwd(
+        *_qkv(q, k, v), None, _c(attr), _c(w_aug), lse, _c(dout), kt,
+        dst_counts, src_counts,
+    )  # fmt: skip
+
+
+@op_fused_bwd.register_fake
+def _(q, k, v, attr, w_aug, lse, dout, *rest):
+    dw = w_aug.new_empty(w_aug.shape)
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        torch.empty_like(attr),
+        dw,
+    )
+
+
+def _setup_fused(ctx, inputs, output):
+    q, k, v, attr, w_aug = inputs[:5]
+    ctx.index = inputs[5:12]
+    ctx.counts = inputs[12:14]
+    ctx.save_for_backward(q, k, v, attr, w_aug, output[1])
+    ctx.set_materialize_grads(False)  # lse has no gradient: no zero-filled d lse kernel
+
+
+def _backward_fused(ctx, dout, dlse):
+    q, k, v, attr, w_aug, lse = ctx.saved_tensors
+    dq, dk, dv, dattr, dw = op_fused_bwd(q, k, v, attr, w_aug, lse, dout, *ctx.index, *ctx.counts)
+    return (dq, dk, dv, dattr, dw) + (None,) * 9
+
+
+op_fused_fwd.register_autograd(_backward_fused, setup_context=_setup_fused)
