@@ -44,6 +44,7 @@ import torch
 
 from squall.kernels import gt_attention as gta
 from squall.kernels.edge_index import EdgeIndex
+from squall.kernels.gt_attention import backward, forward, op, tuning
 
 REPO = Path(__file__).resolve().parents[1]
 GRAPHS = {"o96_l6": (16, 64), "o320_l7": (16, 32), "tiny": (3, 12)}  # tiny: CPU smoke test
@@ -81,12 +82,12 @@ def anemoi_gt():
 @contextlib.contextmanager
 def kernel_design(design: str):
     """Run squall's Triton backend with ``design`` ("classes" or "flat") inside the block."""
-    old = gta.KERNEL_DESIGN
-    gta.KERNEL_DESIGN = design
+    old = tuning.KERNEL_DESIGN
+    tuning.KERNEL_DESIGN = design
     try:
         yield
     finally:
-        gta.KERNEL_DESIGN = old
+        tuning.KERNEL_DESIGN = old
 
 
 def synthetic_csc(n_src: int, n_dst: int, degrees: torch.Tensor, gen: torch.Generator):
@@ -178,7 +179,7 @@ def median_ms(fn, warmup: int, rep: int, grad_to_none=None) -> float:
 
 def breakdown(index, x, grad_out, fused: bool, copy_bw: float, warmup: int, rep: int) -> str:
     """Time the Triton forward and backward launchers alone, each against its own floor."""
-    kt, dc, sc = gta._kidx_args(index)
+    kt, dc, sc = op.kidx_args(index)
     q, k, v = x["q"], x["k"], x["v"]
     if fused:
         w_aug = torch.cat([x["weight"], x["bias"][None]], 0)
@@ -188,10 +189,10 @@ def breakdown(index, x, grad_out, fused: bool, copy_bw: float, warmup: int, rep:
     n_src, (n_dst, h, c) = k.shape[0], q.shape
     fb = floor_bytes(n_src, n_dst, index.num_edges, h, c, 2, fused, D_E)
     bwd_idx = (kt[1], kt[3], kt[4], kt[5], kt[6])  # row, csr_perm, csr_dst, dst/src schedules
-    _, lse = gta._launch_fwd(q, k, v, edge, attr, w_aug, kt[1], kt[5], dc)
-    t_f = median_ms(lambda: gta._launch_fwd(q, k, v, edge, attr, w_aug, kt[1], kt[5], dc),
+    _, lse = forward.launch_fwd(q, k, v, edge, attr, w_aug, kt[1], kt[5], dc)
+    t_f = median_ms(lambda: forward.launch_fwd(q, k, v, edge, attr, w_aug, kt[1], kt[5], dc),
                     warmup, rep)  # fmt: skip
-    t_b = median_ms(lambda: gta._launch_bwd(q, k, v, edge, attr, w_aug, lse, grad_out, bwd_idx, dc, sc),
+    t_b = median_ms(lambda: backward.launch_bwd(q, k, v, edge, attr, w_aug, lse, grad_out, bwd_idx, dc, sc),
                     warmup, rep)  # fmt: skip
     f_f = fb["fwd"] / (copy_bw * 1e9) * 1e3
     f_b = fb["bwd"] / (copy_bw * 1e9) * 1e3
@@ -481,7 +482,7 @@ def run_provider(args, provider, gname, role, source, dname, index, x, grad_out,
         flush=True,
     )
     if args.show_configs and provider.startswith(("triton", "flat")):
-        for (kern, cls, _, fused_), tuner in sorted(gta._TUNED.items(), key=str):
+        for (kern, cls, _, fused_), tuner in sorted(tuning.TUNED.items(), key=str):
             best = getattr(tuner, "best_config", None)
             if best is not None and fused_ == fused:
                 print(f"    {kern:12s} class {cls}: {best}")

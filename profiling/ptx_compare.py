@@ -1,6 +1,7 @@
 """Compile the attention kernels for sm_90 without a GPU and compare two versions' PTX.
 
     python profiling/ptx_compare.py OLD.py NEW.py     # e.g. OLD.py from `git show REV:src/...`
+    python profiling/ptx_compare.py OLD.py package    # against squall.kernels.gt_attention
 
 For each kernel (forward, backward per destination, backward per source) in materialised and
 fused mode, with and without the pipelined ``SINGLE`` loop (H 16, C 64, bf16, 4 warps), prints
@@ -17,6 +18,7 @@ import importlib.util
 import inspect
 import re
 import sys
+import types
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -28,6 +30,12 @@ FP32 = {"lse", "dattr", "sa", "sb", "p", "pdp", "delta", "part"}
 
 
 def load(path: str, tag: str):
+    """The kernels of one version: a single-file ``gt_attention.py`` (the layout before the
+    package) or ``package`` for the importable :mod:`squall.kernels.gt_attention`."""
+    if path == "package":
+        from squall.kernels.gt_attention import backward, forward
+
+        return types.SimpleNamespace(**vars(forward), **vars(backward))
     spec = importlib.util.spec_from_file_location(f"gt_attention_{tag}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
