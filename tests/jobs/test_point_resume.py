@@ -64,7 +64,14 @@ def test_signal_checkpoints_and_rerun_resumes(tmp_path, monkeypatch):
     # 5 timed steps again (5-9): the summary is attempt 2's alone.
     assert steps == [(1, 0.0), (2, 1.0), (3, 1.0), (4, 0.0)] + [(s, 1.0) for s in range(5, 10)]
     assert summary["time/measured_steps"] == 5
-    assert summary["throughput/samples_per_s"] > 0 and summary["time/comm_s"] == 0.0
+    # The summary is attempt 2's logged timed steps (5-9), each the global batch (one rank).
+    timed = [m["time/last_step_s"] for step, m in logger.metrics[-6:] if step >= 5
+             and "time/last_step_s" in m]
+    assert len(timed) == 5
+    batch = int(cfg.scale.batch)
+    assert summary["throughput/samples_per_s"] == pytest.approx(batch * 5 / sum(timed), rel=1e-9)
+    assert summary["time/step_s"] == pytest.approx(sorted(timed)[2], rel=1e-12)
+    assert summary["time/comm_s"] == 0.0  # one rank: no gradient all-reduce
     # Each attempt's own numbers stay on the run.
     assert logger.tags["attempt.1.ended"] == "stopped (SIGUSR1) at step 3"
     assert logger.tags["attempt.1.timed_steps"] == "2" and logger.tags["attempt.1.first_step"] == "1"

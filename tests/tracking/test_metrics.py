@@ -39,9 +39,11 @@ def test_metric_names_carry_units():
     for const, name in names.items():
         unit = re.search(r"[_/](s|GiB|per_s|per_s_per_gpu|pct|GBps|bytes_per_step|"
                          r"gflop_per_sample|normalised)$", name)
-        unitless = const in {"LOSS_TRAIN", "LOSS_VAL", "LR", "GRAD_NORM", "STEP_SPREAD",
-                             "MEASURED_STEPS", "HALO_ROWS_SENT", "EDGE_IMBALANCE",
-                             "NODE_IMBALANCE", "COMM_SHARE", "MODEL_PARAMETERS", "FORECAST_SKILL"}
+        unitless = const in {"LOSS_TRAIN", "LOSS_VAL", "LOSS_VAL_PROGNOSTIC",
+                             "LOSS_VAL_PERSISTENCE", "SKILL_VS_PERSISTENCE", "LR", "GRAD_NORM",
+                             "STEP_SPREAD", "STEP_TIMED", "MEASURED_STEPS", "HALO_ROWS_SENT",
+                             "EDGE_IMBALANCE", "NODE_IMBALANCE", "COMM_SHARE", "MODEL_PARAMETERS",
+                             "FORECAST_SKILL"}
         assert unit or unitless, f"{const}={name!r} has no unit suffix"
     assert metrics.per_rank(metrics.PEAK_ALLOCATED_GIB, 3) == "memory/peak_allocated_GiB/rank3"
 

@@ -1,5 +1,6 @@
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -83,10 +84,11 @@ def run_train_job(tmp_path, tiny_overrides, *extra, env_extra=None):
 
 @pytest.mark.slow  # 13 s: a whole jobs.train process
 def test_train_job_records_run_in_local_mlflow(tmp_path, tiny_overrides):
-    out = run_train_job(tmp_path, tiny_overrides, "training.max_steps=6")
+    out = run_train_job(tmp_path, tiny_overrides, "training.max_steps=6",
+                        "training.timing_warmup_steps=2")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])["summary"]
-    assert summary["step"] == 6 and summary["time/step_s"] > 0
+    assert summary["step"] == 6
     from mlflow.tracking import MlflowClient
 
     from squall.tracking import local_store_uri
@@ -98,10 +100,21 @@ def test_train_job_records_run_in_local_mlflow(tmp_path, tiny_overrides):
     assert (
         run.data.params["model.num_channels"] == "16" and run.data.params["graph.name"] == "o8_l2"
     )
-    history = client.get_metric_history(run.info.run_id, "loss/train")
-    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
-    assert "loss/val" in run.data.metrics and "throughput/samples_per_s" in run.data.metrics
-    assert run.data.tags["env.torch"] == torch.__version__ and "env.git_sha" in run.data.tags
+    history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+               for key in ("loss/train", "time/last_step_s", "time/timed", "loss/val")}  # fmt: skip
+    assert sorted(history["loss/train"]) == [1, 2, 3, 4, 5, 6]
+    assert sorted(history["loss/val"]) == [5, 6]  # training.val_every=5, and the last step
+    # The run's timing is made of the steps it logged: 2 warm-up steps left out, batch 1.
+    assert [history["time/timed"][s] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+    timed = [history["time/last_step_s"][s] for s in range(3, 7)]
+    metrics = run.data.metrics
+    assert summary["time/measured_steps"] == metrics["time/measured_steps"] == 4
+    assert metrics["throughput/samples_per_s"] == pytest.approx(4 / sum(timed), rel=1e-9)
+    assert metrics["time/step_s"] == pytest.approx(statistics.median(timed), rel=1e-12)
+    assert run.data.tags["env.torch"] == torch.__version__
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+    assert run.data.tags["env.git_sha"] == (os.environ.get("SQUALL_GIT_SHA") or head or "unknown")
 
 
 def test_train_job_bad_input_is_one_line(tmp_path, tiny_overrides):
