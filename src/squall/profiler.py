@@ -215,9 +215,9 @@ def kernel_table(events, cuda: bool, rates: dict, seconds: float) -> list[dict]:
             row = acc[e.name]
             row["calls"] += 1
             row["s"] += own
-            # the operator's FLOPs and bytes belong to its own time only when nothing inside it
-            # did the work (a leaf operator)
-            if not any(c.name.startswith("aten::") for c in e.cpu_children):
+            # the operator's FLOPs and bytes belong to its own time only when it did most of
+            # its work itself (not a composite like aten::linear, whose children do it)
+            if own >= 0.5 * e.cpu_time_total / 1e6:
                 if flops:
                     row["flop"] += flops
                     row["flop_s"] += own
@@ -232,13 +232,17 @@ def kernel_table(events, cuda: bool, rates: dict, seconds: float) -> list[dict]:
             "name": name, "calls": r["calls"], "total_ms": round(r["s"] * 1e3, 4),
             "mean_us": round(r["s"] / r["calls"] * 1e6, 2),
             "share_pct": round(100 * r["s"] / seconds, 2) if seconds > 0 else None,
-            "tflops": None if tflops is None else round(tflops, 4),
-            "pct_of_matmul_peak": None if tflops is None
-            else round(100 * tflops / rates["matmul_tflops"], 1),
-            "input_GBps": None if gbps is None else round(gbps, 2),
-            "pct_of_copy_rate": None if gbps is None else round(100 * gbps / rates["copy_GBps"], 1),
+            "tflops": _sig(tflops),
+            "pct_of_matmul_peak": _sig(tflops and 100 * tflops / rates["matmul_tflops"]),
+            "input_GBps": _sig(gbps),
+            "pct_of_copy_rate": _sig(gbps and 100 * gbps / rates["copy_GBps"]),
         })  # fmt: skip
     return rows
+
+
+def _sig(value: float | None) -> float | None:
+    """Four significant figures (rates span from 1e-4 on a busy CPU to 1e3 on a GPU)."""
+    return None if value is None else float(f"{value:.4g}")
 
 
 def _event_time(e, cuda: bool) -> float:
