@@ -464,7 +464,7 @@ def profile_job(cfg) -> dict:
         f = cfg.forecast
         data = build_dataset(cfg, "validation", rollout=1, normaliser=parts.train_set.normaliser)
         sample = data[0]
-        x, y = sample["x"][None].to(device), sample["y"][None].to(device)
+        x, y = sample["x"][None], sample["y"][None]
         area = torch.from_numpy(parts.graph.nodes["data"].area.astype("float32")).to(device)
         model_step = ModelStep(model, device, autocast_dtype(str(f.precision), device),
                                bool(f.cuda_graphs))  # fmt: skip
