@@ -95,18 +95,27 @@ class ClusterSpec:
 
     @classmethod
     def from_cfg(cls, cluster) -> ClusterSpec:
-        """From the ``cluster`` config node; a one-line error names a missing key."""
+        """From the ``cluster`` config node (or a plain dict); a one-line error names a missing
+        key."""
+        from omegaconf import DictConfig, OmegaConf
+        from omegaconf.errors import MissingMandatoryValue
+
+        if not isinstance(cluster, DictConfig):
+            cluster = OmegaConf.create(cluster)
+
         def get(path):
-            node = cluster
-            for key in path.split("."):
-                node = node.get(key) if hasattr(node, "get") else None
-                if node is None or node == "???":
-                    name = cluster.get("name", "?") if hasattr(cluster, "get") else "?"
-                    raise ConfigError(f"cluster {name}: cluster.{path} is not set; the scaling "
-                                      "model needs it (see conf/cluster/slurm_gpu.yaml)")  # fmt: skip
+            try:
+                node = OmegaConf.select(cluster, path, throw_on_missing=True)
+            except MissingMandatoryValue:
+                node = None
+            if node is None:
+                name = OmegaConf.select(cluster, "name", default="?", throw_on_missing=False)
+                raise ConfigError(f"cluster {name}: cluster.{path} is not set; the scaling "
+                                  "model needs it (see conf/cluster/slurm_gpu.yaml)")  # fmt: skip
             return node
 
-        memory = cluster.get("gpu_memory_gb")
+        memory = OmegaConf.select(cluster, "gpu_memory_gb", throw_on_missing=False)
+        memory = None if memory in (None, "???") else memory
         return cls(
             name=str(get("name")),
             gpus_per_node=int(get("gpus_per_node")),
@@ -569,6 +578,7 @@ class ScalingModel:
     def __post_init__(self) -> None:
         self.params, self.block_params, self.dims = _model_facts(
             self.graph, self.mcfg, self.num_vars, self.input_steps)
+        self._plans: dict = {}
         self.sizes = GraphSizes(self.graph, self.mcfg.processor_layers,
                                 self.cluster.gpus_per_node, self.partition, self.exact_parts)  # fmt: skip
 
@@ -607,8 +617,17 @@ class ScalingModel:
         budget = budget_gib if budget_gib is not None else mcfg.checkpoint_budget_gib
         rows, edges = sizes.largest()
         if budget is not None:
-            mcfg = plan_checkpointing(replace(mcfg, compile=compiled), budget, static, batch, rows,
-                                      edges, self.dims, self.act_bytes, self.rollout)  # fmt: skip
+            key = (round(static, 6), batch, model_parallel, compiled, budget)
+            if key not in self._plans:
+                try:
+                    self._plans[key] = plan_checkpointing(
+                        replace(mcfg, compile=compiled), budget, static, batch, rows, edges,
+                        self.dims, self.act_bytes, self.rollout)
+                except ConfigError as err:
+                    self._plans[key] = err
+            if isinstance(self._plans[key], ConfigError):
+                raise self._plans[key]
+            mcfg = self._plans[key]
         act = activation_bytes(replace(mcfg, compile=compiled), batch, rows, edges,
                                self.act_bytes, self.rollout) / GIB  # fmt: skip
         slow = EAGER_OVER_COMPILED if self.rates.compiled and not compiled else 1.0
@@ -616,7 +635,7 @@ class ScalingModel:
         uses = {"encoder": 1, "processor": mcfg.processor_layers, "decoder": 1}
         halo = 0.0
         row_bytes = batch * mcfg.num_channels * self.act_bytes
-        for r in range(sizes.parts):
+        for r in range(len(sizes.rows["data"])):  # one entry when extrapolated
             rr = {k: int(v[r]) for k, v in sizes.rows.items()}
             er = {k: int(v[r]) for k, v in sizes.edges.items()}
             w = training_flops(mcfg, rr, er, self.dims, batch * self.rollout)
@@ -652,38 +671,52 @@ class ScalingModel:
                           describe_checkpointing(mcfg).removeprefix("checkpointing: "),
                           sizes.exact)  # fmt: skip
 
+    def least_memory_gib(self, gpus: int, model_parallel: int, batch: int, shard: bool) -> float:
+        """Peak per rank of a layout with every block checkpointed (``full``): the least any
+        checkpoint plan needs."""
+        rows, edges = self.sizes(model_parallel).largest()
+        full = replace(self.mcfg, checkpoint_encoder="full", checkpoint_decoder="full",
+                       checkpoint_processor="full", compile=False)  # fmt: skip
+        act = activation_bytes(full, batch, rows, edges, self.act_bytes, self.rollout)
+        return self.static_gib(gpus, shard) + act / GIB
+
     def choose(self, gpus: int, batch: int, mode: str = "strong",
                budget_gib: float | None = None) -> tuple[Projection, list[Projection]]:  # fmt: skip
-        """The fastest layout of ``gpus`` ranks that fits the memory budget.
+        """The layout of ``gpus`` ranks with the most samples per second that fits the budget.
 
         ``mode="strong"``: ``batch`` is the global batch, split over the data-parallel ranks
-        (which must divide it); ``"weak"``: ``batch`` samples per model group. Candidates: every
-        power-of-two model-parallel degree, with and without parameter sharding. Returns the
-        choice and every candidate that fits; raises :class:`ConfigError` when none does.
+        (which must divide it), so the most samples per second is the shortest step;
+        ``"weak"``: ``batch`` samples per model group. Candidates: every power-of-two
+        model-parallel degree, with and without parameter sharding; ties go to no sharding, then
+        fewer model-parallel ranks. Returns the choice and every candidate that fits; raises
+        :class:`ConfigError` when none does, naming the candidate that comes closest.
         """
         budget = budget_gib if budget_gib is not None else self.mcfg.checkpoint_budget_gib
         if budget is None:
             budget = self.cluster.memory_gib
-        fitting, reasons = [], []
+        fitting, closest = [], None
         mp = 1
-        while mp <= gpus:
+        while mp <= min(gpus, self.sizes.smallest_set):
             dp = gpus // mp
             if gpus % mp == 0 and (mode == "weak" or batch % dp == 0):
                 per_group = batch if mode == "weak" else batch // dp
                 for shard in (False, True) if gpus > 1 else (False,):
                     try:
-                        p = self.project(gpus, mp, per_group, shard, budget)
-                    except ConfigError as err:
-                        reasons.append(f"dp{dp}xmp{mp}{'+shard' if shard else ''}: {err}")
-                        continue
-                    if budget is None or p.peak_gib <= budget - PLAN_HEADROOM_GIB + 1e-9:
-                        fitting.append(p)
+                        fitting.append(self.project(gpus, mp, per_group, shard, budget))
+                    except ConfigError:
+                        need = self.least_memory_gib(gpus, mp, per_group, shard)
+                        name = f"dp{dp}xmp{mp}{'+shard' if shard else ''}"
+                        if closest is None or need < closest[0]:
+                            closest = (need, name)
             mp *= 2
         if not fitting:
-            raise ConfigError(f"no layout of {gpus} GPUs fits {budget} GiB per GPU "
-                              f"({mode} scaling, batch {batch}): "
-                              + "; ".join(reasons[-3:]))  # fmt: skip
-        best = min(fitting, key=lambda p: (round(p.step_s, 9), p.shard, p.model_parallel))
+            hint = (f"; the closest, {closest[1]} with every block checkpointed, needs "
+                    f"{closest[0]:.1f} GiB + {PLAN_HEADROOM_GIB} headroom" if closest else
+                    f"; the global batch {batch} splits over none of them")  # fmt: skip
+            raise ConfigError(f"no layout of {gpus} GPUs fits {budget:.1f} GiB per GPU "
+                              f"({mode} scaling, batch {batch}){hint}")  # fmt: skip
+        best = max(fitting, key=lambda p: (round(p.samples_per_s, 6), not p.shard,
+                                           -p.model_parallel))  # fmt: skip
         return best, fitting
 
     def scaling(self, gpus_list, batch: int, mode: str = "strong",
@@ -777,3 +810,94 @@ def plot_scaling(curves: dict[str, tuple[list, str]], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# projections from a config (jobs.dry_run, the scaling report)
+
+#: GPU counts of the projected scaling curves.
+PROJECTION_GPUS = tuple(2**i for i in range(11))  # 1 .. 1024
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def _graph_from_conf(name: str, cache: str | Path | None) -> Graph:
+    import yaml
+
+    from squall.graphs import load_or_build
+
+    path = REPO_ROOT / "conf" / "graph" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"graph {name!r}: no {path}")
+    return load_or_build(yaml.safe_load(path.read_text()), cache)
+
+
+def project_scaling(cluster_cfg, graph: Graph, mcfg: ModelConfig, *,
+                    calibration: str | None = None, gpus=PROJECTION_GPUS,
+                    strong_batch: int | None = None, weak_batch: int = 1,
+                    budget_gib: float | None = None, plot: str | Path | None = None,
+                    graph_cache: str | Path | None = None, load_graph=None,
+                    exact_parts: int = EXACT_PARTS) -> tuple[str, dict]:  # fmt: skip
+    """Projected strong and weak scaling of ``mcfg`` on ``graph`` over ``gpus`` on a cluster.
+
+    Parameters
+    ----------
+    cluster_cfg
+        The ``cluster`` config node (links, rates, ``calibration``).
+    calibration : str, optional
+        :func:`load_calibration` spec; default ``cluster_cfg.calibration``.
+    strong_batch : int, optional
+        Global batch of strong scaling (default ``cluster.strong_scaling_batch``).
+    weak_batch : int
+        Samples per model group of weak scaling.
+    budget_gib : float, optional
+        Memory per GPU the layouts must fit (default the model's checkpoint budget, else the
+        GPU's memory).
+    plot : path, optional
+        Where to write the figure (:func:`plot_scaling`).
+    load_graph : callable, optional
+        ``name -> Graph`` for the calibration's graph (default ``conf/graph/<name>.yaml``
+        through ``graph_cache``).
+
+    Returns
+    -------
+    text : str
+        Both tables, the crossover and the layout chosen at each count.
+    curves : dict
+        ``{"strong": [...], "weak": [...]}`` of :class:`Projection` (or reasons).
+    """
+    cluster = ClusterSpec.from_cfg(cluster_cfg)
+    spec = calibration or cluster_cfg.get("calibration")
+    if not spec:
+        raise ConfigError(f"cluster {cluster.name}: no cluster.calibration (a one-GPU run to "
+                          "take the FLOP rates from)")  # fmt: skip
+    if not spec.startswith("mlflow:") and not Path(spec.partition("?")[0]).is_absolute():
+        spec = str(REPO_ROOT / spec)
+    cal = load_calibration(spec)
+    load_graph = load_graph or (lambda name: _graph_from_conf(name, graph_cache))
+    cal_graph = graph if cal.graph == graph.name else load_graph(cal.graph)
+    rates = calibrate(cal, cal_graph, cluster.hbm_Bps)
+    if budget_gib is None:
+        budget_gib = mcfg.checkpoint_budget_gib or cluster.memory_gib
+    model = ScalingModel(graph, mcfg, rates, cluster, exact_parts=exact_parts)
+    strong_batch = strong_batch or int(cluster_cfg.get("strong_scaling_batch", 1))
+    curves = {"strong": model.scaling(gpus, strong_batch, "strong", budget_gib),
+              "weak": model.scaling(gpus, weak_batch, "weak", budget_gib)}  # fmt: skip
+    head = (f"Projected scaling of {graph.name} on {cluster.name} ({model.params:,} parameters, "
+            f"{mcfg.num_channels} channels, {mcfg.processor_layers} layers), budget "
+            f"{budget_gib:.1f} GiB per GPU; calibration {rates.source} "
+            f"(processor {rates.processor / 1e12:.0f}, mappers {rates.mappers / 1e12:.0f} "
+            "TFLOP/s); no overlap of communication; part: real partition or extrapolated "
+            "(surface to volume)")  # fmt: skip
+    text = [head, ""]
+    for mode, batch in (("strong", f"global batch {strong_batch}"),
+                        ("weak", f"{weak_batch} sample(s) per model group")):  # fmt: skip
+        text.append(format_scaling(f"{mode} scaling, {batch}:", curves[mode], mode))
+        cross = crossover(curves[mode])
+        text.append(f"communication overtakes compute at {cross} GPUs" if cross else
+                    "communication stays below compute up to "
+                    f"{max(gpus)} GPUs")  # fmt: skip
+        text.append("")
+    if plot is not None:
+        path = plot_scaling({f"{graph.name} {m}": (curves[m], m) for m in curves}, plot)
+        text.append(f"plot: {path}")
+    return "\n".join(text), curves
