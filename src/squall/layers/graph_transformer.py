@@ -54,7 +54,8 @@ class GraphTransformerBlock(nn.Module):
     recompute_mlp : bool
         Keep only the MLP's input for backward and recompute its layer norm, first matrix product
         and GELU (``(2 mlp_ratio + 1) C`` activations per destination row fewer for one extra
-        ``C x mlp_ratio C`` product per row).
+        ``C x mlp_ratio C`` product per row); the ``mlp`` checkpoint policy, set by
+        :func:`squall.parallel.parallelize.parallelize`.
     """
 
     def __init__(self, channels, heads, edge_dim, mlp_ratio=4, bipartite=False, backend="torch",
@@ -93,35 +94,30 @@ class GraphTransformerBlock(nn.Module):
         )
 
     def forward(self, x_src, x_dst, edge_attr: torch.Tensor, index: EdgeIndex) -> torch.Tensor:
-        """Update destination features ``x_dst [B, N_dst, C]`` from ``x_src [B, N_src, C]``.
+        """New destination features ``[B, N_dst, C]`` from sources ``x_src [B, N_src, C]``.
 
-        For the processor pass the same tensor as ``x_src`` and ``x_dst``.
+        Parameters
+        ----------
+        x_src : torch.Tensor
+            Source rows ``[B, N_src, C]`` (``index`` numbers them).
+        x_dst : torch.Tensor
+            Destination rows ``[B, N_dst, C]``. For the processor the destinations are the first
+            ``N_dst`` source rows (the same tensor as ``x_src`` on a whole graph): keys, values and
+            queries then come from one projection of ``x_src``.
+        edge_attr : torch.Tensor
+            ``[E, d_e]`` low-dimensional features of the edges of ``index``.
+        index : EdgeIndex
+            The edges, ``N_src`` sources into ``N_dst`` destinations.
         """
+        num_dst = x_dst.shape[1]
         if self.bipartite:
-            q = self.project_q(x_dst)
-            k, v = self.project_kv(x_src)
+            q = self.q(self.norm_dst(x_dst))
+            k, v = self.kv(self.norm_src(x_src)).chunk(2, dim=-1)
         else:
-            q, k, v = self.project_qkv(x_dst)
-        return self.update(x_dst, self.attend(q, k, v, edge_attr, index))
-
-    # The steps of forward, for callers that update a subset of destinations (squall.parallel).
-
-    def project_q(self, x_dst: torch.Tensor) -> torch.Tensor:
-        """Queries ``[B, N_dst, C]`` of a bipartite block."""
-        return self.q(self.norm_dst(x_dst))
-
-    def project_kv(self, x_src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[B, N_src, C]`` of a bipartite block."""
-        return self.kv(self.norm_src(x_src)).chunk(2, dim=-1)
-
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Queries, keys and values ``[B, N, C]`` of every row of a processor block."""
-        return self.qkv(self.norm_dst(x)).chunk(3, dim=-1)
-
-    def attend(self, q, k, v, edge_attr: torch.Tensor, index: EdgeIndex) -> torch.Tensor:
-        """Attention ``[B, N_dst, C]`` of queries ``q [B, N_dst, C]`` over keys and values
-        ``[B, N_src, C]`` along the edges of ``index`` (features ``edge_attr [E, d_e]``)."""
-        batch, num_dst, channels = q.shape
+            q, k, v = self.qkv(self.norm_dst(x_src)).chunk(3, dim=-1)
+            if num_dst != x_src.shape[1]:
+                q = q[:, :num_dst]
+        batch, _, channels = q.shape
         weight, bias = self.edge_weight, self.edge_bias
         if batch > 1:
             weight, bias = weight.repeat(1, batch), bias.repeat(batch)
@@ -130,11 +126,7 @@ class GraphTransformerBlock(nn.Module):
             self._heads(q), self._heads(k), self._heads(v),
             edge_attr.to(dtype), weight.to(dtype), bias.to(dtype), index, self.backend,
         )  # fmt: skip
-        return attn.reshape(num_dst, batch, channels).transpose(0, 1)
-
-    def update(self, x_dst: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Residual output projection and MLP: the new ``x_dst``."""
-        x = x_dst + self.out(attn)
+        x = x_dst + self.out(attn.reshape(num_dst, batch, channels).transpose(0, 1))
         if self.recompute_mlp and torch.is_grad_enabled():
             return checkpoint(self.mlp_residual, x, use_reentrant=False)
         return self.mlp_residual(x)

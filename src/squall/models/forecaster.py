@@ -13,6 +13,11 @@ Data flow for input ``x [B, T_in, G, V_in]`` (normalised), with ``C`` channels::
 
 Edge features are each edge set's geometric attributes (length, direction) plus optional
 trainable per-edge features.
+
+How the blocks run is the business of ``model.runner`` (a :class:`BlockRunner`): by default each
+block updates every destination of its edge set on this device. Activation checkpointing,
+``torch.compile``, graph sharding and sequential chunking are applied afterwards, in one place, by
+:func:`squall.parallel.parallelize.parallelize`, which installs its own runner and graph view.
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ def checkpoint_policy(value, what: str = "checkpoint") -> str:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Model sizes, attention backend and per-block checkpointing.
+    """Model sizes, attention backend, and how the blocks are run (checkpointing, compile).
 
+    The ``checkpoint_*`` policies and ``compile`` do not change the model's maths: the model
+    ignores them and :func:`squall.parallel.parallelize.parallelize` applies them.
     ``checkpoint_processor`` is one policy for every processor layer or a tuple of one per layer;
     ``checkpoint_budget_gib`` (when set) asks :func:`squall.planning.estimate.plan_checkpointing`
     to choose all three under that much memory per GPU.
@@ -63,8 +70,8 @@ class ModelConfig:
     checkpoint_processor: str | tuple[str, ...] = "none"
     checkpoint_decoder: str = "none"
     checkpoint_budget_gib: float | None = None
-    compile: bool = False  # blocks under torch.compile (applied by compile_blocks; the estimate
-    # counts what the compiled backward recomputes)
+    compile: bool = False  # blocks under torch.compile (the estimate counts what the compiled
+    # backward recomputes)
 
     def __post_init__(self):
         for role in ("encoder", "decoder"):
@@ -155,6 +162,34 @@ class GraphInputs(nn.Module):
             self.indices = {k: v.to(device) for k, v in self.indices.items()}
         return self
 
+    def edge_rows(self, role: str, per_edge: torch.Tensor) -> torch.Tensor:
+        """The rows of a per-edge tensor ``[E, ...]`` of edge set ``role`` that this view holds
+        (here every edge, in order)."""
+        return per_edge
+
+
+class BlockRunner:
+    """Runs one block over one edge set of the model's graph view: every destination at once,
+    on this device, recomputing the activations of the blocks in ``recompute`` in backward.
+
+    The model's default runner has no block to recompute.
+
+    Parameters
+    ----------
+    recompute : iterable of nn.Module
+        Blocks run under ``torch.utils.checkpoint`` (the ``full`` checkpoint policy).
+    """
+
+    def __init__(self, recompute=()):
+        self.recompute = frozenset(recompute)
+
+    def __call__(self, graph, role: str, block, x_src, x_dst, edge_attr) -> torch.Tensor:
+        """``block``'s new destinations ``[B, N_dst, C]`` over edge set ``role`` of ``graph``."""
+        index = graph.indices[role]
+        if block in self.recompute and torch.is_grad_enabled():
+            return checkpoint(block, x_src, x_dst, edge_attr, index, use_reentrant=False)
+        return block(x_src, x_dst, edge_attr, index)
+
 
 class GraphForecaster(nn.Module):
     """Predict the next state from ``input_steps`` past states on one graph."""
@@ -173,6 +208,10 @@ class GraphForecaster(nn.Module):
         self.cfg, self.input_steps = cfg, input_steps
         self.graph_name, self.graph_hash = graph.name, graph.spec_hash
         self.graph = GraphInputs(graph)
+        # the whole graph's sizes (the FLOP count), whatever part of it ``self.graph`` holds
+        self.sizes = {"data": self.graph.num_data, "mesh": self.graph.num_mesh,
+                      **self.graph.num_edges}  # fmt: skip
+        self.runner = BlockRunner()
         c = cfg.num_channels
         node_dim = self.graph.data_attrs.shape[1]
         self.embed_data = nn.Linear(input_steps * num_input_vars + node_dim, c)
@@ -188,16 +227,13 @@ class GraphForecaster(nn.Module):
                     0.01 * torch.randn(self.graph.num_edges[role], cfg.trainable_edge_features)
                 )
 
-        def block(role, bipartite, layer=0):
-            policy = cfg.block_policy(role, layer)
-            gt = GraphTransformerBlock(c, cfg.num_heads, edge_dim[role], cfg.mlp_ratio, bipartite,
-                                       cfg.attention_backend, recompute_mlp=policy == "mlp")  # fmt: skip
-            gt.checkpoint_policy = policy
-            return gt
+        def block(role, bipartite):
+            return GraphTransformerBlock(c, cfg.num_heads, edge_dim[role], cfg.mlp_ratio,
+                                         bipartite, cfg.attention_backend)  # fmt: skip
 
         self.encoder = block("encoder", True)
         self.processor = nn.ModuleList(
-            block("processor", False, i) for i in range(cfg.processor_layers)
+            block("processor", False) for _ in range(cfg.processor_layers)
         )
         self.decoder = block("decoder", True)
         self.norm_out = nn.LayerNorm(c)
@@ -221,20 +257,13 @@ class GraphForecaster(nn.Module):
         self.register_buffer("output_scale", scale)
 
     def edge_inputs(self, role: str) -> torch.Tensor:
+        """Features ``[E, d_e]`` of the edges of ``role`` in the graph view: geometric
+        attributes, then the trainable ones."""
         attrs = getattr(self.graph, f"{role}_attrs")
         if role in self.edge_features:
-            return torch.cat([attrs, self.edge_features[role]], dim=1)
+            trained = self.graph.edge_rows(role, self.edge_features[role])
+            return torch.cat([attrs, trained], dim=1)
         return attrs
-
-    def _run(self, block, enabled, *args):
-        if enabled and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
-    def run_block(self, role: str, block, x_src, x_dst, edge_attr) -> torch.Tensor:
-        """One GT block over edge set ``role`` (the step ``squall.parallel`` overrides)."""
-        enabled = block.checkpoint_policy == "full"
-        return self._run(block, enabled, x_src, x_dst, edge_attr, self.graph.indices[role])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, T_in, G, V_in]`` normalised -> next state ``[B, G, V_out]`` normalised."""
@@ -244,7 +273,7 @@ class GraphForecaster(nn.Module):
                 f"input of shape {tuple(x.shape)}: expected {self.input_steps} steps on "
                 f"{self.graph.num_data} grid points"
             )
-        gi = self.graph
+        gi, run = self.graph, self.runner
         data_in = torch.cat(
             [
                 x.permute(0, 2, 1, 3).reshape(b, g, t * v),
@@ -255,10 +284,10 @@ class GraphForecaster(nn.Module):
         z_data = self.embed_data(data_in)
         z_mesh = self.embed_mesh(gi.mesh_attrs).expand(b, -1, -1)
         enc, proc, dec = (self.edge_inputs(r) for r in ROLES)
-        z_mesh = self.run_block("encoder", self.encoder, z_data, z_mesh, enc)
+        z_mesh = run(gi, "encoder", self.encoder, z_data, z_mesh, enc)
         for layer in self.processor:
-            z_mesh = self.run_block("processor", layer, z_mesh, z_mesh, proc)
-        z_data = self.run_block("decoder", self.decoder, z_mesh, z_data, dec)
+            z_mesh = run(gi, "processor", layer, z_mesh, z_mesh, proc)
+        z_data = run(gi, "decoder", self.decoder, z_mesh, z_data, dec)
         y = self.head(self.norm_out(z_data)) * self.output_scale.to(x.dtype)
         if self.res_out.numel():
             last = x[:, -1].index_select(-1, self.res_in).to(y.dtype)
@@ -275,25 +304,24 @@ class GraphForecaster(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_sample(self) -> int:
-        """Analytic forward FLOPs of one sample (a training step costs about 3x this)."""
-        gi, c = self.graph, self.cfg.num_channels
-        n = {"encoder": (gi.num_data, gi.num_mesh), "processor": (gi.num_mesh, gi.num_mesh),
-             "decoder": (gi.num_mesh, gi.num_data)}  # fmt: skip
+        """Analytic forward FLOPs of one sample on the whole graph (a training step costs about
+        3x this)."""
+        s, c = self.sizes, self.cfg.num_channels
         total = (
-            2 * self.embed_data.in_features * c * gi.num_data
-            + 2 * self.embed_mesh.in_features * c * gi.num_mesh
+            2 * self.embed_data.in_features * c * s["data"]
+            + 2 * self.embed_mesh.in_features * c * s["mesh"]
         )
-        total += self.encoder.flops_per_sample(*n["encoder"], gi.num_edges["encoder"])
+        total += self.encoder.flops_per_sample(s["data"], s["mesh"], s["encoder"])
         total += sum(
-            layer.flops_per_sample(*n["processor"], gi.num_edges["processor"])
-            for layer in self.processor
+            layer.flops_per_sample(s["mesh"], s["mesh"], s["processor"]) for layer in self.processor
         )
-        total += self.decoder.flops_per_sample(*n["decoder"], gi.num_edges["decoder"])
-        return total + 2 * c * self.head.out_features * gi.num_data
+        total += self.decoder.flops_per_sample(s["mesh"], s["data"], s["decoder"])
+        return total + 2 * c * self.head.out_features * s["data"]
 
 
 def compile_blocks(model: GraphForecaster) -> GraphForecaster:
-    """``torch.compile`` every GraphTransformer block in place (state-dict keys unchanged).
+    """``torch.compile`` every GraphTransformer block in place (state-dict keys unchanged); called
+    by :func:`squall.parallel.parallelize.parallelize` when ``model.cfg.compile``.
 
     Fuses each block's layer norms, bias adds, GELU, residual adds and casts around the attention
     custom op; shapes are static per graph, so ``dynamic=False``.

@@ -2,8 +2,8 @@
 
 A :class:`~squall.parallel.halo.SubGraph` (destinations, the sources they read, their edges) is
 turned into device tensors once (:class:`DeviceSubGraph`); :func:`subgraph_block` then runs one
-GraphTransformer block for those destinations only, through the block's own steps
-(``project_* -> attend -> update``), so every destination sees the same rows, edges and CSC order as
+GraphTransformer block for those destinations only: the block's own forward on the gathered
+sources, destinations and edges, so every destination sees the same rows, edges and CSC order as
 on one device and its result is the same arithmetic.
 
 Sequential processing (``chunks = K``) runs a mapper as ``K`` such subsets one after another, each
@@ -78,13 +78,9 @@ def subgraph_block(block, sub: DeviceSubGraph, x_src, x_dst, edge_attr) -> torch
     ea = edge_attr if sub.edges is None else edge_attr.index_select(0, sub.edges)
     if sub.square:
         xd = xs[:, : sub.num_dst]
-        q, k, v = block.project_qkv(xs)
-        q = q[:, : sub.num_dst]
     else:
         xd = x_dst if sub.dst is None else x_dst.index_select(1, sub.dst)
-        q = block.project_q(xd)
-        k, v = block.project_kv(xs)
-    return block.update(xd, block.attend(q, k, v, ea, sub.index))
+    return block(xs, xd, ea, sub.index)
 
 
 def run_subgraph(block, sub: DeviceSubGraph, x_src, x_dst, edge_attr, recompute: bool):

@@ -1,43 +1,49 @@
-"""Apply model parallelism, overlap, sequential chunking and gradient reduction to a forecaster.
+"""Apply everything that changes how a plain :class:`GraphForecaster` runs, in one place.
 
-:func:`parallelize` works on a single-device :class:`GraphForecaster` in place, in this order:
+:func:`parallelize` (the shape of torchtitan's ``parallelize``) takes a single-device model and
+applies, in this order:
 
-1. degree checks (:class:`Layout` against the graph and the config), errors print every number;
-2. partition of every node set (:func:`make_partition`, pure; identical on every rank);
-3. halo plans of the encoder, processor and decoder for this rank (pure, built once per run);
-4. the graph inputs become this rank's rows and edges (:class:`ShardedGraphInputs`), and the
-   model's class becomes :class:`ParallelForecaster`, which runs every block on the local
-   destinations: halo exchange of the block's sources, interior destinations while the halo is in
-   flight (``overlap``), boundary destinations after, and the encoder and decoder in ``chunks``
-   recomputed pieces;
-5. whenever the world has more than one rank, gradient reduction over all ranks
-   (:class:`GradReducer`) at the end of every backward: summed over the model group, averaged over
-   data-parallel replicas (so no DDP on top), whatever the combination of model parallelism,
-   chunking and data parallelism.
+1. **degree checks**: the process groups' :class:`Layout` against the config and the graph;
+   errors print every number;
+2. **graph sharding with halo exchange** (``model_parallel > 1``, or ``chunks > 1``): the partition
+   of every node set (:func:`make_partition`, pure, identical on every rank), this rank's halo
+   plans of the encoder, processor and decoder, and ``model.graph`` becomes this rank's rows and
+   edges (:class:`ShardedGraphInputs`); each block then runs on the local destinations: halo
+   exchange of its sources, and with ``overlap`` the interior destinations while the halo is in
+   flight, the boundary ones after;
+3. **sequential chunking** (``chunks > 1``): the encoder and decoder run in ``chunks`` pieces of
+   their destinations, each recomputed in backward;
+4. **activation checkpoint policies** of ``model.cfg``: ``full`` blocks are recomputed in backward
+   by the runner, ``mlp`` blocks recompute their MLP themselves;
+5. **torch.compile** of every block when ``model.cfg.compile`` and the blocks run whole (no
+   sharding, no chunks: a block run on subsets of its destinations would recompile per subset);
+6. **gradient synchronisation** whenever the world has more than one rank: every replica of a
+   parameter steps on the same gradient, the average over data-parallel replicas of the full
+   gradient. A plain data-parallel model (``model_parallel == 1``, ``chunks == 1``) goes through
+   DDP (``replicate``, in place), which overlaps the all-reduce with the backward; any other
+   layout through :class:`GradReducer` (summed over the model group, averaged over replicas).
+   Parameters and buffers start from global rank 0's, as DDP does.
 
-:func:`apply_parallelism` is the one decision of how a run's model spans its ranks: sharded or
-chunked models go through :func:`parallelize`; a plain data-parallel model (``model_parallel == 1``,
-``chunks == 1``, several ranks) is wrapped in DDP, which overlaps the gradient all-reduce with the
-backward and keeps compiled blocks.
+Steps 2 to 4 are carried out by the block runner installed as ``model.runner``
+(:class:`ParallelRunner`; the model calls it for every block). The model's class, parameters and
+parameter names stay what they were (``state_dict`` keys unchanged), so checkpoints move freely
+between layouts. :func:`apply_parallelism` and :func:`prepare_parallel` are the runners' entry
+points; a single process (world 1, chunks 1) goes through the same :func:`parallelize`.
 
-Parameters and buffers are broadcast from global rank 0 first, as DDP does.
-
-Parameters and their names stay as they were (``state_dict`` keys are unchanged, as FSDP2 does
-it with ``fully_shard``), so checkpoints move freely between layouts.
-
-Inputs and outputs of the parallel model hold this rank's grid rows only,
-``[B, T, G_local, V] -> [B, G_local, V]``, in ascending global order
-(:func:`local_grid_indices`; a full-grid input is also accepted and cut). Its ``graph.area`` is the
-local rows' area scaled by ``G_local / G``, so that the trainer's ``mean`` of an area-weighted error
-over local rows is this rank's share of the global mean: the shares of a model group sum to the
-single-device loss, and so do their gradients (hence gradients are *summed* over the model group,
-then averaged over the data-parallel replicas).
+A sharded model's inputs and outputs hold this rank's grid rows only,
+``[B, T, G_local, V] -> [B, G_local, V]``, in ascending global order (:func:`local_grid_indices`;
+cut a full-grid tensor with :meth:`ParallelRunner.local_rows`, assemble the full grid with
+:meth:`ParallelRunner.gather`). Its ``graph.area`` is the local rows' area scaled by
+``G_local / G``, so that the trainer's ``mean`` of an area-weighted error over local rows is this
+rank's share of the global mean: the shares of a model group sum to the single-device loss, and so
+do their gradients (hence gradients are *summed* over the model group, then averaged over the
+data-parallel replicas).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -46,7 +52,13 @@ from torch import nn
 
 from squall.distributed.layout import Layout, LayoutError, ProcessGroups, build_groups
 from squall.graphs import Graph
-from squall.models.forecaster import ROLES, GraphForecaster, GraphInputs
+from squall.models.forecaster import (
+    ROLES,
+    BlockRunner,
+    GraphForecaster,
+    GraphInputs,
+    compile_blocks,
+)
 from squall.parallel.chunking import (
     DeviceSubGraph,
     merge,
@@ -63,6 +75,8 @@ from squall.parallel.halo import (
 )
 from squall.parallel.partition import ALIASES, METHODS, Partition, partition_graph
 from squall.tracking import metrics as M
+
+log = logging.getLogger(__name__)
 
 MAPPERS = ("encoder", "decoder")
 
@@ -178,17 +192,12 @@ class ShardedGraphInputs(nn.Module):
         docstring).
     local : dict of str to LocalEdges
         Per edge set.
-    full_counts : SimpleNamespace
-        The whole graph's ``num_data``, ``num_mesh`` and ``num_edges`` (for FLOP counts).
     """
 
     def __init__(self, graph: GraphInputs, plans: dict[str, HaloPlan], group, chunks: dict):
         super().__init__()
         device = graph.area.device
         self.data_name, self.mesh_name = graph.data_name, graph.mesh_name
-        self.full_counts = SimpleNamespace(
-            num_data=graph.num_data, num_mesh=graph.num_mesh, num_edges=dict(graph.num_edges)
-        )
         self.data_ids = plans["decoder"].owned_dst
         self.mesh_ids = plans["processor"].owned_dst
         self.num_data, self.num_mesh = len(self.data_ids), len(self.mesh_ids)
@@ -220,28 +229,56 @@ class ShardedGraphInputs(nn.Module):
             self.local = {k: v.to(device) for k, v in self.local.items()}
         return self
 
+    def edge_rows(self, role: str, per_edge: torch.Tensor) -> torch.Tensor:
+        """The rows of a whole-graph per-edge tensor ``[E, ...]`` for this rank's edges."""
+        return per_edge.index_select(0, getattr(self, f"{role}_edge_ids"))
 
-class ParallelForecaster(GraphForecaster):
-    """A :class:`GraphForecaster` whose blocks run on this rank's destinations (see the module
-    docstring); made by :func:`parallelize`, never constructed directly."""
 
-    parallel: ParallelConfig
-    groups: ProcessGroups
+class ParallelRunner(BlockRunner):
+    """The block runner :func:`parallelize` installs as ``model.runner``.
 
-    def edge_inputs(self, role: str) -> torch.Tensor:
-        attrs = getattr(self.graph, f"{role}_attrs")
-        if role in self.edge_features:
-            ids = getattr(self.graph, f"{role}_edge_ids")
-            return torch.cat([attrs, self.edge_features[role].index_select(0, ids)], dim=1)
-        return attrs
+    Without a partition it runs every block whole, as :class:`BlockRunner`. With one
+    (``model.graph`` is then a :class:`ShardedGraphInputs`) it runs each block on this rank's
+    destinations: halo exchange of the block's sources, interior destinations while the halo is in
+    flight (``overlap``), boundary destinations after, and the encoder and decoder in ``chunks``
+    recomputed pieces.
 
-    def run_block(self, role: str, block, x_src, x_dst, edge_attr) -> torch.Tensor:
-        le = self.graph.local[role]
-        recompute = block.checkpoint_policy == "full"
+    Attributes
+    ----------
+    config : ParallelConfig
+    groups : ProcessGroups
+    partition : Partition or None
+        ``None``: the graph is not sharded.
+    overlap : bool
+        Split interior and boundary destinations (``config.overlap``; may be switched between
+        steps, e.g. by a benchmark).
+    edge_imbalance : float
+        Max / mean local edges over the model group (1 when not sharded).
+    grad_reducer : GradReducer or None
+    """
+
+    def __init__(self, recompute, config: ParallelConfig, groups: ProcessGroups,
+                 partition: Partition | None = None, graph: ShardedGraphInputs | None = None,
+                 edge_imbalance: float = 1.0):  # fmt: skip
+        super().__init__(recompute)
+        self.config, self.groups, self.partition = config, groups, partition
+        self.overlap, self.edge_imbalance = config.overlap, edge_imbalance
+        self.grad_reducer: GradReducer | None = None
+        self._graph = graph  # the model's sharded graph view (halo counters, local rows)
+
+    @property
+    def sharded(self) -> bool:
+        return self.partition is not None
+
+    def __call__(self, graph, role: str, block, x_src, x_dst, edge_attr) -> torch.Tensor:
+        if not self.sharded:
+            return super().__call__(graph, role, block, x_src, x_dst, edge_attr)
+        le = graph.local[role]
+        recompute = block in self.recompute
         chunked = le.chunks is not None
         if le.exchange is None:
             x_all = x_src
-        elif self.parallel.overlap and not chunked:
+        elif self.overlap and not chunked:
             pending = le.exchange.start(x_src)
             inner = run_subgraph(block, le.interior, x_src, x_dst, edge_attr, recompute)
             x_all = torch.cat([x_src, pending.wait()], 1)
@@ -259,39 +296,34 @@ class ParallelForecaster(GraphForecaster):
             return run_subgraph(block, le.full, x_all, x_dst, edge_attr, recompute)
         return run_chunks(block, le.chunks, le.chunk_perm, x_all, x_dst, edge_attr)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, T_in, G_local, V_in]`` (or the full grid, then cut) -> ``[B, G_local, V_out]``."""
-        full = self.graph.full_counts.num_data
-        if x.shape[2] == full and full != self.graph.num_data:
-            x = x.index_select(2, self.graph.data_ids_t)
-        return super().forward(x)
+    @property
+    def model_rank(self) -> int:
+        """Part of the graph this rank computes (0 when not sharded)."""
+        return self.groups.model_rank if self.sharded else 0
 
-    def flops_per_sample(self) -> int:
-        """Forward FLOPs of one sample of the whole (unsharded) model."""
-        view = SimpleNamespace(
-            **{
-                k: getattr(self, k)
-                for k in (
-                    "cfg",
-                    "embed_data",
-                    "embed_mesh",
-                    "encoder",
-                    "processor",
-                    "decoder",
-                    "head",
-                )
-            }
-        )
-        view.graph = self.graph.full_counts
-        return GraphForecaster.flops_per_sample(view)
+    def local_rows(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's grid rows of a full-grid tensor (``x`` itself when not sharded)."""
+        if not self.sharded:
+            return x
+        return x.index_select(dim, self._graph.data_ids_t.to(x.device))
+
+    def gather(self, y: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Full-grid ``[B, G, V]`` from every model rank's ``[B, G_local, V]`` (evaluation only:
+        not differentiable; ``y`` itself when not sharded or on a model group of one)."""
+        if not self.sharded or self.groups.model is None:
+            return y
+        owned = [self.partition.owned("data", r) for r in range(self.config.model_parallel)]
+        return gather_nodes(y, owned, self.groups.model, dim=dim)
 
     def parallel_metrics(self, steps: int = 1) -> dict[str, float]:
         """This rank's halo traffic per step since the last call (forward and backward), and the
-        partition's edge imbalance (max / mean local edges over the model group).
+        partition's edge imbalance; empty when not sharded.
 
         Keys are :mod:`squall.tracking.metrics` names; host-side counters, no device sync.
         """
-        exchanges = [le.exchange for le in self.graph.local.values() if le.exchange is not None]
+        if not self.sharded:
+            return {}
+        exchanges = [le.exchange for le in self._graph.local.values() if le.exchange is not None]
         rows = sum(e.rows_sent for e in exchanges)
         sent = sum(e.bytes_sent for e in exchanges)
         for e in exchanges:
@@ -299,13 +331,6 @@ class ParallelForecaster(GraphForecaster):
         steps = max(1, steps)
         return {M.HALO_ROWS_SENT: rows / steps, M.HALO_BYTES_PER_STEP: sent / steps,
                 M.EDGE_IMBALANCE: self.edge_imbalance}  # fmt: skip
-
-    def gather(self, y: torch.Tensor) -> torch.Tensor:
-        """Full-grid ``[B, G, V]`` from every model rank's ``[B, G_local, V]`` (evaluation only)."""
-        if self.groups.model is None:
-            return y
-        owned = [self.partition.owned("data", r) for r in range(self.parallel.model_parallel)]
-        return gather_nodes(y, owned, self.groups.model, dim=1)
 
 
 class GradReducer:
@@ -352,94 +377,137 @@ class GradReducer:
 def parallelize(
     model: GraphForecaster,
     graph: Graph,
-    cfg: ParallelConfig,
+    config: ParallelConfig,
     groups: ProcessGroups | None = None,
     partition: Partition | None = None,
-) -> ParallelForecaster:
-    """Shard ``model`` over its model-parallel group, in place (see the module docstring).
+) -> GraphForecaster:
+    """Apply sharding, chunking, checkpointing, compile and gradient synchronisation to ``model``,
+    in place, in the order of the module docstring.
 
     Parameters
     ----------
     model : GraphForecaster
-        Single-device model, already on its device, identical on every rank.
+        Single-device model, already on its device, identical on every rank (or it is made so:
+        rank 0's parameters are broadcast), not parallelized before.
     graph : Graph
         The graph the model was built from.
-    cfg : ParallelConfig
+    config : ParallelConfig
     groups : ProcessGroups, optional
-        From :func:`build_groups`; default: ``Layout(world_size, cfg.model_parallel)`` over the
+        From :func:`build_groups`; default: ``Layout(world_size, config.model_parallel)`` over the
         initialised default group (or one process).
     partition : Partition, optional
         Overrides :func:`make_partition` (same on every rank; ``num_parts == model_parallel``).
 
     Returns
     -------
-    ParallelForecaster
-        The same object, now taking and returning this rank's grid rows.
+    GraphForecaster
+        The same object, its ``runner`` a :class:`ParallelRunner`; when sharded it takes and
+        returns this rank's grid rows.
     """
+    # 1. degrees
     if groups is None:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        groups = build_groups(Layout(world, cfg.model_parallel))
+        groups = build_groups(Layout(world, config.model_parallel))
     layout = groups.layout
-    if layout.model_parallel != cfg.model_parallel:
+    if layout.model_parallel != config.model_parallel:
         raise LayoutError(
-            f"parallel.model_parallel={cfg.model_parallel} but the process groups were built for "
-            f"model_parallel={layout.model_parallel} (world_size={layout.world_size})"
+            f"parallel.model_parallel={config.model_parallel} but the process groups were built "
+            f"for model_parallel={layout.model_parallel} (world_size={layout.world_size})"
         )
     layout.check({k: len(v) for k, v in graph.nodes.items()}, batch_size=1)
-    if isinstance(model, ParallelForecaster):
+    if isinstance(model.runner, ParallelRunner):
         raise ValueError("model is already parallelized")
-    if partition is None:
-        partition = make_partition(graph, cfg, model.cfg.processor_layers)
-    if partition.num_parts != cfg.model_parallel:
+    if partition is not None and partition.num_parts != config.model_parallel:
         raise LayoutError(
-            f"partition into {partition.num_parts} parts for model_parallel={cfg.model_parallel}"
+            f"partition into {partition.num_parts} parts for model_parallel={config.model_parallel}"
         )
-    rank = groups.model_rank
-    every = build_plans(graph, partition)
-    plans = every[rank]
-    local_edges = np.array([sum(len(p[role].edge_ids) for role in ROLES) for p in every])
-    chunks = {}
-    if cfg.chunks > 1:
-        for role in MAPPERS:
-            dst_xyz = graph.nodes[graph.edges[role].dst].xyz
-            chunks[role] = chunk_subgraphs(plans[role], dst_xyz, cfg.chunks)
     if groups.world is not None:
         # one starting point everywhere, as DDP does: parameters and persistent buffers of
         # global rank 0 (the graph's buffers are built from the same file on every rank)
         with torch.no_grad():
             for t in model.state_dict().values():
                 dist.broadcast(t, src=0, group=groups.world)
-    model.graph = ShardedGraphInputs(model.graph, plans, groups.model, chunks)
-    model.__class__ = ParallelForecaster
-    model.parallel, model.groups, model.partition = cfg, groups, partition
-    model.edge_imbalance = float(local_edges.max() / local_edges.mean())
+
+    # 2. graph sharding with halo exchange, and 3. sequential chunking of the mappers
+    sharded = config.model_parallel > 1 or config.chunks > 1
+    imbalance, sharded_graph = 1.0, None
+    if sharded:
+        if partition is None:
+            partition = make_partition(graph, config, model.cfg.processor_layers)
+        every = build_plans(graph, partition)
+        plans = every[groups.model_rank]
+        local_edges = np.array([sum(len(p[role].edge_ids) for role in ROLES) for p in every])
+        imbalance = float(local_edges.max() / local_edges.mean())
+        chunks = {}
+        if config.chunks > 1:
+            for role in MAPPERS:
+                dst_xyz = graph.nodes[graph.edges[role].dst].xyz
+                chunks[role] = chunk_subgraphs(plans[role], dst_xyz, config.chunks)
+        sharded_graph = ShardedGraphInputs(model.graph, plans, groups.model, chunks)
+        model.graph = sharded_graph
+    else:
+        partition = None
+
+    # 4. activation checkpoint policies (chunked mappers recompute whatever the policy)
+    recompute = []
+    for role, block, layer in _blocks(model):
+        policy = model.cfg.block_policy(role, layer)
+        block.recompute_mlp = policy == "mlp"
+        if policy == "full":
+            recompute.append(block)
+    runner = ParallelRunner(recompute, config, groups, partition, sharded_graph, imbalance)
+
+    # 5. torch.compile of whole blocks
+    if model.cfg.compile:
+        if sharded:
+            log.warning("model.compile has no effect on sharded or chunked blocks: each runs on "
+                        "subsets of its destinations, outside torch.compile")  # fmt: skip
+        else:
+            compile_blocks(model)
+    model.runner = runner
+
+    # 6. gradient synchronisation
     if groups.world is not None:
-        # every replica of a parameter must step on the same gradient: sum over the model group,
-        # average over data-parallel replicas (do not wrap the model in DDP as well)
-        model.grad_reducer = GradReducer(model, groups.world, layout.data_parallel)
+        if sharded:
+            # sum over the model group, average over data-parallel replicas
+            runner.grad_reducer = GradReducer(model, groups.world, layout.data_parallel)
+        else:
+            from torch.distributed._composable.replicate import replicate
+
+            device = next(model.parameters()).device
+            replicate(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
+
+
+def _blocks(model: GraphForecaster):
+    """``(role, block, layer)`` of every block (``layer``: index within its role)."""
+    yield "encoder", model.encoder, 0
+    for i, block in enumerate(model.processor):
+        yield "processor", block, i
+    yield "decoder", model.decoder, 0
+
+
+def single_process_groups() -> ProcessGroups:
+    """Groups of this process alone (no communication), whatever the default group is."""
+    return ProcessGroups(Layout(1, 1), 0, None, None, None)
 
 
 def apply_parallelism(model: GraphForecaster, graph: Graph, setup: ParallelSetup | None,
                       device: torch.device) -> tuple[GraphForecaster, nn.Module | None]:  # fmt: skip
-    """Make ``model`` run across the ranks of ``setup`` (see the module docstring).
+    """Make ``model`` run across the ranks of ``setup`` through :func:`parallelize` (``None``:
+    this process alone).
 
     Returns
     -------
     (model, wrapped)
-        ``model`` (sharded in place when the layout shards or chunks it) and the module the
-        training step calls when that is a wrapper (DDP), else ``None``. Gradients of every
-        replica of a parameter are averaged whenever the world has more than one rank.
+        ``model``, parallelized in place, and ``None``: no wrapper, the training step calls
+        ``model`` (kept for callers that accept a wrapping module). Gradients of every replica of
+        a parameter are averaged whenever the world has more than one rank.
     """
+    del device  # the model's own device; kept for callers
     if setup is None:
-        return model, None
-    cfg, groups = setup.config, setup.groups
-    if cfg.model_parallel > 1 or cfg.chunks > 1:
-        return parallelize(model, graph, cfg, groups), None
-    if groups.layout.world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    return model, None
+        return parallelize(model, graph, ParallelConfig(), single_process_groups()), None
+    return parallelize(model, graph, setup.config, setup.groups), None
 
 
 @dataclass(frozen=True, eq=False)
@@ -476,8 +544,8 @@ def prepare_parallel(cfg, graph: Graph) -> ParallelSetup:
     """Process groups and this rank's grid points, from ``cfg.parallel`` and ``cfg.model``.
 
     Call after ``init_distributed`` (or in a single process) and before building the datasets;
-    then build the model, move it to its device and call :func:`parallelize` with
-    ``setup.config`` and ``setup.groups`` when ``setup.model_parallel``.
+    then build the model, move it to its device and call :func:`apply_parallelism` (or
+    :func:`parallelize` with ``setup.config`` and ``setup.groups``).
     """
     pcfg = ParallelConfig.from_cfg(cfg.get("parallel"))
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -498,12 +566,20 @@ def reduce_loss(loss: torch.Tensor, groups: ProcessGroups) -> torch.Tensor:
 
 
 def model_rank_of(model) -> int:
-    """Part of the graph ``model`` computes (0 for an unparallelized model)."""
-    return model.groups.model_rank if isinstance(model, ParallelForecaster) else 0
+    """Part of the graph ``model`` computes (0 for a model that is not sharded)."""
+    runner = getattr(model, "runner", None)
+    return runner.model_rank if isinstance(runner, ParallelRunner) else 0
+
+
+def gather(model, y: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Full-grid output from every model rank's rows of ``y`` (``y`` itself when ``model`` is not
+    sharded); see :meth:`ParallelRunner.gather`."""
+    runner = getattr(model, "runner", None)
+    return runner.gather(y, dim) if isinstance(runner, ParallelRunner) else y
 
 
 __all__ = [
-    "GradReducer", "LocalEdges", "ParallelConfig", "ParallelForecaster", "ParallelSetup",
-    "ShardedGraphInputs", "apply_parallelism", "prepare_parallel",
-    "local_grid_indices", "make_partition", "model_rank_of", "parallelize", "reduce_loss",
+    "GradReducer", "LocalEdges", "ParallelConfig", "ParallelRunner", "ParallelSetup",
+    "ShardedGraphInputs", "apply_parallelism", "gather", "local_grid_indices", "make_partition",
+    "model_rank_of", "parallelize", "prepare_parallel", "reduce_loss", "single_process_groups",
 ]  # fmt: skip
