@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from squall.graphs import build_graph
-from squall.models.forecaster import GraphForecaster, ModelConfig, compile_blocks
-from squall.parallel.parallelize import ParallelConfig
+from squall.models.forecaster import GraphForecaster, ModelConfig
+from squall.parallel.parallelize import ParallelConfig, parallelize, single_process_groups
 from squall.planning.estimate import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,14 +50,14 @@ def model_config(graph, args, backend: str, checkpoint: str) -> ModelConfig:
 
 
 def make_step(graph, args, backend: str, checkpoint: str):
-    """Model on the GPU, random normalised inputs (never zeros) and a closure doing one step:
-    forward in bf16 autocast, MSE, backward, fused AdamW."""
+    """Model on the GPU run as a training run runs it on one GPU (checkpoint policies and compile
+    applied by ``parallelize``), random normalised inputs (never zeros) and a closure doing one
+    step: forward in bf16 autocast, MSE, backward, fused AdamW."""
     cfg = model_config(graph, args, backend, checkpoint)
     torch.manual_seed(0)
     v = args.vars
     model = GraphForecaster(graph, cfg, v, v, 2, [(i, i) for i in range(v)]).cuda()
-    if cfg.compile:
-        compile_blocks(model)
+    parallelize(model, graph, ParallelConfig(), single_process_groups())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(1, 2, model.graph.num_data, v, device="cuda")
     y = torch.randn(1, model.graph.num_data, v, device="cuda")
@@ -73,7 +73,8 @@ def make_step(graph, args, backend: str, checkpoint: str):
 
 
 def make_processor_step(model):
-    """Forward + backward of the processor alone on random mesh features (bf16 autocast)."""
+    """Forward + backward of the processor alone on random mesh features (bf16 autocast), each
+    layer through the model's block runner (its checkpoint policy applies)."""
     gi = model.graph
     x = torch.randn(1, gi.num_mesh, model.cfg.num_channels, device="cuda", requires_grad=True)
     edge_attr = model.edge_inputs("processor")
@@ -82,7 +83,7 @@ def make_processor_step(model):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             z = x
             for layer in model.processor:
-                z = model.run_block("processor", layer, z, z, edge_attr)
+                z = model.runner(gi, "processor", layer, z, z, edge_attr)
             loss = z.float().square().mean()
         loss.backward()
 

@@ -28,10 +28,11 @@ from _results import append_rows, machine_info  # noqa: E402
 from _step import load_graph, model_config  # noqa: E402
 
 from squall.data.synthetic import STATIC, TIME_FORCINGS, Synthetic, SyntheticSettings  # noqa: E402
-from squall.models.forecaster import (  # noqa: E402
-    CHECKPOINT_POLICIES,
-    GraphForecaster,
-    compile_blocks,
+from squall.models.forecaster import CHECKPOINT_POLICIES, GraphForecaster  # noqa: E402
+from squall.parallel.parallelize import (  # noqa: E402
+    ParallelConfig,
+    parallelize,
+    single_process_groups,
 )  # fmt: skip
 from squall.train.loop import Trainer, VariableLayout  # noqa: E402
 
@@ -66,8 +67,7 @@ def run(graph, data, roles, args, spec: str) -> tuple[list[float], float]:
     model = GraphForecaster(
         graph, cfg, len(layout.inputs), len(layout.outputs), 2, layout.residual
     ).to(device)
-    if cfg.compile:
-        compile_blocks(model)
+    parallelize(model, graph, ParallelConfig(), single_process_groups())  # policies, compile
     tcfg = SimpleNamespace(lr=args.lr, weight_decay=0.01, warmup_steps=10, max_steps=args.steps,
                            min_lr_ratio=0.1, precision=precision, grad_clip=1.0)  # fmt: skip
     trainer = Trainer(model, layout, tcfg, device, logger=None)
