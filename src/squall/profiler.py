@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from squall.errors import SquallError
@@ -188,6 +189,7 @@ def kernel_table(events, cuda: bool, rates: dict, seconds: float) -> list[dict]:
     seconds : float
         Recorded time the shares are of.
     """
+    events = _host_events(events)
     acc: dict[str, dict] = defaultdict(lambda: {"calls": 0, "s": 0.0, "flop": 0.0, "flop_s": 0.0,
                                                 "bytes": 0.0, "bytes_s": 0.0})  # fmt: skip
     for e in events:
@@ -240,6 +242,12 @@ def kernel_table(events, cuda: bool, rates: dict, seconds: float) -> list[dict]:
     return rows
 
 
+def _host_events(events) -> list:
+    """The host-side events (operators, ranges): the profiler also lists each range's GPU-side
+    copy and each kernel as events of their own, which are reached through ``kernels``."""
+    return [e for e in events if e.device_type == DeviceType.CPU]
+
+
 def _sig(value: float | None) -> float | None:
     """Four significant figures (rates span from 1e-4 on a busy CPU to 1e3 on a GPU)."""
     return None if value is None else float(f"{value:.4g}")
@@ -268,6 +276,7 @@ def component_times(events, cuda: bool, steps: int) -> dict[str, float]:
     with its sequence number. Communication events (:data:`COMM`) go to ``communication`` and
     out of the component around them. ``other`` is the recorded steps' time left over.
     """
+    events = _host_events(events)
     out = dict.fromkeys(COMPONENTS, 0.0)
     seq_component: dict[int, str] = {}
     step_total = 0.0
@@ -413,7 +422,7 @@ def profile_steps(step: Callable[[], object], out: Path, device: torch.device, w
     prof.export_chrome_trace(str(trace))
     files["trace"] = trace
     events = prof.events()
-    recorded = kernel_seconds(events) if cuda else sum(times)
+    recorded = kernel_seconds(_host_events(events)) if cuda else sum(times)
     kernels = kernel_table(events, cuda, rates, recorded)
     files["kernels"] = write_csv(out / "kernels.csv", kernels)
     components = component_times(events, cuda, steps)
