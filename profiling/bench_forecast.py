@@ -18,7 +18,7 @@ Variants: ``plain`` (no writing, eager), ``zarr`` (every field written to a zarr
 ``graphs+zarr``. ``s_per_step`` is the median device time of a step (CUDA events), ``total_s``
 the wall time of the whole rollout until the last field is on disk; ``write_overhead_pct``
 compares a ``zarr`` variant's total with the variant without writing.
-Appends one row per (graph, variant) to profiling/results/forecast.csv.
+Appends one row per (graph, variant) to profiling/results/forecast.csv as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import append_rows, machine_info  # noqa: E402
+from _results import RESULTS, append_rows, machine_info  # noqa: E402
 from _step import load_graph  # noqa: E402
 
 from squall.models.forecaster import GraphForecaster, ModelConfig  # noqa: E402
@@ -213,7 +213,8 @@ def main() -> None:
                     "chunks": args.chunks, "model_parallel": args.model_parallel, "ranks": world,
                     **row}  # fmt: skip
             rows.append(full)
-            if rank == 0:
+            if rank == 0:  # row by row: a run cut short by a time limit keeps what it measured
+                append_rows(args.csv, [full])
                 print(f"{name:>8} {variant:<12} {row['s_per_step'] * 1e3:9.2f} ms/step "
                       f"{row['total_s']:8.2f} s total {row['peak_GiB']:7.2f} GiB peak"
                       + (f"  write +{row['write_overhead_pct']:.1f} %"
@@ -225,8 +226,7 @@ def main() -> None:
     if args.zarr_dir is None:
         shutil.rmtree(zarr_root, ignore_errors=True)
     if rank == 0:
-        path = append_rows(args.csv, rows)
-        print(f"{len(rows)} rows -> {path}")
+        print(f"{len(rows)} rows -> {RESULTS / args.csv}")
     if world > 1:
         dist.destroy_process_group()
 
