@@ -76,7 +76,7 @@ def nearest(src: NodeSet, dst: NodeSet, k: int,
 
 def _nearest(src: NodeSet, dst_latlon: np.ndarray, k: int, step=None):
     """:func:`nearest` for destinations given by their ``[Q, 2]`` latitude/longitude."""
-    src_xyz = src.xyz  # NodeSet.xyz is computed on each access
+    src_xyz, dst_xyz = src.xyz, latlon_to_xyz(dst_latlon)  # NodeSet.xyz: computed on each access
     device = search.search_device()
     size = _chunk_size()
     idx = np.empty((len(dst_latlon), k), np.int64)
@@ -84,12 +84,12 @@ def _nearest(src: NodeSet, dst_latlon: np.ndarray, k: int, step=None):
     if device is not None:
         index = search.SphereIndex.build(src.latlon, device, xyz=src_xyz)
         for lo, hi in _chunks(len(dst_latlon), size):
-            i, d = search.knn(index, dst_latlon[lo:hi], k)
+            i, d = search.knn(index, dst_latlon[lo:hi], k, dst_xyz[lo:hi])
             idx[lo:hi], d2[lo:hi] = i.cpu().numpy(), d.cpu().numpy()
             if step is not None:
                 step()
         return idx, d2
-    tree, dst_xyz = cKDTree(src_xyz), latlon_to_xyz(dst_latlon)
+    tree = cKDTree(src_xyz)
     for lo, hi in _chunks(len(dst_latlon), size):
         idx[lo:hi], d2[lo:hi] = _tree_nearest(tree, src_xyz, dst_xyz[lo:hi], k)
         if step is not None:
@@ -129,11 +129,11 @@ def _within(src: NodeSet, dst: NodeSet, radius: float, max_neighbours: int | Non
     """``(d, s, d2)`` of every source with ``d2 <= radius**2`` of each destination, sorted by
     destination then source; with ``max_neighbours`` only the nearest by ``(d2, index)``."""
     device = search.search_device()
-    if device is not None:
-        index = search.SphereIndex.build(src.latlon, device)
-        d, s, d2 = search.radius(index, dst.latlon, radius, max_neighbours)
-        return d.cpu().numpy(), s.cpu().numpy(), d2.cpu().numpy()
     src_xyz, dst_xyz = src.xyz, dst.xyz
+    if device is not None:
+        index = search.SphereIndex.build(src.latlon, device, xyz=src_xyz)
+        d, s, d2 = search.radius(index, dst.latlon, radius, max_neighbours, dst_xyz)
+        return d.cpu().numpy(), s.cpu().numpy(), d2.cpu().numpy()
     # One search: in blocks of destinations each block walks the whole source tree again
     # (o1280_l8 encoder pair search on 2 cores: 10 s in one, 39 s in blocks of 65,536). The tree
     # radius is widened by rounding so that the exact test below decides every pair.

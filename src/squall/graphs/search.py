@@ -98,25 +98,54 @@ def squared_chords(src_xyz: np.ndarray, dst_xyz: np.ndarray) -> np.ndarray:
     return (dx * dx + dy * dy) + dz * dz
 
 
-def regular_rows(latlon: np.ndarray):
-    """``(starts, counts, latitudes)`` of the rows when ``latlon`` is a structured grid, else None.
+def _tensor(array, device) -> torch.Tensor:
+    """float64 tensor on ``device`` from a numpy array or tensor."""
+    if isinstance(array, torch.Tensor):
+        return array.to(device=device, dtype=torch.float64)
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).to(device)
+
+
+def _points(latlon, xyz, device, what: str):
+    """``lat``, ``lon`` ``[N]`` and ``xyz`` ``[3, N]`` float64 tensors on ``device``.
+
+    Without ``xyz`` the unit vectors are computed from ``latlon`` as
+    :func:`squall.graphs.grids.latlon_to_xyz` does: with numpy for a numpy array (the bits of
+    ``NodeSet.xyz``, on every device), with torch on the tensor's device otherwise.
+    """
+    if tuple(latlon.shape[1:]) != (2,) or latlon.ndim != 2:
+        raise GraphError(f"{what}: need an [N, 2] lat/lon array, got shape {tuple(latlon.shape)}")
+    if xyz is None and not isinstance(latlon, torch.Tensor):
+        xyz = latlon_to_xyz(np.asarray(latlon, dtype=np.float64))
+    latlon = _tensor(latlon, device)
+    lat, lon = latlon[:, 0].contiguous(), latlon[:, 1].contiguous()
+    if xyz is None:
+        cos_lat = torch.cos(lat)
+        xyz = torch.stack([cos_lat * torch.cos(lon), cos_lat * torch.sin(lon), torch.sin(lat)])
+    else:
+        if tuple(xyz.shape) != (len(lat), 3):
+            raise GraphError(f"{what}: xyz must be [{len(lat)}, 3], got {tuple(xyz.shape)}")
+        xyz = _tensor(xyz, device).T.contiguous()
+    return lat, lon, xyz
+
+
+def regular_rows(lat: torch.Tensor, lon: torch.Tensor):
+    """``(starts, counts, latitudes)`` of the rows when the points are a structured grid, else None.
 
     Structured: runs of equal latitude, strictly monotone from run to run, each holding ``n``
     points at longitudes ``2 pi j / n``, ``j = 0 .. n-1`` in order (within :data:`_ROW_TOLERANCE`).
     """
-    lat, lon = latlon[:, 0], latlon[:, 1]
     n = len(lat)
-    if n == 0:
-        return None
-    starts = np.concatenate([[0], np.flatnonzero(lat[1:] != lat[:-1]) + 1])
-    counts = np.diff(np.append(starts, n))
+    change = torch.nonzero(lat[1:] != lat[:-1]).ravel() + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64, device=lat.device), change])
+    counts = torch.diff(starts, append=torch.tensor([n], device=lat.device))
     row_lat = lat[starts]
-    step = np.diff(row_lat)
-    if len(step) and not (np.all(step < 0) or np.all(step > 0)):
+    step = torch.diff(row_lat)
+    if len(step) and not (bool((step < 0).all()) or bool((step > 0).all())):
         return None
-    position = np.arange(n) - np.repeat(starts, counts)
-    expected = TWO_PI * position / np.repeat(counts, counts)
-    if np.abs(lon - expected).max() > _ROW_TOLERANCE:
+    per_point = torch.repeat_interleave(counts, counts)
+    position = torch.arange(n, device=lat.device) - torch.repeat_interleave(starts, counts)
+    expected = TWO_PI * position.to(torch.float64) / per_point.to(torch.float64)
+    if float((lon - expected).abs().max()) > _ROW_TOLERANCE:
         return None
     return starts, counts, row_lat
 
@@ -158,37 +187,31 @@ class SphereIndex:
         return self.key is None
 
     @classmethod
-    def build(cls, latlon: np.ndarray, device=None, band_height: float | None = None,
-              xyz: np.ndarray | None = None) -> SphereIndex:  # fmt: skip
+    def build(cls, latlon, device=None, band_height: float | None = None,
+              xyz=None) -> SphereIndex:  # fmt: skip
         """Index the sources ``latlon`` (``[N, 2]`` radians, longitudes in ``[0, 2 pi)``).
 
-        ``band_height`` (rad) sets the bands of an unstructured set (default: the spacing of
-        ``SEED * 4`` points); structured grids always use their rows. ``xyz`` may pass the unit
-        vectors already computed from ``latlon``.
+        ``latlon`` and ``xyz`` (``[N, 3]`` unit vectors computed from ``latlon``; by default
+        computed here, see :func:`_points`) are numpy arrays or tensors. ``band_height`` (rad)
+        sets the bands of an unstructured set (default: the spacing of ``SEED * 4`` points);
+        structured grids always use their rows.
         """
-        latlon = np.asarray(latlon, dtype=np.float64)
-        if latlon.ndim != 2 or latlon.shape[1] != 2 or len(latlon) == 0:
-            raise GraphError(f"sphere index: need a non-empty [N, 2] lat/lon array, got "
-                             f"{latlon.shape}")  # fmt: skip
         device = torch.device(device or "cpu")
-        n = len(latlon)
-        xyz = latlon_to_xyz(latlon) if xyz is None else xyz
-        xyz_t = torch.from_numpy(np.ascontiguousarray(xyz.T)).to(device)
-        rows = regular_rows(latlon)
+        if len(latlon) == 0:
+            raise GraphError("sphere index: need a non-empty [N, 2] lat/lon array, got none")
+        lat, lon, xyz_t = _points(latlon, xyz, device, "sphere index")
+        n = len(lat)
+        rows = regular_rows(lat, lon)
         if rows is not None:
             starts, counts, row_lat = rows
-            if len(row_lat) > 1 and row_lat[1] < row_lat[0]:  # north to south: bands ascend
-                starts, counts, row_lat = starts[::-1], counts[::-1], row_lat[::-1]
-            lat = torch.from_numpy(row_lat.copy()).to(device)
-            return cls(xyz_t, torch.arange(n, device=device), lat, lat,
-                       torch.from_numpy(starts.copy()).to(device),
-                       torch.from_numpy(counts.copy()).to(device), None, n)  # fmt: skip
+            if len(row_lat) > 1 and bool(row_lat[1] < row_lat[0]):  # north to south: bands ascend
+                starts, counts, row_lat = starts.flip(0), counts.flip(0), row_lat.flip(0)
+            return cls(xyz_t, torch.arange(n, device=device), row_lat, row_lat, starts, counts,
+                       None, n)  # fmt: skip
         if band_height is None:
             band_height = math.sqrt(SEED * 16 / n)
         bands = max(1, min(1 << 16, math.ceil(math.pi / max(band_height, 1e-12))))
         height = math.pi / bands
-        lat = torch.from_numpy(latlon[:, 0].copy()).to(device)
-        lon = torch.from_numpy(latlon[:, 1].copy()).to(device)
         band = ((lat + HALF_PI) / height).floor().clamp_(0, bands - 1).to(torch.int64)
         key = band.to(torch.float64) * 8 + lon
         key, order = torch.sort(key, stable=True)
@@ -198,14 +221,6 @@ class SphereIndex:
         lo = -HALF_PI + band_ids.to(torch.float64) * height
         hi = lo + height
         return cls(xyz_t, order, lo, hi, start, count, key, n)
-
-
-def _query_arrays(latlon: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    latlon = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
-    xyz = torch.from_numpy(np.ascontiguousarray(latlon_to_xyz(latlon).T)).to(device)
-    lat = torch.from_numpy(latlon[:, 0].copy()).to(device)
-    lon = torch.from_numpy(latlon[:, 1].copy()).to(device)
-    return xyz, lat, lon
 
 
 def _groups(cost: np.ndarray, budget: int):
@@ -345,17 +360,21 @@ def _smallest(idx, d2, k: int):
     return idx.gather(1, by_d2), d2.gather(1, by_d2)
 
 
-def knn(index: SphereIndex, query_latlon: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def knn(
+    index: SphereIndex, query_latlon, k: int, query_xyz=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest sources of each query, ordered by ``(d2, source index)``.
 
     Parameters
     ----------
     index : SphereIndex
         The sources.
-    query_latlon : np.ndarray
+    query_latlon : np.ndarray or torch.Tensor
         ``[Q, 2]`` float64 latitude and longitude (radians).
     k : int
         Neighbours per query, ``1 <= k <= N``.
+    query_xyz : np.ndarray or torch.Tensor, optional
+        ``[Q, 3]`` unit vectors of the queries, when already computed (see :func:`_points`).
 
     Returns
     -------
@@ -366,7 +385,7 @@ def knn(index: SphereIndex, query_latlon: np.ndarray, k: int) -> tuple[torch.Ten
         raise GraphError(f"k-nearest search: k={k} must be between 1 and the number of sources "
                          f"({index.num})")  # fmt: skip
     device = index.device
-    qxyz, lat, lon = _query_arrays(query_latlon, device)
+    lat, lon, qxyz = _points(query_latlon, query_xyz, device, "k-nearest search")
     q = len(lat)
     out_idx = torch.empty((q, k), dtype=torch.int64, device=device)
     out_d2 = torch.empty((q, k), dtype=torch.float64, device=device)
@@ -392,11 +411,12 @@ def knn(index: SphereIndex, query_latlon: np.ndarray, k: int) -> tuple[torch.Ten
     return out_idx, out_d2
 
 
-def radius(index: SphereIndex, query_latlon: np.ndarray, r: float,
-           max_neighbours: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def radius(index: SphereIndex, query_latlon, r: float, max_neighbours: int | None = None,
+           query_xyz=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Every source with chord distance ``<= r`` of each query (``d2 <= r * r``).
 
     With ``max_neighbours``, each query keeps its nearest ``max_neighbours`` by ``(d2, index)``.
+    Inputs as for :func:`knn`.
 
     Returns
     -------
@@ -408,7 +428,7 @@ def radius(index: SphereIndex, query_latlon: np.ndarray, r: float,
     if max_neighbours is not None and max_neighbours < 1:
         raise GraphError(f"radius search: max_neighbours must be >= 1, got {max_neighbours}")
     device = index.device
-    qxyz, lat, lon = _query_arrays(query_latlon, device)
+    lat, lon, qxyz = _points(query_latlon, query_xyz, device, "radius search")
     q = len(lat)
     r2 = float(r) * float(r)
     theta = torch.full((q,), min(math.pi, 2 * math.asin(min(r / 2, 1.0))), dtype=torch.float64,
