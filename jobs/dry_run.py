@@ -43,7 +43,8 @@ def projection(cfg: DictConfig, graph, mcfg: ModelConfig, world: int) -> str:
     if world not in gpus:
         gpus = tuple(sorted({*gpus, world}))
     plot = scale.get("projection_plot") or str(
-        Path(cfg.paths.cache) / "dry_run" / f"scaling_{graph.name}_{cfg.cluster.name}.png")
+        Path(cfg.paths.cache) / "dry_run" / f"scaling_{graph.name}_{cfg.cluster.name}.png"
+    )
     strong = scale.get("batch") if scale.get("mode", "strong") == "strong" else None
     text, curves = project_scaling(
         cfg.cluster, graph, mcfg, gpus=gpus, strong_batch=strong,

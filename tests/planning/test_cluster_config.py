@@ -36,8 +36,12 @@ def test_h100_and_h200_differ_only_in_their_overrides(gpus):
         own = yaml.safe_load((CONF / "cluster" / f"{name}.yaml").read_text())["cluster"]
         assert set(own) <= OVERRIDES, f"{name}.yaml repeats base keys {set(own) - OVERRIDES}"
         for key in set(base) - OVERRIDES:
-            assert cfg[key] == OmegaConf.to_container(
-                OmegaConf.create({"cluster": base}), resolve=True)["cluster"][key], key
+            assert (
+                cfg[key]
+                == OmegaConf.to_container(OmegaConf.create({"cluster": base}), resolve=True)[
+                    "cluster"
+                ][key]
+            ), key
     h100, h200 = gpus["h100"], gpus["h200"]
     assert h100["links"] == h200["links"]
     assert h200["gpu_memory_gb"] > h100["gpu_memory_gb"]

@@ -50,10 +50,14 @@ def test_halo_rows_are_the_rows_the_real_plans_exchange(small_graph, parts):
         plans = build_halo_plans(small_graph.edges[role], part)
         for r, plan in enumerate(plans):
             same = node == node[r]
-            assert sizes.recv[role][r].tolist() == [int(plan.recv_counts[same].sum()),
-                                                    int(plan.recv_counts[~same].sum())]
-            assert sizes.send[role][r].tolist() == [int(plan.send_counts[same].sum()),
-                                                    int(plan.send_counts[~same].sum())]
+            assert sizes.recv[role][r].tolist() == [
+                int(plan.recv_counts[same].sum()),
+                int(plan.recv_counts[~same].sum()),
+            ]
+            assert sizes.send[role][r].tolist() == [
+                int(plan.send_counts[same].sum()),
+                int(plan.send_counts[~same].sum()),
+            ]
             assert sizes.rows[f"src_{role}"][r] == plan.num_local_src
             assert sizes.edges[role][r] == len(plan.edge_ids)
             assert sizes.peers[role][r] == len(plan.peers)
@@ -160,7 +164,8 @@ def test_extrapolation_is_surface_to_volume_and_marked(small_graph):
     # per rank: edges as 1/P, halo as 1/sqrt(P) (4 -> 64 parts: 1/16 and 1/4)
     assert far.edges["processor"][0] == pytest.approx(base.edges["processor"].max() / 16, abs=1)
     assert far.recv["processor"][0].sum() == pytest.approx(
-        base.recv["processor"].sum(1).max() / 4, abs=1)
+        base.recv["processor"].sum(1).max() / 4, abs=1
+    )
     # the base spans one node, the extrapolated group sixteen: every halo row crosses nodes
     assert far.recv["processor"][0][0] == 0
     m = model_on(small_graph, exact_parts=8)

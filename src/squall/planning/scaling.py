@@ -229,8 +229,11 @@ def extrapolate_sizes(base: PartSizes, parts: int, gpus_per_node: int | None) ->
                 share = 1.0
             out[role] = np.array([[rows_r - round(rows_r * share), round(rows_r * share)]])
         peers[role] = np.array([min(int(base.peers[role].max()), parts - 1)])
-        owned_src = rows["mesh"][0] if role != "encoder" else math.ceil(
-            (base.rows["src_encoder"] - base.recv["encoder"].sum(1)).max() * s)
+        owned_src = (
+            rows["mesh"][0]
+            if role != "encoder"
+            else math.ceil((base.rows["src_encoder"] - base.recv["encoder"].sum(1)).max() * s)
+        )
         rows[f"src_{role}"] = np.array([owned_src + recv[role][0].sum()])
     return PartSizes(parts, rows, edges, send, recv, peers, exact=False)
 
@@ -388,7 +391,7 @@ def load_calibration(spec: str, graph_layers: int | None = None) -> Calibration:
       (``time/step_s``, ``memory/peak_allocated_GiB``, model and graph from its parameters).
     """
     if spec.startswith("mlflow:"):
-        return _calibration_from_mlflow(spec[len("mlflow:"):])
+        return _calibration_from_mlflow(spec[len("mlflow:") :])
     path, _, query = spec.partition("?")
     p = Path(path)
     if not p.is_file():
@@ -577,7 +580,8 @@ class ScalingModel:
 
     def __post_init__(self) -> None:
         self.params, self.block_params, self.dims = _model_facts(
-            self.graph, self.mcfg, self.num_vars, self.input_steps)
+            self.graph, self.mcfg, self.num_vars, self.input_steps
+        )
         self._plans: dict = {}
         self.sizes = GraphSizes(self.graph, self.mcfg.processor_layers,
                                 self.cluster.gpus_per_node, self.partition, self.exact_parts)  # fmt: skip
@@ -621,8 +625,16 @@ class ScalingModel:
             if key not in self._plans:
                 try:
                     self._plans[key] = plan_checkpointing(
-                        replace(mcfg, compile=compiled), budget, static, batch, rows, edges,
-                        self.dims, self.act_bytes, self.rollout)
+                        replace(mcfg, compile=compiled),
+                        budget,
+                        static,
+                        batch,
+                        rows,
+                        edges,
+                        self.dims,
+                        self.act_bytes,
+                        self.rollout,
+                    )
                 except ConfigError as err:
                     self._plans[key] = err
             if isinstance(self._plans[key], ConfigError):
