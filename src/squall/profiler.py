@@ -67,6 +67,20 @@ class ProfileOOM(SquallError):
     """The profiled steps ran out of GPU memory (the message names the memory snapshot)."""
 
 
+def out_of_memory_error(err: BaseException, device: torch.device, snapshot: Path, where: str,
+                        advice: str = "") -> ProfileOOM:  # fmt: skip
+    """The one-line error for a CUDA out-of-memory ``err``, after writing a memory snapshot to
+    ``snapshot`` (the allocator's segments, and its history when it was being recorded)."""
+    try:
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(snapshot))
+        hint = f"; memory snapshot {snapshot} (open it at https://pytorch.org/memory_viz)"
+    except Exception as dump_err:  # noqa: BLE001 - the out-of-memory error is what to report
+        hint = f"; no memory snapshot ({type(dump_err).__name__}: {dump_err})"
+    first = (str(err).splitlines() or [""])[0]
+    return ProfileOOM(f"out of memory during {where} on {device} ({first}){hint}{advice}")
+
+
 # ----------------------------------------------------------------------------------------------
 # ranges
 
@@ -377,18 +391,7 @@ def profile_steps(step: Callable[[], object], out: Path, device: torch.device, w
             torch.cuda.synchronize(device)
 
     def oom(err: BaseException, where: str) -> ProfileOOM:
-        if cuda:
-            try:
-                if not record_memory:  # nothing recorded yet: the snapshot still shows the state
-                    torch.cuda.memory._record_memory_history(max_entries=history_entries)
-                torch.cuda.memory._dump_snapshot(str(snapshot))
-                hint = f"; memory snapshot {snapshot} (open it at https://pytorch.org/memory_viz)"
-            except Exception as dump_err:  # noqa: BLE001 - the OOM is what to report
-                hint = f"; no memory snapshot ({type(dump_err).__name__}: {dump_err})"
-        else:
-            hint = ""
-        first = (str(err).splitlines() or [""])[0]
-        return ProfileOOM(f"out of memory during {where} on {device} ({first}){hint}")
+        return out_of_memory_error(err, device, snapshot, where)
 
     try:
         for _ in range(warmup):

@@ -593,6 +593,13 @@ def forecast(cfg) -> dict:
         error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
         if writer is not None:
             writer.abort()
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            from squall.profiler import out_of_memory_error
+
+            snapshot = ckpt.parent / "forecast" / f"oom-memory-snapshot-rank{rank}.pickle"
+            raise out_of_memory_error(err, device, snapshot, "the rollout", advice=(
+                "; parallel.chunks=4 runs the mappers in pieces, parallel.model_parallel=N splits "
+                "the graph over N GPUs")) from None  # fmt: skip
         raise
     finally:
         if output is not None:
