@@ -115,6 +115,7 @@ def instrument(model, optimizer=None) -> Callable[[], None]:
 
         def restore_model() -> None:
             del model.run_block  # back to the class's method
+
     handles = []
     if optimizer is not None:
         ranges: list = []
@@ -277,7 +278,7 @@ def _range_of(e) -> str | None:
     p = e.cpu_parent
     while p is not None:
         if p.name.startswith(RANGE_PREFIX) and p.name != STEP_RANGE:
-            return p.name[len(RANGE_PREFIX):]
+            return p.name[len(RANGE_PREFIX) :]
         p = p.cpu_parent
     return None
 
@@ -298,7 +299,7 @@ def component_times(events, cuda: bool, steps: int) -> dict[str, float]:
         if e.name == STEP_RANGE:
             step_total += (e.time_range.end - e.time_range.start) / 1e6
         elif e.name.startswith(RANGE_PREFIX):
-            comp = e.name[len(RANGE_PREFIX):]
+            comp = e.name[len(RANGE_PREFIX) :]
             if _range_of(e) is None:  # outermost range of its kind: nested ones counted in it
                 out[comp if comp in out else "other"] += _event_time(e, cuda)
         elif e.sequence_nr >= 0 and not e.name.startswith(EVALUATE):
@@ -485,6 +486,7 @@ def profile_job(cfg) -> dict:
 
         def step():
             roll.run(x, y)
+
     out = Path(str(p.output)) / f"rank{rank}"
     try:
         result = profile_steps(step, out, device, int(p.warmup_steps), int(p.steps),

@@ -113,17 +113,22 @@ def test_a_forecast_step_profile_opens_and_adds_up(tmp_path, caplog):
 @pytest.mark.slow  # 10 to 20 s on 2 cores: a training step under the profiler, an MLflow store
 def test_a_training_step_profile_goes_to_mlflow(cache):
     result = profile_job(compose_profile(cache))
-    rows = check_folder(cache / "profile" / "rank0",
-                        ("encoder", "processor", "decoder", "optimiser"))
+    rows = check_folder(
+        cache / "profile" / "rank0", ("encoder", "processor", "decoder", "optimiser")
+    )
     assert rows["communication"] == 0.0  # one process
     client = MlflowClient(local_store_uri(cache / "mlflow"))
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.run_name.startswith("profile-o8_l2-tiny-mp1dp1-")
     assert run.data.metrics[M.PROFILE_STEP_S] == result["step_s"]
     assert run.data.metrics[M.profile_component_s("processor")] == pytest.approx(
-        rows["processor"], abs=1e-6)
+        rows["processor"], abs=1e-6
+    )
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "profile/rank0")) == [
-        "profile/rank0/components.csv", "profile/rank0/kernels.csv", "profile/rank0/trace.json"]
+        "profile/rank0/components.csv",
+        "profile/rank0/kernels.csv",
+        "profile/rank0/trace.json",
+    ]
     assert result["mode"] == "train" and result["world"] == 1
 
 
@@ -226,4 +231,6 @@ def test_two_ranks_write_one_folder_each_and_see_their_halo_exchange(cache, tmp_
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.run_name.startswith("profile-o8_l2-tiny-mp2dp1-")
     assert [a.path for a in client.list_artifacts(run.info.run_id, "profile")] == [
-        "profile/rank0", "profile/rank1"]
+        "profile/rank0",
+        "profile/rank1",
+    ]

@@ -41,8 +41,9 @@ CONF = str(ROOT / "conf")
 
 def _tiny() -> list[str]:
     """The tiny problem of this directory's conftest (read by path: several conftest modules)."""
-    spec = importlib.util.spec_from_file_location("_train_conftest", Path(__file__).with_name(
-        "conftest.py"))
+    spec = importlib.util.spec_from_file_location(
+        "_train_conftest", Path(__file__).with_name("conftest.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return list(module.TINY)
@@ -85,7 +86,8 @@ def test_forecast_names_its_checkpoint_and_keeps_its_scores(trained, capsys):
     result = forecast(compose_tiny(cache))
     ckpt = cache / "run" / "checkpoint.pt"
     assert capsys.readouterr().out.startswith(
-        f"checkpoint: {ckpt} (step 4, MLflow run {train_run})")
+        f"checkpoint: {ckpt} (step 4, MLflow run {train_run})"
+    )
     assert result["checkpoint_step"] == 4 and result["trained_in_run"] == train_run
 
     assert result["csv"] == str(cache / "run" / "forecast" / "scores-step4-test.csv")
@@ -109,14 +111,18 @@ def test_forecast_names_its_checkpoint_and_keeps_its_scores(trained, capsys):
     assert run.info.run_name.startswith("forecast-o8_l2-tiny-mp1dp1-")
     history = client.get_metric_history(run.info.run_id, M.FORECAST_RMSE_NORM)
     assert [(m.step, m.value) for m in history] == [
-        (6, result["rmse_model"][0]), (12, result["rmse_model"][1]), (18, result["rmse_model"][2])]
+        (6, result["rmse_model"][0]),
+        (12, result["rmse_model"][1]),
+        (18, result["rmse_model"][2]),
+    ]
     skill = client.get_metric_history(run.info.run_id, M.FORECAST_SKILL)
     assert [m.value for m in skill] == result["skill"]
     name = variables[0]
     physical = client.get_metric_history(run.info.run_id, M.forecast_rmse(name))
     assert [m.value for m in physical] == result["rmse_by_variable"][name]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "forecast")] == [
-        "forecast/scores-step4-test.csv"]
+        "forecast/scores-step4-test.csv"
+    ]
     # how fast, and what it held
     speed = run.data.metrics
     assert speed[M.FORECAST_STEP_S] == result["step_s_median"] > 0
@@ -183,9 +189,14 @@ def test_forecast_job_refuses_a_foreign_checkpoint_in_one_line(trained):
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith(
-        f"error: checkpoint {cache}/run/checkpoint.pt was trained with another model (num_heads "
-        "2 != 4;")
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"error: checkpoint {cache}/run/checkpoint.pt was trained with another model (num_heads "
+            "2 != 4;"
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +320,8 @@ def test_a_failing_disk_is_one_error_and_an_incomplete_store(tmp_path):
         writer.close()
     message = str(err.value)
     assert "\n" not in message and message.startswith(
-        f"writing forecast fields to {path} failed at start 0, step 2 (")
+        f"writing forecast fields to {path} failed at start 0, step 2 ("
+    )
     assert "the store is marked incomplete" in message
     writer.abort()  # raised once; the thread has stopped
     FieldWriter.finish(path, 1 + writer.written, 5, f"ForecastWriteError: {message}")
