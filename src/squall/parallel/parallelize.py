@@ -27,7 +27,7 @@ applies, in this order:
 Steps 2 to 4 are carried out by the block runner installed as ``model.runner``
 (:class:`ParallelRunner`; the model calls it for every block). The model's class, parameters and
 parameter names stay what they were (``state_dict`` keys unchanged), so checkpoints move freely
-between layouts. :func:`apply_parallelism` and :func:`prepare_parallel` are the runners' entry
+between layouts. :func:`apply_parallelism` and :func:`prepare_parallel` are the jobs' entry
 points; a single process (world 1, chunks 1) goes through the same :func:`parallelize`.
 
 A sharded model's inputs and outputs hold this rank's grid rows only,
@@ -421,12 +421,6 @@ def parallelize(
         raise LayoutError(
             f"partition into {partition.num_parts} parts for model_parallel={config.model_parallel}"
         )
-    if groups.world is not None:
-        # one starting point everywhere, as DDP does: parameters and persistent buffers of
-        # global rank 0 (the graph's buffers are built from the same file on every rank)
-        with torch.no_grad():
-            for t in model.state_dict().values():
-                dist.broadcast(t, src=0, group=groups.world)
 
     # 2. graph sharding with halo exchange, and 3. sequential chunking of the mappers
     sharded = config.model_parallel > 1 or config.chunks > 1
@@ -469,9 +463,14 @@ def parallelize(
     # 6. gradient synchronisation
     if groups.world is not None:
         if sharded:
+            # one starting point everywhere, as DDP does: parameters and persistent buffers of
+            # global rank 0 (the graph's buffers are built from the same file on every rank)
+            with torch.no_grad():
+                for t in model.state_dict().values():
+                    dist.broadcast(t, src=0, group=groups.world)
             # sum over the model group, average over data-parallel replicas
             runner.grad_reducer = GradReducer(model, groups.world, layout.data_parallel)
-        else:
+        else:  # DDP broadcasts rank 0's parameters and buffers itself
             from torch.distributed._composable.replicate import replicate
 
             device = next(model.parameters()).device
