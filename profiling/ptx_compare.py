@@ -35,7 +35,9 @@ def load(path: str, tag: str):
     if path == "package":
         from squall.kernels.gt_attention import backward, forward
 
-        return types.SimpleNamespace(**vars(forward), **vars(backward))
+        return types.SimpleNamespace(
+            **{k: v for m in (forward, backward) for k, v in vars(m).items() if k[:2] != "__"}
+        )
     spec = importlib.util.spec_from_file_location(f"gt_attention_{tag}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

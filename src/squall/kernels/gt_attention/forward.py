@@ -87,7 +87,9 @@ if HAS_TRITON:
         q = tl.load(q_ptr + node * SQ + hc, mask=mask_hc, other=0.0).to(tl.float32)
         pa = tl.zeros([D_PAD, H_PAD], dtype=tl.float32)
         if FUSED:  # W_aug q: [D_PAD, H_PAD]
-            qw, _ = tiles.w_proj(q, q, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1, False, D_PAD, H_PAD)
+            qw, _qw = tiles.w_proj(
+                q, q, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1, False, D_PAD, H_PAD
+            )
         else:
             qw = pa
         m = tl.full([H_PAD], -1e30, tl.float32)
@@ -101,7 +103,7 @@ if HAS_TRITON:
             src = src_next
             nxt = eid + BLOCK_E
             src_next = tl.load(row_ptr + nxt, mask=nxt < end, other=0)
-            _, k, v, a = tiles.gather(
+            eid64, k, v, a = tiles.gather(
                 eid, mask_e, src, k_ptr, v_ptr, e_ptr, attr_ptr, hc, mask_hc, offs_d, SKV, HC,
                 FUSED, D_E,
             )  # fmt: skip
@@ -135,14 +137,14 @@ if HAS_TRITON:
         else:
             qw = pa
         if SINGLE:  # the class guarantees degree <= BLOCK_E
-            _, mask_e, k, v, a = tiles.edge_tile(
+            eid64, mask_e, k, v, a = tiles.edge_tile(
                 beg, end, k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr, hc, mask_hc, offs_d, SKV, HC,
                 FUSED, D_E, BLOCK_E,
             )  # fmt: skip
             m, l_sum, acc, pa = fwd_step(mask_e, k, v, a, q, qw, m, l_sum, acc, pa, qk_scale, FUSED)
         else:
             for start in range(beg, end, BLOCK_E):
-                _, mask_e, k, v, a = tiles.edge_tile(
+                eid64, mask_e, k, v, a = tiles.edge_tile(
                     start, end, k_ptr, v_ptr, e_ptr, attr_ptr, row_ptr, hc, mask_hc, offs_d, SKV,
                     HC, FUSED, D_E, BLOCK_E,
                 )  # fmt: skip
