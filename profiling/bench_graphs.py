@@ -2,7 +2,8 @@
 
     python profiling/bench_graphs.py [o96_l6 o320_l7 o1280_l8 ...]
 
-Prints a table and appends rows to profiling/results/graph_build.csv.
+The search path is the default one (the GPU when there is one, else scipy KD-trees);
+``SQUALL_GRAPH_SEARCH=scipy|cpu|cuda`` picks another (column ``search``). Prints a table and appends rows to profiling/results/graph_build.csv.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_rows, machine_info  # noqa: E402
 
 from squall.graphs import build_graph, load_graph, save_graph  # noqa: E402
+from squall.graphs.search import search_device  # noqa: E402
 from squall.graphs.store import to_plain  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,7 @@ def main(names):
         row = {
             **machine_info(),
             "graph": name,
+            "search": str(search_device() or "scipy"),
             "data_nodes": stats["nodes"]["data"],
             "hidden_nodes": stats["nodes"]["hidden"],
             **{f"{k}_edges": v["edges"] for k, v in stats["edges"].items()},

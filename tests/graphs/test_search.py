@@ -11,6 +11,9 @@ from squall.errors import GraphError
 from squall.graphs import build_graph, edges, grids, search
 from squall.graphs.attributes import edge_attributes, edge_attributes_torch
 
+# Every check runs on the CPU and, where there is one, on the GPU: the results must be the same bits.
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
 
 def brute_knn(src_latlon, dst_latlon, k):
     """k nearest by (d2, source index), by sorting every distance."""
@@ -34,22 +37,23 @@ def random_latlon(rng, n, lat_range=(-90, 90), lon_range=(0, 360)):
     return np.stack([np.arcsin(z), np.radians(lon)], 1)
 
 
-def check_knn(src_latlon, dst_latlon, k, **index_kw):
-    index = search.SphereIndex.build(src_latlon, **index_kw)
-    idx, d2 = search.knn(index, dst_latlon, k)
+def check_knn(src_latlon, dst_latlon, k):
     want_idx, want_d2 = brute_knn(src_latlon, dst_latlon, k)
-    assert np.array_equal(idx.numpy(), want_idx)
-    assert np.array_equal(d2.numpy(), want_d2)
-    return index
+    for device in DEVICES:
+        index = search.SphereIndex.build(src_latlon, device)
+        idx, d2 = search.knn(index, dst_latlon, k)
+        assert np.array_equal(idx.cpu().numpy(), want_idx), device
+        assert np.array_equal(d2.cpu().numpy(), want_d2), device
 
 
 def check_radius(src_latlon, dst_latlon, r):
-    index = search.SphereIndex.build(src_latlon)
-    q, s, d2 = search.radius(index, dst_latlon, r)
     want = brute_radius(src_latlon, dst_latlon, r)
-    for got, ref in zip((q, s, d2), want, strict=True):
-        assert np.array_equal(got.numpy(), ref)
-    return len(q)
+    for device in DEVICES:
+        index = search.SphereIndex.build(src_latlon, device)
+        got = search.radius(index, dst_latlon, r)
+        for a, b in zip(got, want, strict=True):
+            assert np.array_equal(a.cpu().numpy(), b), device
+    return len(want[0])
 
 
 @pytest.mark.parametrize("k", [1, 4, 17])
@@ -232,7 +236,7 @@ SPECS = {
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_builders_build_the_same_graph_on_every_search_path(monkeypatch, name):
     graphs = {}
-    for mode in ("scipy", "cpu"):
+    for mode in ("scipy", *DEVICES):
         monkeypatch.setenv("SQUALL_GRAPH_SEARCH", mode)
         graphs[mode] = build_graph({"name": name, **SPECS[name]})
     for edge_name, a in graphs["scipy"].edges.items():
@@ -240,6 +244,10 @@ def test_builders_build_the_same_graph_on_every_search_path(monkeypatch, name):
         assert np.array_equal(a.colptr, b.colptr), edge_name
         assert np.array_equal(a.row, b.row), edge_name
         assert np.array_equal(a.attrs, b.attrs), edge_name
+        if "cuda" in graphs:  # same edges; attributes computed on the GPU to float32 rounding
+            c = graphs["cuda"].edges[edge_name]
+            assert np.array_equal(a.colptr, c.colptr) and np.array_equal(a.row, c.row), edge_name
+            assert np.abs(a.attrs - c.attrs).max() <= np.finfo(np.float32).eps, edge_name
     # knn edges are the brute-force nearest
     g = graphs["cpu"]
     dec = g.edges["decoder"]
@@ -265,10 +273,11 @@ def test_device_attributes_equal_numpy_to_float32_rounding():
     src, dst = grids.grid_from_name("O16"), grids.icosahedral_mesh(3)
     s, d = edges.knn_edges(src, dst, 5)
     want = edge_attributes(src.xyz, dst.xyz, s, d)
-    got = edge_attributes_torch(src.xyz, dst.xyz, s, d, torch.device("cpu"), chunk=1000)
-    # float64 maths rounded to float32: the two libraries may differ by one float32 step
-    # (values are at most 1 in magnitude)
-    assert np.abs(got - want).max() <= np.finfo(np.float32).eps
+    for device in DEVICES:
+        got = edge_attributes_torch(src.xyz, dst.xyz, s, d, torch.device(device), chunk=1000)
+        # float64 maths rounded to float32: the two libraries may differ by one float32 step
+        # (values are at most 1 in magnitude)
+        assert np.abs(got - want).max() <= np.finfo(np.float32).eps, device
 
 
 @pytest.mark.slow
