@@ -127,7 +127,8 @@ def test_forecast_names_its_checkpoint_and_keeps_its_scores(trained, capsys):
     speed = run.data.metrics
     assert speed[M.FORECAST_STEP_S] == result["step_s_median"] > 0
     assert speed[M.FORECAST_ROLLOUT_S] == pytest.approx(3 * result["step_s_median"])
-    assert speed[M.FORECAST_TOTAL_S] >= 2 * speed[M.FORECAST_ROLLOUT_S]  # two starts
+    # 2 starts x 3 steps, at least half of them as long as the median step, within the total
+    assert speed[M.FORECAST_TOTAL_S] >= 3 * speed[M.FORECAST_STEP_S]
     assert speed[M.FORECAST_WRITE_WAIT_S] == 0.0  # nothing written
     assert speed[M.PEAK_RSS_GIB] > 0  # CPU: the process's peak resident memory
 
