@@ -377,3 +377,51 @@ def test_two_ranks_write_and_score_what_one_process_does(trained, plain, layout,
     two = json.loads(done[0].stdout.strip().splitlines()[-1])
     assert two["rmse_model"] == result["rmse_model"] and two["skill"] == result["skill"]
     assert two["ranks"] == 2 and len(two["memory_by_rank"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: the captured step against the eager one
+
+
+def _gpu_rollout(cuda_graphs: bool, dtype, x, y):
+    """A 4-step rollout of a small random model on the GPU; the fields of every step."""
+    from squall.graphs import build_graph
+    from squall.models.forecaster import GraphForecaster, ModelConfig
+    from squall.train.forecast import ModelStep, Rollout
+    from squall.train.loop import VariableLayout
+
+    spec = {"name": "o8_l2", "nodes": {"data": {"type": "grid", "grid": "O8"},
+                                       "hidden": {"type": "icosahedral", "level": 2}},
+            "edges": {"encoder": {"src": "data", "dst": "hidden", "type": "cutoff", "factor": 0.8},
+                      "processor": {"src": "hidden", "dst": "hidden", "type": "multiscale"},
+                      "decoder": {"src": "hidden", "dst": "data", "type": "knn", "k": 3}}}  # fmt: skip
+    graph = build_graph(spec)
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_channels=32, num_heads=4, processor_layers=2, attention_backend="triton")
+    model = GraphForecaster(graph, cfg, 5, 5, 2, [(i, i) for i in range(5)]).to(device).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.1)
+    step = ModelStep(model, device, dtype, cuda_graphs)
+    layout = VariableLayout([0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 2], [0, 1, 2])
+    area = torch.from_numpy(graph.nodes["data"].area.astype(np.float32)).to(device)
+    roll = Rollout(model, layout, area, None, step)
+    fields = []
+    for _ in range(2):  # the second rollout replays the graph captured in the first
+        fields = []
+        roll.run(x, y, lambda s, f, out=fields: out.append(f.float().clone()))
+    return torch.stack(fields), step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_captured_rollout_equals_the_eager_one(dtype):
+    """Replaying the captured step runs the eager step's kernels: it may differ from the eager
+    rollout by no more than two eager rollouts differ from each other (atomics)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, 2, 544, 5, generator=gen), torch.randn(1, 4, 544, 5, generator=gen)
+    eager, _ = _gpu_rollout(False, dtype, x, y)
+    again, _ = _gpu_rollout(False, dtype, x, y)
+    captured, step = _gpu_rollout(True, dtype, x, y)
+    assert step.graph is not None, "the step was not captured (see the warning in the log)"
+    noise = (again - eager).abs().max().item()
+    assert (captured - eager).abs().max().item() <= 2 * noise
