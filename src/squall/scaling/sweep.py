@@ -29,7 +29,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from squall.errors import SquallError
-from squall.scaling.inputs import build_inputs
 from squall.scaling.report import report_sweep
 from squall.scaling.state import (  # noqa: F401 - re-exported: the sweep's names in one place
     FAILURE_TAG,
@@ -284,6 +283,8 @@ def prepare_inputs(config: DictConfig) -> None:
                             if "," in o.split("=", 1)[-1]]  # fmt: skip
     if any(k.lstrip("+~").split(".")[0].split("@")[0] in _INPUT_KEYS for k in swept):
         return
+    from squall.scaling.inputs import build_inputs  # torch, zarr: only when preparing here
+
     try:
         build_inputs(config)
     except Exception as err:  # noqa: BLE001 - the points report it with their own reason
