@@ -67,11 +67,18 @@ def main(cfg: DictConfig) -> None:
     batch = cfg.training.batch_size
     graph = load_or_build(cfg.graph, cfg.paths.cache + "/graphs")
     mcfg = ModelConfig.from_cfg(cfg.model)
-    layout, ranks, params, planned = estimate(graph, mcfg, pcfg, world, batch,
-                                              rollout=cfg.training.rollout)  # fmt: skip
-    print(format_estimate(layout, ranks, params, graph, planned, pcfg, batch))
     scale = cfg.get("scale") or {}
-    if "cluster" not in cfg or scale.get("projection") is False:
+    project = "cluster" in cfg and scale.get("projection") is not False
+    try:
+        layout, ranks, params, planned = estimate(graph, mcfg, pcfg, world, batch,
+                                                  rollout=cfg.training.rollout)  # fmt: skip
+        print(format_estimate(layout, ranks, params, graph, planned, pcfg, batch))
+    except ConfigError as err:
+        if not project:
+            raise
+        # the projection below says which layout does fit
+        print(f"this layout does not fit: {err}")
+    if not project:
         return
     if not cfg.cluster.get("calibration"):
         raise ConfigError(f"cluster {cfg.cluster.name} has no cluster.calibration: no projection "

@@ -25,13 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from squall.graphs import load_or_build  # noqa: E402
-from squall.models.forecaster import ModelConfig  # noqa: E402
+from squall.models.forecaster import ROLES, ModelConfig  # noqa: E402
 from squall.planning.scaling import (  # noqa: E402
     Calibration,
     ClusterSpec,
     ScalingModel,
     calibrate,
+    extrapolate_sizes,
     load_calibration,
+    partition_sizes,
 )
 
 RESULTS = ROOT / "profiling" / "results"
@@ -122,12 +124,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "squall" / "graphs"))
     ap.add_argument("--out", default=str(RESULTS / "scaling_model"))
+    ap.add_argument("--project", nargs="*", metavar="GRAPH",
+                    help="instead: write the projected scaling of these graphs (o96 model, "
+                    "--cluster) to <out>_projection.md and .png")  # fmt: skip
+    ap.add_argument("--cluster", default="h200")
     args = ap.parse_args()
+    if args.project:
+        return project(args)
     clusters = {}
     for name in ("h100", "h200"):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
             clusters[name] = ClusterSpec.from_cfg(
-                compose(config_name="scale", overrides=[f"cluster={name}"]).cluster)
+                compose(config_name="scale", overrides=[f"cluster={name}"]).cluster
+            )
     graphs = {}
 
     def graph(name):
@@ -161,10 +170,66 @@ def main() -> None:
         print(f"{case.label}: {p.step_s:.4f} s vs {case.measured_s:.4f} "
               f"({results[-1]['err_s']:+.1%}), {p.peak_gib:.2f} GiB vs {case.measured_gib:.2f} "
               f"({results[-1]['err_GiB']:+.1%})", flush=True)  # fmt: skip
-    write(results, Path(args.out))
+    extra = extrapolation_check(graph("o320_l7"), clusters["h100"].gpus_per_node)
+    write(results, extra, Path(args.out))
 
 
-def write(results: list[dict], out: Path) -> None:
+def project(args) -> None:
+    """Projected strong and weak scaling of the o96 model on each graph (jobs.dry_run's tables),
+    one figure for all."""
+    from squall.models.forecaster import ModelConfig as MC
+    from squall.planning.scaling import plot_scaling, project_scaling
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="scale", overrides=[f"cluster={args.cluster}", "model=o96"])
+    mcfg = MC.from_cfg(cfg.model)
+    texts, curves = [], {}
+    for name in args.project:
+        spec = yaml.safe_load((ROOT / "conf" / "graph" / f"{name}.yaml").read_text())
+        g = load_or_build(spec, args.cache)
+        text, c = project_scaling(cfg.cluster, g, mcfg, graph_cache=args.cache)
+        texts.append(text)
+        curves.update({f"{name} {mode}": (pts, mode) for mode, pts in c.items()})
+        print(text, flush=True)
+    out = Path(args.out + "_projection")
+    png = plot_scaling(curves, out.with_suffix(".png"))
+    body = "\n\n".join(texts).replace(str(ROOT) + "/", "")
+    out.with_suffix(".md").write_text(
+        "# Projected scaling (profiling/validate_scaling_model.py --project "
+        f"{' '.join(args.project)} --cluster {args.cluster})\n\n"
+        f"Model conf/model/o96.yaml; figure {png.name}.\n\n```\n{body}\n```\n"
+    )
+    print(f"wrote {out.with_suffix('.md')} and {png}")
+
+
+def extrapolation_check(graph, gpus_per_node: int, layers: int = 16) -> list[dict]:
+    """The surface-to-volume extrapolation against the real partition where both exist: the
+    largest rank's halo rows (all edge sets) and processor edges at P, extrapolated from P / 4
+    and from P / 16."""
+    real = {p: partition_sizes(graph, p, layers, gpus_per_node=gpus_per_node)
+            for p in (4, 16, 64, 256, 1024)}  # fmt: skip
+
+    def halo(s):
+        return max(
+            sum(int(s.recv[r][k].sum()) for r in ROLES) for k in range(len(s.recv["encoder"]))
+        )
+
+    rows = []
+    for p in (64, 256, 1024):
+        for base in (p // 4, p // 16):
+            if base not in real:
+                continue
+            ex = extrapolate_sizes(real[base], p, gpus_per_node)
+            rows.append({"graph": graph.name, "parts": p, "from": base,
+                         "halo_real": halo(real[p]), "halo_extrapolated": halo(ex),
+                         "edges_real": int(real[p].edges["processor"].max()),
+                         "edges_extrapolated": int(ex.edges["processor"].max())})  # fmt: skip
+            print(f"extrapolation {graph.name} P={p} from {base}: halo {rows[-1]['halo_real']} "
+                  f"real vs {rows[-1]['halo_extrapolated']}", flush=True)  # fmt: skip
+    return rows
+
+
+def write(results: list[dict], extra: list[dict], out: Path) -> None:
     with out.with_suffix(".csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(results[0]))
         w.writeheader()
@@ -176,8 +241,7 @@ def write(results: list[dict], out: Path) -> None:
         "from a one-GPU calibration run, the real SFC partition and halo counts of the graph and",
         "the cluster config (conf/cluster/h100.yaml, h200.yaml), against the committed",
         "measurements of the same layout. On a calibration row the step time is the input",
-        "(error 0 by construction) and only memory is a prediction. Target: within "
-        f"{TARGET:.0%}.",
+        f"(error 0 by construction) and only memory is a prediction. Target: within {TARGET:.0%}.",
         "",
         "| case | GPU | layout | calibration | measured | s/step measured | s/step predicted "
         "| error | GiB measured | GiB predicted | error | predicted compute / halo / grad s |",
@@ -201,6 +265,25 @@ def write(results: list[dict], out: Path) -> None:
         f"1024-channel model: step time within {TARGET:.0%} on {within_s} of {len(big)} "
         f"predicted rows; peak memory within {TARGET:.0%} on {within_m} of {len(mem)} rows.",
     ]
+    lines += [
+        "",
+        "## Surface-to-volume extrapolation against the real partition",
+        "",
+        "Beyond the degrees cut for real (64 by default) the model extrapolates a rank's halo",
+        "as the perimeter of its patch (``sqrt(1/P)``) and its edges as ``1/P``. Here both",
+        "exist: the largest rank's halo rows (all edge sets, per exchange) and processor edges.",
+        "",
+        "| graph | P | extrapolated from P = | halo rows real | extrapolated | error "
+        "| processor edges real | extrapolated | error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in extra:
+        lines.append(
+            f"| {r['graph']} | {r['parts']} | {r['from']} | {r['halo_real']:,} "
+            f"| {r['halo_extrapolated']:,} | {r['halo_extrapolated'] / r['halo_real'] - 1:+.1%} "
+            f"| {r['edges_real']:,} | {r['edges_extrapolated']:,} "
+            f"| {r['edges_extrapolated'] / r['edges_real'] - 1:+.1%} |"
+        )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.md')} and .csv")
 

@@ -188,3 +188,49 @@ def test_calibration_specs_and_their_errors(tmp_path):
     assert cal.mcfg.checkpoint_decoder == "none" and cal.mcfg.compile
     with pytest.raises(ConfigError, match="2 rows match"):
         load_calibration(f"{path}?graph=g")
+
+
+@pytest.mark.slow
+def test_calibration_from_an_mlflow_run(mlflow_server, small_graph):
+    """A one-GPU run in a real MLflow server: model from its flattened config, the budget's
+    checkpoint plan resolved as the run's planner did, its step reproduced."""
+    from mlflow.tracking import MlflowClient
+
+    from squall.parallel.parallelize import ParallelConfig
+    from squall.planning.estimate import estimate
+    from squall.tracking import flatten_config
+    from squall.tracking import metrics as m
+
+    # a budget between the estimates of no and of full recomputation: the planner must choose
+    one = ParallelConfig()
+    totals = [estimate(small_graph, replace(MCFG, checkpoint_encoder=p, checkpoint_processor=p,
+                                            checkpoint_decoder=p), one, 1, 1, (5, 5))[1][0]
+              for p in ("none", "full")]  # fmt: skip
+    budget = PLAN_HEADROOM_GIB + sum(t.total_gib for t in totals) / 2
+    model = {"num_channels": 64, "num_heads": 4, "processor_layers": LAYERS, "mlp_ratio": 4,
+             "trainable_edge_features": 8, "attention_backend": "torch", "compile": False,
+             "checkpoint": {"encoder": "none", "processor": "none", "decoder": "none",
+                            "budget_gib": budget}}  # fmt: skip
+    config = {"model": model, "graph": {"name": small_graph.name}, "parallel": {"gpus": 1},
+              "data": {"variables": ["a", "b", "c", "d", "e", "f"], "forcings": ["e"],
+                       "diagnostics": ["f"], "input_steps": 2}, "scale": {"batch": 1}}  # fmt: skip
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.create_experiment("calibration")
+    run = client.create_run(exp, tags={"env.gpu_name": "NVIDIA H200"})
+    for key, value in flatten_config(config).items():
+        client.log_param(run.info.run_id, key, value)
+    client.log_metric(run.info.run_id, m.STEP_S, 0.05)
+    client.log_metric(run.info.run_id, m.PEAK_ALLOCATED_GIB, 0.04)
+    client.set_terminated(run.info.run_id)
+
+    cal = load_calibration(f"mlflow:{run.info.run_id}@{mlflow_server}")
+    assert (cal.gpu, cal.graph, cal.step_s, cal.peak_gib) == ("NVIDIA H200", "o16_l3", 0.05, 0.04)
+    assert cal.num_vars == (5, 5) and cal.mcfg.num_channels == 64
+    rates = calibrate(cal, small_graph, CLUSTER.hbm_Bps)
+    planned = estimate(small_graph, cal.mcfg, ParallelConfig(), 1, 1, (5, 5), 2)[3]
+    assert planned.checkpoint_processor != ("none",) * LAYERS  # the budget forced recomputation
+    sm = ScalingModel(small_graph, replace(planned, checkpoint_budget_gib=None), rates, CLUSTER,
+                      num_vars=(5, 5))  # fmt: skip
+    assert sm.project(1, 1, 1).step_s == pytest.approx(0.05, rel=1e-12)
+    with pytest.raises(ConfigError, match="cannot read the run"):
+        load_calibration(f"mlflow:0123456789abcdef@{mlflow_server}")

@@ -53,8 +53,15 @@ from squall.errors import ConfigError
 from squall.graphs import Graph
 from squall.layers.graph_transformer import block_flops
 from squall.models.forecaster import ROLES, GraphForecaster, ModelConfig
+from squall.parallel.parallelize import ParallelConfig
 from squall.parallel.partition import partition_graph
-from squall.planning.estimate import GIB, PLAN_HEADROOM_GIB, activation_bytes, plan_checkpointing
+from squall.planning.estimate import (
+    GIB,
+    PLAN_HEADROOM_GIB,
+    activation_bytes,
+    estimate,
+    plan_checkpointing,
+)
 
 # Eager blocks against compiled ones, same card, kernels and plan: 212.8 / 183.3 ms (H100, o96_l6,
 # 1024 channels, no checkpointing, git 3ae6303, profiling/results/step.csv). Model-parallel and
@@ -432,6 +439,27 @@ def load_calibration(spec: str, graph_layers: int | None = None) -> Calibration:
                        float(r["peak_GiB"]), 0.0, (vars_, vars_))  # fmt: skip
 
 
+def _unflatten(params: dict, prefix: str) -> dict:
+    """The nested config under ``prefix`` from MLflow's dotted string params (values parsed as
+    YAML scalars and lists, ``None`` as null)."""
+    import yaml
+
+    out: dict = {}
+    for key, text in params.items():
+        if not key.startswith(prefix + "."):
+            continue
+        node = out
+        *parents, leaf = key[len(prefix) + 1 :].split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node[leaf] = None if value == "None" else value
+    return out
+
+
 def _calibration_from_mlflow(ref: str) -> Calibration:
     import mlflow
 
@@ -443,26 +471,23 @@ def _calibration_from_mlflow(ref: str) -> Calibration:
         run = client.get_run(run_id)
     except Exception as err:  # noqa: BLE001 - any MLflow failure is one message
         raise ConfigError(f"calibration mlflow:{ref}: cannot read the run ({err})") from err
-    params, metrics = run.data.params, run.data.metrics
-    gpus = int(params.get("parallel.gpus", params.get("parallel.model_parallel", 1)))
-    if gpus != 1 or m.STEP_S not in metrics:
-        raise ConfigError(f"calibration mlflow:{ref}: a one-GPU run with {m.STEP_S} is needed "
-                          f"(gpus={gpus}, metrics {sorted(metrics)[:8]}...)")  # fmt: skip
-    plan = params.get("model.checkpoint_plan")
-    layers = int(params["model.processor_layers"])
-    fields = parse_checkpoint_plan(plan, layers) if plan else {}
-    mcfg = ModelConfig(num_channels=int(params["model.num_channels"]),
-                       num_heads=int(params["model.num_heads"]), processor_layers=layers,
-                       mlp_ratio=int(params.get("model.mlp_ratio", 4)),
-                       trainable_edge_features=int(params.get("model.trainable_edge_features", 0)),
-                       attention_backend=params.get("model.attention_backend", "torch"),
-                       compile=params.get("model.compile") in ("True", "true"),
-                       **fields)  # fmt: skip
-    return Calibration(f"mlflow run {run_id}", params.get("device.name", "?"),
-                       params.get("graph.name", "?"), mcfg,
-                       int(params.get("scale.batch", params.get("training.batch_size", 1))),
-                       float(metrics[m.STEP_S]), None, metrics.get(m.PEAK_ALLOCATED_GIB),
-                       float(metrics.get("time/fixed_s", 0.0)))  # fmt: skip
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    gpus = int(params.get("parallel.gpus") or params.get("parallel.model_parallel") or 1)
+    if gpus != 1 or m.STEP_S not in metrics or "model.num_channels" not in params:
+        raise ConfigError(f"calibration mlflow:{ref}: a one-GPU run with {m.STEP_S} and the model "
+                          f"config is needed (gpus={gpus}, metrics {sorted(metrics)})")  # fmt: skip
+    from omegaconf import OmegaConf
+
+    mcfg = ModelConfig.from_cfg(OmegaConf.create(_unflatten(params, "model")))
+    data = _unflatten(params, "data")
+    variables = data.get("variables") or []
+    num_vars = ((len(variables) - len(data.get("diagnostics") or []),
+                 len(variables) - len(data.get("forcings") or [])) if variables else (100, 100))  # fmt: skip
+    batch = params.get("scale.batch") or params.get("training.batch_size") or 1
+    return Calibration(f"mlflow run {run_id}", tags.get("env.gpu_name", "?"),
+                       params.get("graph.name", "?"), mcfg, int(batch), float(metrics[m.STEP_S]),
+                       None, metrics.get(m.PEAK_ALLOCATED_GIB), 0.0, num_vars,
+                       int(params.get("data.input_steps") or 2))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -483,16 +508,20 @@ def calibrate(cal: Calibration, graph: Graph, hbm_Bps: float) -> Rates:
     processor was timed alone."""
     if graph.name != cal.graph:
         raise ConfigError(f"calibration {cal.source} ran on {cal.graph}, given graph {graph.name}")
-    params, _, dims = _model_facts(graph, cal.mcfg, cal.num_vars, cal.input_steps)
+    mcfg = cal.mcfg
+    if mcfg.checkpoint_budget_gib is not None:  # the plan the run's planner chose
+        mcfg = estimate(graph, mcfg, ParallelConfig(), 1, cal.batch, cal.num_vars,
+                        cal.input_steps)[3]  # fmt: skip
+    params, _, dims = _model_facts(graph, mcfg, cal.num_vars, cal.input_steps)
     rows, edges = whole_graph_sizes(graph)
-    work = training_flops(cal.mcfg, rows, edges, dims, cal.batch)
+    work = training_flops(mcfg, rows, edges, dims, cal.batch)
     opt = ADAMW_BYTES_PER_PARAM * params / hbm_Bps
     busy = cal.step_s - opt - cal.fixed_s
     if cal.processor_s is not None and 0 < cal.processor_s < busy:
         proc, maps = work["processor"] / cal.processor_s, work["mappers"] / (busy - cal.processor_s)
     else:
         proc = maps = (work["processor"] + work["mappers"]) / busy
-    return Rates(proc, maps, cal.mcfg.compile, opt, cal.fixed_s, cal.source)
+    return Rates(proc, maps, mcfg.compile, opt, cal.fixed_s, cal.source)
 
 
 # ----------------------------------------------------------------------------------------------
