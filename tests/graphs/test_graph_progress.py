@@ -22,6 +22,7 @@ def test_searching_in_blocks_builds_the_same_graph(monkeypatch):
     whole = build_graph(o32_spec())
     # the decoder's 5,248 grid points in 21 blocks, the last one partial
     monkeypatch.setattr(edge_module, "SEARCH_CHUNK", 250)
+    monkeypatch.setattr(edge_module, "DEVICE_SEARCH_CHUNK", 250)  # the same blocks on a GPU
     blocks = build_graph(o32_spec())
     for name, e in whole.edges.items():
         b = blocks.edges[name]
@@ -33,6 +34,7 @@ def test_a_build_shows_its_progress_on_a_terminal(monkeypatch, capsys):
     monkeypatch.setenv("SQUALL_PROGRESS", "1")  # a bar, as on a terminal
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(edge_module, "SEARCH_CHUNK", 1024)
+    monkeypatch.setattr(edge_module, "DEVICE_SEARCH_CHUNK", 1024)
     build_graph(o32_spec())
     err = capsys.readouterr().err
     assert "graph o32_l4: node sets: 100%" in err and "2/2" in err
