@@ -3,7 +3,7 @@
 Providers: ``ref_eager`` (the pure-torch reference), ``ref_compiled`` (the same under
 ``torch.compile``), ``triton`` / ``triton_fused`` (squall's degree-class kernels, materialised
 ``edge [E, H, C]`` / ``edge_attr [E, d_e]`` with ``W``, ``b`` projected inside the kernel),
-``flat`` / ``flat_fused`` (squall's one-launch-per-pass kernels, ``KERNEL_DESIGN="flat"``),
+``flat`` / ``flat_fused`` (squall's one-launch-per-pass kernels, ``tuning.KERNEL_DESIGN="flat"``),
 ``anemoi`` (the Triton kernel of anemoi-models 0.19.0, ``anemoi.models.triton.gt``, same inputs)
 and ``anemoi_proj`` (Anemoi's kernel after the edge projection ``edge_attr @ W + b``, timed
 together, forward + backward including dW: what a model on Anemoi's kernel runs for squall's fused
