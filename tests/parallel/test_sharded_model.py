@@ -257,3 +257,21 @@ def test_chunks_keep_a_fraction_of_the_mapper_activations():
     # unchunked: every activation of the block (per edge and per row); chunked: the inputs the
     # checkpoints hold (shared, not copied) and the index tensors
     assert saved[4] < saved[1] / 4, saved
+
+
+def test_compile_applies_where_blocks_run_whole(caplog):
+    """``model.compile`` compiles every block of a whole-graph model (compilation itself waits for
+    the first call); sharded or chunked blocks run on subsets of their destinations, so
+    parallelize leaves them eager and says so."""
+    g = tiny_graph()
+
+    def compiled(model):
+        blocks = (model.encoder, *model.processor, model.decoder)
+        return [b._compiled_call_impl is not None for b in blocks]
+
+    assert compiled(parallelize(make_model(g, compile=True), g, ParallelConfig())) == [True] * 4
+    assert compiled(parallelize(make_model(g), g, ParallelConfig())) == [False] * 4
+    with caplog.at_level("WARNING", logger="squall.parallel.parallelize"):
+        chunked = parallelize(make_model(g, compile=True), g, ParallelConfig(chunks=2))
+    assert compiled(chunked) == [False] * 4
+    assert "model.compile has no effect on sharded or chunked blocks" in caplog.text
