@@ -44,7 +44,8 @@ def format_table(result: dict) -> str:
         for s, h in enumerate(result["lead_hours"]):
             lines.append(f"{h:>7.0f}" + "".join(
                 f"{result['rmse_by_variable'][n][s]:>{width}.4g}" for n in names))  # fmt: skip
-    memory = ", ".join(f"{k} {v:.3g}" for k, v in result.get("memory", {}).items())
+    memory = ", ".join(f"{k.rsplit('/', 1)[-1].removesuffix('_GiB').replace('_', ' ')} {v:.3g} GiB"
+                       for k, v in result.get("memory", {}).items())  # fmt: skip
     lines.append(f"{result['starts']} starts on {result.get('ranks', 1)} rank(s), "
                  f"{result.get('precision', 'fp32')}{', CUDA graph' if result.get('cuda_graph') else ''}: "
                  f"{result['step_s_median'] * 1e3:.1f} ms per step, {result.get('total_s', 0):.2f} s "
