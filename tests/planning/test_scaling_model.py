@@ -234,3 +234,16 @@ def test_calibration_from_an_mlflow_run(mlflow_server, small_graph):
     assert sm.project(1, 1, 1).step_s == pytest.approx(0.05, rel=1e-12)
     with pytest.raises(ConfigError, match="cannot read the run"):
         load_calibration(f"mlflow:0123456789abcdef@{mlflow_server}")
+
+
+def test_prediction_against_measurement_rows(small_graph):
+    from squall.planning.scaling import compare_to_measurement
+
+    m = model_on(small_graph)
+    truth = m.project(2, 2, 1)
+    rows = compare_to_measurement(m, [
+        {"gpus": 2, "model_parallel": 2, "batch": 1, "step_s": truth.step_s * 1.25,
+         "peak_gib": None},
+    ])  # fmt: skip
+    assert rows[0]["layout"] == "dp1xmp2" and rows[0]["err_gib"] is None
+    assert rows[0]["err_s"] == pytest.approx(1 / 1.25 - 1)

@@ -942,3 +942,21 @@ def project_scaling(cluster_cfg, graph: Graph, mcfg: ModelConfig, *,
         path = plot_scaling({f"{graph.name} {m}": (curves[m], m) for m in curves}, plot)
         text.append(f"plot: {path}")
     return "\n".join(text), curves
+
+
+def compare_to_measurement(model: ScalingModel, measured: list[dict]) -> list[dict]:
+    """Prediction against measurement, one row per measured point.
+
+    ``measured`` rows give ``gpus``, ``model_parallel``, ``batch`` (samples per model group),
+    ``step_s`` and ``peak_gib`` (either may be None); each returned row adds ``predicted_s``,
+    ``predicted_gib`` and the relative errors ``err_s``, ``err_gib`` (None where nothing was
+    measured). The model's own checkpoint policies are used (no budget: the run's plan).
+    """
+    out = []
+    for m in measured:
+        p = model.project(int(m["gpus"]), int(m["model_parallel"]), int(m.get("batch") or 1))
+        s, g = m.get("step_s"), m.get("peak_gib")
+        out.append({**m, "layout": p.layout, "predicted_s": p.step_s, "predicted_gib": p.peak_gib,
+                    "err_s": None if not s else p.step_s / s - 1,
+                    "err_gib": None if not g else p.peak_gib / g - 1})  # fmt: skip
+    return out
