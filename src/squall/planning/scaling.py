@@ -387,7 +387,7 @@ def _select(rows: list[dict], query: dict, source: str) -> dict:
     return found[0]
 
 
-def load_calibration(spec: str, graph_layers: int | None = None) -> Calibration:
+def load_calibration(spec: str) -> Calibration:
     """Read a calibration named by ``spec``.
 
     * ``path/step.csv?git=eee58d7&graph=o96_l6&checkpoint=budget:14.1``: the one row of a
