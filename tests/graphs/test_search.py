@@ -84,6 +84,20 @@ def test_structured_grids_use_their_rows_and_equal_brute_force():
             check_knn(src.latlon, queries, k)
 
 
+def test_tensor_inputs_and_longitudes_from_minus_180():
+    rng = np.random.default_rng(8)
+    src, dst = random_latlon(rng, 800), random_latlon(rng, 200)
+    want_idx, want_d2 = brute_knn(src, dst, 5)
+    shifted = src.copy()
+    shifted[:, 1] = np.where(src[:, 1] >= np.pi, src[:, 1] - 2 * np.pi, src[:, 1])
+    xyz = torch.from_numpy(grids.latlon_to_xyz(src))  # the same unit vectors
+    index = search.SphereIndex.build(torch.from_numpy(shifted), xyz=xyz)
+    idx, d2 = search.knn(
+        index, torch.from_numpy(dst), 5, torch.from_numpy(grids.latlon_to_xyz(dst))
+    )
+    assert np.array_equal(idx.numpy(), want_idx) and np.array_equal(d2.numpy(), want_d2)
+
+
 def test_duplicate_points_tie_by_index():
     rng = np.random.default_rng(2)
     base = random_latlon(rng, 200)
