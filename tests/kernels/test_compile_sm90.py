@@ -38,7 +38,7 @@ for fused in (False, True):
 """
 
 
-@pytest.mark.slow  # about 75 s on 2 cores: six sm_90 compiles
+@pytest.mark.slow  # six sm_90 compiles: about 75 s on 2 cores with a cold Triton cache
 def test_flat_kernels_compile_for_sm90():
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(REPO / "src"))
     proc = subprocess.run(
