@@ -1,5 +1,5 @@
-"""The GPU cluster configs: one base (conf/cluster/slurm_gpu.yaml), H100 and H200 as overrides,
-and what the scaling model reads from them."""
+"""The GPU cluster configs: one base (conf/cluster/base/slurm_gpu.yaml), H100 and H200 as
+overrides, and what the scaling model reads from them."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def gpus():
 
 
 def test_h100_and_h200_differ_only_in_their_overrides(gpus):
-    base = yaml.safe_load((CONF / "cluster" / "slurm_gpu.yaml").read_text())["cluster"]
+    base = yaml.safe_load((CONF / "cluster" / "base" / "slurm_gpu.yaml").read_text())["cluster"]
     for name, cfg in gpus.items():
         own = yaml.safe_load((CONF / "cluster" / f"{name}.yaml").read_text())["cluster"]
         assert set(own) <= OVERRIDES, f"{name}.yaml repeats base keys {set(own) - OVERRIDES}"
@@ -49,7 +49,7 @@ def test_h100_and_h200_differ_only_in_their_overrides(gpus):
 
 
 def test_every_link_and_rate_states_its_source():
-    for name in ("slurm_gpu", "h100", "h200"):
+    for name in ("base/slurm_gpu", "h100", "h200"):
         lines = (CONF / "cluster" / f"{name}.yaml").read_text().splitlines()
         for i, line in enumerate(lines):
             key = line.strip().split(":")[0]
@@ -77,7 +77,7 @@ def test_a_cluster_without_links_is_one_clear_error():
     with pytest.raises(ConfigError, match="cluster h100: cluster.rates.hbm_GBps is not set"):
         ClusterSpec.from_cfg(unset)
     with pytest.raises(ConfigError, match=r"cluster \?: cluster.name is not set"):
-        ClusterSpec.from_cfg(cluster("slurm_gpu"))  # the base alone is no cluster
+        ClusterSpec.from_cfg(cluster("base/slurm_gpu"))  # the base alone is no cluster
 
 
 @pytest.mark.slow

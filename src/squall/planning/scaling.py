@@ -118,7 +118,7 @@ class ClusterSpec:
             if node is None:
                 name = OmegaConf.select(cluster, "name", default="?", throw_on_missing=False)
                 raise ConfigError(f"cluster {name}: cluster.{path} is not set; the scaling "
-                                  "model needs it (see conf/cluster/slurm_gpu.yaml)")  # fmt: skip
+                                  "model needs it (see conf/cluster/base/slurm_gpu.yaml)")  # fmt: skip
             return node
 
         memory = OmegaConf.select(cluster, "gpu_memory_gb", throw_on_missing=False)
