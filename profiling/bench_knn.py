@@ -184,9 +184,12 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--brute-queries", type=int, default=0, help="0: all")
     parser.add_argument("--csv", default=None, help="results file (default results/knn.csv)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    info = machine_info()
+    info = {**machine_info(), "torch_threads": torch.get_num_threads()}
     grid = grids.grid_from_name(args.grid, "data")
     rows = []
     mesh = grids.icosahedral_mesh(args.knn_level, f"l{args.knn_level}")
