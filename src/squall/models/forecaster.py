@@ -11,6 +11,17 @@ Data flow for input ``x [B, T_in, G, V_in]`` (normalised), with ``C`` channels::
     output        y = W_out LN(z_g)                                              [B, G, V_out]
     prognostic variables are predicted as a residual on the last input step.
 
+Ensemble mode (``model.ensemble.noise_channels = K > 0``): the model is stochastic. After the
+encoder, each mesh node of each sample gets ``K`` fresh standard-normal noise channels, drawn at
+every call (so per member and per step of a rollout) and carried through the processor, whose
+blocks condition their layer norms on them (:class:`~squall.layers.graph_transformer.
+NoiseConditioning`; AIFS-CRPS, Lang et al. 2024, arXiv:2412.15832, conditions its processor the
+same way). The noise is white on the mesh: the processor's attention gives it the spatial
+structure the loss asks for. Members are batch rows that share their input and differ only by
+their noise: an ensemble of ``M`` members of a batch of ``B`` runs as one batch of ``B * M``
+(member-fastest), which the blocks fold into their heads like any batch. With ``K = 0`` (the
+default) the model holds no noise parameters and is the deterministic forecaster, bit for bit.
+
 Edge features are each edge set's geometric attributes (length, direction) plus optional
 trainable per-edge features.
 
@@ -36,6 +47,8 @@ from squall.kernels.edge_index import EdgeIndex
 from squall.layers.graph_transformer import GraphTransformerBlock
 
 ROLES = ("encoder", "processor", "decoder")
+#: Training scores of an ensemble (``model.ensemble.loss``; squall.train.scores).
+ENSEMBLE_LOSSES = ("afcrps", "fair_crps", "energy")
 
 
 def checkpoint_policy(value, what: str = "checkpoint") -> str:
@@ -72,6 +85,12 @@ class ModelConfig:
     checkpoint_budget_gib: float | None = None
     compile: bool = False  # blocks under torch.compile (the estimate counts what the compiled
     # backward recomputes)
+    # ensemble (model.ensemble): members per sample in training, noise channels per mesh node
+    # (0: deterministic), the training score (afcrps | fair_crps | energy) and afCRPS's alpha
+    ensemble_members: int = 1
+    noise_channels: int = 0
+    ensemble_loss: str = "afcrps"
+    crps_alpha: float = 0.95
 
     def __post_init__(self):
         for role in ("encoder", "decoder"):
@@ -88,15 +107,34 @@ class ModelConfig:
         else:
             proc = checkpoint_policy(proc, "checkpoint.processor")
         object.__setattr__(self, "checkpoint_processor", proc)
+        if self.ensemble_members < 1 or self.noise_channels < 0:
+            raise ConfigError(f"model.ensemble: members={self.ensemble_members} must be >= 1 and "
+                              f"noise_channels={self.noise_channels} >= 0")  # fmt: skip
+        if self.ensemble_members > 1 and not self.noise_channels:
+            raise ConfigError(f"model.ensemble.members={self.ensemble_members} needs "
+                              "noise_channels > 0: without noise every member is the same")
+        if self.ensemble_loss not in ENSEMBLE_LOSSES:
+            raise ConfigError(f"model.ensemble.loss={self.ensemble_loss!r}: choose one of "
+                              f"{', '.join(ENSEMBLE_LOSSES)}")  # fmt: skip
+        if not 0.0 <= self.crps_alpha <= 1.0:
+            raise ConfigError(f"model.ensemble.alpha={self.crps_alpha} must lie in [0, 1]")
+
+    @property
+    def ensemble(self) -> bool:
+        """Whether the model is stochastic (noise-conditioned)."""
+        return self.noise_channels > 0
 
     def architecture(self) -> dict:
         """The settings that give the weights their shapes and meaning (not how they are run:
         backend, recomputation and compile are left out)."""
-        return {
+        arch = {
             "num_channels": self.num_channels, "num_heads": self.num_heads,
             "processor_layers": self.processor_layers, "mlp_ratio": self.mlp_ratio,
             "trainable_edge_features": self.trainable_edge_features,
         }  # fmt: skip
+        if self.noise_channels:  # absent for deterministic models, as in their older checkpoints
+            arch["noise_channels"] = self.noise_channels
+        return arch
 
     def block_policy(self, role: str, layer: int = 0) -> str:
         """Checkpoint policy of the encoder, processor layer ``layer`` or decoder."""
@@ -108,6 +146,7 @@ class ModelConfig:
         ckpt = cfg.get("checkpoint", {}) or {}
         proc = to_container(ckpt.get("processor", False))
         budget = ckpt.get("budget_gib")
+        ens = cfg.get("ensemble", None) or {}
         return cls(
             num_channels=int(cfg.num_channels),
             num_heads=int(cfg.num_heads),
@@ -120,6 +159,10 @@ class ModelConfig:
             checkpoint_decoder=ckpt.get("decoder", False),
             checkpoint_budget_gib=None if budget is None else float(budget),
             compile=as_flag(cfg.get("compile", False), "model.compile"),
+            ensemble_members=int(ens.get("members", 1)),
+            noise_channels=int(ens.get("noise_channels", 0)),
+            ensemble_loss=str(ens.get("loss", "afcrps")),
+            crps_alpha=float(ens.get("alpha", 0.95)),
         )
 
 
@@ -227,13 +270,14 @@ class GraphForecaster(nn.Module):
                     0.01 * torch.randn(self.graph.num_edges[role], cfg.trainable_edge_features)
                 )
 
-        def block(role, bipartite):
+        def block(role, bipartite, noise=0):
             return GraphTransformerBlock(c, cfg.num_heads, edge_dim[role], cfg.mlp_ratio,
-                                         bipartite, cfg.attention_backend)  # fmt: skip
+                                         bipartite, cfg.attention_backend,
+                                         noise_channels=noise)  # fmt: skip
 
         self.encoder = block("encoder", True)
         self.processor = nn.ModuleList(
-            block("processor", False) for _ in range(cfg.processor_layers)
+            block("processor", False, cfg.noise_channels) for _ in range(cfg.processor_layers)
         )
         self.decoder = block("decoder", True)
         self.norm_out = nn.LayerNorm(c)
@@ -265,8 +309,24 @@ class GraphForecaster(nn.Module):
             return torch.cat([attrs, trained], dim=1)
         return attrs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, T_in, G, V_in]`` normalised -> next state ``[B, G, V_out]`` normalised."""
+    @property
+    def members(self) -> int:
+        """Ensemble members per sample in training (1: deterministic)."""
+        return self.cfg.ensemble_members
+
+    def sample_noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Fresh noise ``[batch, N_mesh, K]`` for the mesh rows of this graph view (standard
+        normal, fp32, on the model's device)."""
+        rows = self.graph.mesh_attrs.shape[0]
+        return torch.randn(batch, rows, self.cfg.noise_channels, generator=generator,
+                           device=self.graph.mesh_attrs.device)  # fmt: skip
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, T_in, G, V_in]`` normalised -> next state ``[B, G, V_out]`` normalised.
+
+        ``noise [B, N_mesh, K]`` (ensemble models only): the processor's noise; None draws it
+        (:meth:`sample_noise`) from torch's global generator.
+        """
         b, t, g, v = x.shape
         if t != self.input_steps or g != self.graph.num_data:
             raise ValueError(
@@ -285,8 +345,20 @@ class GraphForecaster(nn.Module):
         z_mesh = self.embed_mesh(gi.mesh_attrs).expand(b, -1, -1)
         enc, proc, dec = (self.edge_inputs(r) for r in ROLES)
         z_mesh = run(gi, "encoder", self.encoder, z_data, z_mesh, enc)
+        k = self.cfg.noise_channels
+        if k:
+            if noise is None:
+                noise = self.sample_noise(b)
+            if noise.shape != (b, z_mesh.shape[1], k):
+                raise ValueError(f"noise of shape {tuple(noise.shape)}: expected "
+                                 f"{(b, z_mesh.shape[1], k)} (batch, mesh rows, noise channels)")
+            z_mesh = torch.cat([z_mesh, noise.to(z_mesh.dtype)], -1)
+        elif noise is not None:
+            raise ValueError("noise given to a deterministic model (model.ensemble.noise_channels=0)")
         for layer in self.processor:
             z_mesh = run(gi, "processor", layer, z_mesh, z_mesh, proc)
+        if k:
+            z_mesh = z_mesh[..., :-k]
         z_data = run(gi, "decoder", self.decoder, z_mesh, z_data, dec)
         y = self.head(self.norm_out(z_data)) * self.output_scale.to(x.dtype)
         if self.res_out.numel():
