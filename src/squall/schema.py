@@ -309,6 +309,34 @@ def _scalar(value: Any) -> bool:
 
 
 @dataclass
+class EnsembleSchema(Schema):
+    """Probabilistic model (``model.ensemble``; ``squall.models.forecaster``, ``squall.train.ensemble``).
+
+    Attributes
+    ----------
+    members : int
+        Members per sample in training and in ``jobs.forecast`` (1: deterministic).
+    noise_channels : int
+        Noise channels per mesh node conditioning the processor (0: deterministic model).
+    loss : str
+        Training score over the members: ``afcrps``, ``fair_crps`` or ``energy``.
+    alpha : float
+        afCRPS's alpha in [0, 1] (1: fair CRPS).
+    """
+
+    members: int = setting(1, ge=1)
+    noise_channels: int = setting(0, ge=0)
+    loss: str = setting("afcrps", choices=("afcrps", "fair_crps", "energy"))
+    alpha: float = setting(0.95, ge=0, le=1)
+
+    @classmethod
+    def check(cls, node: DictConfig, path: str) -> None:
+        if node.members > 1 and not node.noise_channels:
+            raise ConfigError(f"{path}.members={node.members} needs {path}.noise_channels > 0: "
+                              "without noise every member is the same")  # fmt: skip
+
+
+@dataclass
 class ModelSchema(Schema):
     """GraphTransformer forecaster (``conf/model/*.yaml``; ``squall.models.forecaster``).
 
@@ -333,6 +361,8 @@ class ModelSchema(Schema):
         Activation checkpointing.
     compile : bool
         ``torch.compile`` each block (one GPU, unsharded and unchunked blocks only).
+    ensemble : EnsembleSchema
+        Members, noise and training score of a probabilistic model (default: deterministic).
     """
 
     name: str = MISSING
@@ -344,6 +374,7 @@ class ModelSchema(Schema):
     attention_backend: str = setting(choices=("torch", "triton"))
     checkpoint: CheckpointSchema = MISSING
     compile: bool = MISSING
+    ensemble: EnsembleSchema = field(default_factory=EnsembleSchema)
 
     @classmethod
     def check(cls, node: DictConfig, path: str) -> None:
