@@ -24,7 +24,7 @@ from squall.errors import DataError, SquallError
 from squall.progress import Progress
 from squall.tracking import metrics as M
 from squall.tracking.metrics import StepTimer, peak_memory
-from squall.train import signals
+from squall.train import ensemble, signals
 from squall.train.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,8 @@ class Trainer:
         self.barrier = barrier or (lambda: None)
         self.replicas = int(replicas)
         self.hooks = hooks or TrainerHooks()
+        # an ensemble model's score over its members (squall.train.ensemble), else None: MSE
+        self.loss_fn = ensemble.loss_function(model)
         params = [p for p in model.parameters() if p.requires_grad]
         fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -198,7 +200,10 @@ class Trainer:
                 state = torch.cat([state[:, 1:], nxt.unsqueeze(1)], dim=1)
 
     def rollout_loss(self, batch: dict) -> torch.Tensor:
-        """Mean area-weighted MSE over the rollout steps (normalised space)."""
+        """Mean area-weighted MSE over the rollout steps (normalised space); an ensemble's
+        score over its members instead when :attr:`loss_fn` is set."""
+        if self.loss_fn is not None:
+            return self.loss_fn(self, batch)
         area = self.model.graph.area
         losses = [area_weighted_mse(pred, truth, area) for pred, truth in self.rollout(batch)]
         return sum(losses) / len(losses)
