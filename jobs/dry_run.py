@@ -17,7 +17,8 @@ scaling): strong scaling at the global batch ``scale.batch`` of ``scale.mode=str
 scaling at one sample per model group, the memory budget ``model.checkpoint.budget_gib`` (else
 the GPU's memory). Options: ``+scale.projection_gpus='[1,2,4]'``, ``+scale.projection_budget_gib=
 40``, ``+scale.projection_plot=path.png`` (default under ``paths.cache``/dry_run),
-``+scale.projection=false``.
+``+scale.projection=false``. A cluster without ``cluster.calibration`` (``local``) gets the
+estimate only.
 """
 
 from __future__ import annotations
@@ -68,11 +69,13 @@ def main(cfg: DictConfig) -> None:
     graph = load_or_build(cfg.graph, cfg.paths.cache + "/graphs")
     mcfg = ModelConfig.from_cfg(cfg.model)
     scale = cfg.get("scale") or {}
-    project = "cluster" in cfg and scale.get("projection") is not False
+    # config.yaml has no cluster (an empty group); scale.yaml composes one
+    project = bool(cfg.get("cluster")) and scale.get("projection") is not False
     try:
         layout, ranks, params, planned = estimate(graph, mcfg, pcfg, world, batch,
                                                   rollout=cfg.training.rollout)  # fmt: skip
         print(format_estimate(layout, ranks, params, graph, planned, pcfg, batch))
+        print(graph.in_degree_report())
     except ConfigError as err:
         if not project:
             raise
@@ -81,8 +84,9 @@ def main(cfg: DictConfig) -> None:
     if not project:
         return
     if not cfg.cluster.get("calibration"):
-        raise ConfigError(f"cluster {cfg.cluster.name} has no cluster.calibration: no projection "
-                          "(pass +scale.projection=false to skip it)")  # fmt: skip
+        print(f"\nno projection: cluster {cfg.cluster.get('name')} names no cluster.calibration "
+              "(a one-GPU run to take the FLOP rates from; see conf/cluster/h200.yaml)")  # fmt: skip
+        return
     print()
     print(projection(cfg, graph, mcfg, world))
 
