@@ -5,7 +5,9 @@
     python -m jobs.graph graph=o96_l6 graph.rebuild=true
 
 Prints a table and one JSON line: nodes per set, edges per edge set, in-degree min/mean/max,
-sources left unreached, build time and whether the cache was hit.
+sources left unreached, build time and whether the cache was hit; then the encoder's in-degree
+distribution (percentiles, the cap and how many mesh nodes reach it, a histogram) and the number
+of boundary points when the data nodes have a boundary band.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ def main(cfg: DictConfig) -> None:
     stats.update(source="loaded from cache" if hit else "built", cache_file=str(path),
                  wall_s=round(time.perf_counter() - start, 3))  # fmt: skip
     print(format_table(stats))
+    print(graph.in_degree_report())
+    if "boundary" in stats:
+        print(f"boundary: {stats['boundary']['data']:,} of {stats['nodes']['data']:,} data points "
+              "forced by the driver (data.boundary)")  # fmt: skip
     print(json.dumps(stats))
 
 

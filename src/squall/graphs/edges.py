@@ -38,6 +38,13 @@ SEARCH_CHUNK = 1 << 16
 #: Destinations per step on a GPU: a block of 2^20 keeps the device busy (a block of 2^16 is a
 #: few milliseconds, launch-bound) and the o1280 decoder shows 7 steps.
 DEVICE_SEARCH_CHUNK = 1 << 20
+#: Sources kept per destination of a cutoff edge set when its spec sets no ``max_neighbours``
+#: (nearest first, ties by source index): Anemoi's default cap. The radius comes from the
+#: coarsest mesh spacing, so without a cap the fine mesh nodes of a stretched graph gather
+#: hundreds of grid points (stretched_nordic: up to 306, mean 115); global graphs up to o1280
+#: stay below it (o96_l6: at most 18), so the cap leaves them unchanged. ``max_neighbours:
+#: null`` in a spec keeps every source in range.
+DEFAULT_MAX_NEIGHBOURS = 64
 
 
 def _chunk_size() -> int:
@@ -269,14 +276,24 @@ def _index_in_full_mesh(nodes: NodeSet, full_xyz: np.ndarray) -> np.ndarray:
 EDGE_BUILDERS = {"cutoff", "knn", "multiscale"}
 
 
+def resolved_spec(spec: dict) -> dict:
+    """An edge spec with the defaults that change its edges filled in (the cutoff cap), so that a
+    spec that leaves them out and one that writes them hash alike."""
+    if spec.get("type") == "cutoff" and "max_neighbours" not in spec:
+        return {**spec, "max_neighbours": DEFAULT_MAX_NEIGHBOURS}
+    return dict(spec)
+
+
 def build_edges(
     spec: dict, src: NodeSet, dst: NodeSet, step: Callable[[], None] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Build edges from a spec such as ``{"type": "knn", "k": 3}``; ``step`` is called
-    :func:`search_steps` times (progress)."""
+    :func:`search_steps` times (progress). A cutoff spec without ``max_neighbours`` is capped at
+    :data:`DEFAULT_MAX_NEIGHBOURS` (see :func:`resolved_spec`)."""
     kind = spec.get("type")
     if kind == "cutoff":
-        return cutoff_edges(src, dst, float(spec["factor"]), spec.get("max_neighbours"),
+        cap = spec.get("max_neighbours", DEFAULT_MAX_NEIGHBOURS)
+        return cutoff_edges(src, dst, float(spec["factor"]), None if cap is None else int(cap),
                             spec.get("min_neighbours"), step)  # fmt: skip
     if kind == "knn":
         return knn_edges(src, dst, int(spec["k"]), step)

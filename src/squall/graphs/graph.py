@@ -31,7 +31,8 @@ import numpy as np
 from squall.errors import GraphError
 from squall.graphs import grids
 from squall.graphs.attributes import edge_attributes, node_attributes
-from squall.graphs.edges import build_edges, search_steps
+from squall.graphs.boundary import boundary_mask, boundary_spec, check_coverage
+from squall.graphs.edges import build_edges, resolved_spec, search_steps
 from squall.progress import Progress
 
 
@@ -83,8 +84,11 @@ class EdgeSet:
         return np.diff(self.colptr)
 
     def degree_stats(self) -> dict:
+        """In-degree ``min``, ``mean``, percentiles ``p50``/``p90``/``p99`` and ``max``."""
         deg = self.in_degree()
-        return {"min": int(deg.min()), "mean": float(deg.mean()), "max": int(deg.max())}
+        p50, p90, p99 = (float(v) for v in np.percentile(deg, [50, 90, 99]))
+        return {"min": int(deg.min()), "mean": float(deg.mean()), "p50": p50, "p90": p90,
+                "p99": p99, "max": int(deg.max())}  # fmt: skip
 
     def unreached_sources(self) -> int:
         """Source nodes with no outgoing edge: their information never crosses this edge set."""
@@ -109,6 +113,14 @@ class Graph:
     build_seconds: float = 0.0
     meta: dict = field(default_factory=dict)
 
+    def boundary_mask(self, name: str = "data") -> np.ndarray | None:
+        """``[N]`` bool of the points of ``name`` forced by a driving model (the spec's
+        ``nodes.<name>.boundary``, :mod:`squall.graphs.boundary`), or None without one."""
+        spec = boundary_spec(self.spec, name)
+        if spec is None:
+            return None
+        return boundary_mask(self.nodes[name], spec, dict(self.spec["nodes"][name]))
+
     def node_attributes(self, name: str) -> np.ndarray:
         """``[N, 4]`` float32 sin/cos latitude and longitude of node set ``name``."""
         return node_attributes(self.nodes[name].latlon)
@@ -130,7 +142,37 @@ class Graph:
                 for k, e in self.edges.items()
             },
             "build_s": round(self.build_seconds, 3),
-        }
+        } | self._boundary_counts()
+
+    def _boundary_counts(self) -> dict:
+        mask = self.boundary_mask()
+        return {} if mask is None else {"boundary": {"data": int(mask.sum())}}
+
+    def in_degree_report(self, names=("encoder",)) -> str:
+        """The in-degree distribution of edge sets ``names`` (those the graph has) as text: the
+        statistics of :meth:`EdgeSet.degree_stats`, the spec's cap and how many destinations
+        reach it, and a histogram over powers of two."""
+        lines = []
+        for name in names:
+            if name not in self.edges:
+                continue
+            e, spec = self.edges[name], dict(self.spec.get("edges", {}).get(name) or {})
+            d, deg = e.degree_stats(), e.in_degree()
+            cap = resolved_spec(spec).get("max_neighbours")
+            capped = ""
+            if cap is not None:
+                capped = f", cap {cap} (reached by {int((deg >= int(cap)).sum()):,} of {len(deg):,})"
+            lines.append(f"{name} in-degree ({e.src}->{e.dst}, {e.num_edges:,} edges): min "
+                         f"{d['min']}, mean {d['mean']:.1f}, p50 {d['p50']:g}, p90 {d['p90']:g}, "
+                         f"p99 {d['p99']:g}, max {d['max']}{capped}")  # fmt: skip
+            top = max(1, int(deg.max()))
+            edges = [0, 1] + [1 << k for k in range(1, top.bit_length() + 1)]
+            counts = np.histogram(deg, bins=[*edges[:-1], max(edges[-1], top + 1)])[0]
+            bins = [f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}"
+                    for lo, hi in zip(edges[:-1], edges[1:], strict=True)]  # fmt: skip
+            lines.append("  histogram: " + ", ".join(
+                f"{b}: {c:,}" for b, c in zip(bins, counts, strict=True) if c))  # fmt: skip
+        return "\n".join(lines)
 
 
 def _region(spec, key="region"):
@@ -224,9 +266,25 @@ def build_graph(spec: dict, spec_hash: str = "") -> Graph:
                 src_set, dst_set = nodes[s["src"]], nodes[s["dst"]]
                 pairs = build_edges(s, src_set, dst_set, bar.update)
                 edges[name] = EdgeSet.from_pairs(name, src_set, dst_set, *pairs)
+        _check_boundaries(spec, nodes, edges)
     except KeyError as err:
         raise GraphError(f"graph spec {spec.get('name')!r}: missing key {err}") from None
     except (TypeError, ValueError) as err:
         raise GraphError(f"graph spec {spec.get('name')!r}: bad value ({err})") from None
     return Graph(spec.get("name", "graph"), spec, spec_hash, nodes, edges,
                  time.perf_counter() - start)  # fmt: skip
+
+
+def _check_boundaries(spec: dict, nodes: dict, edges: dict) -> None:
+    """Every node set with a boundary: each interior point is a source of the edge sets leaving
+    that set (:func:`squall.graphs.boundary.check_coverage`)."""
+    for name, nodes_set in nodes.items():
+        bspec = boundary_spec(spec, name)
+        if bspec is None:
+            continue
+        mask = boundary_mask(nodes_set, bspec, dict(spec["nodes"][name]))
+        leaving = [e for e in edges.values() if e.src == name]
+        if not leaving:
+            raise GraphError(f"node set {name!r} has a boundary but no edge set leaves it")
+        out_degree = sum(np.diff(e.rowptr) for e in leaving)
+        check_coverage(nodes_set, mask, out_degree, "/".join(e.name for e in leaving))

@@ -19,6 +19,7 @@ import numpy as np
 
 from squall.config import as_flag, to_container
 from squall.errors import GraphCacheError, GraphError
+from squall.graphs.edges import resolved_spec
 from squall.graphs.graph import EdgeSet, Graph, build_graph
 from squall.graphs.grids import NodeSet
 
@@ -36,8 +37,15 @@ def to_plain(spec) -> dict:
 
 
 def spec_hash(spec: dict) -> str:
-    """16 hex digits of SHA-256 over the canonical JSON of the spec and the format version."""
+    """16 hex digits of SHA-256 over the canonical JSON of the spec and the format version.
+
+    Edge specs are hashed with their defaults filled in (:func:`squall.graphs.edges.resolved_spec`):
+    a cutoff spec without ``max_neighbours`` and one with the default cap are the same graph.
+    """
     body = {k: v for k, v in spec.items() if k not in ("name", "rebuild")}
+    if isinstance(body.get("edges"), dict):
+        body["edges"] = {k: resolved_spec(v) if isinstance(v, dict) else v
+                         for k, v in body["edges"].items()}  # fmt: skip
     text = json.dumps({"format": FORMAT_VERSION, "spec": body}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
