@@ -138,6 +138,10 @@ def test_sharding_divides_the_state_and_is_chosen_only_when_memory_requires_it(s
                                             - m.static_gib(8, False))  # fmt: skip
     best, fitting = m.choose(8, 8, "weak", budget_gib=tight + PLAN_HEADROOM_GIB)
     assert all(p.peak_gib <= tight for p in fitting)
+    # below the unsharded state itself only sharded layouts remain, and one is chosen
+    below = 0.9 * m.static_gib(8, False)
+    best, fitting = m.choose(8, 8, "weak", budget_gib=below + PLAN_HEADROOM_GIB)
+    assert best.shard and all(p.shard and p.peak_gib <= below for p in fitting)
 
 
 def test_communication_grows_with_the_gpu_count(small_graph):
