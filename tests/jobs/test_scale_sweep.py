@@ -61,13 +61,15 @@ def test_default_local_sweep_falls_back_to_local_store_and_prints_table(tmp_path
         ranks = {k for k in data.metrics if k.startswith("memory/peak_rss_GiB/rank")}
         assert ranks == {f"memory/peak_rss_GiB/rank{r}" for r in range(gpus)}
         assert data.metrics["time/measured_steps"] == 3
-        assert data.metrics["time/step_p10_s"] <= data.metrics["time/step_s"] <= \
-            data.metrics["time/step_p90_s"]
         assert (data.metrics["comm/bytes_per_step"] > 0) == (gpus > 1)
         history = client.get_metric_history(run.info.run_id, "time/last_step_s")
         assert [m.step for m in history] == [1, 2, 3, 4]  # warm-up 1 + 3 timed, every step
-        # Throughput is the global batch (2, strong scaling) over the 3 timed steps' time.
-        timed = [m.value for m in history if m.step > 1]
+        # The summary is made of the 3 timed steps the run logged: their median, percentiles
+        # within their range, and the global batch (2, strong scaling) over their time.
+        timed = sorted(m.value for m in history if m.step > 1)
+        assert data.metrics["time/step_s"] == timed[1]
+        assert timed[0] <= data.metrics["time/step_p10_s"] <= timed[1] <= \
+            data.metrics["time/step_p90_s"] <= timed[2]
         assert data.metrics["throughput/samples_per_s"] == pytest.approx(2 * 3 / sum(timed),
                                                                          rel=1e-9)
     assert (tmp_path / "sweeps").is_dir()
