@@ -789,6 +789,8 @@ def format_scaling(title: str, points: list, mode: str) -> str:
     """Plain-text table of :meth:`ScalingModel.scaling` with efficiencies against its first
     point and the crossover marked."""
     first = next((p for p in points if isinstance(p, Projection)), None)
+    if first is not None:
+        title += f" (eff against {first.gpus} GPU(s), the first count that fits)"
     lines = [title, f"{'GPUs':>5} {'nodes':>5} {'layout':>16} {'batch/grp':>9} {'s/step':>9} "
              f"{'compute':>8} {'halo':>8} {'grad':>8} {'eff':>6} {'GiB/rank':>8} "
              f"{'part':>5}  checkpoint plan"]  # fmt: skip
