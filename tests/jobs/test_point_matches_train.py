@@ -23,19 +23,31 @@ from jobs.train import run as train_job  # noqa: E402
 
 pytestmark = pytest.mark.slow  # two builds and an MLflow store: 20 to 40 s on 2 loaded cores
 
-LAUNCHER_VARIABLES = ("SLURM_PROCID", "SLURM_JOB_ID", "SUBMITIT_EXECUTOR", "RANK", "WORLD_SIZE",
-                      "TORCHELASTIC_RUN_ID", "SUBMITIT_LOCAL_GLOBALID", "MLFLOW_TRACKING_URI")
+LAUNCHER_VARIABLES = (
+    "SLURM_PROCID",
+    "SLURM_JOB_ID",
+    "SUBMITIT_EXECUTOR",
+    "RANK",
+    "WORLD_SIZE",
+    "TORCHELASTIC_RUN_ID",
+    "SUBMITIT_LOCAL_GLOBALID",
+    "MLFLOW_TRACKING_URI",
+)
 # Global batch 2 on one rank, 1 warm-up + 3 timed steps: jobs.train gets the same batch, step
 # budget (the learning-rate schedule's length) and timing warm-up through training.*.
-SHARED = [o for o in TINY if not o.startswith("scale.")] + ["training.log_every=1",
-                                                             "training.warmup_steps=2"]
+SHARED = [o for o in TINY if not o.startswith("scale.")] + [
+    "training.log_every=1",
+    "training.warmup_steps=2",
+]
 POINT = ["scale.batch=2", "scale.warmup_steps=1", "scale.steps=3"]
 TRAIN = ["training.batch_size=2", "training.max_steps=4", "training.timing_warmup_steps=1"]
 
 
 def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key),
-                                              key=lambda m: m.step)]
+    return [
+        (m.step, m.value)
+        for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+    ]
 
 
 def known_name(key: str) -> bool:
@@ -64,7 +76,9 @@ def test_a_point_and_jobs_train_log_the_same_losses(tmp_path, monkeypatch):
     # follows in this process runs with the same count (the same reduction order on CPU).
     run_point(point_cfg, factory)
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        train_cfg = compose("config", [*SHARED, *TRAIN, cache, f"training.run_dir={tmp_path}/train"])
+        train_cfg = compose(
+            "config", [*SHARED, *TRAIN, cache, f"training.run_dir={tmp_path}/train"]
+        )
     with StopSignals() as stop:  # what jobs.train's main does around its run
         _, stopped_by, logger = train_job(train_cfg, stop)
     assert stopped_by is None
@@ -92,4 +106,3 @@ def test_a_point_and_jobs_train_log_the_same_losses(tmp_path, monkeypatch):
         assert metrics[M.MEASURED_STEPS] == len(timed) == 3
         assert metrics[M.STEP_S] == pytest.approx(statistics.median(timed), rel=1e-12)
         assert metrics[M.SAMPLES_PER_S] == pytest.approx(2 * len(timed) / sum(timed), rel=1e-9)
-
