@@ -22,6 +22,10 @@ applies, in this order:
    gradient. A plain data-parallel model (``model_parallel == 1``, ``chunks == 1``) goes through
    DDP (``replicate``, in place), which overlaps the all-reduce with the backward; any other
    layout through :class:`GradReducer` (summed over the model group, averaged over replicas).
+   With ``shard_parameters``, any layout goes through FSDP2 instead
+   (:func:`squall.parallel.sharding.shard_parameters`): parameters, gradients and optimizer
+   state sharded over the whole world, each block gathered just in time, gradients
+   reduce-scattered with the same sum-over-the-model-group, mean-over-replicas rule.
    Parameters and buffers start from global rank 0's, as DDP does.
 
 Steps 2 to 4 are carried out by the block runner installed as ``model.runner``
@@ -43,13 +47,14 @@ data-parallel replicas).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from squall.config import as_flag
 from squall.distributed.layout import Layout, LayoutError, ProcessGroups, build_groups
 from squall.graphs import Graph
 from squall.models.forecaster import (
@@ -74,6 +79,7 @@ from squall.parallel.halo import (
     interior_first_order,
 )
 from squall.parallel.partition import ALIASES, METHODS, Partition, partition_graph
+from squall.parallel.sharding import PARAM_DTYPES, shard_parameters
 from squall.tracking import metrics as M
 
 log = logging.getLogger(__name__)
@@ -99,12 +105,20 @@ class ParallelConfig:
     chunks : int
         Sequential pieces of the encoder and decoder per rank (1 = off), each recomputed in
         backward.
+    shard_parameters : bool
+        Shard parameters, gradients and optimizer state over every rank (FSDP2; see
+        :mod:`squall.parallel.sharding`). No effect on a world of one.
+    param_dtype : str
+        ``fp32`` or ``bf16``: dtype sharded blocks are gathered and computed in; :func:`
+        prepare_parallel` sets ``bf16`` when training computes in bf16.
     """
 
     model_parallel: int = 1
     partition: str = "sfc"
     overlap: bool = False
     chunks: int = 1
+    shard_parameters: bool = False
+    param_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.partition in ALIASES:
@@ -119,6 +133,9 @@ class ParallelConfig:
                 f"parallel.model_parallel={self.model_parallel} and parallel.chunks={self.chunks} "
                 "must be >= 1"
             )
+        if self.param_dtype not in PARAM_DTYPES:
+            raise LayoutError(f"param_dtype={self.param_dtype!r}: choose one of "
+                              f"{tuple(PARAM_DTYPES)}")  # fmt: skip
 
     @classmethod
     def from_cfg(cls, cfg) -> ParallelConfig:
@@ -128,7 +145,9 @@ class ParallelConfig:
             partition=str(cfg.get("partition") or "sfc"),
             overlap=bool(cfg.get("overlap", False)),
             chunks=int(cfg.get("chunks", 1)),
-        )
+            shard_parameters=as_flag(cfg.get("shard_parameters", False),
+                                     "parallel.shard_parameters"),
+        )  # fmt: skip
 
 
 def make_partition(graph: Graph, cfg: ParallelConfig, processor_layers: int) -> Partition:
@@ -460,14 +479,21 @@ def parallelize(
             compile_blocks(model)
     model.runner = runner
 
-    # 6. gradient synchronisation
+    # 6. gradient synchronisation (and parameter sharding)
     if groups.world is not None:
-        if sharded:
+        if sharded or config.shard_parameters:
             # one starting point everywhere, as DDP does: parameters and persistent buffers of
             # global rank 0 (the graph's buffers are built from the same file on every rank)
             with torch.no_grad():
                 for t in model.state_dict().values():
                     dist.broadcast(t, src=0, group=groups.world)
+        if config.shard_parameters:
+            # sharded over the world; reduce-scattered: sum over the model group, average over
+            # data-parallel replicas
+            blocks = [block for _, block, _ in _blocks(model)]
+            shard_parameters(model, blocks, groups.world, layout.data_parallel,
+                             config.param_dtype)  # fmt: skip
+        elif sharded:
             # sum over the model group, average over data-parallel replicas
             runner.grad_reducer = GradReducer(model, groups.world, layout.data_parallel)
         else:  # DDP broadcasts rank 0's parameters and buffers itself
@@ -547,6 +573,8 @@ def prepare_parallel(cfg, graph: Graph) -> ParallelSetup:
     :func:`parallelize` with ``setup.config`` and ``setup.groups``).
     """
     pcfg = ParallelConfig.from_cfg(cfg.get("parallel"))
+    if pcfg.shard_parameters and _computes_in_bf16(cfg.get("training")):
+        pcfg = replace(pcfg, param_dtype="bf16")
     world = dist.get_world_size() if dist.is_initialized() else 1
     groups = build_groups(Layout(world, pcfg.model_parallel))
     grid = None
@@ -554,6 +582,18 @@ def prepare_parallel(cfg, graph: Graph) -> ParallelSetup:
         layers = int(cfg.model.processor_layers)
         grid = local_grid_indices(graph, pcfg, groups.model_rank, layers)
     return ParallelSetup(pcfg, groups, grid)
+
+
+def _computes_in_bf16(training) -> bool:
+    """Whether the trainer autocasts to bf16: ``precision`` bf16, or auto on a CUDA device (as
+    :class:`squall.train.loop.Trainer` and ``training.device`` decide)."""
+    if training is None:
+        return False
+    precision = str(training.get("precision", "fp32"))
+    if precision != "auto":
+        return precision == "bf16"
+    device = str(training.get("device", "auto"))
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def reduce_loss(loss: torch.Tensor, groups: ProcessGroups) -> torch.Tensor:
