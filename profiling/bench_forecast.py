@@ -146,9 +146,9 @@ def run_variant(model, layout, rows, area, args, device, variant, zarr_root, ran
         clock = StepClock(device)
         clock.mark()
 
-        def on_step(s, field):
+        def on_step(s, field):  # field [members, G, V]: one member here
             if writer is not None:
-                writer.put(0, s, field)
+                writer.put(0, s, field[0])
             clock.mark()
 
         if cuda:
