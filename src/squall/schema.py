@@ -210,6 +210,37 @@ class GeneratorSchema(Schema):
 
 
 @dataclass
+class BoundarySchema(Schema):
+    """Lateral boundary forcing (``data.boundary``; ``squall.data.boundary``), used when the
+    graph's data nodes have a ``boundary`` (``conf/graph/lam_alps.yaml``).
+
+    Attributes
+    ----------
+    enabled : bool
+        Force the boundary points with the driver in training and forecasts (false: a plain
+        cut-out, scored on the same interior).
+    source : str
+        ``synthetic`` (a global run of the same generator settings, written on ``grid`` when
+        ``path`` is missing) or ``zarr`` (an existing dataset in the same layout).
+    path : str
+        The driving dataset: same variables (the prognostic ones at least) and dates.
+    grid : str
+        Grid of a synthetic driver, e.g. ``O48``.
+    neighbours : int
+        Driver points of the inverse-distance interpolation onto each boundary point.
+    power : float
+        Inverse-distance exponent.
+    """
+
+    enabled: bool = True
+    source: str = setting("synthetic", choices=("synthetic", "zarr"))
+    path: str = MISSING
+    grid: str = "O48"
+    neighbours: int = setting(4, ge=1)
+    power: float = setting(2.0, gt=0)
+
+
+@dataclass
 class DataSchema(Schema):
     """Dataset and loader (``conf/data/*.yaml``; ``squall.data``).
 
@@ -243,6 +274,8 @@ class DataSchema(Schema):
         Time range of each split.
     generator : GeneratorSchema or None
         Synthetic generator (null for real data).
+    boundary : BoundarySchema or None
+        Driving dataset of a limited-area graph's boundary points (null: none).
     """
 
     source: str = setting(choices=("synthetic", "zarr"))
@@ -260,6 +293,7 @@ class DataSchema(Schema):
     validation: SplitSchema = MISSING
     test: SplitSchema = MISSING
     generator: GeneratorSchema | None = None
+    boundary: BoundarySchema | None = None
 
     @classmethod
     def check(cls, node: DictConfig, path: str) -> None:

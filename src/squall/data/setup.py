@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from squall.config import to_container
+from squall.data.boundary import attach_driver
 from squall.data.synthetic import SyntheticSettings, generate
 from squall.data.zarr_dataset import WindowDataset, format_timedelta, parse_timedelta, read_info
 from squall.errors import DataError
@@ -106,7 +107,9 @@ def build_dataset(cfg, split: str = "train", rollout: int = 1, grid_indices=None
     The validation and test splits use the normaliser of the training statistics given by
     ``normaliser`` (pass ``train.normaliser``); by default each uses the dataset statistics.
     With ``check``, every chunk of the split's times must be stored and intact
-    (:meth:`WindowDataset.check_complete`, a :class:`DataError` naming what is not).
+    (:meth:`WindowDataset.check_complete`, a :class:`DataError` naming what is not). When the
+    graph has boundary points and ``data.boundary`` a driver, the samples carry its values on
+    them (:func:`squall.data.boundary.attach_driver`; a synthetic driver is written if missing).
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
@@ -136,6 +139,7 @@ def build_dataset(cfg, split: str = "train", rollout: int = 1, grid_indices=None
         chunks = dataset.check_complete()
         log.debug("dataset %s: %d chunks of the %s split present and intact (%.2f s)",
                   dataset.path, chunks, split, time.perf_counter() - start)  # fmt: skip
+    attach_driver(cfg, dataset)
     return dataset
 
 

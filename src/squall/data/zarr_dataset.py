@@ -507,7 +507,10 @@ class WindowDataset(torch.utils.data.Dataset):
     ``t - (input_steps - 1) s, ..., t`` and ``y`` float32 ``[rollout, grid, variable]`` at
     ``t + s, ..., t + rollout s`` (``s`` = ``timestep`` / dataset frequency), both normalised;
     ``index`` is ``t``, the dataset time index of the last input state (its date is
-    ``dataset.dates[index]``). Every time of a window lies in the requested range.
+    ``dataset.dates[index]``). Every time of a window lies in the requested range. With a
+    ``boundary`` driver (:func:`squall.data.boundary.attach_driver`), ``boundary`` float32
+    ``[input_steps + rollout, P, V_b]`` holds the driver's values on the boundary points at every
+    time of the window, normalised.
 
     The zarr store is opened on first access in each process, so the dataset pickles cheaply to
     DataLoader workers. Reads fetch whole time chunks; ``grid_indices`` then keeps a rank's rows.
@@ -593,6 +596,7 @@ class WindowDataset(torch.utils.data.Dataset):
         self._scale = normaliser.scale.numpy().astype(np.float32)
         self._data = None
         self._pid = None
+        self.boundary = None  # a squall.data.boundary.BoundaryDriver
 
     # -- metadata -------------------------------------------------------------------------------
 
@@ -671,11 +675,14 @@ class WindowDataset(torch.utils.data.Dataset):
         times = self.window_times(k)
         values = (self.read(times) - self._offset) / self._scale
         n = self.input_steps
-        return {
+        sample = {
             "x": torch.from_numpy(values[:n]),
             "y": torch.from_numpy(values[n:]),
             "index": int(times[n - 1]),
         }
+        if self.boundary is not None:
+            sample["boundary"] = torch.from_numpy(self.boundary.values(self.info.dates[times]))
+        return sample
 
 
 def make_dataloader(dataset, batch_size=1, shuffle=False, num_workers=0, seed=0, drop_last=False,

@@ -171,6 +171,7 @@ class Trainer:
         self.outputs = torch.tensor(layout.outputs, device=device)
         self.prog_in = torch.tensor(layout.prognostic_in, device=device)
         self.prog_out = torch.tensor(layout.prognostic_out, device=device)
+        self.boundary = None  # squall.train.boundary.BoundaryForcing, set by build_run
         self.stop_requested = False
         self.stopped_by: str | None = None
         self.stop_signum = 0
@@ -187,6 +188,8 @@ class Trainer:
         x = batch["x"].to(self.device, non_blocking=True)
         y = batch["y"].to(self.device, non_blocking=True)
         state = x.index_select(-1, self.inputs)
+        if self.boundary is not None:  # a driven limited-area model (squall.train.boundary)
+            state = self.boundary.force_inputs(state, batch)
         for r in range(y.shape[1]):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 pred = self.net(state)
@@ -197,14 +200,21 @@ class Trainer:
                 nxt = nxt.index_copy(
                     -1, self.prog_in, pred.index_select(-1, self.prog_out).to(nxt.dtype)
                 )
+                if self.boundary is not None:
+                    nxt = self.boundary.force_next(nxt, batch, r + 1)
                 state = torch.cat([state[:, 1:], nxt.unsqueeze(1)], dim=1)
+
+    def loss_area(self) -> torch.Tensor:
+        """Cell areas weighing errors: the interior only for a driven limited-area model."""
+        area = self.model.graph.area
+        return area if self.boundary is None else self.boundary.weights(area)
 
     def rollout_loss(self, batch: dict) -> torch.Tensor:
         """Mean area-weighted MSE over the rollout steps (normalised space); an ensemble's
         score over its members instead when :attr:`loss_fn` is set."""
         if self.loss_fn is not None:
             return self.loss_fn(self, batch)
-        area = self.model.graph.area
+        area = self.loss_area()
         losses = [area_weighted_mse(pred, truth, area) for pred, truth in self.rollout(batch)]
         return sum(losses) / len(losses)
 
@@ -240,7 +250,7 @@ class Trainer:
         """Validation loss, and the prognostic variables' error against persistence (repeating
         the last input state over the rollout): ``skill = 1 - model / persistence``."""
         self.net.eval()
-        area = self.model.graph.area
+        area = self.loss_area()
         sums = torch.zeros(
             3, dtype=torch.float64, device=self.device
         )  # total, prognostic, persistence

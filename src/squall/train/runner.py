@@ -37,6 +37,7 @@ from squall.parallel.parallelize import (
 )  # fmt: skip
 from squall.planning.estimate import describe_checkpointing, estimate
 from squall.tracking import metrics as M
+from squall.train.boundary import BoundaryForcing
 from squall.train.checkpoint import checkpoint_extra
 from squall.train.loop import Trainer, TrainerHooks, VariableLayout
 
@@ -163,6 +164,7 @@ def build_run(
         barrier=dist.barrier if distributed else None,
         replicas=setup.data_parallel_size if setup is not None else 1, hooks=hooks,
     )  # fmt: skip
+    trainer.boundary = BoundaryForcing.for_dataset(train_set, layout, device)  # a driven LAM
     return RunParts(graph, model, trainer, train_set, val_set, layout, setup)
 
 
