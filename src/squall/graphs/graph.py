@@ -161,7 +161,8 @@ class Graph:
             cap = resolved_spec(spec).get("max_neighbours")
             capped = ""
             if cap is not None:
-                capped = f", cap {cap} (reached by {int((deg >= int(cap)).sum()):,} of {len(deg):,})"
+                full = int((deg >= int(cap)).sum())
+                capped = f", cap {cap} (reached by {full:,} of {len(deg):,})"
             lines.append(f"{name} in-degree ({e.src}->{e.dst}, {e.num_edges:,} edges): min "
                          f"{d['min']}, mean {d['mean']:.1f}, p50 {d['p50']:g}, p90 {d['p90']:g}, "
                          f"p99 {d['p99']:g}, max {d['max']}{capped}")  # fmt: skip
