@@ -15,7 +15,10 @@ inputs, batch 1, with overlap on and off, and measures:
 * halo bytes per step: bytes every rank sent in the step (forward and backward exchanges);
 * halo time: each edge set's exchange timed alone (forward and reverse directions), times its
   uses per step; the share hidden by overlap is ``(t_off - t_on) / t_halo``;
-* with one GPU, the decoder's and encoder's peak activation memory with ``chunks`` 1 and 4.
+* with one GPU, the decoder's and encoder's peak activation memory with ``chunks`` 1 and 4;
+* ``--shard-parameters 1``: parameters, gradients and AdamW state sharded over the ranks (FSDP2,
+  blocks gathered in bf16); every rank's parameter + gradient + optimizer bytes (its local
+  shards) are recorded either way (``state_GiB``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from squall.models.forecaster import GraphForecaster, ModelConfig  # noqa: E402
 from squall.parallel.halo import build_halo_plans  # noqa: E402
 from squall.parallel.parallelize import ParallelConfig, parallelize  # noqa: E402
 from squall.parallel.partition import partition_graph, partition_report  # noqa: E402
+from squall.parallel.sharding import local_state_bytes  # noqa: E402
 from squall.train.loop import area_weighted_mse  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,7 +266,9 @@ def cmd_time(args) -> None:
                             residual_map=[(i, i) for i in range(NUM_VARS)]).to(device)  # fmt: skip
     torch.nn.init.normal_(model.head.weight, std=0.01)
     t1 = time.perf_counter()
-    pcfg = ParallelConfig(env.world_size, args.partition, overlap=True, chunks=1)
+    shard = bool(args.shard_parameters)
+    pcfg = ParallelConfig(env.world_size, args.partition, overlap=True, chunks=1,
+                          shard_parameters=shard, param_dtype="bf16" if cuda else "fp32")  # fmt: skip
     model = parallelize(model, g, pcfg, groups)
     t_plan = time.perf_counter() - t1
     n_local = model.graph.num_data
@@ -326,7 +332,8 @@ def cmd_time(args) -> None:
     # slowest rank decides the step: gather and reduce on rank 0
     summary = {"rank": env.rank, "rows": rows, "halo_s": halo_s, "halo_detail": halo_detail,
                "t_graph_s": t_graph, "t_plan_s": t_plan, "n_local_data": n_local,
-               "n_local_mesh": model.graph.num_mesh}  # fmt: skip
+               "n_local_mesh": model.graph.num_mesh,
+               "state_GiB": local_state_bytes(model, opt)["total"] / GIB}  # fmt: skip
     if env.world_size == 1 and cuda and args.chunk_memory:
         summary["chunk_memory"] = _chunk_memory(g, mcfg, device, args)
     gathered = [None] * env.world_size
@@ -335,7 +342,7 @@ def cmd_time(args) -> None:
         result = {"info": machine_info(), "gpus": env.world_size, "graph": args.graph,
                   "channels": args.channels, "heads": args.heads, "layers": args.layers,
                   "batch": args.batch, "backend": args.backend, "checkpoint": ckpt,
-                  "partition": args.partition, "ranks": gathered,
+                  "partition": args.partition, "ranks": gathered, "shard_parameters": shard,
                   "gflop_per_step": 3 * model.flops_per_sample() * args.batch / 1e9}  # fmt: skip
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, f"time_{env.world_size}.json").write_text(json.dumps(result))
@@ -344,7 +351,9 @@ def cmd_time(args) -> None:
                   f"{max(s['rows'][rows.index(r)]['s_per_step'] for s in gathered):.4f} s/step "
                   f"peak {max(s['rows'][rows.index(r)]['peak_GiB'] for s in gathered):.2f} GiB "
                   f"halo {sum(s['rows'][rows.index(r)]['halo_bytes_sent_per_step'] for s in gathered) / 1e6:.1f} MB/step "
-                  f"halo alone {max(s['halo_s'] for s in gathered):.4f} s", flush=True)  # fmt: skip
+                  f"halo alone {max(s['halo_s'] for s in gathered):.4f} s "
+                  f"state {max(s['state_GiB'] for s in gathered):.3f} GiB "
+                  f"shard_parameters={shard}", flush=True)  # fmt: skip
     destroy_distributed()
 
 
@@ -445,7 +454,9 @@ def cmd_table(args) -> None:
                                              for s in ranks) / 1e6, 2),
                "halo_alone_s": round(halo_s, 4), "hidden_share": round(hidden, 3),
                "tflops_per_gpu": round(r["gflop_per_step"] / 1e3 / t_on / gpus, 1),
-               "plan_build_s": round(max(s["t_plan_s"] for s in ranks), 2)}  # fmt: skip
+               "plan_build_s": round(max(s["t_plan_s"] for s in ranks), 2),
+               "shard_parameters": r.get("shard_parameters", False),
+               "state_GiB_max": round(max(s.get("state_GiB", float("nan")) for s in ranks), 3)}  # fmt: skip
         cm = ranks[0].get("chunk_memory")
         if cm:
             row.update({k: round(v, 3) for k, v in cm.items()})
@@ -537,6 +548,12 @@ def main(argv=None) -> None:
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--steps", type=int, default=5)
     t.add_argument("--chunk-memory", type=int, default=1)
+    t.add_argument(
+        "--shard-parameters",
+        type=int,
+        default=0,
+        help="1: shard parameters, gradients and optimizer state (FSDP2)",
+    )
     t.add_argument("--out", required=True)
     cm = sub.add_parser("chunkmem")
     cm.add_argument("--graph", default="o320_l7")

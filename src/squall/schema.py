@@ -603,6 +603,9 @@ class ParallelSchema(Schema):
         Compute interior destinations while the halo is in flight.
     chunks : int
         Encoder and decoder in this many recomputed pieces per rank (1: off).
+    shard_parameters : bool
+        Shard parameters, gradients and optimizer state over every rank (FSDP2; blocks gathered
+        just in time); no effect on one rank.
     gpus : int or None
         Ranks of a scaling point (``jobs.scale``; ``jobs.dry_run``'s world size when set).
     nodes : int or None
@@ -615,6 +618,7 @@ class ParallelSchema(Schema):
     partition: str = setting(choices=("sfc", "bands", "ranges"))
     overlap: bool = MISSING
     chunks: int = setting(ge=1)
+    shard_parameters: bool = MISSING
     gpus: int | None = setting(None, ge=1)
     nodes: int | None = setting(None, ge=1)
     data_parallel: int | None = setting(None, ge=1)

@@ -121,9 +121,9 @@ def _check(results, exact, exact_losses, tol, loss_tols, what):
         assert err <= tol, f"{what} rank {r}: max parameter error {err:.3g} > {tol:.3g}"
 
 
-LAYOUTS = [  # (model_parallel, data_parallel, chunks)
-    pytest.param(1, 2, 1, id="dp2"),
-    pytest.param(2, 1, 1, id="mp2"),
+LAYOUTS = [  # (model_parallel, data_parallel, chunks); mp2 alone runs by default (below)
+    pytest.param(1, 2, 1, id="dp2", marks=pytest.mark.slow),
+    pytest.param(2, 1, 1, id="mp2", marks=pytest.mark.slow),
     pytest.param(2, 2, 1, id="mp2-dp2", marks=pytest.mark.slow),
     pytest.param(1, 4, 1, id="dp4", marks=pytest.mark.slow),
     pytest.param(4, 1, 1, id="mp4", marks=pytest.mark.slow),
@@ -132,12 +132,30 @@ LAYOUTS = [  # (model_parallel, data_parallel, chunks)
 STEPS = 3
 
 
+def _run_layout(model_parallel, data_parallel, chunks, out: Path) -> list[dict]:
+    world = model_parallel * data_parallel
+    spawn(_train_layout, world, model_parallel, chunks, STEPS, str(out))
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def mp2_run(tmp_path_factory) -> list[dict]:
+    """Two model-parallel sharded ranks after STEPS steps (the default suite's one spawn)."""
+    return _run_layout(2, 1, 1, tmp_path_factory.mktemp("mp2"))
+
+
+def test_sharded_model_parallel_pair_equals_one_unsharded_process(mp2_run):
+    _check_layout(mp2_run, 2, 1)
+
+
 @pytest.mark.parametrize("model_parallel,data_parallel,chunks", LAYOUTS)
 def test_sharded_parameters_equal_one_unsharded_process(model_parallel, data_parallel, chunks,
                                                         tmp_path):  # fmt: skip
-    world = model_parallel * data_parallel
-    spawn(_train_layout, world, model_parallel, chunks, STEPS, str(tmp_path))
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    results = _run_layout(model_parallel, data_parallel, chunks, tmp_path)
+    _check_layout(results, model_parallel, data_parallel)
+
+
+def _check_layout(results, model_parallel, data_parallel):
     exact, exact_losses = _reference(STEPS, torch.float64)
     fp32, fp32_losses = _reference(STEPS, torch.float32)
     tol, loss_tols = _tolerances(exact, fp32, exact_losses, fp32_losses)
@@ -148,12 +166,11 @@ def test_sharded_parameters_equal_one_unsharded_process(model_parallel, data_par
             assert torch.equal(p, results[0]["params"][name]), name
 
 
-def test_state_per_rank_at_two_ranks_is_at_most_055_of_one(tmp_path):
+def test_state_per_rank_at_two_ranks_is_at_most_055_of_one(mp2_run):
     """Parameters + gradients + AdamW state held by each of 2 model-parallel ranks (their local
-    shards, measured after a step) against one unsharded process's. 0.5 is the even split; the
+    shards, measured after training) against one unsharded process's. 0.5 is the even split; the
     rest is dim-0 padding of odd-sized tensors and AdamW's replicated step counters."""
-    spawn(_train_layout, 2, 2, 1, 1, str(tmp_path))
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt")["bytes"] for r in range(2)]
+    per_rank = [r["bytes"] for r in mp2_run]
     model = make_model(tiny_graph())
     trainer = _trainer(model)
     trainer.train_step(_batches(1)[0])

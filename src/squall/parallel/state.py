@@ -19,9 +19,11 @@ of the full tensors.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +34,23 @@ from squall.errors import SquallError
 
 #: Key of a sharded checkpoint file naming its DCP directory (relative to the file's folder).
 SHARDS_KEY = "shards"
+
+
+def _misfit(path, err: Exception) -> SquallError:
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    return SquallError(f"checkpoint {path} does not fit this model ({first}); use another run_dir "
+                       "or the same model and graph config")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """Silence DCP's warning that it runs in one process (a deliberate P=1 save or load)."""
+    with warnings.catch_warnings():
+        if not _distributed():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to",
+                                    category=UserWarning)  # fmt: skip
+        yield
 
 
 def shards_root(path: Path) -> Path:
@@ -76,7 +95,8 @@ def save_sharded(path, model: nn.Module, optimizer, scheduler, step: int, sample
     if _distributed():
         dist.barrier()
     model_state, optim_state = _states(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=target)
+    with _single_process_quiet():
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=target)
     if main:
         payload = {
             "format": FORMAT_VERSION,
@@ -127,7 +147,6 @@ def load_states(path, payload: dict, model: nn.Module, optimizer=None) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     path = Path(path)
-    advice = "use another run_dir or the same model and graph config"
     if SHARDS_KEY not in payload:  # full states into a sharded model
         optim = None
         if optimizer is not None:
@@ -136,8 +155,7 @@ def load_states(path, payload: dict, model: nn.Module, optimizer=None) -> None:
             _set_states(model, optimizer, payload["model"], optim,
                         StateDictOptions(full_state_dict=True))  # fmt: skip
         except (RuntimeError, KeyError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SquallError(f"checkpoint {path} does not fit this model ({first}); {advice}") from None
+            raise _misfit(path, err) from None
         return
     where = shards_dir(path, payload)
     if not where.is_dir():
@@ -148,10 +166,10 @@ def load_states(path, payload: dict, model: nn.Module, optimizer=None) -> None:
     if optimizer is not None:
         state["optimizer"] = optim_state
     try:
-        dcp.load(state, checkpoint_id=where)
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=where)
     except Exception as err:  # DCP wraps rank failures in its own types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SquallError(f"checkpoint {path} does not fit this model ({first}); {advice}") from None
+        raise _misfit(path, err) from None
     _set_states(model, optimizer, state["model"], state.get("optimizer"))
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from squall.errors import SquallError
+from squall.parallel.sharding import is_sharded
+from squall.parallel.state import SHARDS_KEY, load_states
 
 FORMAT_VERSION = 1
 
@@ -91,6 +93,9 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng=Tru
     """Restore states from ``path`` into the given objects; return the checkpoint dict."""
     path = Path(path)
     payload = read_payload(path, "delete it to start afresh")
+    if SHARDS_KEY in payload or is_sharded(model):  # DCP: any layout, any rank count
+        load_states(path, payload, model, optimizer)
+        return _load_rest(payload, scheduler, restore_rng)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:
@@ -101,6 +106,10 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng=Tru
         ) from None
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
+    return _load_rest(payload, scheduler, restore_rng)
+
+
+def _load_rest(payload: dict, scheduler, restore_rng: bool) -> dict:
     if scheduler is not None:
         scheduler.load_state_dict(payload["scheduler"])
     if restore_rng:

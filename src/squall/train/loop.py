@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from squall.errors import DataError, SquallError
+from squall.parallel.sharding import is_sharded
+from squall.parallel.state import save_sharded
 from squall.progress import Progress
 from squall.tracking import metrics as M
 from squall.tracking.metrics import StepTimer, peak_memory
@@ -279,7 +281,8 @@ class Trainer:
         The checkpoint names the MLflow run it belongs to, so a resumed job continues that run,
         and holds the hooks' state.
         """
-        if self.checkpoint_path is not None and self.is_main:
+        sharded = is_sharded(self.model)  # every rank writes its shards
+        if self.checkpoint_path is not None and (self.is_main or sharded):
             run_id = getattr(self.logger, "run_id", None)
             extra = {} if run_id is None else {
                 "mlflow_run_id": run_id, "tracking_uri": getattr(self.logger, "tracking_uri", None)
@@ -287,8 +290,9 @@ class Trainer:
             hooks = self.hooks.state_dict()
             if hooks:
                 extra["hooks"] = hooks
-            save_checkpoint(self.checkpoint_path, self.model, self.optimizer, self.scheduler,
-                            self.step, self.samples_seen, extra)  # fmt: skip
+            save = save_sharded if sharded else save_checkpoint
+            save(self.checkpoint_path, self.model, self.optimizer, self.scheduler,
+                 self.step, self.samples_seen, extra)  # fmt: skip
         self.barrier()
 
     def resume(self) -> bool:
