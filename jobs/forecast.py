@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from jobs._entry import hydra_job
 from squall.distributed.env import destroy_distributed, dist_env, init_distributed
+from squall.train.boundary import format_lam
 from squall.train.forecast import forecast
 
 
@@ -36,6 +37,18 @@ def format_table(result: dict) -> str:
     for h, m, p, s in zip(result["lead_hours"], result["rmse_model"], result["rmse_persistence"],
                           result["skill"], strict=True):  # fmt: skip
         lines.append(f"{h:>7.0f}{m:>12.4f}{p:>14.4f}{s:>8.3f}")
+    if result.get("members", 1) > 1 or "crps_reference" in result:
+        lines += ["", f"CRPS (normalised units) of the model ({result.get('members', 1)} members"
+                  "; fair CRPS), persistence and the reference, and the ensemble's spread/skill:",
+                  f"{'lead h':>7}{'crps model':>12}{'crps persist':>14}{'crps ref':>10}"
+                  f"{'gain':>8}{'rmse ref':>10}{'spread/skill':>14}"]  # fmt: skip
+        for s, h in enumerate(result["lead_hours"]):
+            def cell(key, width, s=s):
+                return f"{result[key][s]:>{width}.4f}" if key in result else f"{'-':>{width}}"
+
+            lines.append(f"{h:>7.0f}{cell('crps_model', 12)}{cell('crps_persistence', 14)}"
+                         f"{cell('crps_reference', 10)}{cell('crps_gain', 8)}"
+                         f"{cell('rmse_reference', 10)}{cell('spread_skill', 14)}")  # fmt: skip
     names = list(result.get("rmse_by_variable", {}))
     if names:
         width = max(10, *(len(n) + 2 for n in names))
@@ -44,6 +57,8 @@ def format_table(result: dict) -> str:
         for s, h in enumerate(result["lead_hours"]):
             lines.append(f"{h:>7.0f}" + "".join(
                 f"{result['rmse_by_variable'][n][s]:>{width}.4g}" for n in names))  # fmt: skip
+    if "boundary_points" in result:  # a limited-area model: inside the domain, forced or not
+        lines += ["", format_lam(result)]
     memory = ", ".join(f"{k.rsplit('/', 1)[-1].removesuffix('_GiB').replace('_', ' ')} {v:.3g} GiB"
                        for k, v in result.get("memory", {}).items())  # fmt: skip
     lines.append(f"{result['starts']} starts on {result.get('ranks', 1)} rank(s), "

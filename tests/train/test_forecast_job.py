@@ -96,7 +96,8 @@ def test_forecast_names_its_checkpoint_and_keeps_its_scores(trained, capsys):
     variables = list(result["rmse_by_variable"])
     assert len(variables) > 1
     assert list(rows[0]) == ["lead_hours", "rmse_model", "rmse_persistence", "skill",
-                             *(f"rmse_{v}" for v in variables)]  # fmt: skip
+                             *(f"rmse_{v}" for v in variables), "crps_model",
+                             "crps_persistence"]  # fmt: skip
     assert [float(r["lead_hours"]) for r in rows] == [6.0, 12.0, 18.0]
     assert [float(r["rmse_model"]) for r in rows] == result["rmse_model"]
 

@@ -76,6 +76,16 @@ VALIDATION_METRICS = (LOSS_VAL, LOSS_VAL_PROGNOSTIC, LOSS_VAL_PERSISTENCE, SKILL
 FORECAST_RMSE_NORM = "forecast/rmse_normalised"
 FORECAST_RMSE_PERSISTENCE_NORM = "forecast/rmse_persistence_normalised"
 FORECAST_SKILL = "forecast/skill"  # 1 - mse_model / mse_persistence, dimensionless
+# Ensembles and baselines: CRPS (fair CRPS over members; absolute error of a single forecast)
+# and member spread in the same normalised units; spread/skill ratio (1 = calibrated) and CRPS
+# gain over the reference model (1 - crps_model / crps_reference) dimensionless.
+FORECAST_CRPS_NORM = "forecast/crps_normalised"
+FORECAST_CRPS_PERSISTENCE_NORM = "forecast/crps_persistence_normalised"
+FORECAST_CRPS_REFERENCE_NORM = "forecast/crps_reference_normalised"
+FORECAST_RMSE_REFERENCE_NORM = "forecast/rmse_reference_normalised"
+FORECAST_SPREAD_NORM = "forecast/spread_normalised"
+FORECAST_SPREAD_SKILL = "forecast/spread_skill_ratio"
+FORECAST_CRPS_GAIN = "forecast/crps_gain_vs_reference"
 
 GIB = 1024**3
 

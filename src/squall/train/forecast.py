@@ -10,6 +10,15 @@ for persistence (repeating the initial state):
 * area-weighted RMSE of each prognostic variable in **its own units** (the dataset's; the
   normalised error times the variable's normalisation scale).
 
+An ensemble model (``model.ensemble.members > 1``) is rolled out with its members folded into the
+batch, each member feeding back its own prediction, and is scored per lead time by the
+ensemble-mean RMSE, the CRPS (fair CRPS over the members; a single forecast's CRPS is its
+absolute error, so persistence and deterministic models get the same score) and the
+spread/skill ratio ``sqrt((M + 1) / M) * spread / rmse`` (1 for a calibrated ensemble). With
+``forecast.reference`` (a deterministic checkpoint trained on the same data) that model is rolled
+out from the same starts and scored alongside; ``crps_gain`` is ``1 - crps_model /
+crps_reference``.
+
 Before anything is built, the checkpoint is read and checked: one made on another graph (its
 spec hash) or with another architecture is refused in one line. Scores go to a CSV beside the
 checkpoint (``<run dir>/forecast/scores-step<step>-<split>.csv``) and to an MLflow run (one
@@ -35,18 +44,27 @@ from squall.config import to_container
 from squall.data.setup import build_dataset
 from squall.errors import ConfigError, SquallError
 from squall.graphs.store import spec_hash, to_plain
-from squall.models.forecaster import ModelConfig
+from squall.models.forecaster import GraphForecaster, ModelConfig
 from squall.progress import Progress
 from squall.tracking import NullLogger, create_logger, peak_memory
 from squall.tracking import metrics as M
 from squall.tracking.experiment import layout_name, run_name
 from squall.train.checkpoint import read_payload
+from squall.train.boundary import LamEvaluation
+from squall.train.ensemble import fold_members, unfold_members
 from squall.train.runner import build_run
+from squall.train.scores import afcrps_pointwise
 
 log = logging.getLogger(__name__)
 
 UNITS = ("rmse_model and rmse_persistence: area-weighted RMSE over the prognostic variables in "
-         "normalised units (dimensionless); rmse_<variable>: in that variable's own units")  # fmt: skip
+         "normalised units (dimensionless); rmse_<variable>: in that variable's own units; crps "
+         "and spread: normalised units; spread_skill: dimensionless")  # fmt: skip
+
+#: Scores a rollout sums per lead time and prognostic variable (area-weighted means over the
+#: grid): squared error of the (ensemble-mean) forecast, CRPS, unbiased member variance (0 for one
+#: member), and persistence's squared and absolute error.
+SCORE_KEYS = ("mse", "crps", "var", "mse_persistence", "crps_persistence")
 
 
 class CheckpointMismatch(SquallError):
@@ -220,8 +238,8 @@ class ForecastWriteError(SquallError):
 class FieldWriter:
     """Writes forecast fields to a zarr array in background threads while the rollout goes on.
 
-    The store holds ``data[start, step, variable, grid]`` float32, denormalised, one chunk per
-    variable of each (start, step): zarr compresses and writes a field's chunks concurrently, a
+    The store holds ``data[start, step, variable, grid]`` float32, denormalised (an ensemble's:
+    ``data[start, step, member, variable, grid]``), one chunk per variable of each field: zarr compresses and writes a field's chunks concurrently, a
     reader gets one variable without the others, and no two writes touch the same chunk (several
     writers, e.g. data-parallel ranks, may share the store). ``attrs["complete"]`` is ``false``
     until every field has been written and :meth:`close` returned; ``attrs["fields_written"]``
@@ -278,18 +296,22 @@ class FieldWriter:
             thread.start()
 
     @staticmethod
-    def create(path: Path, shape: tuple[int, int, int, int], attrs: dict) -> None:
-        """A new store for ``shape = (starts, steps, variables, grid)`` fields, marked incomplete."""
+    def create(path: Path, shape: tuple[int, ...], attrs: dict) -> None:
+        """A new store for ``shape = (starts, steps, variables, grid)`` fields, or ``(starts,
+        steps, members, variables, grid)`` for an ensemble, marked incomplete."""
         import zarr
 
         root = zarr.open_group(str(path), mode="w", zarr_format=2)
-        root.create_array("data", shape=shape, chunks=(1, 1, 1, shape[3]), dtype="float32",
-                          fill_value=np.nan)  # fmt: skip
-        root.attrs.update({**attrs, "layout": "data[start, step, variable, grid]",
-                           "complete": False, "fields_written": 0})  # fmt: skip
+        root.create_array("data", shape=shape, chunks=(1,) * (len(shape) - 1) + (shape[-1],),
+                          dtype="float32", fill_value=np.nan)  # fmt: skip
+        layout = ("data[start, step, variable, grid]" if len(shape) == 4
+                  else "data[start, step, member, variable, grid]")  # fmt: skip
+        root.attrs.update({**attrs, "layout": layout, "complete": False,
+                           "fields_written": 0})  # fmt: skip
 
-    def put(self, start: int, step: int, field: torch.Tensor) -> None:
-        """Queue ``field [G, V]`` (normalised, on the rollout's device) for ``data[start, step]``."""
+    def put(self, start: int, step: int, field: torch.Tensor, member: int | None = None) -> None:
+        """Queue ``field [G, V]`` (normalised, on the rollout's device) for ``data[start, step]``
+        (``data[start, step, member]`` in an ensemble's store)."""
         self._check()
         began = time.perf_counter()
         buf = self._free.get()  # the thread hands every buffer back, after an error too
@@ -308,19 +330,20 @@ class FieldWriter:
             staged.record_stream(self._copy_stream)
         else:
             buf.copy_(field)
-        self._work.put((start, step, buf, event))
+        self._work.put((start, step, member, buf, event))
 
     def _run(self) -> None:
         while True:
             item = self._work.get()
             if item is None:
                 return
-            start, step, buf, event = item
+            start, step, member, buf, event = item
             if self._error is None:
                 try:
                     if event is not None:
                         event.synchronize()
-                    self.array[start, step] = self.denormalise(buf).numpy().T  # [V, G]
+                    where = (start, step) if member is None else (start, step, member)
+                    self.array[where] = self.denormalise(buf).numpy().T  # [V, G]
                     with self._lock:
                         self.written += 1
                 except BaseException as err:  # noqa: BLE001 - reported by put / close
@@ -434,49 +457,69 @@ class Rollout:
         self.prog_out = torch.tensor(layout.prognostic_out, device=device)
         self.rows = None if rows is None else torch.as_tensor(np.asarray(rows), device=device)
         self.gather = getattr(getattr(model, "runner", None), "gather", None)
+        self.boundary = None  # squall.train.boundary.BoundaryForcing of a driven limited area
 
     def _mse(self, pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
         """Area-weighted MSE per variable ``[V]`` (float64) of ``[B, G, V]`` fields, on device."""
         err = (pred.float() - truth.float()).square() * self.area[None, :, None]
         return err.mean(dim=(0, 1)).double()
 
+    def _mean(self, field: torch.Tensor) -> torch.Tensor:
+        """Area-weighted mean per variable ``[V]`` (float64) of a ``[B, G, V]`` field."""
+        return (field.float() * self.area[None, :, None]).mean(dim=(0, 1)).double()
+
     @torch.inference_mode()
-    def run(self, x: torch.Tensor, y: torch.Tensor, on_step=None) -> tuple[torch.Tensor, ...]:
-        """Roll out from one start; returns the per-step MSE of the model and of persistence over
-        the prognostic variables, ``[steps, P]`` float64 on the device each.
+    def run(self, x: torch.Tensor, y: torch.Tensor, on_step=None, members: int = 1,
+            boundary: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Roll out ``members`` forecasts from one start; returns each of :data:`SCORE_KEYS`
+        per step and prognostic variable, ``[steps, P]`` float64 on the device.
+
+        The members are batch rows of one forward (an ensemble model draws each its own noise
+        at every step; a deterministic model gives ``members`` equal forecasts).
 
         ``x`` is moved to the device whole; ``y`` may stay in (pinned) host memory: one step of
         it is copied at a time, so a long rollout's truth (60 steps of o320 with 100 variables:
         10 GB) does not sit on the GPU. ``on_step(s, field)`` is called with each step's
-        full-grid prediction ``[G, V_out]`` (valid until the next step is queued on the device's
-        stream).
+        full-grid predictions ``[members, G, V_out]`` (valid until the next step is queued on the
+        device's stream).
         """
         steps = y.shape[1]
         x = x.to(self.device)
         last = x[:, -1].index_select(-1, self.inputs).index_select(-1, self.prog_in)
         if self.rows is not None:
             x = x.index_select(2, self.rows)
-        state = x.index_select(-1, self.inputs)
-        mse_model = torch.zeros(steps, len(self.prog_out), dtype=torch.float64,
-                                device=self.device)  # fmt: skip
-        mse_persist = torch.zeros_like(mse_model)
+        state = fold_members(x.index_select(-1, self.inputs), members)
+        if self.boundary is not None:  # the driver's [T, P, V] of this start
+            forced = {"boundary": fold_members(boundary[None], members)}
+            state = self.boundary.force_inputs(state, forced)
+        out = {k: torch.zeros(steps, len(self.prog_out), dtype=torch.float64, device=self.device)
+               for k in SCORE_KEYS}  # fmt: skip
         for s in range(steps):
             y_s = y[:, s].to(self.device, non_blocking=True)  # [B, G, V] full grid
             truth = y_s.index_select(-1, self.outputs).index_select(-1, self.prog_out)
             pred = self.step(state)
             full = pred if self.gather is None else self.gather(pred)
-            mse_model[s] = self._mse(full.index_select(-1, self.prog_out), truth)
-            mse_persist[s] = self._mse(last, truth)
+            ens = unfold_members(full.index_select(-1, self.prog_out).float(), members)
+            out["mse"][s] = self._mse(ens.mean(dim=1), truth)
+            if members > 1:
+                out["crps"][s] = self._mean(afcrps_pointwise(ens, truth, alpha=1.0))
+                out["var"][s] = self._mean(ens.var(dim=1, unbiased=True))
+            else:
+                out["crps"][s] = self._mean((ens[:, 0] - truth.float()).abs())
+            out["mse_persistence"][s] = self._mse(last, truth)
+            out["crps_persistence"][s] = self._mean((last.float() - truth.float()).abs())
             if on_step is not None:
-                on_step(s, full[0])
+                on_step(s, full)
             if s + 1 < steps:
                 if self.rows is not None:
                     y_s = y_s.index_select(1, self.rows)
-                nxt = y_s.index_select(-1, self.inputs)
+                nxt = fold_members(y_s.index_select(-1, self.inputs), members)
                 nxt = nxt.index_copy(-1, self.prog_in,
                                      pred.index_select(-1, self.prog_out).to(nxt.dtype))  # fmt: skip
+                if self.boundary is not None:
+                    nxt = self.boundary.force_next(nxt, forced, s + 1)
                 state = torch.cat([state[:, 1:], nxt.unsqueeze(1)], dim=1)
-        return mse_model, mse_persist
+        return out
 
 
 def _rank_info() -> tuple[int, int]:
@@ -522,6 +565,15 @@ def forecast(cfg) -> dict:
     dtype = autocast_dtype(str(f.get("precision", "auto")), device)
     setup = parts.parallel
     groups = setup.groups
+    members = ModelConfig.from_cfg(cfg.model).ensemble_members
+    reference = None
+    if f.get("reference"):
+        if setup.grid_indices is not None:
+            raise ConfigError("forecast.reference runs the reference model on one process's "
+                              "whole grid: use parallel.model_parallel=1 with it")  # fmt: skip
+        reference = load_reference(Path(str(f.reference)), cfg, parts, device)
+        if rank == 0:
+            print(f"reference: {reference[1].describe()}", flush=True)
     dp_rank, dp_size = groups.data_rank, groups.layout.data_parallel
     writes_fields = groups.model_rank == 0  # one rank of each model group writes its starts
 
@@ -534,13 +586,20 @@ def forecast(cfg) -> dict:
     area = torch.from_numpy(parts.graph.nodes["data"].area.astype(np.float32)).to(device)
     step = ModelStep(model, device, dtype, bool(f.get("cuda_graphs", False)))
     roll = Rollout(model, parts.layout, area, setup.grid_indices, step)
+    ref_roll = None
+    if reference is not None:
+        ref_roll = Rollout(reference[0], parts.layout, area, None,
+                           ModelStep(reference[0], device, dtype, False))  # fmt: skip
+    lam = LamEvaluation.setup(parts, data, roll, ref_roll)  # None unless a limited area
     hours = _step_hours(data)
 
     output = Path(str(f.output)) if f.get("output") else None
     writer = None
     if output is not None:
         if rank == 0:
-            FieldWriter.create(output, (len(starts), steps, len(out_vars), len(area)), {
+            member_axis = (members,) if members > 1 else ()
+            FieldWriter.create(output, (len(starts), steps, *member_axis, len(out_vars),
+                                        len(area)), {  # fmt: skip
                 "variables": out_vars, "initial_dates": [str(data.dates[i]) for i in starts],
                 "lead_hours": [hours * (s + 1) for s in range(steps)],
             })  # fmt: skip
@@ -551,8 +610,9 @@ def forecast(cfg) -> dict:
             writer = FieldWriter(output, norm.denormalise, (len(area), len(out_vars)), device,
                                  int(f.get("write_queue", 4)))  # fmt: skip
 
-    mse_model = torch.zeros(steps, len(prog_vars), dtype=torch.float64, device=device)
-    mse_persist = torch.zeros_like(mse_model)
+    sums = {k: torch.zeros(steps, len(prog_vars), dtype=torch.float64, device=device)
+            for k in SCORE_KEYS}  # fmt: skip
+    ref_sums = {k: torch.zeros_like(v) for k, v in sums.items()}
     clock = StepClock(device)
     pairs, error = [], None
     if device.type == "cuda":
@@ -573,7 +633,8 @@ def forecast(cfg) -> dict:
                 def on_step(s, field, i=i, n=n):
                     nonlocal host_last
                     if writer is not None:
-                        writer.put(i, s, field)
+                        for member in range(field.shape[0]):
+                            writer.put(i, s, field[member], member if members > 1 else None)
                     clock.mark()
                     pairs.append((len(clock.marks) - 2, len(clock.marks) - 1))
                     now = time.perf_counter()
@@ -583,10 +644,16 @@ def forecast(cfg) -> dict:
                                     f"{per_step:.3g} s/step, ETA {left * per_step:.0f} s")  # fmt: skip
                     bar.update()
 
-                m, p = roll.run(x, y, on_step)
+                scores = roll.run(x, y, on_step, members, sample.get("boundary"))
+                if lam is not None:
+                    lam.add(x, y, members)
+                if ref_roll is not None:
+                    ref_scores = ref_roll.run(x, y)
                 if writes_fields:
-                    mse_model += m
-                    mse_persist += p
+                    for k in SCORE_KEYS:
+                        sums[k] += scores[k]
+                        if ref_roll is not None:
+                            ref_sums[k] += ref_scores[k]
         if writer is not None:
             writer.close()
     except BaseException as err:
@@ -609,15 +676,17 @@ def forecast(cfg) -> dict:
                 dist.all_reduce(counts)
                 written = int(counts.item())
             if (rank == 0 and error is None) or writer is not None:
-                FieldWriter.finish(output, written, len(starts) * steps, error)
+                FieldWriter.finish(output, written, len(starts) * steps * members, error)
     step_s = clock.intervals(pairs)
     total_s = time.perf_counter() - began
+    keys = [(sums, k) for k in SCORE_KEYS] + [(ref_sums, k) for k in SCORE_KEYS]
+    stacked = torch.stack([d[k] for d, k in keys])
     if world > 1:  # on the device: NCCL reduces device tensors only
-        both = torch.stack([mse_model, mse_persist])
-        dist.all_reduce(both)
-        mse_model, mse_persist = both[0], both[1]
-    mse_model = mse_model.cpu().numpy() / len(starts)
-    mse_persist = mse_persist.cpu().numpy() / len(starts)
+        dist.all_reduce(stacked)
+    means = stacked.cpu().numpy() / len(starts)  # [score, steps, P]
+    mean = {k: means[i] for i, k in enumerate(SCORE_KEYS)}
+    ref_mean = {k: means[len(SCORE_KEYS) + i] for i, k in enumerate(SCORE_KEYS)}
+    mse_model, mse_persist = mean["mse"], mean["mse_persistence"]
     # The mean over variables of the per-variable MSE is area_weighted_mse over all of them.
     total_model, total_persist = mse_model.mean(axis=1), mse_persist.mean(axis=1)
     physical = np.sqrt(mse_model) * scale  # normalised error x the variable's scale
@@ -633,6 +702,10 @@ def forecast(cfg) -> dict:
         "rmse_persistence": np.sqrt(total_persist).tolist(),
         "skill": (1 - total_model / total_persist).tolist(),
         "rmse_by_variable": {v: physical[:, i].tolist() for i, v in enumerate(prog_vars)},
+        "members": members,
+        # CRPS and variance are means over the variables like the MSE (normalised units)
+        "crps_model": mean["crps"].mean(axis=1).tolist(),
+        "crps_persistence": mean["crps_persistence"].mean(axis=1).tolist(),
         "units": UNITS,
         "step_s_median": float(np.median(step_s)),
         "rollout_s_median": float(np.median(step_s)) * steps,
@@ -644,6 +717,19 @@ def forecast(cfg) -> dict:
         "model_parallel": groups.layout.model_parallel,
         "memory": memory,
     }
+    if members > 1:
+        spread = np.sqrt(mean["var"].mean(axis=1))
+        result["spread"] = spread.tolist()
+        result["spread_skill"] = (np.sqrt((members + 1) / members) * spread
+                                  / np.sqrt(total_model)).tolist()  # fmt: skip
+    if lam is not None:
+        result.update(lam.result(len(starts), world, sums["mse"]))
+    if reference is not None:
+        ref_mse, ref_crps = ref_mean["mse"].mean(axis=1), ref_mean["crps"].mean(axis=1)
+        result["reference"] = str(reference[1].path)
+        result["rmse_reference"] = np.sqrt(ref_mse).tolist()
+        result["crps_reference"] = ref_crps.tolist()
+        result["crps_gain"] = (1 - mean["crps"].mean(axis=1) / ref_crps).tolist()
     if output is not None:
         result["output"] = str(output)
     if world > 1:
@@ -658,23 +744,64 @@ def forecast(cfg) -> dict:
     return result
 
 
+def load_reference(path: Path, cfg, parts, device: torch.device):
+    """The model of checkpoint ``path`` (a deterministic baseline trained on the same graph and
+    data) built on ``parts``' graph and variables, in eval mode, with its description.
+
+    Its architecture comes from the checkpoint's identity; the attention backend from
+    ``cfg.model``.
+    """
+    if not path.exists():
+        raise ConfigError(f"forecast.reference {path} not found: train the deterministic model "
+                          "first (python -m jobs.train with the same graph and data)")  # fmt: skip
+    info, payload = read_checkpoint(path)
+    ours = expected_identity(cfg)["graph"]
+    identity = info.identity or {}
+    if identity.get("graph", {}).get("spec_hash") != ours["spec_hash"]:
+        raise CheckpointMismatch(f"forecast.reference {path} was not trained on graph "
+                                 f"{ours['name']} (spec {ours['spec_hash']}): give one trained "
+                                 "on this graph")  # fmt: skip
+    if "model" not in identity:
+        raise CheckpointMismatch(f"forecast.reference {path} does not record its model "
+                                 "(written by an older squall)")  # fmt: skip
+    mcfg = ModelConfig(**identity["model"], attention_backend=str(cfg.model.attention_backend))
+    layout = parts.layout
+    torch.manual_seed(0)  # the weights are loaded; only the draw order of the build needs a seed
+    model = GraphForecaster(parts.graph, mcfg, len(layout.inputs), len(layout.outputs),
+                            parts.train_set.input_steps, layout.residual)  # fmt: skip
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        raise CheckpointMismatch(f"forecast.reference {path} does not fit its recorded model "
+                                 f"({str(err).splitlines()[0]})") from None  # fmt: skip
+    return model.to(device).eval(), info
+
+
 def _step_hours(data) -> float:
     return float(data.info.frequency / np.timedelta64(1, "h")) * data.stride
 
 
+#: Per-lead-time scores of an ensemble or a reference, after the RMSE columns when present.
+PROBABILISTIC_COLUMNS = ("crps_model", "crps_persistence", "spread", "spread_skill",
+                         "rmse_reference", "crps_reference", "crps_gain")  # fmt: skip
+
+
 def write_scores(result: dict, path: Path) -> Path:
     """One row per lead time: normalised RMSE of model and persistence, skill, and each
-    variable's RMSE in its own units (column ``rmse_<variable>``)."""
+    variable's RMSE in its own units (column ``rmse_<variable>``), then the CRPS, spread and
+    reference columns the result holds (:data:`PROBABILISTIC_COLUMNS`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(result["rmse_by_variable"])
+    extra = [c for c in PROBABILISTIC_COLUMNS if c in result]
     with open(path, "w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(["lead_hours", "rmse_model", "rmse_persistence", "skill",
-                         *(f"rmse_{v}" for v in names)])  # fmt: skip
+                         *(f"rmse_{v}" for v in names), *extra])  # fmt: skip
         for s, hours in enumerate(result["lead_hours"]):
             writer.writerow([hours, result["rmse_model"][s], result["rmse_persistence"][s],
                              result["skill"][s],
-                             *(result["rmse_by_variable"][v][s] for v in names)])  # fmt: skip
+                             *(result["rmse_by_variable"][v][s] for v in names),
+                             *(result[c][s] for c in extra)])  # fmt: skip
     return path
 
 
@@ -707,10 +834,21 @@ def record(cfg, result: dict, info: CheckpointInfo) -> None:
                        M.FORECAST_SKILL: result["skill"][s]}  # fmt: skip
             metrics.update({M.forecast_rmse(v): values[s]
                             for v, values in result["rmse_by_variable"].items()})  # fmt: skip
+            metrics.update({name: result[key][s] for key, name in PROBABILISTIC_METRICS.items()
+                            if key in result})  # fmt: skip
             logger.log_metrics(metrics, step=int(round(hours)))
         logger.log_metrics(performance_metrics(result), step=0)
         logger.log_artifact(result["csv"], "forecast")
         result["mlflow_run_id"], result["tracking_uri"] = logger.run_id, logger.tracking_uri
+
+
+#: Result keys of the probabilistic scores and their metric names.
+PROBABILISTIC_METRICS = {
+    "crps_model": M.FORECAST_CRPS_NORM, "crps_persistence": M.FORECAST_CRPS_PERSISTENCE_NORM,
+    "spread": M.FORECAST_SPREAD_NORM, "spread_skill": M.FORECAST_SPREAD_SKILL,
+    "rmse_reference": M.FORECAST_RMSE_REFERENCE_NORM,
+    "crps_reference": M.FORECAST_CRPS_REFERENCE_NORM, "crps_gain": M.FORECAST_CRPS_GAIN,
+}  # fmt: skip
 
 
 def performance_metrics(result: dict) -> dict[str, float]:
