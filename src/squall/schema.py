@@ -542,6 +542,9 @@ class ForecastSchema(Schema):
         Capture the model's step into a CUDA graph and replay it (GPU only).
     write_queue : int
         Fields waiting for the disk before the rollout blocks.
+    reference : str or None
+        Checkpoint of a deterministic baseline trained on the same graph and data, rolled out
+        from the same starts and scored beside the model (RMSE, CRPS, CRPS gain).
     """
 
     checkpoint: str = MISSING
@@ -552,6 +555,7 @@ class ForecastSchema(Schema):
     precision: str = setting("auto", choices=("auto", "bf16", "fp32"))
     cuda_graphs: bool = False
     write_queue: int = setting(4, ge=1)
+    reference: str | None = None
 
 
 @dataclass
