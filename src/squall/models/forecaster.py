@@ -255,6 +255,9 @@ class GraphForecaster(nn.Module):
         self.sizes = {"data": self.graph.num_data, "mesh": self.graph.num_mesh,
                       **self.graph.num_edges}  # fmt: skip
         self.runner = BlockRunner()
+        # noise_source(rows) -> [rows, N_mesh, K] replaces the global generator's draws (members
+        # spread over ranks: squall.parallel.ensemble.SharedNoise)
+        self.noise_source = None
         c = cfg.num_channels
         node_dim = self.graph.data_attrs.shape[1]
         self.embed_data = nn.Linear(input_steps * num_input_vars + node_dim, c)
@@ -325,7 +328,8 @@ class GraphForecaster(nn.Module):
         """``x [B, T_in, G, V_in]`` normalised -> next state ``[B, G, V_out]`` normalised.
 
         ``noise [B, N_mesh, K]`` (ensemble models only): the processor's noise; None draws it
-        (:meth:`sample_noise`) from torch's global generator.
+        from :attr:`noise_source` when set, else (:meth:`sample_noise`) from torch's global
+        generator.
         """
         b, t, g, v = x.shape
         if t != self.input_steps or g != self.graph.num_data:
@@ -348,7 +352,7 @@ class GraphForecaster(nn.Module):
         k = self.cfg.noise_channels
         if k:
             if noise is None:
-                noise = self.sample_noise(b)
+                noise = self.sample_noise(b) if self.noise_source is None else self.noise_source(b)
             if noise.shape != (b, z_mesh.shape[1], k):
                 raise ValueError(f"noise of shape {tuple(noise.shape)}: expected "
                                  f"{(b, z_mesh.shape[1], k)} (batch, mesh rows, noise channels)")

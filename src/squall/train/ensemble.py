@@ -44,15 +44,21 @@ def score_of(name: str, alpha: float = 0.95):
     return partial(scores.afcrps, alpha=alpha) if name == "afcrps" else SCORES[name]
 
 
-def ensemble_rollout_loss(trainer, batch: dict, members: int, score) -> torch.Tensor:
-    """Mean over the rollout steps of ``score`` of the ``members`` members of every sample.
+def ensemble_rollout_loss(trainer, batch: dict, score) -> torch.Tensor:
+    """Mean over the rollout steps of ``score`` of the members of every sample.
 
-    ``trainer.rollout`` runs the folded batch (``[B * members]`` rows); the truth of a sample is
-    the same in each of its rows, so the first row of each sample is scored against.
+    ``trainer.rollout`` runs the folded batch (``[B * m]`` rows, ``m`` the members held here:
+    all of them, or this rank's share when :func:`squall.parallel.ensemble.
+    apply_ensemble_parallel` spread them over an ensemble group, whose ``model.member_gather``
+    then brings every member to the score); the truth of a sample is the same in each of its
+    rows, so the first row of each sample is scored against.
     """
+    model = trainer.model
+    members = int(getattr(model, "local_members", model.members))
+    gather = getattr(model, "member_gather", None) or (lambda t: t)
     folded = {"x": fold_members(batch["x"], members), "y": fold_members(batch["y"], members)}
-    area = trainer.model.graph.area
-    losses = [score(unfold_members(pred, members), truth[::members], area)
+    area = model.graph.area
+    losses = [score(gather(unfold_members(pred, members)), truth[::members], area)
               for pred, truth in trainer.rollout(folded)]  # fmt: skip
     return sum(losses) / len(losses)
 
@@ -65,4 +71,4 @@ def loss_function(model):
     if members <= 1:
         return None
     score = score_of(str(cfg.ensemble_loss), float(cfg.crps_alpha))
-    return partial(ensemble_rollout_loss, members=members, score=score)
+    return partial(ensemble_rollout_loss, score=score)
