@@ -65,9 +65,9 @@ def projection(cfg: DictConfig, graph, mcfg: ModelConfig, world: int) -> str:
 def main(cfg: DictConfig) -> None:
     pcfg = ParallelConfig.from_cfg(cfg.parallel)
     world = cfg.parallel.gpus or pcfg.model_parallel
-    batch = cfg.training.batch_size
     graph = load_or_build(cfg.graph, cfg.paths.cache + "/graphs")
     mcfg = ModelConfig.from_cfg(cfg.model)
+    batch = cfg.training.batch_size * mcfg.ensemble_members  # members run as batch rows
     scale = cfg.get("scale") or {}
     # config.yaml has no cluster (an empty group); scale.yaml composes one
     project = bool(cfg.get("cluster")) and scale.get("projection") is not False

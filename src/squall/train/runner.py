@@ -145,7 +145,8 @@ def build_run(
                   else build_dataset(cfg, "train", rollout=rollout, check=False))  # fmt: skip
     mcfg = ModelConfig.from_cfg(cfg.model)
     if mcfg.checkpoint_budget_gib is not None and training:
-        mcfg = resolve_checkpointing(graph, mcfg, setup, int(t.batch_size), layout,
+        batch_rows = int(t.batch_size) * mcfg.ensemble_members  # members are batch rows
+        mcfg = resolve_checkpointing(graph, mcfg, setup, batch_rows, layout,
                                      train_set.input_steps, device, str(t.precision), rollout)  # fmt: skip
     torch.manual_seed(int(t.seed))  # parameters identical whatever was drawn before
     model = GraphForecaster(
