@@ -163,3 +163,15 @@ def test_interpolation_exact_at_driver_points_and_weights_sum_to_one():
     # a convex combination: never outside the range of the values it mixes
     mixed = values[interp.index]
     assert ((out >= mixed.min(axis=1) - 1e-12) & (out <= mixed.max(axis=1) + 1e-12)).all()
+
+
+def test_outside_boundary_drives_a_stretched_grid_coarse_part():
+    spec = yaml.safe_load((CONF / "stretched_nordic.yaml").read_text())
+    data_spec = {**spec["nodes"]["data"], "boundary": {"type": "outside"}}
+    from squall.graphs.graph import build_nodes
+
+    nodes = build_nodes("data", data_spec)
+    mask = boundary_mask(nodes, data_spec["boundary"], data_spec)
+    # the fine regional points come first, then the O48 points outside the region
+    fine = nodes.meta["num_fine"]
+    assert not mask[:fine].any() and mask[fine:].all()

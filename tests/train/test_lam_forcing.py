@@ -1,0 +1,187 @@
+"""A driven limited-area model: the band forced in every state, the loss blind to it."""
+
+import numpy as np
+import pytest
+import torch
+
+from squall.data.zarr_dataset import read_info
+from squall.tracking import NullLogger
+from squall.train.boundary import BoundaryForcing
+from squall.train.forecast import ModelStep, Rollout
+from squall.train.runner import build_run
+
+# A 1-degree box of 31 x 41 points (the 396 within 3 degrees of the edge are the boundary band)
+# under a level-5 mesh, driven by an O16 run of the same generator.
+LAM = [
+    "graph=lam_alps", "graph.name=lam_tiny", "graph.nodes.data.resolution=1.0",
+    "graph.nodes.data.region=[30,60,0,40]", "graph.nodes.data.boundary.width_deg=3.0",
+    "graph.nodes.hidden.level=5", "graph.nodes.hidden.region=[30,60,0,40]",
+    "graph.edges.encoder.factor=0.7", "data.boundary.grid=O16",
+    "data.generator.num_times=40", "data.num_workers=0",
+    "data.train.start=0", "data.train.end=29", "data.validation.start=30",
+    "data.validation.end=39", "data.test.start=30", "data.test.end=39",
+    "model.num_channels=16", "model.num_heads=2", "training.rollout=3",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lam_parts(tmp_path_factory):
+    from hydra import compose, initialize_config_dir
+
+    from tests.train.conftest import CONF
+
+    cache = tmp_path_factory.mktemp("lam")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[*LAM, f"paths.cache={cache}"])
+    return cfg, build_run(cfg, NullLogger(), device=torch.device("cpu"))
+
+
+class Recording(torch.nn.Module):
+    """The real model, keeping every input it is given and optionally changing the band rows of
+    its output (to show the loss cannot see them)."""
+
+    def __init__(self, model, rows=None, shift=0.0):
+        super().__init__()
+        self.model, self.rows, self.shift = model, rows, shift
+        self.inputs = []
+
+    def forward(self, state):
+        self.inputs.append(state.detach().clone())
+        out = self.model(state)
+        if self.rows is not None:
+            out = out.index_add(1, self.rows, torch.full_like(out[:, self.rows], self.shift))
+        return out
+
+
+def _driver_reference(cfg, dataset, times, prognostic):
+    """The driver's values on the boundary points, interpolated here by brute force (every
+    driver point's distance), normalised like the dataset: ``[T, P, V]`` float64."""
+    import zarr
+
+    info = read_info(str(cfg.data.boundary.path))
+    driver = zarr.open_group(str(cfg.data.boundary.path), mode="r")["data"]
+    rows = dataset.boundary.rows
+    lat, lon = np.radians(dataset.latitudes[rows]), np.radians(dataset.longitudes[rows])
+    dlat, dlon = np.radians(info.latitudes), np.radians(info.longitudes)
+    xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], 1)
+    dxyz = np.stack([np.cos(dlat) * np.cos(dlon), np.cos(dlat) * np.sin(dlon), np.sin(dlat)], 1)
+    chord = np.linalg.norm(xyz[:, None] - dxyz[None], axis=-1)  # [P, N]
+    near = np.argsort(chord, axis=1, kind="stable")[:, :4]
+    w = 1.0 / np.take_along_axis(chord, near, 1) ** 2
+    w /= w.sum(1, keepdims=True)
+    var = [info.variables.index(v) for v in prognostic]
+    dates = dataset.dates[times]
+    idx = [int(np.flatnonzero(info.dates == d)[0]) for d in dates]
+    raw = np.stack([driver[t, :, 0][var] for t in idx])  # [T, V, N]
+    values = (raw[:, :, near] * w).sum(-1).transpose(0, 2, 1)  # [T, P, V]
+    norm = dataset.normaliser.subset(prognostic)
+    return (values - norm.offset.double().numpy()) / norm.scale.double().numpy()
+
+
+def test_samples_carry_the_driver_interpolated_onto_the_band(lam_parts):
+    cfg, parts = lam_parts
+    data, layout = parts.train_set, parts.layout
+    prognostic = [data.variables[layout.inputs[j]] for j in layout.prognostic_in]
+    sample = data[5]
+    ref = _driver_reference(cfg, data, data.window_times(5), prognostic)
+    got = sample["boundary"].double().numpy()
+    assert got.shape == (data.input_steps + 3, 396, len(prognostic))
+    # float32 values of magnitude ~3 (normalised): a few float32 ulps after the weighted sum
+    np.testing.assert_allclose(got, ref, rtol=0, atol=8 * np.finfo(np.float32).eps * 4)
+
+
+def test_band_overwritten_every_training_rollout_step_with_the_driver(lam_parts):
+    _, parts = lam_parts
+    trainer, data = parts.trainer, parts.train_set
+    forcing = trainer.boundary
+    assert isinstance(forcing, BoundaryForcing)
+    batch = {k: v[None] if torch.is_tensor(v) else v for k, v in data[3].items()}
+    net, trainer.net = trainer.net, Recording(parts.model)
+    try:
+        with torch.no_grad():
+            list(trainer.rollout(batch))
+        seen = trainer.net.inputs
+    finally:
+        trainer.net = net
+    assert len(seen) == 3
+    rows, cols = forcing.rows, forcing.columns
+    for r, state in enumerate(seen):  # state [1, T_in, G, V_in]
+        for t in range(state.shape[1]):
+            time = r + t  # position in the window: inputs first, then the rollout's states
+            band = state[0, t][rows][:, cols]
+            assert torch.equal(band, batch["boundary"][0, time]), (r, t)
+        # the interior of a fed-back state is the model's, not the truth
+        if r:
+            interior = ~torch.as_tensor(forcing.mask)
+            truth = batch["y"][0, r - 1][:, parts.layout.inputs][:, parts.layout.prognostic_in]
+            assert not torch.equal(state[0, -1][interior][:, cols], truth[interior])
+
+
+def test_loss_unchanged_when_band_predictions_change(lam_parts):
+    _, parts = lam_parts
+    trainer, data = parts.trainer, parts.train_set
+    batch = {k: v[None] if torch.is_tensor(v) else v for k, v in data[7].items()}
+    net = trainer.net
+    try:
+        losses = []
+        for shift in (0.0, 10.0):
+            trainer.net = Recording(parts.model, trainer.boundary.rows, shift)
+            with torch.no_grad():
+                losses.append(trainer.rollout_loss(batch))
+        # the same shift on five interior points: the loss sees it
+        inside = torch.as_tensor(np.flatnonzero(~trainer.boundary.mask)[:5])
+        trainer.net = Recording(parts.model, inside, 10.0)
+        with torch.no_grad():
+            interior_shift = trainer.rollout_loss(batch)
+    finally:
+        trainer.net = net
+    assert torch.equal(losses[0], losses[1])
+    assert interior_shift > losses[0]
+    w = trainer.loss_area()
+    assert float(w[trainer.boundary.rows].abs().sum()) == 0.0
+    assert abs(float(w.mean()) - 1.0) < 1e-6
+
+
+def test_forecast_rollout_forces_the_band_at_every_lead_time(lam_parts):
+    _, parts = lam_parts
+    data = parts.val_set
+    sample = data[0]
+    forcing = BoundaryForcing.for_dataset(data, parts.layout, torch.device("cpu"))
+    recorder = Recording(parts.model)
+    area = torch.from_numpy(parts.graph.nodes["data"].area.astype(np.float32))
+    roll = Rollout(recorder, parts.layout, area, None,
+                   ModelStep(recorder, torch.device("cpu"), None, False))  # fmt: skip
+    roll.boundary = forcing
+    roll.run(sample["x"][None], sample["y"][None], None, 1, sample["boundary"])
+    assert len(recorder.inputs) == 3
+    for s, state in enumerate(recorder.inputs):
+        for t in range(state.shape[1]):
+            band = state[0, t][forcing.rows][:, forcing.columns]
+            assert torch.equal(band, sample["boundary"][s + t]), (s, t)
+
+
+@pytest.mark.slow
+def test_forecast_job_scores_the_interior_forced_and_unforced(lam_parts, tmp_path):
+    from omegaconf import open_dict
+
+    from squall.train.forecast import forecast
+
+    cfg, parts = lam_parts
+    with open_dict(cfg):
+        cfg.training.run_dir = str(tmp_path / "run")
+        cfg.training.max_steps = 3
+        cfg.tracking.enabled = False
+        cfg.forecast.steps = 3
+        cfg.forecast.max_starts = 2
+        cfg.forecast.checkpoint = str(tmp_path / "run" / "checkpoint.pt")
+    parts = build_run(cfg, NullLogger(), device=torch.device("cpu"))
+    from squall.train.runner import train_loader_factory
+
+    parts.trainer.fit(train_loader_factory(parts, cfg))
+    result = forecast(cfg)
+    assert result["boundary_points"] == 396 and result["forced"]
+    forced, free = np.array(result["rmse_model"]), np.array(result["rmse_model_unforced"])
+    assert forced.shape == free.shape == (3,)
+    # the first step differs only by the driver's interpolation on the band: the rollouts part
+    # afterwards, when the free one feeds back its own band
+    assert not np.array_equal(forced[1:], free[1:])
