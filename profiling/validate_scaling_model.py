@@ -38,6 +38,8 @@ from squall.planning.scaling import (  # noqa: E402
 
 RESULTS = ROOT / "profiling" / "results"
 RUNS = RESULTS / "parallel_runs"
+# the one-call H200 runs of parallelize_before_after.md, after the change (the code of today)
+BEFORE_AFTER = "parallelize_before_after/after_time_*.json"
 # What the error is judged against (issue 16's target).
 TARGET = 0.10
 
@@ -54,6 +56,7 @@ class Case:
     source: str
     target_plan: str | None = None  # step.csv query of the measured row's model (other plan)
     is_calibration: bool = False
+    halo_alone_s: float | None = None  # every exchange of a step timed alone (bench_parallel)
 
 
 def _bench(path: Path, overlap: bool = False) -> tuple[float, float]:
@@ -68,13 +71,18 @@ def cases() -> list[Case]:
     out = []
     # bench_parallel.py time runs: each directory's one-GPU run calibrates its multi-GPU runs; a
     # directory without one takes the first one-GPU run of the same card and graph
-    runs = sorted(RUNS.glob("*/time_*.json"), key=lambda p: (p.parent.name, p.stem))
+    runs = sorted([*RUNS.glob("*/time_*.json"), *RESULTS.glob(BEFORE_AFTER)],
+                  key=lambda p: (p.parent.name, p.stem))  # fmt: skip
     info = {p: json.loads(p.read_text()) for p in runs}
     ones = [p for p in runs if info[p]["gpus"] == 1]
+
+    def series(p):  # runs of one call: one folder, one file prefix
+        return p.parent, p.stem.rsplit("time_", 1)[0]
+
     for path in runs:
         r = info[path]
         gpu, ckpt = r["info"]["gpu"], "all full" if r["checkpoint"] else "no checkpointing"
-        same = [q for q in ones if q.parent == path.parent] or [
+        same = [q for q in ones if series(q) == series(path)] or [
             q for q in ones if info[q]["info"]["gpu"] == gpu and info[q]["graph"] == r["graph"]
         ]
         if not same:
@@ -85,7 +93,8 @@ def cases() -> list[Case]:
         card = "H200" if "H200" in gpu else "H100"
         out.append(Case(f"{r['graph']} {where} {card} (eager, {ckpt})",
                         str(same[0].relative_to(ROOT)), r["graph"], r["gpus"], r["gpus"], s, m,
-                        str(name), is_calibration=r["gpus"] == 1))  # fmt: skip
+                        str(name), is_calibration=r["gpus"] == 1,
+                        halo_alone_s=max(k["halo_s"] for k in r["ranks"])))  # fmt: skip
     step = str((RESULTS / "step.csv").relative_to(ROOT))
     rows = list(csv.DictReader((RESULTS / "step.csv").open()))
 
@@ -176,7 +185,7 @@ def main() -> None:
             "err_s": p.step_s / case.measured_s - 1, "measured_GiB": case.measured_gib,
             "predicted_GiB": p.peak_gib, "err_GiB": p.peak_gib / case.measured_gib - 1,
             "compute_s": p.compute_s, "halo_s": p.halo_s, "grad_s": p.grad_s,
-            "calibration_point": case.is_calibration,
+            "calibration_point": case.is_calibration, "halo_alone_s": case.halo_alone_s,
         })  # fmt: skip
         print(f"{case.label}: {p.step_s:.4f} s vs {case.measured_s:.4f} "
               f"({results[-1]['err_s']:+.1%}), {p.peak_gib:.2f} GiB vs {case.measured_gib:.2f} "
@@ -283,6 +292,7 @@ def write(results: list[dict], extra: list[dict], out: Path) -> None:
     full = row("o320_l7 1 GPU (compiled, all full)")
     mp = [r for r in results if "dp1xmp" in r["case"] and "256 ch" not in r["case"]]
     tiny = [r for r in results if "256 ch" in r["case"] and not r["calibration_point"]]
+    halos = [r for r in results if r["halo_alone_s"] and not r["calibration_point"]]
     ok = [row(k) for k in ("o320_l7 dp1xmp2", "o320_l7 1 GPU (compiled, budget 60)",
                            "o96_l6 1 GPU H200 (compiled, no")]  # fmt: skip
     lines += [
@@ -295,7 +305,14 @@ def write(results: list[dict], extra: list[dict], out: Path) -> None:
         "  what it leaves out is per-block work of the sharded model that does not shrink with",
         "  P (concatenating the received halo rows to the owned ones, the loss reduction) and",
         "  any fixed per-step time, which a one-GPU calibration cannot separate from compute",
-        "  (`Calibration.fixed_s` stays 0 until a run measures it).",
+        "  (`Calibration.fixed_s` stays 0 until a run measures it). The halo term against each",
+        "  run's halo measured alone (ms, predicted / measured): "
+        + ", ".join(
+            f"{r['case'].split(' (')[0]} {r['halo_s'] * 1e3:.1f} / {r['halo_alone_s'] * 1e3:.1f}"
+            for r in halos
+        )  # fmt: skip
+        + "; the link latencies of conf/cluster/base/slurm_gpu.yaml were fitted on the H100",
+        "  host's 2- and 4-GPU runs; the H200 host's exchanges take longer.",
         "- Peak memory is over where blocks are recomputed whole (`full`): the estimate",
         "  (squall.planning.estimate) adds a recomputed block's inner activations and its",
         "  in-flight gradients at once; the o320_l7 decoder (421,120 grid rows) gives the largest",

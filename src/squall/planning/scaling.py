@@ -411,7 +411,10 @@ def load_calibration(spec: str) -> Calibration:
                               f"{r.get('gpus')} GPUs")  # fmt: skip
         ckpt = "full" if r["checkpoint"] else "none"
         rank = r["ranks"][0]
-        row = next(x for x in rank["rows"] if x["overlap"]) if rank["rows"] else None
+        if not rank["rows"]:
+            raise ConfigError(f"calibration {spec!r}: the run has no timed rows")
+        # one GPU exchanges nothing: overlap makes no difference, any row is the step
+        row = rank["rows"][0]
         mcfg = ModelConfig(num_channels=r["channels"], num_heads=r["heads"],
                            processor_layers=r["layers"], mlp_ratio=4, trainable_edge_features=8,
                            attention_backend=r["backend"], checkpoint_encoder=ckpt,
