@@ -49,8 +49,8 @@ from squall.progress import Progress
 from squall.tracking import NullLogger, create_logger, peak_memory
 from squall.tracking import metrics as M
 from squall.tracking.experiment import layout_name, run_name
-from squall.train.checkpoint import read_payload
 from squall.train.boundary import LamEvaluation
+from squall.train.checkpoint import read_payload
 from squall.train.ensemble import fold_members, unfold_members
 from squall.train.runner import build_run
 from squall.train.scores import afcrps_pointwise
@@ -225,9 +225,10 @@ class ModelStep:
 
 
 #: Writer threads: two keep the disk busy while the next field's device-to-host copy is awaited
-#: and denormalised; zarr already encodes a field's chunks concurrently (o320, 100 variables:
-#: 0.8 s per field with one chunk per variable, 2.4 s as one chunk, on the loaded 2-core CI
-#: machine).
+#: and denormalised; zarr already encodes a field's chunks concurrently. More threads did not
+#: help: with 8 (a 16-core H200 host) writing added 103 % to an o96_l6 rollout and 57 % to
+#: o320_l7, against 80 % and 23 % with 2 on a 32-core host (60 steps, 100 fields;
+#: profiling/results/forecast.md).
 WRITE_THREADS = 2
 
 
@@ -246,10 +247,10 @@ class FieldWriter:
     then counts what is there and a failed write leaves ``attrs["error"]``.
 
     The rollout hands over a field with :meth:`put`: the device-to-host copy goes into one of
-    ``queue_size + 1`` pinned host buffers, on a stream of its own, so ``put`` returns at once;
+    ``queue_size + threads`` pinned host buffers, on a stream of its own, so ``put`` returns at once;
     a writer thread waits for that copy, denormalises and writes. Only when every buffer is still
     waiting for the disk does ``put`` block (a bounded queue: host memory stays at
-    ``queue_size + 1`` fields however slow the disk); the time it blocked is :attr:`wait_s`. An
+    ``queue_size + threads`` fields however slow the disk); the time it blocked is :attr:`wait_s`. An
     error in a thread is raised, once, as :class:`ForecastWriteError` by the next :meth:`put` or
     by :meth:`close`; the fields after it are not written.
 
@@ -266,7 +267,7 @@ class FieldWriter:
     queue_size : int
         Fields waiting for the disk before :meth:`put` blocks.
     threads : int
-        Writer threads (at most ``queue_size + 1``).
+        Writer threads; host memory holds ``queue_size + threads`` field buffers.
     """
 
     def __init__(self, path: Path, denormalise, shape: tuple[int, int], device: torch.device,
@@ -280,7 +281,8 @@ class FieldWriter:
         pin = device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device) if pin else None
         self._free: queue.Queue = queue.Queue()
-        for _ in range(queue_size + 1):
+        threads = max(1, threads)
+        for _ in range(queue_size + threads):
             self._free.put(torch.empty(shape, dtype=torch.float32, pin_memory=pin))
         self._work: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -291,7 +293,7 @@ class FieldWriter:
         self.wait_s = 0.0
         self._threads = [threading.Thread(target=self._run, name=f"squall-forecast-writer{i}",
                                           daemon=True)
-                         for i in range(max(1, min(threads, queue_size + 1)))]  # fmt: skip
+                         for i in range(threads)]  # fmt: skip
         for thread in self._threads:
             thread.start()
 
