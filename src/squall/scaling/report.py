@@ -51,6 +51,7 @@ from squall.scaling.state import (
     JOB_TAG,
     OVERRIDES_TAG,
     SweepState,
+    one_line,
 )
 from squall.tracking import metrics as M
 from squall.tracking.logger import KIND_TAG, SWEEP_TAG
@@ -108,6 +109,14 @@ class Row:
     fallback: str = ""
     tags: dict[str, str] = field(default_factory=dict)
     ran_on: str = ""  # Slurm node list (or hostname) of the point's last attempt
+    model_parallel: int | None = None
+    batch_per_group: int | None = None  # samples per model group and step
+    shard: bool = False  # parameters sharded over the ranks (parallel.shard_parameters)
+    # The scaling model's prediction of this point from the series' one-rank point
+    predicted_s: float = math.nan
+    predicted_gib: float = math.nan
+    err_s: float = math.nan  # predicted / measured - 1
+    err_gib: float = math.nan
 
     @property
     def ok(self) -> bool:
@@ -153,6 +162,10 @@ OPTIONAL_COLUMNS = [
     ("edge imbalance", "edge_imbalance", "{:.3f}"),
     ("node imbalance", "node_imbalance", "{:.3f}"),
     ("attention ran", "attention", "{}"),
+    ("predicted s/step", "predicted_s", "{:.4g}"),
+    ("s/step error", "err_s", "{:+.1%}"),
+    ("predicted peak GiB", "predicted_gib", "{:.3g}"),
+    ("peak error", "err_gib", "{:+.1%}"),
 ]
 
 
@@ -259,6 +272,9 @@ def collect_rows(state: SweepState) -> list[Row]:
             backend_used=tags.get(BACKEND_USED_TAG, ""),
             fallback=" ".join(tags.get(FALLBACK_TAG, "").split()),
             ran_on=tags.get("point.nodelist", ""),
+            model_parallel=_int_or_none(params.get("point.model_parallel")),
+            batch_per_group=_int_or_none(params.get("point.batch_per_rank")),
+            shard=str(params.get("parallel.shard_parameters", "")).lower() in ("true", "on", "1"),
             tags={
                 k: " ".join(v.split())
                 for k, v in tags.items()
@@ -280,6 +296,113 @@ def collect_rows(state: SweepState) -> list[Row]:
             r.speedup = r.samples_per_s / base.samples_per_s
             r.efficiency = r.speedup / (r.gpus / base.gpus)
     return rows
+
+
+def _point_config(state: SweepState, run_id: str):
+    """The resolved config a point ran (its ``config.yaml`` artifact)."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = state.client().download_artifacts(run_id, "config.yaml", tmp)
+        except Exception as err:  # noqa: BLE001 - any store failure is one reason
+            raise ReportError(f"cannot read the config.yaml of run {run_id}: "
+                              f"{one_line(err, 200)}") from err  # fmt: skip
+        return OmegaConf.load(path)
+
+
+def _act_bytes(cfg) -> int:
+    """Bytes per activation value of the run: bf16 autocast (``training.precision`` bf16, or
+    auto on a GPU) or fp32."""
+    precision = str(cfg.training.get("precision", "auto"))
+    if precision == "auto":
+        return 2 if str(cfg.training.get("device", "cpu")).startswith("cuda") else 4
+    return 2 if precision == "bf16" else 4
+
+
+def _series_model(state: SweepState, base: Row, graphs: dict):
+    """The scaling model calibrated on ``base`` (a one-rank point): its config's graph (through
+    the graph cache of the run), model and cluster links, its MLflow run's step time."""
+    from omegaconf import OmegaConf
+
+    from squall.graphs import load_or_build
+    from squall.planning.scaling import ClusterSpec, ScalingModel, calibrate, load_calibration
+
+    cfg = _point_config(state, base.run_id)
+    cluster = ClusterSpec.from_cfg(cfg.cluster)
+    spec = OmegaConf.to_container(cfg.graph, resolve=True)
+    key = repr(spec)
+    if key not in graphs:
+        try:
+            graphs[key] = load_or_build(cfg.graph, Path(str(cfg.paths.cache)) / "graphs")
+        except Exception as err:  # noqa: BLE001 - a graph that cannot be had is one reason
+            raise ReportError(f"cannot load graph {cfg.graph.name}: {one_line(err, 300)}") from err
+    graph = graphs[key]
+    cal = load_calibration(f"mlflow:{base.run_id}@{state.tracking_uri}")
+    rates = calibrate(cal, graph, cluster.hbm_Bps)
+    return ScalingModel(graph, cal.mcfg, rates, cluster,
+                        partition=str(cfg.parallel.get("partition") or "sfc"),
+                        act_bytes=_act_bytes(cfg), rollout=int(cfg.training.get("rollout", 1)),
+                        num_vars=cal.num_vars, input_steps=cal.input_steps)  # fmt: skip
+
+
+def add_predictions(state: SweepState, rows: list[Row]) -> list[str]:
+    """Fill ``predicted_s``, ``predicted_gib`` and their errors of every measured point from the
+    scaling model (:mod:`squall.planning.scaling`) calibrated on the one-rank point of its
+    series; return notes for the report (where it came from, or why there is none).
+
+    Never raises: a prediction that cannot be made is a note, the rows stay as measured.
+    """
+    ok = [r for r in rows if r.ok and r.gpus]
+    if not ok:
+        return []
+    series = sorted({r.series for r in ok})
+    notes, graphs = [], {}
+    allocated = MEMORY_KINDS[M.PEAK_ALLOCATED_GIB]
+    for name in series:
+        pts = [r for r in ok if r.series == name]
+        label = f"series {name}: " if len(series) > 1 else ""
+        ones = [r for r in pts if r.gpus == 1]
+        if not ones:
+            notes.append(f"No prediction{' for ' + label.rstrip(': ') if label else ''}: no "
+                         "successful one-rank point to calibrate the scaling model on.")  # fmt: skip
+            continue
+        base = min(ones, key=lambda r: r.job)
+        others = [r for r in pts if r is not base]
+        try:
+            model = _series_model(state, base, graphs)
+        except Exception as err:  # noqa: BLE001 - the measured report stands without it
+            why = err.args[0] if isinstance(err, SquallError) and err.args else one_line(err)
+            notes.append(f"No prediction{' for ' + label.rstrip(': ') if label else ''}: "
+                         f"{' '.join(str(why).split())}")  # fmt: skip
+            continue
+        failed = []
+        for r in others:
+            try:
+                mp = r.model_parallel or 1
+                p = model.project(r.gpus, mp, r.batch_per_group or 1, r.shard and r.gpus > 1)
+            except Exception as err:  # noqa: BLE001 - a layout the model cannot cut
+                failed.append(f"#{r.job}: {one_line(err, 200)}")
+                continue
+            r.predicted_s, r.predicted_gib = p.step_s, p.peak_gib
+            r.err_s = p.step_s / r.step_s - 1 if r.step_s > 0 else math.nan
+            if r.memory_kind == allocated and r.peak_memory_gib > 0:
+                r.err_gib = p.peak_gib / r.peak_memory_gib - 1
+        c = model.cluster
+        notes.append(
+            f"{label}Predicted by the scaling model (squall.planning.scaling) calibrated on point "
+            f"#{base.job} (1 rank, run {base.run_id}, {model.rates.source}) with the links of "
+            f"cluster {c.name} ({c.nvlink_Bps / 1e9:.3g} GB/s within a node, "
+            f"{c.network_Bps / 1e9:.3g} GB/s between nodes, exchange latency "
+            f"{c.exchange_latency_s * 1e6:.0f} us); error = predicted / measured - 1."
+            + (" No prediction for " + "; ".join(failed) + "." if failed else "")
+        )
+        if any(r.memory_kind != allocated for r in others if r.memory_kind):
+            notes.append(f"{label}Peak error not computed: these points measured resident memory "
+                         "(CPU ranks), the model predicts allocated tensors.")  # fmt: skip
+    return notes
 
 
 def extra_tags(rows: list[Row]) -> tuple[list[str], dict[str, str]]:
@@ -465,6 +588,17 @@ def _human_bytes(values: list[float]) -> tuple[float, str]:
     return 1.0, "B"
 
 
+def _predicted_throughput(pts: list[Row]) -> list[tuple[int, float]]:
+    """(GPUs, predicted samples/s) of a series' points that have a prediction, led by the
+    one-rank point it was calibrated on (its measurement); empty without predictions."""
+    have = [r for r in pts if not math.isnan(r.predicted_s) and r.predicted_s > 0]
+    ones = [r for r in pts if r.gpus == 1]
+    if not have or not ones:
+        return []
+    return [(1, min(ones, key=lambda r: r.job).samples_per_s)] + [(r.gpus, r.global_batch / r.predicted_s)
+                                           for r in have]  # fmt: skip
+
+
 def plot_scaling(rows: list[Row], out_dir: Path, title: str, warnings: list[str]) -> list[Path]:
     """``throughput_efficiency.png`` and ``memory.png`` against GPUs, one line per series."""
     plt = _pyplot()
@@ -502,6 +636,15 @@ def plot_scaling(rows: list[Row], out_dir: Path, title: str, warnings: list[str]
             )
             _annotate(ax_t, gpus[-1], ideal[-1], f"ideal {ideal[-1]:.3g}", color, dy=-14)
         ax_e.plot(gpus, [100 * r.efficiency for r in pts], "o-", color=color, label=label)
+        predicted = _predicted_throughput(pts)
+        if predicted:
+            px, py = zip(*predicted, strict=True)
+            ax_t.plot(px, py, "s--", color=color, mfc="none", linewidth=1.2, alpha=0.9,
+                      label=f"predicted{f' ({label})' if several else ''} (scaling model, from "
+                      f"{px[0]} GPU)")  # fmt: skip
+            for x, y in predicted[1:]:
+                _annotate(ax_t, x, y, f"pred {y:.3g}", color, dy=8, dx=8)
+            top = max(top, *py)
         top = max([top, *ideal, *(r.samples_per_s for r in pts)])
     ax_e.axhline(100, color="grey", linestyle="--", linewidth=1, label="ideal (100 %)")
     for ax in (ax_t, ax_e):
@@ -509,7 +652,10 @@ def plot_scaling(rows: list[Row], out_dir: Path, title: str, warnings: list[str]
         _gpu_axis(ax, all_gpus)
     ax_t.set_ylim(0, top * 1.2 if top > 0 else 1)
     ax_t.set_ylabel("throughput (samples/s)")
-    ax_t.set_title("throughput (dashed: ideal, linear in GPUs)", fontsize=10)
+    pred = any(not math.isnan(r.predicted_s) for r in ok)
+    ax_t.set_title("throughput (dashed: ideal, linear in GPUs"
+                   + ("; open squares: scaling model's prediction)" if pred else ")"),
+                   fontsize=10)  # fmt: skip
     ax_e.set_ylabel("parallel efficiency (%)")
     ax_e.set_ylim(0, max([120.0] + [100 * r.efficiency * 1.2 for r in ok]))
     ax_e.set_title("efficiency against the smallest point of each series", fontsize=10)
@@ -727,6 +873,10 @@ def report_sweep(
     list of Row
     """
     rows = collect_rows(state)
+    try:
+        predicted = add_predictions(state, rows)
+    except Exception as err:  # noqa: BLE001 - the measured report never fails on the model
+        predicted = [f"No prediction: {one_line(err)}"]
     out = Path(out_dir) if out_dir is not None else Path(state.sweep_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.png"):  # plots of an earlier report that this one may not draw
@@ -750,6 +900,7 @@ def report_sweep(
         )
     elif failed:
         notes.append(f"{len(failed)} of {len(rows)} point(s) failed; reasons in the table.")
+    notes += predicted
     notes += [f"Warning: {w}." for w in warnings]
     if shared:
         notes.append(
