@@ -11,6 +11,7 @@ ends ~lr away from the reference; fp32 reordering noise is ~1e-6 of that.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,10 @@ def _trainer(model, checkpoint_path=None, distributed=False, wrapped=None):
                    barrier=dist.barrier if distributed else None)  # fmt: skip
 
 
+@functools.cache
 def _reference(steps: int, dtype: torch.dtype):
-    """Parameters (float64) and per-step losses of one unsharded process on the whole batch."""
+    """Parameters (float64) and per-step losses of one unsharded process on the whole batch
+    (shared by the tests: read only)."""
     model = make_model(tiny_graph()).to(dtype)
     trainer = _trainer(model)
     losses = [float(trainer.train_step(b)[0]) for b in _batches(steps, dtype)]
@@ -226,7 +229,7 @@ def test_sharded_checkpoint_is_atomic_and_resumes_exactly(tmp_path):
     P=1 gives exactly (bitwise) the state a P=1 run would load from its own single-file
     checkpoint of the same parameters."""
     from squall.parallel.state import save_sharded, shards_root
-    from squall.train.checkpoint import load_checkpoint
+    from squall.train.checkpoint import load_checkpoint, read_payload
 
     model = make_model(tiny_graph())
     trainer = _trainer(model)
@@ -246,3 +249,32 @@ def test_sharded_checkpoint_is_atomic_and_resumes_exactly(tmp_path):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(trainer.optimizer.state[p][key], other.optimizer.state[q][key])
     assert other.scheduler.state_dict() == trainer.scheduler.state_dict()
+    # a forecast reads the whole model from the same file
+    whole = read_payload(path, "")["model"]
+    assert whole.keys() == model.state_dict().keys()
+    for name, t in model.state_dict().items():
+        assert torch.equal(whole[name], t), name
+
+
+@pytest.mark.slow
+def test_single_file_checkpoint_resumes_sharded(tmp_path):
+    """An unsharded run's single-file checkpoint (P=1, 2 steps) resumes sharded at P=2: each
+    rank takes its shards of the full parameters and AdamW state; the next two steps equal one
+    unsharded run of 4 steps."""
+    first, more = 2, 2
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    _setup, model, wrapped = _build(1, False)
+    trainer = _trainer(model, ckpt, False, wrapped)
+    for batch in _batches(first):
+        trainer.train_step(batch)
+    trainer.save()
+    assert "model" in torch.load(ckpt, weights_only=False)  # the single-file format
+
+    exact, exact_losses = _reference(first + more, torch.float64)
+    fp32, fp32_losses = _reference(first + more, torch.float32)
+    tol, loss_tols = _tolerances(exact, fp32, exact_losses, fp32_losses)
+    out = tmp_path / "p2"
+    out.mkdir()
+    spawn(_train_layout, 2, 2, 1, more, str(out), str(ckpt), first)
+    results = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    _check(results, exact, exact_losses[first:], tol, loss_tols[first:], "P=2 from one file")

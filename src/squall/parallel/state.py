@@ -183,6 +183,22 @@ def _set_states(model, optimizer, model_state, optim_state, options=None) -> Non
                        optim_state_dict=optim_state, options=options)  # fmt: skip
 
 
+class ShardedPayload(dict):
+    """A sharded checkpoint file's dict whose ``"model"`` (the whole model's state, CPU tensors)
+    is read from its DCP directory on first use, so readers of single-file checkpoints (a
+    forecast) take either; ``"model" in payload`` stays false."""
+
+    def __init__(self, path, payload: dict):
+        super().__init__(payload)
+        self.path = Path(path)
+
+    def __missing__(self, key):
+        if key != "model":
+            raise KeyError(key)
+        self["model"] = state = full_model_state(self.path, self)
+        return state
+
+
 def full_model_state(path, payload: dict) -> dict:
     """The whole model's state dict (CPU tensors) of a checkpoint, sharded or not, in this process
     alone (a forecast's load)."""
@@ -193,8 +209,9 @@ def full_model_state(path, payload: dict) -> dict:
     where = shards_dir(path, payload)
     if not where.is_dir():
         raise SquallError(f"checkpoint {path} names shards {where} that are missing")
-    return _load_state_dict_from_keys({"model"}, checkpoint_id=where)["model"]
+    with _single_process_quiet():
+        return _load_state_dict_from_keys({"model"}, checkpoint_id=where)["model"]
 
 
-__all__ = ["SHARDS_KEY", "full_model_state", "load_states", "save_sharded", "shards_dir",
+__all__ = ["SHARDS_KEY", "ShardedPayload", "full_model_state", "load_states", "save_sharded", "shards_dir",
            "shards_root"]  # fmt: skip

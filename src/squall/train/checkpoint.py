@@ -16,7 +16,7 @@ import torch
 
 from squall.errors import SquallError
 from squall.parallel.sharding import is_sharded
-from squall.parallel.state import SHARDS_KEY, load_states
+from squall.parallel.state import SHARDS_KEY, ShardedPayload, load_states
 
 FORMAT_VERSION = 1
 
@@ -86,7 +86,7 @@ def read_payload(path, advice: str, error: type[SquallError] = SquallError) -> d
         raise error(f"checkpoint {path} cannot be read ({type(err).__name__}): {advice}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise error(f"checkpoint {path} is not a squall checkpoint of format {FORMAT_VERSION}")
-    return payload
+    return ShardedPayload(path, payload) if SHARDS_KEY in payload else payload
 
 
 def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng=True) -> dict:
