@@ -30,15 +30,26 @@ a backend comparison ran the same code, the report says in one warning line that
 measures nothing, and tags the parent run ``squall.report_warning``. The table is still written:
 the numbers are true measurements of what ran.
 
+Prediction: where a series has a successful one-rank point, the scaling model
+(:mod:`squall.planning.scaling`) is calibrated on its MLflow run (step time, model and graph of
+its ``config.yaml``, links and rates of its ``cluster`` config) and predicts every other point's
+s/step and peak memory per rank; the table adds them with their relative errors (the memory error
+only where the points measured allocated GPU memory, not a CPU process's resident memory) and the
+throughput plot draws the prediction dashed with open squares. Where no prediction can be made (no
+one-rank point, a cluster config without ``links``, a graph that cannot be loaded) the report says
+why in one line and is otherwise as measured.
+
 A sweep with no measured point (nothing recorded yet, every point failed) gets its table with the
 reasons and no plots.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
+import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,13 +309,29 @@ def collect_rows(state: SweepState) -> list[Row]:
     return rows
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """Set environment variables for the block; the earlier values come back after it."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _point_config(state: SweepState, run_id: str):
     """The resolved config a point ran (its ``config.yaml`` artifact)."""
     import tempfile
 
     from omegaconf import OmegaConf
 
-    with tempfile.TemporaryDirectory() as tmp:
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # no progress bar in the table
+    with tempfile.TemporaryDirectory() as tmp, _environ(quiet):
         try:
             path = state.client().download_artifacts(run_id, "config.yaml", tmp)
         except Exception as err:  # noqa: BLE001 - any store failure is one reason
@@ -393,7 +420,7 @@ def add_predictions(state: SweepState, rows: list[Row]) -> list[str]:
         c = model.cluster
         notes.append(
             f"{label}Predicted by the scaling model (squall.planning.scaling) calibrated on point "
-            f"#{base.job} (1 rank, run {base.run_id}, {model.rates.source}) with the links of "
+            f"#{base.job} (1 rank, MLflow run {base.run_id}) with the links of "
             f"cluster {c.name} ({c.nvlink_Bps / 1e9:.3g} GB/s within a node, "
             f"{c.network_Bps / 1e9:.3g} GB/s between nodes, exchange latency "
             f"{c.exchange_latency_s * 1e6:.0f} us); error = predicted / measured - 1."
@@ -643,7 +670,7 @@ def plot_scaling(rows: list[Row], out_dir: Path, title: str, warnings: list[str]
                       label=f"predicted{f' ({label})' if several else ''} (scaling model, from "
                       f"{px[0]} GPU)")  # fmt: skip
             for x, y in predicted[1:]:
-                _annotate(ax_t, x, y, f"pred {y:.3g}", color, dy=8, dx=8)
+                _annotate(ax_t, x, y, f"pred {y:.3g}", color, dy=-4, dx=10)
             top = max(top, *py)
         top = max([top, *ideal, *(r.samples_per_s for r in pts)])
     ax_e.axhline(100, color="grey", linestyle="--", linewidth=1, label="ideal (100 %)")
