@@ -16,7 +16,8 @@ applies, in this order:
 4. **activation checkpoint policies** of ``model.cfg``: ``full`` blocks are recomputed in backward
    by the runner, ``mlp`` blocks recompute their MLP themselves;
 5. **torch.compile** of every block when ``model.cfg.compile`` and the blocks run whole (no
-   sharding, no chunks: a block run on subsets of its destinations would recompile per subset);
+   sharding, no chunks: a block run on subsets of its destinations would recompile per subset;
+   with ``shard_parameters``, blocks of the ``full`` checkpoint policy stay eager);
 6. **gradient synchronisation** whenever the world has more than one rank: every replica of a
    parameter steps on the same gradient, the average over data-parallel replicas of the full
    gradient. A plain data-parallel model (``model_parallel == 1``, ``chunks == 1``) goes through
@@ -475,6 +476,16 @@ def parallelize(
         if sharded:
             log.warning("model.compile has no effect on sharded or chunked blocks: each runs on "
                         "subsets of its destinations, outside torch.compile")  # fmt: skip
+        elif config.shard_parameters and groups.world is not None and recompute:
+            # a compiled FSDP block recomputed by torch.utils.checkpoint saves other tensors in
+            # the recompute than in its forward, which checkpoint refuses (torch 2.13, gloo and
+            # CPU); the ``mlp`` policy recomputes inside the compiled block and is unaffected
+            log.warning("model.compile with parallel.shard_parameters: the %d blocks with the "
+                        "'full' checkpoint policy run eagerly (use 'mlp' to compile them)",
+                        len(recompute))  # fmt: skip
+            for _, block, _ in _blocks(model):
+                if block not in recompute:
+                    block.compile(dynamic=False)
         else:
             compile_blocks(model)
     model.runner = runner

@@ -40,6 +40,13 @@ Composition
     pieces (``chunks``, or ``overlap``'s interior and boundary) is gathered for each piece and its
     gradient reduce-scattered after each piece's backward (FSDP accumulates the sharded pieces):
     correct, with one extra gather and reduce-scatter of that block per extra piece.
+    ``torch.compile`` of whole blocks (pure data parallelism) composes with sharding and with
+    the ``mlp`` policy; a compiled block under the runner's ``full`` recomputation fails
+    checkpoint's recompute check, so :func:`~squall.parallel.parallelize.parallelize` leaves
+    those blocks eager when sharding.
+
+On gloo (CPU), FSDP2 works as on NCCL (torch 2.13: all-gather and reduce-scatter of flat
+buffers); only ``PREMUL_SUM`` is missing, hence the forced sum above.
 """
 
 from __future__ import annotations
