@@ -502,7 +502,10 @@ def parallelize(
             # sharded over the world; reduce-scattered: sum over the model group, average over
             # data-parallel replicas
             blocks = [block for _, block, _ in _blocks(model)]
-            shard_parameters(model, blocks, groups.world, layout.data_parallel,
+            # a communicator of its own: gathers and reduce-scatters do not queue behind the
+            # halo exchanges of the model group (the world itself when data_parallel is 1)
+            shard_group = dist.new_group(list(range(layout.world_size)))
+            shard_parameters(model, blocks, shard_group, layout.data_parallel,
                              config.param_dtype)  # fmt: skip
         elif sharded:
             # sum over the model group, average over data-parallel replicas
