@@ -344,7 +344,8 @@ def _scalar(value: Any) -> bool:
 
 @dataclass
 class EnsembleSchema(Schema):
-    """Probabilistic model (``model.ensemble``; ``squall.models.forecaster``, ``squall.train.ensemble``).
+    """Probabilistic model (``model.ensemble``; ``squall.models.forecaster``,
+    ``squall.train.ensemble``).
 
     Attributes
     ----------

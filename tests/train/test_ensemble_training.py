@@ -28,7 +28,8 @@ from squall.train.runner import build_run, train
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = {
     "name": "o8_l2",
-    "nodes": {"data": {"type": "grid", "grid": "O8"}, "hidden": {"type": "icosahedral", "level": 2}},
+    "nodes": {"data": {"type": "grid", "grid": "O8"},
+              "hidden": {"type": "icosahedral", "level": 2}},
     "edges": {
         "encoder": {"src": "data", "dst": "hidden", "type": "cutoff", "factor": 0.8},
         "processor": {"src": "hidden", "dst": "hidden", "type": "multiscale"},
@@ -36,8 +37,8 @@ SPEC = {
     },
 }  # fmt: skip
 LAYOUT = VariableLayout.from_roles({"prognostic": [0, 1, 2], "forcing": [3], "diagnostic": [4]})
-TRAINING = SimpleNamespace(lr=1e-3, weight_decay=0.0, warmup_steps=0, max_steps=10, min_lr_ratio=1.0,
-                           precision="fp32", grad_clip=1.0)  # fmt: skip
+TRAINING = SimpleNamespace(lr=1e-3, weight_decay=0.0, warmup_steps=0, max_steps=10,
+                           min_lr_ratio=1.0, precision="fp32", grad_clip=1.0)  # fmt: skip
 
 
 @functools.cache
@@ -85,7 +86,8 @@ def test_ensemble_loss_is_the_member_by_member_afcrps_over_the_rollout(alpha):
     model, b, m = trainer.model, 2, 3
     g = model.graph.num_data
     gen = torch.Generator().manual_seed(2)
-    batch = {"x": torch.randn(b, 2, g, 5, generator=gen), "y": torch.randn(b, 2, g, 5, generator=gen)}
+    batch = {"x": torch.randn(b, 2, g, 5, generator=gen),
+             "y": torch.randn(b, 2, g, 5, generator=gen)}
     torch.manual_seed(7)
     loss = trainer.rollout_loss(batch)
     torch.manual_seed(7)  # the same draws, in the same order: one [B * M] noise per step
@@ -132,8 +134,8 @@ def test_energy_score_and_fair_crps_are_selectable():
 
 
 def _tiny() -> list[str]:
-    spec = importlib.util.spec_from_file_location("_train_conftest",
-                                                  Path(__file__).with_name("conftest.py"))  # fmt: skip
+    conftest = Path(__file__).with_name("conftest.py")
+    spec = importlib.util.spec_from_file_location("_train_conftest", conftest)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return list(module.TINY)
@@ -194,7 +196,8 @@ def test_ensemble_forecast_scores_its_written_members(trained_pair, tmp_path):
         assert np.allclose(np.sqrt(sq / len(starts)), rmse, rtol=1e-4)
     # reference and persistence scored from the same starts; a table row per lead time
     rows = list(csv.DictReader(open(result["csv"])))
-    assert len(rows) == 3 and {"crps_model", "crps_reference", "crps_gain", "spread_skill"} <= set(rows[0])
+    wanted = {"crps_model", "crps_reference", "crps_gain", "spread_skill"}
+    assert len(rows) == 3 and wanted <= set(rows[0])
     det = forecast(compose_tiny(cache, *DET))
     assert np.allclose(result["crps_reference"], det["crps_model"], rtol=1e-6)
     assert np.allclose(result["rmse_reference"], det["rmse_model"], rtol=1e-6)

@@ -358,7 +358,8 @@ class GraphForecaster(nn.Module):
                                  f"{(b, z_mesh.shape[1], k)} (batch, mesh rows, noise channels)")
             z_mesh = torch.cat([z_mesh, noise.to(z_mesh.dtype)], -1)
         elif noise is not None:
-            raise ValueError("noise given to a deterministic model (model.ensemble.noise_channels=0)")
+            raise ValueError("noise given to a deterministic model "
+                             "(model.ensemble.noise_channels=0)")
         for layer in self.processor:
             z_mesh = run(gi, "processor", layer, z_mesh, z_mesh, proc)
         if k:

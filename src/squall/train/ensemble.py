@@ -33,7 +33,7 @@ def fold_members(tensor: torch.Tensor, members: int) -> torch.Tensor:
 
 
 def unfold_members(tensor: torch.Tensor, members: int) -> torch.Tensor:
-    """``[B * members, ...] -> [B, members, ...]`` (the inverse of :func:`fold_members`'s layout)."""
+    """``[B * members, ...] -> [B, members, ...]``: the inverse of :func:`fold_members`."""
     return tensor.reshape(tensor.shape[0] // members, members, *tensor.shape[1:])
 
 
