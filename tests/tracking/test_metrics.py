@@ -43,7 +43,7 @@ def test_metric_names_carry_units():
                              "LOSS_VAL_PERSISTENCE", "SKILL_VS_PERSISTENCE", "LR", "GRAD_NORM",
                              "STEP_SPREAD", "STEP_TIMED", "MEASURED_STEPS", "HALO_ROWS_SENT",
                              "EDGE_IMBALANCE", "NODE_IMBALANCE", "COMM_SHARE", "MODEL_PARAMETERS",
-                             "FORECAST_SKILL"}
+                             "FORECAST_SKILL", "FORECAST_SPREAD_SKILL", "FORECAST_CRPS_GAIN"}
         assert unit or unitless, f"{const}={name!r} has no unit suffix"
     assert metrics.per_rank(metrics.PEAK_ALLOCATED_GIB, 3) == "memory/peak_allocated_GiB/rank3"
 

@@ -84,7 +84,7 @@ FORECAST_CRPS_PERSISTENCE_NORM = "forecast/crps_persistence_normalised"
 FORECAST_CRPS_REFERENCE_NORM = "forecast/crps_reference_normalised"
 FORECAST_RMSE_REFERENCE_NORM = "forecast/rmse_reference_normalised"
 FORECAST_SPREAD_NORM = "forecast/spread_normalised"
-FORECAST_SPREAD_SKILL = "forecast/spread_skill_ratio"
+FORECAST_SPREAD_SKILL = "forecast/spread_skill_ratio"  # sqrt((M+1)/M) spread / RMSE, dimensionless
 FORECAST_CRPS_GAIN = "forecast/crps_gain_vs_reference"
 
 GIB = 1024**3
