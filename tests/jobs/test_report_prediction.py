@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _scale_helpers import TINY, compose_scale, run_scale, table
+from _scale_helpers import TINY, compose_scale
 from omegaconf import OmegaConf, open_dict
 
 from squall.graphs import load_or_build
@@ -164,22 +164,3 @@ def test_report_stands_when_the_calibration_cannot_be_read(base_cfg, tmp_path, m
     assert "Traceback" not in md and "\n" not in notes[0]
     assert sorted(p.name for p in out.glob("*.png")) == ["memory.png", "throughput_efficiency.png"]
     assert state.client().get_run(state.parent_run_id).info.status == "FINISHED"
-
-
-@pytest.mark.slow  # a whole local sweep of two tiny points: about a minute on 2 cores
-def test_default_cpu_sweep_reports_its_prediction(tmp_path):
-    """``python -m jobs.scale --multirun`` on cluster=local: the 2-rank point gets the model's
-    prediction from the 1-rank point through the runs' own configs, graph cache and the links of
-    conf/cluster/local.yaml."""
-    done = run_scale(["--multirun", *TINY], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = table(done.stdout)
-    assert [r["GPUs"] for r in rows] == ["1", "2"]
-    assert rows[0]["predicted s/step"] == "-"
-    predicted = float(rows[1]["predicted s/step"])
-    measured = float(rows[1]["s/step"])
-    assert predicted > 0
-    assert rows[1]["s/step error"] == f"{predicted / measured - 1:+.1%}"
-    assert "Predicted by the scaling model (squall.planning.scaling) calibrated on point #0" in (
-        done.stdout)
-    assert "with the links of cluster local" in done.stdout

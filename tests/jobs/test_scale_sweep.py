@@ -36,6 +36,15 @@ def test_default_local_sweep_falls_back_to_local_store_and_prints_table(tmp_path
     assert [r[:4] for r in rows] == [["0", "1", "1", "dp1"], ["1", "2", "1", "dp2"]]
     assert [r[-2] for r in rows] == ["FINISHED", "FINISHED"]
     assert rows[0][8:10] == ["1.00", "100%"] and rows[1][9].endswith("%")
+    # The 2-rank point gets the scaling model's prediction, calibrated on the 1-rank point through
+    # the runs' own configs, graph cache and the links of conf/cluster/local.yaml.
+    named = table(done.stdout)
+    assert named[0]["predicted s/step"] == "-"
+    predicted, measured = float(named[1]["predicted s/step"]), float(named[1]["s/step"])
+    assert predicted > 0 and named[1]["s/step error"] == f"{predicted / measured - 1:+.1%}"
+    assert "Predicted by the scaling model (squall.planning.scaling) calibrated on point #0" in (
+        done.stdout)
+    assert "with the links of cluster local" in done.stdout
 
     state = sweep_state(done.stdout)
     assert state.tracking_uri == store and state.fallback_from == dead
