@@ -20,13 +20,11 @@ of the full tensors.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import time
 import warnings
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -80,7 +78,7 @@ def save_sharded(path, model: nn.Module, optimizer, scheduler, step: int, sample
     """
     import torch.distributed.checkpoint as dcp
 
-    from squall.train.checkpoint import FORMAT_VERSION, rng_state
+    from squall.train.checkpoint import run_payload, write_atomic
 
     path = Path(path)
     root = shards_root(path)
@@ -98,19 +96,9 @@ def save_sharded(path, model: nn.Module, optimizer, scheduler, step: int, sample
     with _single_process_quiet():
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=target)
     if main:
-        payload = {
-            "format": FORMAT_VERSION,
-            SHARDS_KEY: str(target.relative_to(path.parent)),
-            "scheduler": scheduler.state_dict(),
-            "step": int(step),
-            "samples_seen": int(samples_seen),
-            "rng": rng_state(),
-            "extra": extra or {},
-            "identity": model.identity() if hasattr(model, "identity") else None,
-        }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # the checkpoint is now the new one
+        payload = {SHARDS_KEY: str(target.relative_to(path.parent)),
+                   **run_payload(model, scheduler, step, samples_seen, extra)}  # fmt: skip
+        write_atomic(payload, path)  # the checkpoint is now the new one
         for old in root.iterdir():
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)

@@ -40,14 +40,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, scheduler, step: int, samples_seen: int, extra=None):
-    """Atomically write a checkpoint to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+def run_payload(model, scheduler, step: int, samples_seen: int, extra=None) -> dict:
+    """Everything a checkpoint holds besides the model and optimizer tensors."""
+    return {
         "format": FORMAT_VERSION,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "step": int(step),
         "samples_seen": int(samples_seen),
@@ -56,10 +52,24 @@ def save_checkpoint(path, model, optimizer, scheduler, step: int, samples_seen: 
         # graph and architecture, so a forecast can refuse a checkpoint of another model
         "identity": model.identity() if hasattr(model, "identity") else None,
     }
+
+
+def write_atomic(payload: dict, path: Path) -> Path:
+    """``torch.save`` to a temporary name beside ``path``, then rename: readers see the old file
+    or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
+
+
+def save_checkpoint(path, model, optimizer, scheduler, step: int, samples_seen: int, extra=None):
+    """Atomically write a checkpoint to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               **run_payload(model, scheduler, step, samples_seen, extra)}  # fmt: skip
+    return write_atomic(payload, path)
 
 
 def checkpoint_extra(path) -> dict:
