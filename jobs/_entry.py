@@ -243,3 +243,19 @@ def hydra_job(config_name: str = "config"):
         return entry
 
     return decorate
+
+
+@contextlib.contextmanager
+def distributed_job(cfg):
+    """This job's place in a launch (``dist_env``), its process group for the duration, and one
+    GPU per rank under NCCL (``cfg.training.device``); yields the environment."""
+    from squall.distributed.env import destroy_distributed, dist_env, init_distributed
+
+    env = dist_env()
+    init_distributed(env)
+    if env.backend == "nccl":
+        cfg.training.device = f"cuda:{env.local_rank}"
+    try:
+        yield env
+    finally:
+        destroy_distributed()

@@ -24,8 +24,7 @@ import json
 
 from omegaconf import DictConfig
 
-from jobs._entry import hydra_job
-from squall.distributed.env import destroy_distributed, dist_env, init_distributed
+from jobs._entry import distributed_job, hydra_job
 from squall.train.boundary import format_lam
 from squall.train.forecast import forecast
 
@@ -77,14 +76,8 @@ def format_table(result: dict) -> str:
 
 @hydra_job()
 def main(cfg: DictConfig) -> dict:
-    env = dist_env()
-    init_distributed(env)
-    if env.backend == "nccl":  # one GPU per rank
-        cfg.training.device = f"cuda:{env.local_rank}"
-    try:
+    with distributed_job(cfg) as env:
         result = forecast(cfg)
-    finally:
-        destroy_distributed()
     if env.rank == 0:
         print(format_table(result))
         print(json.dumps(result))

@@ -38,9 +38,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from jobs._entry import hydra_job
+from jobs._entry import distributed_job, hydra_job
 from squall.data.setup import check_source
-from squall.distributed.env import destroy_distributed, dist_env, init_distributed
+from squall.distributed.env import dist_env
 from squall.tracking.metrics import VALIDATION_METRICS
 from squall.train.runner import end_attempt, open_tracking_run, train
 from squall.train.signals import STOPPED_EXIT_CODE, Stopped, StopSignals, signal_name
@@ -82,11 +82,7 @@ def main(cfg: DictConfig) -> dict:
 def run(cfg: DictConfig, stop: StopSignals):
     """Train in this job's MLflow run; return the final metrics, the stop signal's name (None
     when trained to the end) and the logger."""
-    env = dist_env()
-    init_distributed(env)
-    if env.backend == "nccl":  # one GPU per rank
-        cfg.training.device = f"cuda:{env.local_rank}"
-    try:
+    with distributed_job(cfg) as env:
         # A missing dataset is bad input: said before a tracking run is opened (or continued).
         check_source(cfg)
         with stop.deferred():  # a stop while the run is created ends it after, as KILLED
@@ -129,8 +125,6 @@ def run(cfg: DictConfig, stop: StopSignals):
             else:
                 end_attempt(logger, cfg, "FINISHED", f"finished at step {summary['step']}",
                             step=summary["step"])  # fmt: skip
-    finally:
-        destroy_distributed()
     return final, stopped_by, logger
 
 
