@@ -88,6 +88,12 @@ def test_requeued_train_wrapper_continues_its_mlflow_run_and_log(local_slurm, tm
         # First start: requeue once it has written a checkpoint, i.e. while it trains.
         wait_until("a first checkpoint", ckpt.exists, end, job_id, env, log)
         subprocess.run(["scontrol", "requeue", job_id], env=env, check=True, capture_output=True)
+        # Slurm holds a requeued batch job for 2 minutes (BeginTime); release it once pending.
+        wait_until("the requeued job pending", lambda: subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True,
+            text=True).stdout.strip() == "PENDING", end, job_id, env, log)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env,
+                       check=True, capture_output=True)
         # Second start: it resumes from the checkpoint and trains on; then stop it for good.
         wait_until("the second start resuming", lambda: log.exists() and "resumed from" in
                    log.read_text() and "attempt 2" in log.read_text(), end, job_id, env, log)
