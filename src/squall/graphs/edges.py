@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from squall.errors import GraphError
 from squall.graphs import search
@@ -96,6 +95,8 @@ def _nearest(src: NodeSet, dst_latlon: np.ndarray, k: int, step=None):
             if step is not None:
                 step()
         return idx, d2
+    from scipy.spatial import cKDTree  # host path only: GPU machines may have no scipy
+
     tree = cKDTree(src_xyz)
     for lo, hi in _chunks(len(dst_latlon), size):
         idx[lo:hi], d2[lo:hi] = _tree_nearest(tree, src_xyz, dst_xyz[lo:hi], k)
@@ -144,6 +145,8 @@ def _within(src: NodeSet, dst: NodeSet, radius: float, max_neighbours: int | Non
     # One search: in blocks of destinations each block walks the whole source tree again
     # (o1280_l8 encoder pair search on 2 cores: 10 s in one, 39 s in blocks of 65,536). The tree
     # radius is widened by rounding so that the exact test below decides every pair.
+    from scipy.spatial import cKDTree
+
     pairs = cKDTree(dst_xyz).sparse_distance_matrix(
         cKDTree(src_xyz), radius * (1 + 1e-9) + 1e-12, output_type="ndarray"
     )
