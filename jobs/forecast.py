@@ -21,12 +21,14 @@ the remaining factor of the world size are replicas that take every n-th start;
 from __future__ import annotations
 
 import json
+import sys
 
 from omegaconf import DictConfig
 
 from jobs._entry import distributed_job, hydra_job
 from squall.train.boundary import format_lam
 from squall.train.forecast import forecast
+from squall.train.signals import STOPPED_EXIT_CODE, Stopped
 
 
 def format_table(result: dict) -> str:
@@ -77,7 +79,12 @@ def format_table(result: dict) -> str:
 @hydra_job()
 def main(cfg: DictConfig) -> dict:
     with distributed_job(cfg) as env:
-        result = forecast(cfg)
+        try:
+            result = forecast(cfg)
+        except Stopped as err:  # the writer has drained and the store says how far it got
+            where = f"; fields so far in {cfg.forecast.output}" if cfg.forecast.output else ""
+            print(f"stopped by {err}{where} (attrs complete=false)", file=sys.stderr)
+            sys.exit(STOPPED_EXIT_CODE)
     if env.rank == 0:
         print(format_table(result))
         print(json.dumps(result))

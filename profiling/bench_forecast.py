@@ -43,16 +43,13 @@ from _step import load_graph  # noqa: E402
 
 from squall.models.forecaster import GraphForecaster, ModelConfig  # noqa: E402
 from squall.parallel.parallelize import ParallelConfig, parallelize  # noqa: E402
-from squall.train.forecast import (  # noqa: E402
-    FieldWriter,
-    ModelStep,
-    Rollout,
-    StepClock,
-    autocast_dtype,
-)
+from squall.train.forecast import ModelStep, Rollout, StepClock, autocast_dtype  # noqa: E402
+from squall.train.forecast_store import FieldWriter, create_store  # noqa: E402
 from squall.train.loop import VariableLayout  # noqa: E402
 
-VARIANTS = ("plain", "zarr", "graphs", "graphs+zarr")
+VARIANTS = ("plain", "zarr", "zarr-lz4", "zarr-zstd", "graphs", "graphs+zarr")
+#: Compression of each writing variant's store (forecast.compression).
+COMPRESSION = {"zarr": "none", "zarr-lz4": "lz4", "zarr-zstd": "zstd", "graphs+zarr": "none"}
 WARMUP_STEPS = 3  # autotuning and capture happen in the first; 3 leave the allocator settled
 
 
@@ -141,8 +138,9 @@ def run_variant(model, layout, rows, area, args, device, variant, zarr_root, ran
         y = base.expand(1, steps, g, v)
         writer = None
         if path is not None:
-            FieldWriter.create(path, (1, steps, v, g), {"variables": [f"v{i}" for i in range(v)]})
-            writer = FieldWriter(path, lambda f: f, (g, v), device)
+            create_store(path, (1, steps, v, g), {"variables": [f"v{i}" for i in range(v)]},
+                         COMPRESSION[variant])  # fmt: skip
+            writer = FieldWriter(path, device)
         clock = StepClock(device)
         clock.mark()
 
@@ -153,22 +151,22 @@ def run_variant(model, layout, rows, area, args, device, variant, zarr_root, ran
 
         if cuda:
             torch.cuda.synchronize(device)
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         roll.run(x, y, on_step)
         if writer is not None:
             writer.close()
         if cuda:
             torch.cuda.synchronize(device)
-        total = time.perf_counter() - began
+        total, cpu = time.perf_counter() - began, time.process_time() - cpu_began
         steps_s = clock.intervals([(i, i + 1) for i in range(steps)])
-        return total, steps_s, writer
+        return total, cpu, steps_s, writer
 
     rollout(WARMUP_STEPS, None)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     path = zarr_root / f"{variant.replace('+', '_')}.zarr" if writes else None
     try:
-        total, steps_s, writer = rollout(args.steps, path)
+        total, cpu, steps_s, writer = rollout(args.steps, path)
         if writer is not None:
             store_gb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
     finally:
@@ -179,10 +177,11 @@ def run_variant(model, layout, rows, area, args, device, variant, zarr_root, ran
     row = {"variant": variant, "cuda_graph": step.graph is not None,
            "s_per_step": round(statistics.median(steps_s), 5),
            "s_per_step_p90": round(float(np.percentile(steps_s, 90)), 5),
-           "total_s": round(total, 3), "peak_GiB": round(peak, 3),
+           "total_s": round(total, 3), "cpu_s": round(cpu, 3), "peak_GiB": round(peak, 3),
            "peak_kind": "cuda_allocated" if cuda else "host_rss",
            "write_wait_s": round(writer.wait_s, 3) if writes else None,
-           "zarr_GB": round(store_gb, 3) if writes else None}  # fmt: skip
+           "zarr_GB": round(store_gb, 3) if writes else None,
+           "compression": COMPRESSION.get(variant, "")}  # fmt: skip
     return row
 
 
@@ -204,7 +203,7 @@ def main() -> None:
             row = run_variant(model, layout, grid_rows, area, args, device, variant, zarr_root,
                               rank)  # fmt: skip
             results[variant] = row
-            plain = results.get(variant.replace("zarr", "").strip("+") or "plain")
+            plain = results.get("graphs" if variant.startswith("graphs") else "plain")
             if "zarr" in variant and plain is not None:
                 row["write_overhead_pct"] = round(100 * (row["total_s"] / plain["total_s"] - 1), 2)
             full = {**info, "graph": name, "data_nodes": len(area), "channels": args.channels,

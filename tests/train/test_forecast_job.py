@@ -24,14 +24,18 @@ import zarr
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from squall.errors import SquallError
+from squall.data.normalise import Normaliser
+from squall.data.zarr_dataset import check_chunks
+from squall.errors import DataError, SquallError
 from squall.tracking import NullLogger, local_store_uri
 from squall.tracking import metrics as M
-from squall.train.forecast import (
-    CheckpointMismatch,
+from squall.train import forecast_store
+from squall.train.forecast import CheckpointMismatch, forecast
+from squall.train.forecast_store import (
     FieldWriter,
     ForecastWriteError,
-    forecast,
+    create_store,
+    finish_store,
 )
 from squall.train.runner import build_run, train
 
@@ -277,19 +281,24 @@ def test_progress_shows_lead_time_speed_and_eta(trained, monkeypatch, capsys):
 # Seconds each write takes in the slow-disk test: long against a queue operation (microseconds)
 # even on the loaded 2-core machine, short enough for the default test run.
 SLOW_WRITE_S = 0.3
+NORM = Normaliser(["a", "b", "c"], [1.0, -2.0, 300.0], [0.5, 3.0, 40.0])
 
 
-def _writer(path, denormalise, queue_size=2, shape=(6, 3), starts=1, steps=5):
-    FieldWriter.create(path, (starts, steps, shape[1], shape[0]), {"variables": ["a", "b", "c"]})
-    return FieldWriter(path, denormalise, shape, torch.device("cpu"), queue_size)
+class SlowDisk(FieldWriter):
+    """Each field takes SLOW_WRITE_S to reach the disk (the writer thread sleeps first)."""
+
+    def _write(self, where, field):
+        time.sleep(SLOW_WRITE_S)
+        super()._write(where, field)
+
+
+def _store(path, starts=1, steps=5, grid=6, compression="none"):
+    create_store(path, (starts, steps, 3, grid), {"variables": ["a", "b", "c"]}, compression)
+    return path
 
 
 def test_a_slow_disk_does_not_stall_the_rollout_and_nothing_is_lost(tmp_path):
-    def slow(field):
-        time.sleep(SLOW_WRITE_S)
-        return field * 2 + 1
-
-    writer = _writer(tmp_path / "fc.zarr", slow, queue_size=2)
+    writer = SlowDisk(_store(tmp_path / "fc.zarr"), torch.device("cpu"), NORM, queue_size=2)
     fields = [torch.randn(6, 3) for _ in range(5)]
     began = time.perf_counter()
     for s in range(3):  # queue_size + 1 buffers: handed over without waiting for the disk
@@ -299,19 +308,59 @@ def test_a_slow_disk_does_not_stall_the_rollout_and_nothing_is_lost(tmp_path):
         writer.put(0, s, fields[s])
     assert writer.wait_s >= SLOW_WRITE_S / 2
     writer.close()
-    FieldWriter.finish(writer.path, writer.written, 5, None)
+    finish_store(writer.path, writer.written, 5, None)
     store = zarr.open_group(str(writer.path), mode="r")
     assert store.attrs["complete"] is True and store.attrs["fields_written"] == 5
-    expected = np.stack([(f * 2 + 1).numpy().T for f in fields])
+    # in each variable's units, [variable, grid]: the normaliser's own denormalise, bitwise
+    expected = np.stack([NORM.denormalise(f).numpy().T for f in fields])
     assert np.array_equal(store["data"][0], expected)
 
 
+@pytest.mark.parametrize("compression", ["none", "lz4", "zstd"])
+def test_a_field_is_one_whole_chunk_the_dataset_check_reads(tmp_path, compression):
+    path = _store(tmp_path / "fc.zarr", steps=3, compression=compression)
+    writer = FieldWriter(path, torch.device("cpu"), NORM, queue_size=1)
+    fields = [torch.randn(6, 3) for _ in range(3)]
+    for s in (0, 2):
+        writer.put(0, s, fields[s])
+    writer.close()
+    store = zarr.open_group(str(path), mode="r")
+    assert store.attrs["compression"] == compression
+    assert sorted(p.name for p in (path / "data").iterdir()) == [".zarray", ".zattrs", "0.0.0.0",
+                                                                 "0.2.0.0"]  # fmt: skip
+    data = store["data"][:]
+    assert np.array_equal(data[0, 2], NORM.denormalise(fields[2]).numpy().T)
+    assert np.isnan(data[0, 1]).all()  # never written: zarr's fill value
+    # squall's dataset check finds the missing field and passes the stored ones
+    with pytest.raises(DataError, match=r"1 of 3 chunks missing \(time 0 chunk 0\.1\.0\.0\)"):
+        check_chunks(path, decode=compression == "none")
+    writer = FieldWriter(path, torch.device("cpu"), NORM, queue_size=1)
+    writer.put(0, 1, fields[1])
+    writer.close()
+    assert check_chunks(path) == 3
+
+
+def test_a_field_over_the_chunk_limit_is_split_by_whole_variables(tmp_path, monkeypatch):
+    # O1280's 100 fields (2.6 GB a step) in chunks of 20 variables (512 MiB at most)
+    assert forecast_store.variables_per_chunk(100, 6_599_680) == 20
+    monkeypatch.setattr(forecast_store, "MAX_CHUNK_BYTES", 2 * 6 * 4)  # two variables of 6 points
+    path = _store(tmp_path / "fc.zarr", steps=1, compression="lz4")
+    writer = FieldWriter(path, torch.device("cpu"), NORM, queue_size=1)
+    field = torch.randn(6, 3)
+    writer.put(0, 0, field)
+    writer.close()
+    assert sorted(p.name for p in (path / "data").iterdir() if not p.name.startswith(".")) == [
+        "0.0.0.0", "0.0.1.0"]  # fmt: skip
+    assert np.array_equal(zarr.open_group(str(path), mode="r")["data"][0, 0],
+                          NORM.denormalise(field).numpy().T)  # fmt: skip
+
+
 def test_a_failing_disk_is_one_error_and_an_incomplete_store(tmp_path):
-    path = tmp_path / "fc.zarr"
-    writer = _writer(path, lambda f: f, queue_size=1)
+    path = _store(tmp_path / "fc.zarr")
+    writer = FieldWriter(path, torch.device("cpu"), queue_size=1)
     writer.put(0, 0, torch.ones(6, 3))
     writer.close()  # the first field is on disk
-    writer = FieldWriter(path, lambda f: f, (6, 3), torch.device("cpu"), 1)
+    writer = FieldWriter(path, torch.device("cpu"), queue_size=1)
     # the disk refuses every further chunk: its folder becomes a file
     shutil.rmtree(path / "data")
     (path / "data").write_text("not a folder")
@@ -326,7 +375,7 @@ def test_a_failing_disk_is_one_error_and_an_incomplete_store(tmp_path):
     )
     assert "the store is marked incomplete" in message
     writer.abort()  # raised once; the thread has stopped
-    FieldWriter.finish(path, 1 + writer.written, 5, f"ForecastWriteError: {message}")
+    finish_store(path, 1 + writer.written, 5, f"ForecastWriteError: {message}")
     attrs = zarr.open_group(str(path), mode="r").attrs
     assert attrs["complete"] is False and attrs["fields_written"] == 1
     assert attrs["error"].startswith("ForecastWriteError: writing forecast fields")
@@ -378,51 +427,3 @@ def test_two_ranks_write_and_score_what_one_process_does(trained, plain, layout,
     two = json.loads(done[0].stdout.strip().splitlines()[-1])
     assert two["rmse_model"] == result["rmse_model"] and two["skill"] == result["skill"]
     assert two["ranks"] == 2 and len(two["memory_by_rank"]) == 2
-
-
-# ----------------------------------------------------------------------------------------------
-# GPU only: the captured step against the eager one
-
-
-def _gpu_rollout(cuda_graphs: bool, dtype, x, y):
-    """A 4-step rollout of a small random model on the GPU; the fields of every step."""
-    from squall.graphs import build_graph
-    from squall.models.forecaster import GraphForecaster, ModelConfig
-    from squall.train.forecast import ModelStep, Rollout
-    from squall.train.loop import VariableLayout
-
-    spec = {"name": "o8_l2", "nodes": {"data": {"type": "grid", "grid": "O8"},
-                                       "hidden": {"type": "icosahedral", "level": 2}},
-            "edges": {"encoder": {"src": "data", "dst": "hidden", "type": "cutoff", "factor": 0.8},
-                      "processor": {"src": "hidden", "dst": "hidden", "type": "multiscale"},
-                      "decoder": {"src": "hidden", "dst": "data", "type": "knn", "k": 3}}}  # fmt: skip
-    graph = build_graph(spec)
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    cfg = ModelConfig(num_channels=32, num_heads=4, processor_layers=2, attention_backend="triton")
-    model = GraphForecaster(graph, cfg, 5, 5, 2, [(i, i) for i in range(5)]).to(device).eval()
-    torch.nn.init.normal_(model.head.weight, std=0.1)
-    step = ModelStep(model, device, dtype, cuda_graphs)
-    layout = VariableLayout([0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 2], [0, 1, 2])
-    area = torch.from_numpy(graph.nodes["data"].area.astype(np.float32)).to(device)
-    roll = Rollout(model, layout, area, None, step)
-    fields = []
-    for _ in range(2):  # the second rollout replays the graph captured in the first
-        fields = []
-        roll.run(x, y, lambda s, f, out=fields: out.append(f.float().clone()))
-    return torch.stack(fields), step
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gpu_captured_rollout_equals_the_eager_one(dtype):
-    """Replaying the captured step runs the eager step's kernels: it may differ from the eager
-    rollout by no more than two eager rollouts differ from each other (atomics)."""
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(1, 2, 544, 5, generator=gen), torch.randn(1, 4, 544, 5, generator=gen)
-    eager, _ = _gpu_rollout(False, dtype, x, y)
-    again, _ = _gpu_rollout(False, dtype, x, y)
-    captured, step = _gpu_rollout(True, dtype, x, y)
-    assert step.graph is not None, "the step was not captured (see the warning in the log)"
-    noise = (again - eager).abs().max().item()
-    assert (captured - eager).abs().max().item() <= 2 * noise

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +50,15 @@ from squall.tracking.experiment import layout_name, run_name
 from squall.train.boundary import LamEvaluation
 from squall.train.checkpoint import read_payload
 from squall.train.ensemble import fold_members, unfold_members
+from squall.train.forecast_store import (  # noqa: F401 - FieldWriter, ForecastWriteError: API
+    FieldWriter,
+    ForecastWriteError,
+    create_store,
+    finish_store,
+)
 from squall.train.runner import build_run
 from squall.train.scores import afcrps_pointwise
+from squall.train.signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -217,179 +222,6 @@ class ModelStep:
             return
         self.graph, self.static_in, self.static_out = graph, static_in, static_out
         log.info("forecast.cuda_graphs: step captured into a CUDA graph")
-
-
-# ----------------------------------------------------------------------------------------------
-# Fields to zarr in the background
-# ----------------------------------------------------------------------------------------------
-
-
-#: Writer threads: two keep the disk busy while the next field's device-to-host copy is awaited
-#: and denormalised; zarr already encodes a field's chunks concurrently. More threads did not
-#: help: with 8 (a 16-core H200 host) writing added 103 % to an o96_l6 rollout and 57 % to
-#: o320_l7, against 80 % and 23 % with 2 on a 32-core host (60 steps, 100 fields;
-#: profiling/results/forecast.md).
-WRITE_THREADS = 2
-
-
-class ForecastWriteError(SquallError):
-    """Writing the forecast fields failed; the store is marked incomplete."""
-
-
-class FieldWriter:
-    """Writes forecast fields to a zarr array in background threads while the rollout goes on.
-
-    The store holds ``data[start, step, variable, grid]`` float32, denormalised (an ensemble's:
-    ``data[start, step, member, variable, grid]``), one chunk per variable of each field: zarr compresses and writes a field's chunks concurrently, a
-    reader gets one variable without the others, and no two writes touch the same chunk (several
-    writers, e.g. data-parallel ranks, may share the store). ``attrs["complete"]`` is ``false``
-    until every field has been written and :meth:`close` returned; ``attrs["fields_written"]``
-    then counts what is there and a failed write leaves ``attrs["error"]``.
-
-    The rollout hands over a field with :meth:`put`: the device-to-host copy goes into one of
-    ``queue_size + threads`` pinned host buffers, on a stream of its own, so ``put`` returns at once;
-    a writer thread waits for that copy, denormalises and writes. Only when every buffer is still
-    waiting for the disk does ``put`` block (a bounded queue: host memory stays at
-    ``queue_size + threads`` fields however slow the disk); the time it blocked is :attr:`wait_s`. An
-    error in a thread is raised, once, as :class:`ForecastWriteError` by the next :meth:`put` or
-    by :meth:`close`; the fields after it are not written.
-
-    Parameters
-    ----------
-    path : Path
-        The zarr group (created by :meth:`create` beforehand).
-    denormalise : callable
-        Normalised ``[G, V]`` fp32 CPU tensor to the variables' own units.
-    shape : tuple of int
-        ``(G, V)`` of one field.
-    device : torch.device
-        Where the fields come from.
-    queue_size : int
-        Fields waiting for the disk before :meth:`put` blocks.
-    threads : int
-        Writer threads; host memory holds ``queue_size + threads`` field buffers.
-    """
-
-    def __init__(self, path: Path, denormalise, shape: tuple[int, int], device: torch.device,
-                 queue_size: int = 4, threads: int = WRITE_THREADS) -> None:  # fmt: skip
-        import zarr
-
-        if queue_size < 1:
-            raise ConfigError(f"forecast.write_queue={queue_size} must be >= 1")
-        self.path, self.denormalise, self.device = Path(path), denormalise, device
-        self.array = zarr.open_group(str(path), mode="r+")["data"]
-        pin = device.type == "cuda"
-        self._copy_stream = torch.cuda.Stream(device) if pin else None
-        self._free: queue.Queue = queue.Queue()
-        threads = max(1, threads)
-        for _ in range(queue_size + threads):
-            self._free.put(torch.empty(shape, dtype=torch.float32, pin_memory=pin))
-        self._work: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        self._error: BaseException | None = None
-        self._error_at: tuple[int, int] | None = None
-        self._raised = False
-        self.written = 0
-        self.wait_s = 0.0
-        self._threads = [threading.Thread(target=self._run, name=f"squall-forecast-writer{i}",
-                                          daemon=True)
-                         for i in range(threads)]  # fmt: skip
-        for thread in self._threads:
-            thread.start()
-
-    @staticmethod
-    def create(path: Path, shape: tuple[int, ...], attrs: dict) -> None:
-        """A new store for ``shape = (starts, steps, variables, grid)`` fields, or ``(starts,
-        steps, members, variables, grid)`` for an ensemble, marked incomplete."""
-        import zarr
-
-        root = zarr.open_group(str(path), mode="w", zarr_format=2)
-        root.create_array("data", shape=shape, chunks=(1,) * (len(shape) - 1) + (shape[-1],),
-                          dtype="float32", fill_value=np.nan)  # fmt: skip
-        layout = ("data[start, step, variable, grid]" if len(shape) == 4
-                  else "data[start, step, member, variable, grid]")  # fmt: skip
-        root.attrs.update({**attrs, "layout": layout, "complete": False,
-                           "fields_written": 0})  # fmt: skip
-
-    def put(self, start: int, step: int, field: torch.Tensor, member: int | None = None) -> None:
-        """Queue ``field [G, V]`` (normalised, on the rollout's device) for ``data[start, step]``
-        (``data[start, step, member]`` in an ensemble's store)."""
-        self._check()
-        began = time.perf_counter()
-        buf = self._free.get()  # the thread hands every buffer back, after an error too
-        self.wait_s += time.perf_counter() - began
-        event = None
-        if field.device.type == "cuda":
-            # a device-side copy on the compute stream (the field may be a CUDA graph's output,
-            # overwritten by the next replay), then the slow device-to-host copy on a stream of
-            # its own, so the next step's kernels do not queue behind it
-            staged = field.float().clone()
-            self._copy_stream.wait_stream(torch.cuda.current_stream(field.device))
-            with torch.cuda.stream(self._copy_stream):
-                buf.copy_(staged, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self._copy_stream)
-            staged.record_stream(self._copy_stream)
-        else:
-            buf.copy_(field)
-        self._work.put((start, step, member, buf, event))
-
-    def _run(self) -> None:
-        while True:
-            item = self._work.get()
-            if item is None:
-                return
-            start, step, member, buf, event = item
-            if self._error is None:
-                try:
-                    if event is not None:
-                        event.synchronize()
-                    where = (start, step) if member is None else (start, step, member)
-                    self.array[where] = self.denormalise(buf).numpy().T  # [V, G]
-                    with self._lock:
-                        self.written += 1
-                except BaseException as err:  # noqa: BLE001 - reported by put / close
-                    with self._lock:
-                        if self._error is None:
-                            self._error, self._error_at = err, (start, step)
-            self._free.put(buf)
-
-    def _check(self) -> None:
-        if self._error is not None and not self._raised:
-            self._raised = True
-            start, step = self._error_at
-            first = str(self._error).splitlines()[0] if str(self._error) else ""
-            raise ForecastWriteError(
-                f"writing forecast fields to {self.path} failed at start {start}, step "
-                f"{step + 1} ({type(self._error).__name__}: {first}); {self.written} fields "
-                "were written, the store is marked incomplete (attrs complete=false)")  # fmt: skip
-
-    def close(self) -> None:
-        """Wait until every queued field is on disk; raise the thread's error if there was one."""
-        alive = [t for t in self._threads if t.is_alive()]
-        for _ in alive:
-            self._work.put(None)
-        for thread in alive:
-            thread.join()
-        self._check()
-
-    def abort(self) -> None:
-        """Stop after what is queued (an error elsewhere); never raises."""
-        try:
-            self.close()
-        except ForecastWriteError:
-            pass
-
-    @staticmethod
-    def finish(path: Path, written: int, expected: int, error: str | None) -> None:
-        """Record in the store's attributes how many fields it holds and whether that is all."""
-        import zarr
-
-        root = zarr.open_group(str(path), mode="r+")
-        attrs = {"fields_written": written, "complete": error is None and written == expected}
-        if error is not None:
-            attrs["error"] = error
-        root.attrs.update(attrs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,17 +432,15 @@ def forecast(cfg) -> dict:
     if output is not None:
         if rank == 0:
             member_axis = (members,) if members > 1 else ()
-            FieldWriter.create(output, (len(starts), steps, *member_axis, len(out_vars),
-                                        len(area)), {  # fmt: skip
+            create_store(output, (len(starts), steps, *member_axis, len(out_vars), len(area)), {
                 "variables": out_vars, "initial_dates": [str(data.dates[i]) for i in starts],
                 "lead_hours": [hours * (s + 1) for s in range(steps)],
-            })  # fmt: skip
+            }, str(f.get("compression", "none")))  # fmt: skip
         if world > 1:
             dist.barrier()
         if writes_fields:
             norm = parts.train_set.normaliser.subset(out_vars)
-            writer = FieldWriter(output, norm.denormalise, (len(area), len(out_vars)), device,
-                                 int(f.get("write_queue", 4)))  # fmt: skip
+            writer = FieldWriter(output, device, norm, int(f.get("write_queue", 4)))
 
     sums = {k: torch.zeros(steps, len(prog_vars), dtype=torch.float64, device=device)
             for k in SCORE_KEYS}  # fmt: skip
@@ -621,6 +451,9 @@ def forecast(cfg) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
     began = time.perf_counter()
+    # SIGTERM or SIGUSR1 (scancel, preemption, Slurm's time-limit warning) ends the rollout as an
+    # error does: the fields already handed to the writer reach the disk, the store says how many
+    stop = StopSignals().__enter__()
     try:
         with Progress(len(mine) * steps, f"forecast ({len(mine)} starts x {steps} steps of "
                       f"{hours:g} h)", unit="step") as bar:  # fmt: skip
@@ -671,14 +504,17 @@ def forecast(cfg) -> dict:
                 "the graph over N GPUs")) from None  # fmt: skip
         raise
     finally:
-        if output is not None:
-            written = writer.written if writer is not None else 0
-            if world > 1 and error is None:  # every writer's count (no collective after an
-                counts = torch.tensor([float(written)], device=device)  # error: peers hang)
-                dist.all_reduce(counts)
-                written = int(counts.item())
-            if (rank == 0 and error is None) or writer is not None:
-                FieldWriter.finish(output, written, len(starts) * steps * members, error)
+        try:
+            if output is not None:
+                written = writer.written if writer is not None else 0
+                if world > 1 and error is None:  # every writer's count (no collective after an
+                    counts = torch.tensor([float(written)], device=device)  # error: peers hang)
+                    dist.all_reduce(counts)
+                    written = int(counts.item())
+                if (rank == 0 and error is None) or writer is not None:
+                    finish_store(output, written, len(starts) * steps * members, error)
+        finally:
+            stop.__exit__()
     step_s = clock.intervals(pairs)
     total_s = time.perf_counter() - began
     keys = [(sums, k) for k in SCORE_KEYS] + [(ref_sums, k) for k in SCORE_KEYS]
