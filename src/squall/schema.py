@@ -230,6 +230,9 @@ class BoundarySchema(Schema):
         Driver points of the inverse-distance interpolation onto each boundary point.
     power : float
         Inverse-distance exponent.
+    lookahead : bool
+        Give each step the driver's boundary values at the time it predicts (extra input
+        columns, ``squall.train.boundary``); false: the band of the input states only.
     """
 
     enabled: bool = True
@@ -238,6 +241,44 @@ class BoundarySchema(Schema):
     grid: str = "O48"
     neighbours: int = setting(4, ge=1)
     power: float = setting(2.0, gt=0)
+    lookahead: bool = True
+
+
+@dataclass
+class ObservationsSchema(Schema):
+    """Synthetic observations drawn from the dataset's fields (``data.observations``;
+    ``squall.data.observations``); a model with ``model.observations`` reads them.
+
+    Attributes
+    ----------
+    channels : list of str
+        Observed dataset variables, in the encoder's channel order.
+    count : list of int
+        ``[min, max]`` observations per time step (uniform, inclusive).
+    noise : float
+        Observation error standard deviation, normalised units.
+    missing : float
+        Probability that a channel is missing at an observation.
+    neighbours : int
+        Grid points of the inverse-distance interpolation.
+    seed : int
+        Seed of the observations (per time: ``(seed, time index)``).
+    """
+
+    channels: list[str] = MISSING
+    count: list[int] = field(default_factory=lambda: [0, 1000])
+    noise: float = setting(0.1, ge=0)
+    missing: float = setting(0.2, ge=0, le=1)
+    neighbours: int = setting(3, ge=1)
+    seed: int = 0
+
+    @classmethod
+    def check(cls, node: DictConfig, path: str) -> None:
+        count = list(node.count)
+        if len(count) != 2 or not 0 <= count[0] <= count[1]:
+            raise ConfigError(f"{path}.count={count}: give [min, max], 0 <= min <= max")
+        if not len(node.channels):
+            raise ConfigError(f"{path}.channels: name at least one observed variable")
 
 
 @dataclass
@@ -276,6 +317,8 @@ class DataSchema(Schema):
         Synthetic generator (null for real data).
     boundary : BoundarySchema or None
         Driving dataset of a limited-area graph's boundary points (null: none).
+    observations : ObservationsSchema or None
+        Synthetic observations in every sample (null: none).
     """
 
     source: str = setting(choices=("synthetic", "zarr"))
@@ -294,6 +337,7 @@ class DataSchema(Schema):
     test: SplitSchema = MISSING
     generator: GeneratorSchema | None = None
     boundary: BoundarySchema | None = None
+    observations: ObservationsSchema | None = None
 
     @classmethod
     def check(cls, node: DictConfig, path: str) -> None:
@@ -372,6 +416,22 @@ class EnsembleSchema(Schema):
 
 
 @dataclass
+class ObsEncoderSchema(Schema):
+    """Observation encoder (``model.observations``; ``squall.models.obs_encoder``).
+
+    Attributes
+    ----------
+    cutoff_factor : float
+        Observation-to-mesh radius in units of the mesh's largest nearest-neighbour spacing.
+    max_neighbours : int or None
+        Observations per mesh node at most, nearest first (null: all in reach).
+    """
+
+    cutoff_factor: float = setting(0.6, gt=0)
+    max_neighbours: int | None = setting(64, ge=1)
+
+
+@dataclass
 class ModelSchema(Schema):
     """GraphTransformer forecaster (``conf/model/*.yaml``; ``squall.models.forecaster``).
 
@@ -398,6 +458,8 @@ class ModelSchema(Schema):
         ``torch.compile`` each block (one GPU, unsharded and unchunked blocks only).
     ensemble : EnsembleSchema
         Members, noise and training score of a probabilistic model (default: deterministic).
+    observations : ObsEncoderSchema or None
+        Observation encoder after the grid encoder (null: none; needs ``data.observations``).
     """
 
     name: str = MISSING
@@ -410,6 +472,7 @@ class ModelSchema(Schema):
     checkpoint: CheckpointSchema = MISSING
     compile: bool = MISSING
     ensemble: EnsembleSchema = field(default_factory=EnsembleSchema)
+    observations: ObsEncoderSchema | None = None
 
     @classmethod
     def check(cls, node: DictConfig, path: str) -> None:

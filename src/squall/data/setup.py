@@ -5,10 +5,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 from squall.config import to_container
 from squall.data.boundary import attach_driver
+from squall.data.observations import ObservationSettings, ObservationWindows
 from squall.data.synthetic import SyntheticSettings, generate
 from squall.data.zarr_dataset import WindowDataset, format_timedelta, parse_timedelta, read_info
 from squall.errors import DataError
@@ -115,7 +117,10 @@ def build_dataset(cfg, split: str = "train", rollout: int = 1, grid_indices=None
         raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
     d = cfg.data
     rng = to_container(d.get(split)) or {}
-    dataset = WindowDataset(
+    obs = d.get("observations")
+    make = (WindowDataset if obs is None else
+            partial(ObservationWindows, observations=ObservationSettings.from_cfg(obs)))
+    dataset = make(
         str(d.path),
         variables=to_container(d.get("variables")),
         input_steps=int(d.get("input_steps", 1)),

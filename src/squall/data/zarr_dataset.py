@@ -700,6 +700,7 @@ def make_dataloader(dataset, batch_size=1, shuffle=False, num_workers=0, seed=0,
         kwargs = {"persistent_workers": True, "prefetch_factor": prefetch_factor}
     return _DataLoader(
         dataset,
+        collate_fn=getattr(dataset, "collate_fn", None),  # observations pack their own
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,
         sampler=sampler,

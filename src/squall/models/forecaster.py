@@ -258,6 +258,9 @@ class GraphForecaster(nn.Module):
         # noise_source(rows) -> [rows, N_mesh, K] replaces the global generator's draws (members
         # spread over ranks: squall.parallel.ensemble.SharedNoise)
         self.noise_source = None
+        # observations -> mesh after the grid encoder (squall.models.obs_encoder; set by
+        # attach_observations when model.observations is configured)
+        self.obs_encoder = None
         c = cfg.num_channels
         node_dim = self.graph.data_attrs.shape[1]
         self.embed_data = nn.Linear(input_steps * num_input_vars + node_dim, c)
@@ -324,8 +327,13 @@ class GraphForecaster(nn.Module):
         return torch.randn(batch, rows, self.cfg.noise_channels, generator=generator,
                            device=self.graph.mesh_attrs.device)  # fmt: skip
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,
+                obs=None) -> torch.Tensor:  # fmt: skip
         """``x [B, T_in, G, V_in]`` normalised -> next state ``[B, G, V_out]`` normalised.
+
+        ``obs`` (models with an observation encoder): this step's observations, an
+        :class:`~squall.data.observations.ObsBatch` of ``B`` samples on the model's device; None
+        skips the observation encoder.
 
         ``noise [B, N_mesh, K]`` (ensemble models only): the processor's noise; None draws it
         from :attr:`noise_source` when set, else (:meth:`sample_noise`) from torch's global
@@ -349,6 +357,11 @@ class GraphForecaster(nn.Module):
         z_mesh = self.embed_mesh(gi.mesh_attrs).expand(b, -1, -1)
         enc, proc, dec = (self.edge_inputs(r) for r in ROLES)
         z_mesh = run(gi, "encoder", self.encoder, z_data, z_mesh, enc)
+        if obs is not None:
+            if self.obs_encoder is None:
+                raise ValueError("observations given to a model without an observation encoder "
+                                 "(model.observations)")  # fmt: skip
+            z_mesh = self.obs_encoder(z_mesh, obs, getattr(gi, "mesh_ids", None))
         k = self.cfg.noise_channels
         if k:
             if noise is None:

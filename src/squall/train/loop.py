@@ -192,9 +192,11 @@ class Trainer:
         state = x.index_select(-1, self.inputs)
         if self.boundary is not None:  # a driven limited-area model (squall.train.boundary)
             state = self.boundary.force_inputs(state, batch)
+        obs = batch.get("obs")  # one ObsBatch per step (squall.data.observations)
         for r in range(y.shape[1]):
+            extra = {} if obs is None else {"obs": obs[r].to(self.device, non_blocking=True)}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                pred = self.net(state)
+                pred = self.net(state, **extra)
             truth = y[:, r]
             yield pred, truth.index_select(-1, self.outputs)
             if r + 1 < y.shape[1]:

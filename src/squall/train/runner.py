@@ -28,6 +28,7 @@ from squall.data.zarr_dataset import make_dataloader
 from squall.errors import ConfigError, DataError
 from squall.graphs import Graph, load_or_build
 from squall.models.forecaster import GraphForecaster, ModelConfig
+from squall.models.obs_encoder import attach_observations
 from squall.parallel.parallelize import (
     ParallelConfig,
     ParallelSetup,
@@ -149,10 +150,13 @@ def build_run(
         mcfg = resolve_checkpointing(graph, mcfg, setup, batch_rows, layout,
                                      train_set.input_steps, device, str(t.precision), rollout)  # fmt: skip
     torch.manual_seed(int(t.seed))  # parameters identical whatever was drawn before
-    model = GraphForecaster(
-        graph, mcfg, len(layout.inputs), len(layout.outputs),
+    # a driven LAM's states carry the driver's next values too (squall.train.boundary)
+    forcing = BoundaryForcing.for_dataset(train_set, layout, device)
+    extra = forcing.extra_inputs if forcing is not None else 0
+    model = attach_observations(GraphForecaster(
+        graph, mcfg, len(layout.inputs) + extra, len(layout.outputs),
         train_set.input_steps, layout.residual, tendency_spread(spread_set, layout),
-    ).to(device)  # fmt: skip
+    ), cfg, graph).to(device)  # fmt: skip
     groups = setup.groups if setup is not None else None
     distributed = groups is not None and groups.layout.world_size > 1
     model, wrapped = apply_parallelism(model, graph, setup, device)
@@ -165,7 +169,7 @@ def build_run(
         barrier=dist.barrier if distributed else None,
         replicas=setup.data_parallel_size if setup is not None else 1, hooks=hooks,
     )  # fmt: skip
-    trainer.boundary = BoundaryForcing.for_dataset(train_set, layout, device)  # a driven LAM
+    trainer.boundary = forcing  # a driven LAM
     return RunParts(graph, model, trainer, train_set, val_set, layout, setup)
 
 
