@@ -182,17 +182,17 @@ def breakdown(index, x, grad_out, fused: bool, copy_bw: float, warmup: int, rep:
     kt, dc, sc = op.kidx_args(index)
     q, k, v = x["q"], x["k"], x["v"]
     if fused:
-        w_aug = torch.cat([x["weight"], x["bias"][None]], 0)
+        wb = (x["weight"], x["bias"])
         edge, attr = None, x["attr"]
     else:
-        edge, attr, w_aug = x["edge"], None, None
+        edge, attr, wb = x["edge"], None, None
     n_src, (n_dst, h, c) = k.shape[0], q.shape
     fb = floor_bytes(n_src, n_dst, index.num_edges, h, c, 2, fused, D_E)
     bwd_idx = (kt[1], kt[3], kt[4], kt[5], kt[6])  # row, csr_perm, csr_dst, dst/src schedules
-    _, lse = forward.launch_fwd(q, k, v, edge, attr, w_aug, kt[1], kt[5], dc)
-    t_f = median_ms(lambda: forward.launch_fwd(q, k, v, edge, attr, w_aug, kt[1], kt[5], dc),
+    _, lse = forward.launch_fwd(q, k, v, edge, attr, wb, kt[1], kt[5], dc)
+    t_f = median_ms(lambda: forward.launch_fwd(q, k, v, edge, attr, wb, kt[1], kt[5], dc),
                     warmup, rep)  # fmt: skip
-    t_b = median_ms(lambda: backward.launch_bwd(q, k, v, edge, attr, w_aug, lse, grad_out, bwd_idx, dc, sc),
+    t_b = median_ms(lambda: backward.launch_bwd(q, k, v, edge, attr, wb, lse, grad_out, bwd_idx, dc, sc),
                     warmup, rep)  # fmt: skip
     f_f = fb["fwd"] / (copy_bw * 1e9) * 1e3
     f_b = fb["bwd"] / (copy_bw * 1e9) * 1e3

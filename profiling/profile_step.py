@@ -7,7 +7,8 @@ Categories come from kernel names: matrix products (cuBLAS/CUTLASS/nvjet GEMMs),
 optimiser (multi-tensor / fused Adam), communication (NCCL), and the rest as elementwise (activations,
 adds, dtype casts, copies). Idle is the step's wall time minus the union of kernel intervals. The
 floor is the model's analytic FLOPs x 3 over the bf16 matrix rate measured in the same process.
-Prints the table and appends rows to profiling/results/step_breakdown.csv.
+Peak memory is torch's allocator peak over the profiled steps. Prints the table and appends rows to
+profiling/results/step_breakdown.csv.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_rows, machine_info  # noqa: E402
 from _step import add_model_args, load_graph, make_step, matmul_tflops  # noqa: E402
 
+from squall.kernels.gt_attention import kernel_design  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = [
     ("communication", re.compile(r"nccl", re.I)),
     ("optimizer", re.compile(r"multi_tensor|adam", re.I)),
-    ("attention", re.compile(r"_fwd_kernel|_bwd_dst_kernel|_bwd_src_kernel|_dw_chunk|segment_reduce|"
+    ("attention", re.compile(r"_fwd_kernel|_bwd_dst_kernel|_bwd_src_kernel|_dw_chunk|_sum_chunks|segment_reduce|"
                              r"index_select|indexselect|indexfunc|scatter|index_add|gather|indexing_backward", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|sm90_|cublas|wgmma", re.I)),
     ("norm", re.compile(r"layer_norm|layernorm", re.I)),
@@ -66,6 +69,7 @@ def main():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(args.steps):
@@ -91,11 +95,13 @@ def main():
     flops = 3 * model.flops_per_sample()
     floor_ms = flops / (rate * 1e12) * 1e3
     step_ms = wall_us / n / 1e3
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
     info = machine_info()
     rows = []
     order = ["matmul", "attention", "norm", "elementwise", "optimizer", "communication"]
     print(f"{info['gpu']}, {args.graph}, {args.channels} ch x {args.layers} layers, backend {args.backend}, "
-          f"checkpoint {args.checkpoint}: {step_ms:.1f} ms/step, floor {floor_ms:.1f} ms ({step_ms / floor_ms:.2f}x)")  # fmt: skip
+          f"checkpoint {args.checkpoint}: {step_ms:.1f} ms/step, floor {floor_ms:.1f} ms ({step_ms / floor_ms:.2f}x), "
+          f"peak {peak_gib:.2f} GiB (kernels: {kernel_design()})")  # fmt: skip
     print(f"{'category':<14}{'ms/step':>10}{'share':>8}")
     for cat in [*order, "idle"]:
         ms = (wall_us - busy) / n / 1e3 if cat == "idle" else by_cat.get(cat, 0.0) / n / 1e3
@@ -104,7 +110,8 @@ def main():
                      "backend": args.backend, "checkpoint": args.checkpoint, "compile": args.compile, "category": cat,
                      "ms_per_step": round(ms, 2), "share": round(ms / step_ms, 4),
                      "step_ms": round(step_ms, 1), "floor_ms": round(floor_ms, 1),
-                     "matmul_TFLOPs": round(rate, 1)})  # fmt: skip
+                     "matmul_TFLOPs": round(rate, 1), "peak_GiB": round(peak_gib, 2),
+                     "kernel_design": kernel_design()})  # fmt: skip
     top = sorted(((d, k) for k, d in _per_kernel(kernels).items()), reverse=True)[:12]
     print("\nlargest kernels (ms/step):")
     for dur, name in top:

@@ -233,9 +233,8 @@ def _op_samples(gen):
     x = make_inputs(13, 11, index.num_edges, 2, 6, 3, torch.float32, gen)
     for t in x.values():
         t.requires_grad_(True)
-    w_aug = torch.cat([x["weight"], x["bias"][None]], 0).detach().requires_grad_(True)
     mat = (x["q"], x["k"], x["v"], x["edge"], *tensors, *counts)
-    fus = (x["q"], x["k"], x["v"], x["attr"], w_aug, *tensors, *counts)
+    fus = (x["q"], x["k"], x["v"], x["attr"], x["weight"], x["bias"], *tensors, *counts)
     return mat, fus
 
 

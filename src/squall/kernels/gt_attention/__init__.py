@@ -155,6 +155,5 @@ def gt_attention_fused(
         return gt_attention_reference(q, k, v, edge, index.colptr, index.row, index.dst)
     if bias is None:
         bias = weight.new_zeros(weight.shape[1])
-    w_aug = torch.cat([weight, bias.unsqueeze(0)], 0)
     tensors, dc, sc = op.kidx_args(index)
-    return op.op_fused_fwd(q, k, v, edge_attr, w_aug, *tensors, dc, sc)[0]
+    return op.op_fused_fwd(q, k, v, edge_attr, weight, bias, *tensors, dc, sc)[0]

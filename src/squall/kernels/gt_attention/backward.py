@@ -97,23 +97,25 @@ if HAS_TRITON:
         dattr_base, sa_ptr, sb_ptr, p_ptr, pdp_ptr, delta_ptr, offs_h, hmask, offs_d, hc,
         mask_hc, row_mask, sm_scale, H: tl.constexpr, HC: tl.constexpr, FUSED: tl.constexpr,
         D_E: tl.constexpr, BLOCK_E: tl.constexpr, W_IN_REGS: tl.constexpr,
-        ONE_BLOCK: tl.constexpr,
+        ONE_BLOCK: tl.constexpr, DQ_E: tl.constexpr = True,
     ):  # fmt: skip
         """A destination's ``dq`` and ``delta`` and, fused, ``A``, ``B`` and ``d edge_attr``.
 
         ``W_IN_REGS``: ``w3`` holds this program's ``W_aug`` tile (else its rows are read one at a
         time); ``ONE_BLOCK``: the node's edges are known to fit one block, whose ``p``, ``p dp``
-        are still in registers (otherwise checked at run time, and read back when they do not)."""
+        are still in registers (otherwise checked at run time, and read back when they do not);
+        ``DQ_E``: add the edge part ``B W_aug`` of ``dq`` here (else the caller adds it)."""
         # dq = scale * sum_j p (dp - delta) kk = scale * (x_acc - delta * y_acc)
         dq = (x_acc - delta[:, None] * y_acc) * sm_scale
         tl.store(delta_ptr + node * H + offs_h, delta, mask=hmask)
         if FUSED:
             # B = scale * sum_j ds_j a_j with ds = p dp - p delta; the e-part of dq is B W_aug.
             sb = (sc - delta[None, :] * sa) * sm_scale
-            if W_IN_REGS:
-                dq += tl.sum(sb[:, :, None] * w3, 0)
-            else:
-                dq = tiles.w_expand(dq, sb, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)
+            if DQ_E:
+                if W_IN_REGS:
+                    dq += tl.sum(sb[:, :, None] * w3, 0)
+                else:
+                    dq = tiles.w_expand(dq, sb, w_ptr, hc, mask_hc, offs_d, HC, D_E + 1)
             dh = node * (D_E + 1) * H + offs_d[:, None] * H + offs_h[None, :]
             mask_dh = (offs_d[:, None] < D_E + 1) & hmask[None, :]
             tl.store(sa_ptr + dh, sa, mask=mask_dh)
@@ -220,15 +222,21 @@ if HAS_TRITON:
             N, H, C, ROWS, SQ, D_AUG, D_PAD, C_PAD, BLOCK_N,
         )  # fmt: skip
 
-    @triton.jit(do_not_specialize=["n_chunks", "n_cols"])
-    def _sum_chunks_kernel(part_ptr, out_ptr, n_chunks, n_cols, BLOCK: tl.constexpr):
-        """``out[j] = sum_c part[c, j]`` over chunks in ascending order, stored in out's dtype."""
+    @triton.jit(do_not_specialize=["n_chunks", "n_cols", "n_first"])
+    def _sum_chunks_kernel(
+        part_ptr, out_ptr, out2_ptr, n_chunks, n_cols, n_first, BLOCK: tl.constexpr
+    ):
+        """``sum_c part[c, j]`` over chunks in ascending order, stored in the outputs' dtype:
+        columns ``j < n_first`` to ``out[j]``, the rest to ``out2[j - n_first]`` (dW, db)."""
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for c in range(n_chunks):
             acc += tl.load(part_ptr + c * n_cols + cols, mask=mask, other=0.0)
-        tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        first = cols < n_first
+        tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask & first)
+        tl.store(out2_ptr + (cols - n_first), acc.to(out2_ptr.dtype.element_ty),
+                 mask=mask & (cols >= n_first))  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
     # "flat": one program per node (all heads), highest degrees first
@@ -330,6 +338,84 @@ if HAS_TRITON:
             dw_chunk(
                 idx // H, idx % H, sa_ptr, sb_ptr, q_ptr, do_ptr, part_ptr, n_dst, H, C,
                 rows_per_chunk, SQ, D_AUG, D_PAD_DW, C_PAD_DW, 32,
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------
+    # "flat", fused: blocks of destinations, W_aug products as tensor-core products per block
+    # ------------------------------------------------------------------------------------------
+    @triton.jit(do_not_specialize=["n_sched", "deg_key"])
+    def _block_fused_bwd_dst_kernel(
+        q_ptr, k_ptr, v_ptr, attr_ptr, w_ptr, b_ptr, do_ptr, lse_ptr,
+        dq_ptr, dattr_ptr, sa_ptr, sb_ptr, p_ptr, pdp_ptr, delta_ptr, qw_ptr, gw_ptr,
+        row_ptr, sched_ptr, n_sched, deg_key, sm_scale, qk_scale, SQ, SKV,
+        H: tl.constexpr, C: tl.constexpr, D_E: tl.constexpr, D_DOT: tl.constexpr,
+        H_PAD: tl.constexpr, C_PAD: tl.constexpr, C_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+        BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Destination pass of the fused backward for ``BLOCK_N`` destinations per program (as
+        the forward's :func:`_block_fused_fwd_kernel`): ``W_aug q``, ``W_aug dO`` before and the
+        edge part ``B W_aug`` of ``dq`` after the per-destination pass as one product per head;
+        per destination as :func:`_flat_bwd_dst_kernel` (``p``, ``p dp``, ``delta``, ``A``,
+        ``B``, ``d edge_attr``). ``qw``, ``gw``: ``[N, D_DOT, H]`` fp32 scratch."""
+        HC = H * C
+        first, nodes, valid = tiles.block_nodes(sched_ptr, n_sched, BLOCK_N)
+        offs_dd = tl.arange(0, D_DOT)
+        offs_cd = tl.arange(0, C_DOT)
+        for h in range(H):
+            tiles.block_project(
+                q_ptr, SQ, nodes, valid, w_ptr, b_ptr, qw_ptr, h, offs_dd, offs_cd, H, C, D_E,
+                D_DOT, IEEE,
+            )  # fmt: skip
+            tiles.block_project(
+                do_ptr, HC, nodes, valid, w_ptr, b_ptr, gw_ptr, h, offs_dd, offs_cd, H, C, D_E,
+                D_DOT, IEEE,
+            )  # fmt: skip
+        tl.debug_barrier()  # qw, gw rows were stored by other threads of this program
+        offs_h, mask_h, hc, mask_hc = tiles.all_heads(H, C, H_PAD, C_PAD)
+        offs_e = tl.arange(0, BLOCK_E)
+        dh = offs_dd[:, None] * H + offs_h[None, :]
+        for t in range(BLOCK_N):
+            if first + t < n_sched:
+                node, beg, end = tiles.block_slot(sched_ptr, n_sched, first + t)
+                q = tl.load(q_ptr + node * SQ + hc, mask=mask_hc, other=0.0).to(tl.float32)
+                do = tl.load(do_ptr + node * HC + hc, mask=mask_hc, other=0.0).to(tl.float32)
+                lse = tl.load(lse_ptr + node * H + offs_h, mask=mask_h, other=0.0)
+                qw = tl.load(qw_ptr + node * (D_DOT * H) + dh, mask=mask_h[None, :], other=0.0)
+                gw = tl.load(gw_ptr + node * (D_DOT * H) + dh, mask=mask_h[None, :], other=0.0)
+                sa = tl.zeros([D_DOT, H_PAD], dtype=tl.float32)
+                sc = tl.zeros([D_DOT, H_PAD], dtype=tl.float32)
+                x_acc = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
+                y_acc = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
+                delta = tl.zeros([H_PAD], dtype=tl.float32)
+                p = tl.zeros([BLOCK_E, H_PAD], dtype=tl.float32)  # last block's, for d attr
+                pdp = tl.zeros([BLOCK_E, H_PAD], dtype=tl.float32)
+                nxt = beg + offs_e
+                src_next = tl.load(row_ptr + nxt, mask=nxt < end, other=0)
+                for start in range(beg, end, BLOCK_E):
+                    eid = start + offs_e
+                    mask_e = eid < end
+                    src = src_next
+                    nxt = eid + BLOCK_E
+                    src_next = tl.load(row_ptr + nxt, mask=nxt < end, other=0)
+                    eid64, k, v, a = tiles.gather(
+                        eid, mask_e, src, k_ptr, v_ptr, q_ptr, attr_ptr, hc, mask_hc, offs_dd,
+                        SKV, HC, True, D_E,
+                    )  # fmt: skip
+                    x_acc, y_acc, delta, sa, sc, p, pdp = bwd_dst_step(
+                        eid64, mask_e, k, v, a, q, do, lse, qw, gw, x_acc, y_acc, delta, sa, sc,
+                        p_ptr, pdp_ptr, offs_h, mask_h, qk_scale, H, True,
+                    )  # fmt: skip
+                bwd_dst_finish(
+                    node, beg, end, x_acc, y_acc, delta, sa, sc, p, pdp, qw, gw, sa, w_ptr,
+                    dq_ptr, dattr_ptr, 0, sa_ptr, sb_ptr, p_ptr, pdp_ptr, delta_ptr, offs_h,
+                    mask_h, offs_dd, hc, mask_hc, mask_hc, sm_scale, H, HC, True, D_E, BLOCK_E,
+                    False, False, False,
+                )  # fmt: skip
+        tl.debug_barrier()  # dq and B rows were stored by other threads of this program
+        for h in range(H):
+            tiles.block_expand(
+                sb_ptr, D_E + 1, nodes, valid, w_ptr, b_ptr, dq_ptr, HC, h, offs_dd, offs_cd, H, C,
+                D_E, IEEE,
             )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
@@ -492,17 +578,23 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 # Host launcher
 # ----------------------------------------------------------------------------------------------
-def launch_bwd(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_counts, src_counts):
-    """``(dq, dk, dv, de)`` materialised, ``(dq, dk, dv, d_attr, dw_aug)`` fused (``edge`` None).
+def launch_bwd(q, k, v, edge, attr, wb, lse, dout, kidx_tensors, dst_counts, src_counts):
+    """``(dq, dk, dv, de)`` materialised, ``(dq, dk, dv, d_attr, dW, db)`` fused (``edge`` None,
+    ``wb = (W, b)``).
 
     ``kidx_tensors``: ``(row, csr_perm, csr_dst, dst_sched, src_sched)`` of the graph's kernel
     index; ``dst_counts`` / ``src_counts`` the degree-class sizes of the two schedules."""
     with tuning.on_device(q):
         if tuning.kernel_design() == "flat":
-            return _launch_flat(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors)
-        return _launch_classes(
+            return _launch_flat(q, k, v, edge, attr, wb, lse, dout, kidx_tensors)
+        w_aug = torch.cat([wb[0], wb[1].unsqueeze(0)], 0) if attr is not None else None
+        grads = _launch_classes(
             q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_counts, src_counts
         )
+        if attr is None:
+            return grads
+        dw_aug = grads[-1]
+        return (*grads[:-1], dw_aug[:-1].clone(), dw_aug[-1].clone())
 
 
 def _buffers(q, edge, attr, n_edges, dattr_rows: int):
@@ -530,7 +622,7 @@ def _buffers(q, edge, attr, n_edges, dattr_rows: int):
     return dq, p, pdp, delta, de, dattr, sa, sb
 
 
-def _launch_flat(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors):
+def _launch_flat(q, k, v, edge, attr, wb, lse, dout, kidx_tensors):
     row, csr_perm, csr_dst, dst_sched, src_sched = kidx_tensors
     n_dst, h, c = q.shape
     n_src = k.shape[0]
@@ -541,12 +633,23 @@ def _launch_flat(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors):
     d_pad = triton.next_power_of_2(d_e + 1)
     dq, p, pdp, delta, de, dattr, sa, sb = _buffers(q, edge, attr, n_edges, 0)
     sm_scale = 1.0 / math.sqrt(c)
-    if n_dst:
-        tuning.flat_tuned(_flat_bwd_dst_kernel, "bwd_dst", h_pad, c_pad, fused)[(n_dst,)](
-            q, k, v, edge if edge is not None else q, attr if fused else q,
-            w_aug if fused else q, dout, lse, dq, dattr, sa, sb, p, pdp, delta,
+    if n_dst and fused:
+        d_dot = tuning.dot_pad(d_e + 1)
+        qw = torch.empty((n_dst, d_dot, h), dtype=torch.float32, device=q.device)
+        gw = torch.empty_like(qw)
+        tuning.block_tuned(_block_fused_bwd_dst_kernel, "bwd_dst", h_pad, c_pad)[
+            tuning.block_grid(n_dst)
+        ](
+            q, k, v, attr, *wb, dout, lse, dq, dattr, sa, sb, p, pdp, delta, qw, gw,
             row, dst_sched, n_dst, tuning.deg_key(n_edges, n_dst), sm_scale, sm_scale * LOG2E,
-            q.stride(0), k.stride(0), H=h, C=c, FUSED=fused, D_E=d_e, D_PAD=d_pad,
+            q.stride(0), k.stride(0), H=h, C=c, D_E=d_e, D_DOT=d_dot, H_PAD=h_pad, C_PAD=c_pad,
+            C_DOT=tuning.dot_pad(c), IEEE=q.dtype == torch.float32,
+        )  # fmt: skip
+    elif n_dst:
+        tuning.flat_tuned(_flat_bwd_dst_kernel, "bwd_dst", h_pad, c_pad, False)[(n_dst,)](
+            q, k, v, edge, q, q, dout, lse, dq, dattr, sa, sb, p, pdp, delta,
+            row, dst_sched, n_dst, tuning.deg_key(n_edges, n_dst), sm_scale, sm_scale * LOG2E,
+            q.stride(0), k.stride(0), H=h, C=c, FUSED=False, D_E=0, D_PAD=1,
             H_PAD=h_pad, C_PAD=c_pad,
         )  # fmt: skip
     dk = new(k.shape, k.dtype, q.device)
@@ -564,10 +667,14 @@ def _launch_flat(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors):
         )  # fmt: skip
     if not fused:
         return dq, dk, dv, de
-    dw_aug = new(w_aug.shape, w_aug.dtype, q.device)
-    n_cols = dw_aug.numel()
-    _sum_chunks_kernel[(triton.cdiv(n_cols, 1024),)](part, dw_aug, n_chunks, n_cols, BLOCK=1024)
-    return dq, dk, dv, dattr, dw_aug
+    weight, bias = wb
+    dw = new(weight.shape, weight.dtype, q.device)
+    db = new(bias.shape, bias.dtype, q.device)
+    n_cols = (d_e + 1) * h * c
+    _sum_chunks_kernel[(triton.cdiv(n_cols, 1024),)](
+        part, dw, db, n_chunks, n_cols, dw.numel(), BLOCK=1024
+    )
+    return dq, dk, dv, dattr, dw, db
 
 
 def _launch_classes(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_counts, src_counts):

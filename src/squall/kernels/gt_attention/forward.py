@@ -113,6 +113,71 @@ if HAS_TRITON:
         fwd_store(out_ptr, lse_ptr, node, acc, m, l_sum, offs_h, mask_h, hc, mask_hc, H, HC)
 
     # ------------------------------------------------------------------------------------------
+    # "flat", fused: blocks of destinations, W_aug products as tensor-core products per block
+    # ------------------------------------------------------------------------------------------
+    @triton.jit(do_not_specialize=["n_sched", "deg_key"])
+    def _block_fused_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, attr_ptr, w_ptr, b_ptr, out_ptr, lse_ptr, qw_ptr, pa_ptr, row_ptr,
+        sched_ptr, n_sched, deg_key, qk_scale, SQ, SKV,
+        H: tl.constexpr, C: tl.constexpr, D_E: tl.constexpr, D_DOT: tl.constexpr,
+        H_PAD: tl.constexpr, C_PAD: tl.constexpr, C_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+        BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """``BLOCK_N`` destinations per program (consecutive slots of the schedule, highest degrees
+        first), each with all heads as in the flat kernel; ``W_aug q`` before and ``(sum_j p_ij
+        a_j) W_aug`` after the per-destination pass as one ``[BLOCK_N, .] x [., .]`` product per
+        head (row by row per destination, these were 24 ``[H, C]`` W loads and reductions per
+        destination). ``qw``, ``pa`` are ``[N, D_DOT, H]`` fp32 scratch rows of this program's
+        nodes; ``out`` holds the ``v`` part until the product adds the edge part."""
+        HC = H * C
+        first, nodes, valid = tiles.block_nodes(sched_ptr, n_sched, BLOCK_N)
+        offs_dd = tl.arange(0, D_DOT)
+        offs_cd = tl.arange(0, C_DOT)
+        for h in range(H):
+            tiles.block_project(
+                q_ptr, SQ, nodes, valid, w_ptr, b_ptr, qw_ptr, h, offs_dd, offs_cd, H, C, D_E,
+                D_DOT, IEEE,
+            )  # fmt: skip
+        tl.debug_barrier()  # qw rows were stored by other threads of this program
+        offs_h, mask_h, hc, mask_hc = tiles.all_heads(H, C, H_PAD, C_PAD)
+        offs_e = tl.arange(0, BLOCK_E)
+        dh = offs_dd[:, None] * H + offs_h[None, :]
+        for t in range(BLOCK_N):
+            if first + t < n_sched:
+                node, beg, end = tiles.block_slot(sched_ptr, n_sched, first + t)
+                q = tl.load(q_ptr + node * SQ + hc, mask=mask_hc, other=0.0).to(tl.float32)
+                qw = tl.load(qw_ptr + node * (D_DOT * H) + dh, mask=mask_h[None, :], other=0.0)
+                pa = tl.zeros([D_DOT, H_PAD], dtype=tl.float32)
+                m = tl.full([H_PAD], -1e30, tl.float32)
+                l_sum = tl.zeros([H_PAD], dtype=tl.float32)
+                acc = tl.zeros([H_PAD, C_PAD], dtype=tl.float32)
+                nxt = beg + offs_e
+                src_next = tl.load(row_ptr + nxt, mask=nxt < end, other=0)
+                for start in range(beg, end, BLOCK_E):
+                    eid = start + offs_e
+                    mask_e = eid < end
+                    src = src_next
+                    nxt = eid + BLOCK_E
+                    src_next = tl.load(row_ptr + nxt, mask=nxt < end, other=0)
+                    eid64, k, v, a = tiles.gather(
+                        eid, mask_e, src, k_ptr, v_ptr, q_ptr, attr_ptr, hc, mask_hc, offs_dd,
+                        SKV, HC, True, D_E,
+                    )  # fmt: skip
+                    m, l_sum, acc, pa = fwd_step(
+                        mask_e, k, v, a, q, qw, m, l_sum, acc, pa, qk_scale, True
+                    )
+                fwd_store(out_ptr, lse_ptr, node, acc, m, l_sum, offs_h, mask_h, hc, mask_hc, H, HC)
+                l_safe = tl.where(l_sum > 0, l_sum, 1.0)
+                tl.store(pa_ptr + node * (D_DOT * H) + dh, pa / l_safe[None, :],
+                         mask=mask_h[None, :])  # fmt: skip
+        tl.debug_barrier()  # out and pa rows were stored by other threads of this program
+        for h in range(H):
+            tiles.block_expand(
+                pa_ptr, D_DOT, nodes, valid, w_ptr, b_ptr, out_ptr, HC, h, offs_dd, offs_cd, H, C,
+                D_E, IEEE,
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------
     # "classes": one launch per degree class, DPP destinations x BLOCK_H heads per program
     # ------------------------------------------------------------------------------------------
     @triton.jit
@@ -193,13 +258,38 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 # Host launcher
 # ----------------------------------------------------------------------------------------------
-def launch_fwd(q, k, v, edge, attr, w_aug, row, sched, counts):
-    """``(out, lse)`` of one forward: ``edge`` (materialised) or ``attr`` and ``w_aug`` (fused,
-    ``edge`` None); ``sched`` the destination schedule, ``counts`` its degree-class sizes."""
+def launch_fwd(q, k, v, edge, attr, wb, row, sched, counts):
+    """``(out, lse)`` of one forward: ``edge`` (materialised) or ``attr`` and ``wb = (W, b)``
+    (fused, ``edge`` None); ``sched`` the destination schedule, ``counts`` its degree-class
+    sizes."""
     with tuning.on_device(q):
         if tuning.kernel_design() == "flat":
-            return _launch_flat(q, k, v, edge, attr, w_aug, row, sched)
+            if attr is not None:
+                return _launch_block_fused(q, k, v, attr, *wb, row, sched)
+            return _launch_flat(q, k, v, edge, None, None, row, sched)
+        w_aug = torch.cat([wb[0], wb[1].unsqueeze(0)], 0) if attr is not None else None
         return _launch_classes(q, k, v, edge, attr, w_aug, row, sched, counts)
+
+
+def _launch_block_fused(q, k, v, attr, weight, bias, row, sched):
+    n_dst, h, c = q.shape
+    h_pad, c_pad = tuning.pads(h, c)
+    d_e = attr.shape[1]
+    d_dot = tuning.dot_pad(d_e + 1)
+    out = new(q.shape, q.dtype, q.device)
+    lse = new((n_dst, h), torch.float32, q.device)
+    qw = torch.empty((n_dst, d_dot, h), dtype=torch.float32, device=q.device)
+    pa = torch.empty_like(qw)
+    if n_dst:
+        tuning.block_tuned(_block_fused_fwd_kernel, "fwd", h_pad, c_pad)[
+            tuning.block_grid(n_dst)
+        ](
+            q, k, v, attr, weight, bias, out, lse, qw, pa, row, sched, n_dst,
+            tuning.deg_key(row.shape[0], n_dst), LOG2E / math.sqrt(c), q.stride(0), k.stride(0),
+            H=h, C=c, D_E=d_e, D_DOT=d_dot, H_PAD=h_pad, C_PAD=c_pad, C_DOT=tuning.dot_pad(c),
+            IEEE=q.dtype == torch.float32,
+        )  # fmt: skip
+    return out, lse
 
 
 def _launch_flat(q, k, v, edge, attr, w_aug, row, sched):

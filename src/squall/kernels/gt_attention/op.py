@@ -2,7 +2,7 @@
 through them and autograd calls the backward kernels.
 
 ``squall::gt_attention_fwd`` / ``_bwd`` take the materialised edge term, ``squall::
-gt_attention_fused_fwd`` / ``_bwd`` the edge features and ``w_aug = [W; b]``. Every op takes the
+gt_attention_fused_fwd`` / ``_bwd`` the edge features, ``W`` and ``b``. Every op takes the
 graph's kernel index as tensors plus the degree-class sizes as ``list[int]`` (no host sync).
 """
 
@@ -99,61 +99,65 @@ op_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 
 @torch.library.custom_op("squall::gt_attention_fused_fwd", mutates_args=())
 def op_fused_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attr: torch.Tensor, w_aug: torch.Tensor,
-    colptr: torch.Tensor, row: torch.Tensor, rowptr: torch.Tensor, csr_perm: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attr: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor, colptr: torch.Tensor, row: torch.Tensor, rowptr: torch.Tensor, csr_perm: torch.Tensor,
     csr_dst: torch.Tensor, dst_sched: torch.Tensor, src_sched: torch.Tensor,
     dst_counts: list[int], src_counts: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Fused-edge forward, ``w_aug = [W; b]`` of shape ``[d_e + 1, H*C]``: ``(out, lse)``."""
-    return launch_fwd(*_qkv(q, k, v), None, _c(attr), _c(w_aug), row, dst_sched, dst_counts)
+    """Fused-edge forward, ``e = attr @ weight + bias`` (``[d_e, H*C]``, ``[H*C]``):
+    ``(out, lse)``."""
+    wb = (_c(weight), _c(bias))
+    return launch_fwd(*_qkv(q, k, v), None, _c(attr), wb, row, dst_sched, dst_counts)
 
 
 @op_fused_fwd.register_fake
-def _(q, k, v, attr, w_aug, *rest):
+def _(q, k, v, attr, weight, bias, *rest):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 @torch.library.custom_op("squall::gt_attention_fused_bwd", mutates_args=())
 def op_fused_bwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attr: torch.Tensor, w_aug: torch.Tensor,
-    lse: torch.Tensor, dout: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attr: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
     colptr: torch.Tensor, row: torch.Tensor, rowptr: torch.Tensor, csr_perm: torch.Tensor,
     csr_dst: torch.Tensor, dst_sched: torch.Tensor, src_sched: torch.Tensor,
     dst_counts: list[int], src_counts: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Fused-edge backward: ``(dq, dk, dv, d_attr, dw_aug)`` (``dw_aug`` summed in fp32, stored
-    in ``w_aug``'s dtype)."""
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:  # fmt: skip
+    """Fused-edge backward: ``(dq, dk, dv, d_attr, d_weight, d_bias)`` (``d_weight``, ``d_bias``
+    summed in fp32, stored in their parameters' dtypes)."""
     kt = (row, csr_perm, csr_dst, dst_sched, src_sched)
     return launch_bwd(
-        *_qkv(q, k, v), None, _c(attr), _c(w_aug), lse, _c(dout), kt,
+        *_qkv(q, k, v), None, _c(attr), (_c(weight), _c(bias)), lse, _c(dout), kt,
         dst_counts, src_counts,
     )  # fmt: skip
 
 
 @op_fused_bwd.register_fake
-def _(q, k, v, attr, w_aug, lse, dout, *rest):
-    dw = w_aug.new_empty(w_aug.shape)
+def _(q, k, v, attr, weight, bias, lse, dout, *rest):
     return (
         q.new_empty(q.shape),
         k.new_empty(k.shape),
         v.new_empty(v.shape),
         torch.empty_like(attr),
-        dw,
+        weight.new_empty(weight.shape),
+        bias.new_empty(bias.shape),
     )
 
 
 def _setup_fused(ctx, inputs, output):
-    q, k, v, attr, w_aug = inputs[:5]
-    ctx.index = inputs[5:12]
-    ctx.counts = inputs[12:14]
-    ctx.save_for_backward(q, k, v, attr, w_aug, output[1])
+    q, k, v, attr, weight, bias = inputs[:6]
+    ctx.index = inputs[6:13]
+    ctx.counts = inputs[13:15]
+    ctx.save_for_backward(q, k, v, attr, weight, bias, output[1])
     ctx.set_materialize_grads(False)  # lse has no gradient: no zero-filled d lse kernel
 
 
 def _backward_fused(ctx, dout, dlse):
-    q, k, v, attr, w_aug, lse = ctx.saved_tensors
-    dq, dk, dv, dattr, dw = op_fused_bwd(q, k, v, attr, w_aug, lse, dout, *ctx.index, *ctx.counts)
-    return (dq, dk, dv, dattr, dw) + (None,) * 9
+    q, k, v, attr, weight, bias, lse = ctx.saved_tensors
+    grads = op_fused_bwd(q, k, v, attr, weight, bias, lse, dout, *ctx.index, *ctx.counts)
+    return grads + (None,) * 9
 
 
 op_fused_fwd.register_autograd(_backward_fused, setup_context=_setup_fused)

@@ -90,6 +90,89 @@ if HAS_TRITON:
             acc += tl.sum(tl.where(offs_d[:, None] == d, coef, 0.0), 0)[:, None] * w
         return acc
 
+    # ------------------------------------------------------------------------------------------
+    # Blocks of destinations (fused mode): the per-node W_aug products as tensor-core products
+    # ------------------------------------------------------------------------------------------
+    @triton.jit
+    def w_aug_head(w_ptr, b_ptr, h, offs_d, offs_c, C: tl.constexpr, HC, D_E: tl.constexpr):
+        """``W_aug[:, h, :]`` as ``[D_DOT, C_DOT]`` fp32: W's rows, the bias as row ``D_E``, zero
+        past it and past ``C``."""
+        col = h * C + offs_c
+        mask_c = offs_c < C
+        w = tl.load(
+            w_ptr + offs_d[:, None] * HC + col[None, :],
+            mask=(offs_d[:, None] < D_E) & mask_c[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b = tl.load(b_ptr + col, mask=mask_c, other=0.0).to(tl.float32)
+        return tl.where(offs_d[:, None] == D_E, b[None, :], w)
+
+    @triton.jit
+    def block_nodes(sched_ptr, n_sched, BLOCK_N: tl.constexpr):
+        """This program's ``BLOCK_N`` schedule slots, taken from the end of the degree-class
+        schedule (highest degrees first): first slot index, node ids (int64) and their mask."""
+        first = tl.program_id(0) * BLOCK_N
+        idx = first + tl.arange(0, BLOCK_N)
+        valid = idx < n_sched
+        nodes = tl.load(sched_ptr + (n_sched - 1 - idx), mask=valid, other=0).to(tl.int64)
+        return first, nodes, valid
+
+    @triton.jit
+    def block_slot(sched_ptr, n_sched, slot_idx):
+        """Node id and edge range of schedule slot ``slot_idx`` counted from the end."""
+        slot = n_sched - 1 - slot_idx
+        node = tl.load(sched_ptr + slot).to(tl.int64)
+        beg = tl.load(sched_ptr + n_sched + slot)
+        end = tl.load(sched_ptr + 2 * n_sched + slot)
+        return node, beg, end
+
+    @triton.jit
+    def block_dot(a, b, IEEE: tl.constexpr):
+        """``a @ b`` in fp32: exact IEEE products for fp32 inputs, tf32 tensor cores otherwise
+        (bf16 and fp16 values are exact in tf32; W's fp32 values round to 2^-11, below the 2^-8 /
+        2^-11 rounding of the 16-bit edge term the reference forms)."""
+        if IEEE:
+            r = tl.dot(a, b, input_precision="ieee")
+        else:
+            r = tl.dot(a, b, input_precision="tf32")
+        return r
+
+    @triton.jit
+    def block_project(
+        x_ptr, SX, nodes, valid, w_ptr, b_ptr, xw_ptr, h, offs_d, offs_c,
+        H: tl.constexpr, C: tl.constexpr, D_E: tl.constexpr, D_DOT: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """``xw[node, d, h] = sum_c x[node, h, c] W_aug[d, h, c]`` for the block's nodes and head
+        ``h``: one ``[BLOCK_N, C_DOT] x [C_DOT, D_DOT]`` product (``xw`` is ``[N, D_DOT, H]``
+        fp32, zero past ``D_E + 1``)."""
+        mask_x = valid[:, None] & (offs_c[None, :] < C)
+        x = tl.load(x_ptr + nodes[:, None] * SX + h * C + offs_c[None, :], mask=mask_x, other=0.0)
+        w = w_aug_head(w_ptr, b_ptr, h, offs_d, offs_c, C, H * C, D_E)
+        xw = block_dot(x.to(tl.float32), tl.trans(w), IEEE)
+        ptr = xw_ptr + nodes[:, None] * (D_DOT * H) + offs_d[None, :] * H + h
+        tl.store(ptr, xw, mask=valid[:, None] & (offs_d[None, :] < D_DOT))
+
+    @triton.jit
+    def block_expand(
+        coef_ptr, D_ROWS: tl.constexpr, nodes, valid, w_ptr, b_ptr, y_ptr, SY, h, offs_d, offs_c,
+        H: tl.constexpr, C: tl.constexpr, D_E: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """``y[node, h, :] += sum_d coef[node, d, h] W_aug[d, h, :]`` for the block's nodes and
+        head ``h`` (``coef`` is ``[N, D_ROWS, H]`` fp32): one ``[BLOCK_N, D_DOT] x [D_DOT, C_DOT]``
+        product added to the row the per-node pass stored in ``y``'s dtype."""
+        coef = tl.load(
+            coef_ptr + nodes[:, None] * (D_ROWS * H) + offs_d[None, :] * H + h,
+            mask=valid[:, None] & (offs_d[None, :] < D_ROWS),
+            other=0.0,
+        )
+        w = w_aug_head(w_ptr, b_ptr, h, offs_d, offs_c, C, H * C, D_E)
+        ey = block_dot(coef, w, IEEE)
+        ptr = y_ptr + nodes[:, None] * SY + h * C + offs_c[None, :]
+        mask = valid[:, None] & (offs_c[None, :] < C)
+        y = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptr, (y + ey).to(y_ptr.dtype.element_ty), mask=mask)
+
     @triton.jit
     def node_slot(slot, order_end, sched_ptr, n_sched, offs_h, offs_c, mask_h, C: tl.constexpr):
         """Node id and edge range of schedule slot ``slot`` ("classes" programs), with the row

@@ -208,6 +208,52 @@ def flat_tuned(fn, name: str, h_pad: int, c_pad: int, fused: bool):
     return TUNED[key]
 
 
+def block_configs(h_pad: int, c_pad: int) -> list[tuple[int, int, int]]:
+    """Candidate ``(BLOCK_E, num_warps, BLOCK_N)`` of the fused flat kernels (blocks of
+    ``BLOCK_N`` destinations, see :func:`block_grid`).
+
+    ``BLOCK_N = 16`` is the smallest row count of a tensor-core product; 32 halves the W tile
+    loads per destination again at half the programs. The edge blocks and warps are those of
+    :func:`flat_configs` that the H200 autotune chose for the per-destination pass (1 edge, 2 or
+    4 warps; 2 edges, 4 warps).
+    """
+    tile = h_pad * c_pad
+    cands = [
+        (be, w, bn)
+        for be, w, bn in ((1, 4, 16), (1, 2, 16), (2, 4, 16), (1, 4, 32), (4, 4, 16))
+        if be * tile <= MAX_TILE_ELEMS
+    ] or [(1, 8, 16)]
+    if FORCE_CANDIDATE is not None:
+        return [cands[FORCE_CANDIDATE % len(cands)]]
+    if interpreting():
+        return [max((c for c in cands if c[0] <= 4), key=lambda c: c[0])]
+    if os.environ.get("SQUALL_AUTOTUNE", "1") == "0":
+        return cands[:1]
+    return cands
+
+
+def block_tuned(fn, name: str, h_pad: int, c_pad: int):
+    """Autotuned fused flat kernel ``fn``, keyed on ``(H, C, deg_key)``."""
+    cands = tuple(block_configs(h_pad, c_pad))
+    key = ("block_" + name, -1, cands, True)
+    if key not in TUNED:
+        configs = [
+            triton.Config({"BLOCK_E": be, "BLOCK_N": bn}, num_warps=w) for be, w, bn in cands
+        ]
+        TUNED[key] = triton.autotune(configs=configs, key=["H", "C", "deg_key"])(fn)
+    return TUNED[key]
+
+
+def block_grid(n: int):
+    """Grid of a fused flat launch: ``n`` schedule slots in blocks of ``BLOCK_N``."""
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def dot_pad(n: int) -> int:
+    """Power of two >= ``n`` and >= 16 (the smallest dimension of a ``tl.dot``)."""
+    return max(16, triton.next_power_of_2(n))
+
+
 def deg_key(n_edges: int, n_nodes: int) -> int:
     """Mean degree, rounded: graphs of different degree get their own tuning (no host sync)."""
     return max(1, round(n_edges / max(1, n_nodes)))
