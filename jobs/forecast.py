@@ -14,8 +14,13 @@ Several processes (``srun`` with one task per GPU, or torchrun) share the rollou
 ``parallel.model_parallel`` ranks split each start's graph (same partition and halo exchange),
 the remaining factor of the world size are replicas that take every n-th start;
 ``parallel.chunks`` runs the encoder and decoder in pieces to cap memory. Rank 0 reports.
-``forecast.precision`` (bf16 autocast on GPU by default), ``forecast.cuda_graphs`` and
-``forecast.output`` (zarr, written in the background) are in ``conf/forecast/default.yaml``.
+``forecast.precision`` (bf16 autocast on GPU by default), ``forecast.cuda_graphs``,
+``forecast.output`` (zarr, written in the background; ``squall.train.forecast_store``) and
+``forecast.compression`` are in ``conf/forecast/default.yaml``.
+
+Exit status: 0 done; 2 bad input, one line ``error: ...``; 75 stopped by SIGTERM (``scancel``,
+preemption) or SIGUSR1 (Slurm's time-limit warning): the fields computed so far are written and
+the store says how many (``complete: false``).
 """
 
 from __future__ import annotations
