@@ -633,7 +633,7 @@ def _launch_flat(q, k, v, edge, attr, wb, lse, dout, kidx_tensors):
     d_pad = triton.next_power_of_2(d_e + 1)
     dq, p, pdp, delta, de, dattr, sa, sb = _buffers(q, edge, attr, n_edges, 0)
     sm_scale = 1.0 / math.sqrt(c)
-    if n_dst and fused:
+    if n_dst and fused and tuning.FUSED_BLOCKS:
         d_dot = tuning.dot_pad(d_e + 1)
         qw = torch.empty((n_dst, d_dot, h), dtype=torch.float32, device=q.device)
         gw = torch.empty_like(qw)
@@ -646,11 +646,12 @@ def _launch_flat(q, k, v, edge, attr, wb, lse, dout, kidx_tensors):
             C_DOT=tuning.dot_pad(c), IEEE=q.dtype == torch.float32,
         )  # fmt: skip
     elif n_dst:
-        tuning.flat_tuned(_flat_bwd_dst_kernel, "bwd_dst", h_pad, c_pad, False)[(n_dst,)](
-            q, k, v, edge, q, q, dout, lse, dq, dattr, sa, sb, p, pdp, delta,
-            row, dst_sched, n_dst, tuning.deg_key(n_edges, n_dst), sm_scale, sm_scale * LOG2E,
-            q.stride(0), k.stride(0), H=h, C=c, FUSED=False, D_E=0, D_PAD=1,
-            H_PAD=h_pad, C_PAD=c_pad,
+        w_aug = torch.cat([wb[0], wb[1].unsqueeze(0)], 0) if fused else q
+        tuning.flat_tuned(_flat_bwd_dst_kernel, "bwd_dst", h_pad, c_pad, fused)[(n_dst,)](
+            q, k, v, edge if edge is not None else q, attr if fused else q, w_aug, dout, lse,
+            dq, dattr, sa, sb, p, pdp, delta, row, dst_sched, n_dst,
+            tuning.deg_key(n_edges, n_dst), sm_scale, sm_scale * LOG2E, q.stride(0), k.stride(0),
+            H=h, C=c, FUSED=fused, D_E=d_e, D_PAD=d_pad, H_PAD=h_pad, C_PAD=c_pad,
         )  # fmt: skip
     dk = new(k.shape, k.dtype, q.device)
     dv = new(v.shape, v.dtype, q.device)

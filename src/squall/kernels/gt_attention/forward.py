@@ -263,11 +263,12 @@ def launch_fwd(q, k, v, edge, attr, wb, row, sched, counts):
     (fused, ``edge`` None); ``sched`` the destination schedule, ``counts`` its degree-class
     sizes."""
     with tuning.on_device(q):
-        if tuning.kernel_design() == "flat":
-            if attr is not None:
-                return _launch_block_fused(q, k, v, attr, *wb, row, sched)
-            return _launch_flat(q, k, v, edge, None, None, row, sched)
+        flat = tuning.kernel_design() == "flat"
+        if flat and attr is not None and tuning.FUSED_BLOCKS:
+            return _launch_block_fused(q, k, v, attr, *wb, row, sched)
         w_aug = torch.cat([wb[0], wb[1].unsqueeze(0)], 0) if attr is not None else None
+        if flat:
+            return _launch_flat(q, k, v, edge, attr, w_aug, row, sched)
         return _launch_classes(q, k, v, edge, attr, w_aug, row, sched, counts)
 
 

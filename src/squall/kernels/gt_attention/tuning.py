@@ -48,6 +48,11 @@ DW_ROWS_PER_CHUNK = 512
 KERNEL_DESIGNS = ("classes", "flat")
 KERNEL_DESIGN = os.environ.get("SQUALL_GT_KERNEL", "flat")
 
+# Fused flat design: blocks of destinations with the W_aug products as tensor-core products per
+# block (True) or, per destination, W_aug applied row by row (False); see NOTES_attention.md for
+# the measurements of both.
+FUSED_BLOCKS = os.environ.get("SQUALL_GT_FUSED_BLOCKS", "1") == "1"
+
 # Run one candidate of every kernel instead of autotuning (tests; ncu runs through the environment).
 FORCE_CANDIDATE: int | None = (
     int(os.environ["SQUALL_FORCE_CANDIDATE"]) if "SQUALL_FORCE_CANDIDATE" in os.environ else None
