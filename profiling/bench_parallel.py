@@ -236,6 +236,142 @@ def _events_time(fn, reps: int, sync) -> float:
     return statistics.median(times)
 
 
+class _Marks:
+    """Phase boundaries of one step: CUDA events (or host clocks on CPU) and, on CUDA, the
+    allocated bytes at each mark (host-side counter, no sync)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.events, self.alloc = cuda, [], []
+
+    def __call__(self, i: int) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.events.append(ev)
+            self.alloc.append(torch.cuda.memory_allocated())
+        else:
+            self.events.append(time.perf_counter())
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.events[-1].synchronize()
+
+    def seconds(self) -> list[float]:
+        """Seconds from the start to each later mark."""
+        if self.cuda:
+            return [self.events[0].elapsed_time(e) / 1e3 for e in self.events[1:]]
+        return [e - self.events[0] for e in self.events[1:]]
+
+
+class _NoExchange:
+    """Stand-in for a HaloExchange that moves nothing: zeros of the halo's shape, at once."""
+
+    def __init__(self, exchange):
+        self.num_recv = exchange.num_recv
+
+    def _zeros(self, x):
+        return x.new_zeros((x.shape[0], self.num_recv, x.shape[2]))
+
+    def start(self, x):
+        zeros = self._zeros(x)
+        return type("Done", (), {"wait": staticmethod(lambda: zeros)})()
+
+    def __call__(self, x):
+        return self._zeros(x)
+
+
+def _solo_compute(model, step, args, cuda, barrier_sync) -> dict | None:
+    """This rank's forward + backward (and loss, optimizer) without any communication: halo
+    exchanges replaced by zeros, the gradient reduction off. ``None`` with sharded parameters
+    (FSDP's gathers are collectives: the ranks would still wait for each other)."""
+    from squall.parallel.parallelize import GradReducer
+    from squall.parallel.sharding import is_sharded
+
+    if is_sharded(model):
+        return None
+    local = model.graph.local
+    saved = {role: le.exchange for role, le in local.items()}
+    reducer = model.runner.grad_reducer
+    if reducer is not None:
+        reducer.remove()
+    try:
+        for le in local.values():
+            if le.exchange is not None:
+                le.exchange = _NoExchange(le.exchange)
+        step()
+        barrier_sync()
+        phases = []
+        for _ in range(max(3, args.steps // 2)):
+            marks = _Marks(cuda)
+            step(marks)
+            marks.sync()
+            phases.append(marks.seconds())
+        barrier_sync()
+    finally:
+        for role, le in local.items():
+            le.exchange = saved[role]
+        if reducer is not None:
+            model.runner.grad_reducer = GradReducer(model, reducer.group, round(1 / reducer.scale))
+    med = [statistics.median(ph[i] for ph in phases) for i in range(4)]
+    return {"forward_backward_s": med[0] + med[2] - med[1], "step_s": med[3]}
+
+
+def _count_step(model, x, y, opt, cuda, device) -> dict:
+    """One forward + backward under :class:`squall.planning.memory.ActivationCounter`: bytes
+    held after the forward (activations for the backward), the step's peak of what it allocates
+    (activations, transients, gradients), and the largest tensors held after the forward."""
+    from squall.planning.memory import count_step
+
+    def forward():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            return area_weighted_mse(model(x), y, model.graph.area)
+
+    opt.zero_grad(set_to_none=True)
+    totals, counter = count_step(forward)
+    opt.zero_grad(set_to_none=True)
+    return {"held_GiB": totals["held_bytes"] / GIB, "peak_GiB": totals["peak_bytes"] / GIB,
+            "top_after_forward": counter.breakdown("forward", 15)}  # fmt: skip
+
+
+def breakdown(ranks: list[dict], i: int = 0) -> dict:
+    """Step time of one row of a ``time`` run split into what scales and what does not, over the
+    ranks' summaries.
+
+    ``s_per_step``: slowest rank. ``fixed_s``: the loss, the optimizer step and host time the
+    device stood idle (slowest rank each; none of it shrinks with P). ``imbalance``: max / mean
+    of the ranks' forward + backward run alone (no exchange, no gradient reduction; 1 for one
+    rank, ``nan`` with sharded parameters, whose gathers make the ranks wait for each other).
+    ``halo_wait_s``: largest rank's real forward + backward minus its solo one (exchanges plus
+    waiting for the slower peer; the gradient reduction of the backward included).
+    """
+    rows = [r["rows"][i] for r in ranks]
+    fb = [r["forward_s"] + r["backward_s"] for r in rows]
+    solo = [r.get("solo_compute_s") for r in ranks]
+    if all(v is not None for v in solo):
+        alone = [v["forward_backward_s"] for v in solo]
+        imbalance = max(alone) / statistics.mean(alone)
+        wait = max(f - a for f, a in zip(fb, alone, strict=True))
+    elif len(ranks) == 1:
+        imbalance, wait = 1.0, 0.0
+    else:
+        imbalance = wait = float("nan")
+    return {
+        "s_per_step": max(r["s_per_step"] for r in rows),
+        "peak_GiB": max(r["peak_GiB"] for r in rows),
+        "held_after_forward_GiB": max(r.get("held_after_forward_GiB", float("nan")) for r in rows),
+        "state_GiB": max(r["state_GiB"] for r in ranks),
+        "forward_backward_s": max(fb),
+        "loss_s": max(r["loss_s"] for r in rows),
+        "optimizer_s": max(r["optimizer_s"] for r in rows),
+        "host_s": max(r["host_s"] for r in rows),
+        "fixed_s": max(r["loss_s"] + r["optimizer_s"] + r["host_s"] for r in rows),
+        "imbalance": imbalance,
+        "halo_wait_s": wait,
+        "halo_alone_s": max(r["halo_s"] for r in ranks),
+        "grad_sync_alone_s": max(r.get("grad_sync_alone_s", 0.0) for r in ranks),
+    }
+
+
 def cmd_time(args) -> None:
     env = dist_env()
     init_distributed(env)
@@ -261,7 +397,8 @@ def cmd_time(args) -> None:
     mcfg = ModelConfig(num_channels=args.channels, num_heads=args.heads,
                        processor_layers=args.layers, mlp_ratio=4, trainable_edge_features=8,
                        attention_backend=args.backend, checkpoint_encoder=ckpt,
-                       checkpoint_processor=ckpt, checkpoint_decoder=ckpt)  # fmt: skip
+                       checkpoint_processor=ckpt, checkpoint_decoder=ckpt,
+                       compile=bool(args.compile))  # fmt: skip
     model = GraphForecaster(g, mcfg, NUM_VARS, NUM_VARS, 2,
                             residual_map=[(i, i) for i in range(NUM_VARS)]).to(device)  # fmt: skip
     torch.nn.init.normal_(model.head.weight, std=0.01)
@@ -277,12 +414,21 @@ def cmd_time(args) -> None:
     x = torch.randn(args.batch, 2, n_local, NUM_VARS, device=device, generator=gen)
     y = torch.randn(args.batch, n_local, NUM_VARS, device=device, generator=gen)
 
-    def step():
+    def step(marks=None):
+        """One training step; ``marks(i)`` (when given) records event ``i`` after each phase:
+        0 start, 1 forward, 2 loss, 3 backward (with the gradient reduction), 4 optimizer."""
+        mark = marks or (lambda i: None)
+        mark(0)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             out = model(x)
-        area_weighted_mse(out, y, model.graph.area).backward()
+            mark(1)
+            loss = area_weighted_mse(out, y, model.graph.area)
+        mark(2)
+        loss.backward()
+        mark(3)
         opt.step()
+        mark(4)
 
     # one rank runs the model whole (no graph sharding, nothing exchanged)
     local = getattr(model.graph, "local", {})
@@ -296,25 +442,40 @@ def cmd_time(args) -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         sent0 = sum(e.bytes_sent for e in exchanges)
-        times = []
+        times, phases, walls = [], [], []
         for _ in range(args.steps):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - t)
+            marks = _Marks(cuda)
+            t = time.perf_counter()
+            step(marks)
+            marks.sync()
+            walls.append(time.perf_counter() - t)
+            p = marks.seconds()
+            times.append(p[-1])
+            phases.append(p)
             dist.barrier()
         peak = torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan")
         sent = (sum(e.bytes_sent for e in exchanges) - sent0) / args.steps
+        med = [statistics.median(ph[i] for ph in phases) for i in range(4)]
+        held = (marks.alloc[1] - marks.alloc[0]) / GIB if cuda else float("nan")
+        # fixed per-step work: what does not shrink with P (zero_grad + forward launch gaps are in
+        # forward; the loss, the optimizer step and the host time the device stood idle)
         rows.append({"overlap": bool(overlap), "s_per_step": statistics.median(times),
                      "s_per_step_max": max(times), "peak_GiB": peak,
-                     "halo_bytes_sent_per_step": sent})  # fmt: skip
+                     "halo_bytes_sent_per_step": sent,
+                     "held_after_forward_GiB": held,
+                     "forward_s": med[0], "loss_s": med[1] - med[0],
+                     "backward_s": med[2] - med[1], "optimizer_s": med[3] - med[2],
+                     "host_s": max(0.0, statistics.median(walls) - statistics.median(times))})  # fmt: skip
+    # imbalance: every rank's forward + backward alone, exchanges and gradient reduction
+    # replaced by local no-ops (no collective, so no rank waits for another); the real step's
+    # forward + backward minus this is the rank's halo wait (exchange + waiting for its peers)
+    solo = _solo_compute(model, step, args, cuda, barrier_sync) if local else None
+    # the gradient reduction of the step alone (all-reduce of GradReducer; FSDP's gathers and
+    # reduce-scatters interleave with compute and are not separable this way)
+    reducer = model.runner.grad_reducer
+    grad_sync_s = 0.0
+    if reducer is not None:
+        grad_sync_s = _events_time(reducer.reduce, 5, barrier_sync)
     # each edge set's exchange alone (forward direction; the reverse moves the same rows back)
     halo_s = 0.0
     halo_detail = {}
@@ -329,11 +490,20 @@ def cmd_time(args) -> None:
         t = _events_time(lambda le=le, xr=xr: le.exchange.start(xr).wait(), 10, barrier_sync)
         halo_detail[role] = t
         halo_s += 2 * uses * t  # forward and backward
+    state = local_state_bytes(model, opt)  # after a step: gradients and AdamW state exist
+    counted = None
+    if args.count:
+        try:
+            counted = _count_step(model, x, y, opt, cuda, device)
+        except Exception as err:  # the timing above stands; say why the count is missing
+            print(f"rank {env.rank}: activation count failed: {err!r}", flush=True)
     # slowest rank decides the step: gather and reduce on rank 0
     summary = {"rank": env.rank, "rows": rows, "halo_s": halo_s, "halo_detail": halo_detail,
+               "solo_compute_s": solo, "grad_sync_alone_s": grad_sync_s, "count": counted,
+               "state_detail_GiB": {k: v / GIB for k, v in state.items()},
                "t_graph_s": t_graph, "t_plan_s": t_plan, "n_local_data": n_local,
                "n_local_mesh": model.graph.num_mesh,
-               "state_GiB": local_state_bytes(model, opt)["total"] / GIB}  # fmt: skip
+               "state_GiB": state["total"] / GIB}  # fmt: skip
     if env.world_size == 1 and cuda and args.chunk_memory:
         summary["chunk_memory"] = _chunk_memory(g, mcfg, device, args)
     gathered = [None] * env.world_size
@@ -343,17 +513,18 @@ def cmd_time(args) -> None:
                   "channels": args.channels, "heads": args.heads, "layers": args.layers,
                   "batch": args.batch, "backend": args.backend, "checkpoint": ckpt,
                   "partition": args.partition, "ranks": gathered, "shard_parameters": shard,
+                  "compile": mcfg.compile, "label": args.label,
                   "gflop_per_step": 3 * model.flops_per_sample() * args.batch / 1e9}  # fmt: skip
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, f"time_{env.world_size}.json").write_text(json.dumps(result))
-        for r in rows:
-            print(f"P={env.world_size} overlap={r['overlap']} "
-                  f"{max(s['rows'][rows.index(r)]['s_per_step'] for s in gathered):.4f} s/step "
-                  f"peak {max(s['rows'][rows.index(r)]['peak_GiB'] for s in gathered):.2f} GiB "
-                  f"halo {sum(s['rows'][rows.index(r)]['halo_bytes_sent_per_step'] for s in gathered) / 1e6:.1f} MB/step "
-                  f"halo alone {max(s['halo_s'] for s in gathered):.4f} s "
-                  f"state {max(s['state_GiB'] for s in gathered):.3f} GiB "
-                  f"shard_parameters={shard}", flush=True)  # fmt: skip
+        for i, r in enumerate(rows):
+            b = breakdown(gathered, i)
+            print(f"P={env.world_size} overlap={r['overlap']} compile={mcfg.compile} "
+                  f"shard_parameters={shard}: {b['s_per_step']:.4f} s/step, peak "
+                  f"{b['peak_GiB']:.2f} GiB (state {b['state_GiB']:.3f}), fixed {b['fixed_s']:.4f} s "
+                  f"(loss {b['loss_s']:.4f} opt {b['optimizer_s']:.4f} host {b['host_s']:.4f}), "
+                  f"imbalance {b['imbalance']:.3f}, halo wait {b['halo_wait_s']:.4f} s, "
+                  f"halo alone {b['halo_alone_s']:.4f} s", flush=True)  # fmt: skip
     destroy_distributed()
 
 
@@ -522,6 +693,91 @@ def cmd_table(args) -> None:
     print("\n".join(lines))
 
 
+def cmd_series(args) -> None:
+    """``time`` runs of several directories -> one table: per run the step time, its split into
+    fixed work, imbalance and halo wait, the strong-scaling efficiency against the one-GPU run of
+    the same series (``--label``), memory per rank and the state share."""
+    runs = []
+    for d in args.dirs:
+        for p in sorted(Path(d).glob("time_*.json")):
+            runs.append(json.loads(p.read_text()))
+    if not runs:
+        raise SystemExit(f"no time_*.json in {args.dirs}")
+    ones = {(r.get("label", ""), r["batch"]): r for r in runs if r["gpus"] == 1}
+    rows = []
+    for r in runs:
+        for i, row in enumerate(r["ranks"][0]["rows"]):
+            b = breakdown(r["ranks"], i)
+            base = ones.get((r.get("label", ""), r["batch"]))
+            b1 = breakdown(base["ranks"], 0) if base else None
+            eff = b1["s_per_step"] / (r["gpus"] * b["s_per_step"]) if b1 else float("nan")
+            count = [s.get("count") for s in r["ranks"]]
+            state = [s.get("state_detail_GiB", {}) for s in r["ranks"]]
+            out = {**r["info"], "label": r.get("label", ""), "graph": r["graph"],
+                   "channels": r["channels"], "heads": r["heads"], "layers": r["layers"],
+                   "batch": r["batch"], "backend": r["backend"], "checkpoint": r["checkpoint"],
+                   "compile": r.get("compile", False), "partition": r["partition"],
+                   "gpus": r["gpus"], "overlap": row["overlap"],
+                   "shard_parameters": r.get("shard_parameters", False),
+                   "strong_scaling_eff": round(eff, 3),
+                   "peak_ratio_vs_1gpu": round(b["peak_GiB"] / b1["peak_GiB"], 3) if b1 else "",
+                   **{k: round(v, 4) for k, v in b.items()},
+                   "params_GiB": round(max(x.get("parameters", 0) for x in state), 3),
+                   "grads_GiB": round(max(x.get("gradients", 0) for x in state), 3),
+                   "optimizer_GiB": round(max(x.get("optimizer", 0) for x in state), 3)}  # fmt: skip
+            if all(c is not None for c in count):
+                out["counted_held_GiB"] = round(max(c["held_GiB"] for c in count), 3)
+                out["counted_peak_GiB"] = round(max(c["peak_GiB"] for c in count), 3)
+            rows.append(out)
+    rows.sort(key=lambda o: (o["label"], o["gpus"], o["shard_parameters"]))
+    append_rows(args.csv, rows)
+    info = rows[0]
+    lines = [
+        f"## {info['date']} UTC, {info['gpu']} x{max(o['gpus'] for o in rows)}, torch "
+        f"{info['torch']}, triton {info['triton']}, git {info['git']}",
+        "",
+        f"`profiling/bench_parallel.py time` (series {args.dirs}): {info['graph']}, "
+        f"{info['channels']} channels, {info['heads']} heads, {info['layers']} layers, batch "
+        f"{info['batch']}, bf16 autocast, attention {info['backend']}, checkpointing "
+        f"{info['checkpoint']}, partition {info['partition']}. s/step: median CUDA-event time, "
+        "slowest rank. Fixed: loss + optimizer + host idle (slowest rank). Imbalance: max / mean "
+        "of the ranks' forward + backward run without communication. Halo wait: real forward + "
+        "backward minus that (exchanges, waiting for the peer, gradient all-reduce). State: "
+        "parameters + gradients + AdamW state per rank.",
+        "",
+        "| series | GPUs | shard params | s/step | efficiency | fwd+bwd s | fixed s (loss / opt "
+        "/ host) | imbalance | halo wait s | halo alone s | grad all-reduce alone s | peak GiB "
+        "| peak vs 1 GPU | held after fwd GiB | state GiB (param / grad / opt) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for o in rows:
+        lines.append(
+            f"| {o['label'] or '-'} | {o['gpus']} | {o['shard_parameters']} | {o['s_per_step']} "
+            f"| {o['strong_scaling_eff']} | {o['forward_backward_s']} | {o['fixed_s']} "
+            f"({o['loss_s']} / {o['optimizer_s']} / {o['host_s']}) | {o['imbalance']} "
+            f"| {o['halo_wait_s']} | {o['halo_alone_s']} | {o['grad_sync_alone_s']} "
+            f"| {o['peak_GiB']} | {o['peak_ratio_vs_1gpu']} | {o['held_after_forward_GiB']} "
+            f"| {o['state_GiB']} ({o['params_GiB']} / {o['grads_GiB']} / {o['optimizer_GiB']}) |"
+        )
+    counted = [(r, s) for r in runs for s in r["ranks"] if s.get("count")]
+    if counted:
+        lines += ["", "Counted activation tensors (squall.planning.memory, one step, GiB): held "
+                  "after the forward / peak of forward + backward (gradients included); largest "
+                  "groups held after the forward:", ""]  # fmt: skip
+        for r, srank in counted:
+            c = srank["count"]
+            top = "; ".join(f"{t['op']} {t['shape']} {t['dtype']} x{t['count']} "
+                            f"{t['bytes'] / GIB:.3f}" for t in c["top_after_forward"][:6])  # fmt: skip
+            lines.append(f"- {r.get('label') or '-'} P={r['gpus']} shard={r['shard_parameters']} "
+                         f"rank {srank['rank']}: {c['held_GiB']:.3f} / {c['peak_GiB']:.3f}; "
+                         f"{top}")  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    md = Path(args.md)
+    previous = md.read_text() if md.exists() else ""
+    md.write_text(text + "\n" + previous)
+    print(text)
+
+
 def main(argv=None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -554,6 +810,10 @@ def main(argv=None) -> None:
         default=0,
         help="1: shard parameters, gradients and optimizer state (FSDP2)",
     )
+    t.add_argument("--compile", type=int, default=0, help="1: torch.compile every block")
+    t.add_argument("--count", type=int, default=0,
+                   help="1: count one step's activation tensors (squall.planning.memory)")
+    t.add_argument("--label", default="", help="series name in the results (e.g. eager, compiled)")
     t.add_argument("--out", required=True)
     cm = sub.add_parser("chunkmem")
     cm.add_argument("--graph", default="o320_l7")
@@ -565,6 +825,10 @@ def main(argv=None) -> None:
     cm.add_argument("--out", required=True)
     tb = sub.add_parser("table")
     tb.add_argument("dir")
+    se = sub.add_parser("series")
+    se.add_argument("dirs", nargs="+")
+    se.add_argument("--csv", default="parallel.csv", help="results CSV to append to")
+    se.add_argument("--md", default=str(RESULTS / "parallel_memory.md"))
     args = ap.parse_args(argv)
     {
         "partition": cmd_partition,
@@ -572,6 +836,7 @@ def main(argv=None) -> None:
         "time": cmd_time,
         "chunkmem": cmd_chunkmem,
         "table": cmd_table,
+        "series": cmd_series,
     }[args.cmd](args)
 
 

@@ -274,4 +274,4 @@ def test_compile_applies_where_blocks_run_whole(caplog):
     with caplog.at_level("WARNING", logger="squall.parallel.parallelize"):
         chunked = parallelize(make_model(g, compile=True), g, ParallelConfig(chunks=2))
     assert compiled(chunked) == [False] * 4
-    assert "model.compile has no effect on sharded or chunked blocks" in caplog.text
+    assert "model.compile has no effect on chunked blocks" in caplog.text

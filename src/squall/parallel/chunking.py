@@ -42,11 +42,23 @@ class DeviceSubGraph:
     device : torch.device or str
     """
 
-    def __init__(self, sub: SubGraph, num_dst: int, num_src: int, num_edges: int, device="cpu"):
+    def __init__(self, sub: SubGraph, num_dst: int, num_src: int, num_edges: int, device="cpu",
+                 num_owned_src: int | None = None):  # fmt: skip
         self.sub, self.shape = sub, (num_dst, num_src, num_edges)
+        self.num_owned_src = num_owned_src
         self.num_dst, self.square = sub.num_dst, sub.square
         self.dst = _index_or_none(sub.dst, num_dst, device)
         self.src = _index_or_none(sub.src, num_src, device)
+        self.own_src = self.halo_src = None
+        if num_owned_src is not None:
+            # the subset's owned sources come first, its halo sources (ids >= n_own) last, both
+            # ascending (square: the destinations, then the rest ascending): two gathers, one cat
+            k = int((sub.src < num_owned_src).sum())
+            if (sub.src[:k] >= num_owned_src).any() or (sub.src[k:] < num_owned_src).any():
+                raise ValueError("a subset's sources must list its owned rows before its halo")
+            self.own_src = _index_or_none(sub.src[:k], num_owned_src, device)
+            self.halo_src = _index_or_none(sub.src[k:] - num_owned_src, num_src - num_owned_src,
+                                           device)  # fmt: skip
         self.edges = _index_or_none(sub.edges, num_edges, device)
         self.index = None
         if sub.num_dst:
@@ -55,10 +67,22 @@ class DeviceSubGraph:
             ).to(device)
 
     def to(self, device) -> DeviceSubGraph:
-        return DeviceSubGraph(self.sub, *self.shape, device)
+        return DeviceSubGraph(self.sub, *self.shape, device, self.num_owned_src)
+
+    def sources(self, x_src: torch.Tensor, halo: torch.Tensor | None) -> torch.Tensor:
+        """The subset's source rows ``[B, n_s, C]`` from the owned rows ``x_src`` and, when
+        given, the received ``halo`` rows (local sources ``[x_src; halo]``, never concatenated
+        whole: see :func:`subgraph_block`)."""
+        if halo is None:
+            return x_src if self.src is None else x_src.index_select(1, self.src)
+        if self.num_owned_src is None:
+            raise ValueError("halo rows given to a subset built without num_owned_src")
+        own = x_src if self.own_src is None else x_src.index_select(1, self.own_src)
+        far = halo if self.halo_src is None else halo.index_select(1, self.halo_src)
+        return torch.cat([own, far], 1)
 
 
-def subgraph_block(block, sub: DeviceSubGraph, x_src, x_dst, edge_attr) -> torch.Tensor:
+def subgraph_block(block, sub: DeviceSubGraph, x_src, x_dst, edge_attr, halo=None) -> torch.Tensor:
     """New features ``[B, n_d, C]`` of the destinations of ``sub`` after ``block``.
 
     Parameters
@@ -67,14 +91,20 @@ def subgraph_block(block, sub: DeviceSubGraph, x_src, x_dst, edge_attr) -> torch
     sub : DeviceSubGraph
         Must have at least one destination.
     x_src : torch.Tensor
-        ``[B, N_src, C]`` local sources (owned, then halo); ``sub.src`` indexes it. For a square
-        (processor) subset the first ``n_d`` gathered rows are the destinations themselves.
+        ``[B, N_src, C]`` local sources (owned, then halo; with ``halo`` the owned rows only);
+        ``sub.src`` indexes ``[x_src; halo]``. For a square (processor) subset the first ``n_d``
+        gathered rows are the destinations themselves.
     x_dst : torch.Tensor
         ``[B, N_dst, C]`` local destinations (bipartite blocks only; ignored when square).
     edge_attr : torch.Tensor
         ``[E_local, d_e]`` local edge features.
+    halo : torch.Tensor, optional
+        ``[B, n_halo, C]`` received halo rows. Passed apart from the owned rows so that the
+        sources are assembled inside a checkpointed region: a block recomputed in backward then
+        keeps the owned rows (alive anyway: the previous block's output, the decoder's
+        destinations) and the small halo, not a second, concatenated copy of its sources.
     """
-    xs = x_src if sub.src is None else x_src.index_select(1, sub.src)
+    xs = sub.sources(x_src, halo)
     ea = edge_attr if sub.edges is None else edge_attr.index_select(0, sub.edges)
     if sub.square:
         xd = xs[:, : sub.num_dst]
@@ -83,18 +113,19 @@ def subgraph_block(block, sub: DeviceSubGraph, x_src, x_dst, edge_attr) -> torch
     return block(xs, xd, ea, sub.index)
 
 
-def run_subgraph(block, sub: DeviceSubGraph, x_src, x_dst, edge_attr, recompute: bool):
+def run_subgraph(block, sub: DeviceSubGraph, x_src, x_dst, edge_attr, recompute: bool,
+                 halo=None):  # fmt: skip
     """:func:`subgraph_block`, under activation checkpointing when ``recompute`` (and grads are
     on); an empty subset gives ``[B, 0, C]``."""
     if sub.num_dst == 0:
         return x_dst.new_zeros((x_dst.shape[0], 0, x_dst.shape[2]))
     fn = partial(subgraph_block, block, sub)
     if recompute and torch.is_grad_enabled():
-        return checkpoint(fn, x_src, x_dst, edge_attr, use_reentrant=False)
-    return fn(x_src, x_dst, edge_attr)
+        return checkpoint(fn, x_src, x_dst, edge_attr, halo, use_reentrant=False)
+    return fn(x_src, x_dst, edge_attr, halo)
 
 
-def run_chunks(block, chunks, perm, x_src, x_dst, edge_attr) -> torch.Tensor:
+def run_chunks(block, chunks, perm, x_src, x_dst, edge_attr, halo=None) -> torch.Tensor:
     """Run ``chunks`` one after another, each recomputed in backward; result in local
     destination order (``perm`` from :func:`merge_order`).
 
@@ -103,7 +134,7 @@ def run_chunks(block, chunks, perm, x_src, x_dst, edge_attr) -> torch.Tensor:
     and splitting them, tried on H100, kept that copy alive through the backward: at least 0.8 GiB more
     peak for the o320_l7 decoder at 4 chunks.)
     """
-    outs = [run_subgraph(block, c, x_src, x_dst, edge_attr, True) for c in chunks]
+    outs = [run_subgraph(block, c, x_src, x_dst, edge_attr, True, halo) for c in chunks]
     out = torch.cat(outs, 1)
     outs.clear()  # the pieces die here, not after the reordering copy below
     return out.index_select(1, perm)

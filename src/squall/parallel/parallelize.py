@@ -13,16 +13,22 @@ applies, in this order:
    flight, the boundary ones after;
 3. **sequential chunking** (``chunks > 1``): the encoder and decoder run in ``chunks`` pieces of
    their destinations, each recomputed in backward;
+   **ensemble members** (any stochastic model): this rank's share of the members of each sample
+   (``members / ensemble``), their noise drawn as one process holding every member and sample
+   draws it, and the member all-gather of the loss over the ensemble group
+   (:func:`squall.parallel.ensemble.apply_ensemble_parallel`);
 4. **activation checkpoint policies** of ``model.cfg``: ``full`` blocks are recomputed in backward
    by the runner, ``mlp`` blocks recompute their MLP themselves;
-5. **torch.compile** of every block when ``model.cfg.compile`` and the blocks run whole (no
-   sharding, no chunks: a block run on subsets of its destinations would recompile per subset;
-   with ``shard_parameters``, blocks of the ``full`` checkpoint policy stay eager);
+5. **torch.compile** of every block when ``model.cfg.compile`` and each block runs on one set
+   of destinations (the whole graph, or this rank's part of it; not with ``chunks`` or
+   ``overlap``, whose blocks run on several subsets and would recompile per subset; with
+   ``shard_parameters``, blocks of the ``full`` checkpoint policy stay eager);
 6. **gradient synchronisation** whenever the world has more than one rank: every replica of a
    parameter steps on the same gradient, the average over data-parallel replicas of the full
    gradient. A plain data-parallel model (``model_parallel == 1``, ``chunks == 1``) goes through
    DDP (``replicate``, in place), which overlaps the all-reduce with the backward; any other
-   layout through :class:`GradReducer` (summed over the model group, averaged over replicas).
+   layout through :class:`GradReducer` (summed over the model and ensemble groups, whose ranks
+   each hold a share of one replica's gradient, averaged over replicas).
    With ``shard_parameters``, any layout goes through FSDP2 instead
    (:func:`squall.parallel.sharding.shard_parameters`): parameters, gradients and optimizer
    state sharded over the whole world, each block gathered just in time, gradients
@@ -73,6 +79,7 @@ from squall.parallel.chunking import (
     run_subgraph,
 )
 from squall.parallel.comm import HaloExchange, all_reduce_sum, gather_nodes
+from squall.parallel.ensemble import apply_ensemble_parallel
 from squall.parallel.halo import (
     HaloPlan,
     build_halo_plans,
@@ -112,6 +119,10 @@ class ParallelConfig:
     param_dtype : str
         ``fp32`` or ``bf16``: dtype sharded blocks are gathered and computed in; :func:`
         prepare_parallel` sets ``bf16`` when training computes in bf16.
+    ensemble : int
+        Ranks sharing the members of each sample (``model.ensemble.members / ensemble`` each).
+    noise_seed : int
+        Seed of an ensemble model's noise (:func:`prepare_parallel`: ``training.seed``).
     """
 
     model_parallel: int = 1
@@ -120,6 +131,8 @@ class ParallelConfig:
     chunks: int = 1
     shard_parameters: bool = False
     param_dtype: str = "fp32"
+    ensemble: int = 1
+    noise_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.partition in ALIASES:
@@ -129,10 +142,10 @@ class ParallelConfig:
                 f"parallel.partition={self.partition!r}: choose one of {METHODS} or "
                 f"{tuple(ALIASES)}"
             )
-        if self.model_parallel < 1 or self.chunks < 1:
+        if self.model_parallel < 1 or self.chunks < 1 or self.ensemble < 1:
             raise LayoutError(
-                f"parallel.model_parallel={self.model_parallel} and parallel.chunks={self.chunks} "
-                "must be >= 1"
+                f"parallel.model_parallel={self.model_parallel}, parallel.ensemble="
+                f"{self.ensemble} and parallel.chunks={self.chunks} must be >= 1"
             )
         if self.param_dtype not in PARAM_DTYPES:
             raise LayoutError(f"param_dtype={self.param_dtype!r}: choose one of "
@@ -148,6 +161,7 @@ class ParallelConfig:
             chunks=int(cfg.get("chunks", 1)),
             shard_parameters=as_flag(cfg.get("shard_parameters", False),
                                      "parallel.shard_parameters"),
+            ensemble=int(cfg.get("ensemble", 1)),
         )  # fmt: skip
 
 
@@ -181,17 +195,18 @@ class LocalEdges:
         self.plan, self.group, self.chunk_subs = plan, group, chunks
         self.exchange = HaloExchange(plan, group, device) if plan.group_exchanges else None
         n = (len(plan.owned_dst), plan.num_local_src, len(plan.edge_ids))
+        own = plan.num_owned_src
         self.device = device
-        self.full = DeviceSubGraph(plan.full, *n, device)
+        self.full = DeviceSubGraph(plan.full, *n, device, own)
         # the interior runs before the halo arrives: its sources are the owned rows alone
-        self.interior = DeviceSubGraph(plan.interior, n[0], plan.num_owned_src, n[2], device)
-        self.boundary = DeviceSubGraph(plan.boundary, *n, device)
+        self.interior = DeviceSubGraph(plan.interior, n[0], own, n[2], device)
+        self.boundary = DeviceSubGraph(plan.boundary, *n, device, own)
         perm = merge_order([plan.interior, plan.boundary], n[0])
         identity = np.array_equal(perm, np.arange(n[0]))
         self.overlap_perm = None if identity else torch.from_numpy(perm).to(device)
         self.chunks = None
         if chunks:
-            self.chunks = [DeviceSubGraph(s, *n, device) for s in chunks]
+            self.chunks = [DeviceSubGraph(s, *n, device, own) for s in chunks]
             self.chunk_perm = torch.from_numpy(merge_order(chunks, n[0])).to(device)
 
     def to(self, device) -> LocalEdges:
@@ -296,25 +311,27 @@ class ParallelRunner(BlockRunner):
         le = graph.local[role]
         recompute = block in self.recompute
         chunked = le.chunks is not None
+        # the halo rows go to the block apart from the owned ones (see subgraph_block: never a
+        # concatenated copy of the sources kept for backward)
         if le.exchange is None:
-            x_all = x_src
+            halo = None  # nothing received: the local sources are the owned rows
         elif self.overlap and not chunked:
             pending = le.exchange.start(x_src)
             inner = run_subgraph(block, le.interior, x_src, x_dst, edge_attr, recompute)
-            x_all = torch.cat([x_src, pending.wait()], 1)
+            halo = pending.wait()
             if le.boundary.num_dst:
-                outer = run_subgraph(block, le.boundary, x_all, x_dst, edge_attr, recompute)
+                outer = run_subgraph(block, le.boundary, x_src, x_dst, edge_attr, recompute, halo)
             else:
                 # nothing reads the halo here, but the backward must still join the reverse
                 # exchange (peers send back gradients of rows this rank sent): an empty slice
-                # keeps x_all, hence the exchange, on the autograd path
-                outer = x_all.narrow(1, 0, 0)
+                # keeps the halo, hence the exchange, on the autograd path
+                outer = halo.narrow(1, 0, 0)
             return merge([inner, outer], le.overlap_perm)
         else:
-            x_all = torch.cat([x_src, le.exchange(x_src)], 1)
+            halo = le.exchange(x_src)
         if not chunked:
-            return run_subgraph(block, le.full, x_all, x_dst, edge_attr, recompute)
-        return run_chunks(block, le.chunks, le.chunk_perm, x_all, x_dst, edge_attr)
+            return run_subgraph(block, le.full, x_src, x_dst, edge_attr, recompute, halo)
+        return run_chunks(block, le.chunks, le.chunk_perm, x_src, x_dst, edge_attr, halo)
 
     @property
     def model_rank(self) -> int:
@@ -358,7 +375,8 @@ class GradReducer:
 
     Model-parallel ranks each hold their nodes' share of every parameter's gradient (the halo
     backward has already moved contributions to the ranks that own the rows): summing over the
-    model group gives the full gradient. Data-parallel replicas average. Both are one all-reduce
+    model group gives the full gradient; so do ensemble ranks, each holding its members' share.
+    Data-parallel replicas average. Both are one all-reduce
     over the world with the factor ``1 / data_parallel``, run when autograd finishes the backward
     (queued from the first gradient hook), over one flat buffer of every gradient.
     """
@@ -427,14 +445,16 @@ def parallelize(
     # 1. degrees
     if groups is None:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        groups = build_groups(Layout(world, config.model_parallel))
+        groups = build_groups(Layout(world, config.model_parallel, config.ensemble))
     layout = groups.layout
-    if layout.model_parallel != config.model_parallel:
+    if (layout.model_parallel, layout.ensemble) != (config.model_parallel, config.ensemble):
         raise LayoutError(
-            f"parallel.model_parallel={config.model_parallel} but the process groups were built "
-            f"for model_parallel={layout.model_parallel} (world_size={layout.world_size})"
+            f"parallel.model_parallel={config.model_parallel} and parallel.ensemble="
+            f"{config.ensemble} but the process groups were built for model_parallel="
+            f"{layout.model_parallel}, ensemble={layout.ensemble} (world_size={layout.world_size})"
         )
-    layout.check({k: len(v) for k, v in graph.nodes.items()}, batch_size=1)
+    layout.check({k: len(v) for k, v in graph.nodes.items()}, batch_size=1,
+                 members=model.members)  # fmt: skip
     if isinstance(model.runner, ParallelRunner):
         raise ValueError("model is already parallelized")
     if partition is not None and partition.num_parts != config.model_parallel:
@@ -461,6 +481,9 @@ def parallelize(
         model.graph = sharded_graph
     else:
         partition = None
+    # ... and this rank's ensemble members
+    if model.cfg.ensemble:
+        apply_ensemble_parallel(model, groups.ensemble, config.noise_seed, groups.data_rank)
 
     # 4. activation checkpoint policies (chunked mappers recompute whatever the policy)
     recompute = []
@@ -471,11 +494,13 @@ def parallelize(
             recompute.append(block)
     runner = ParallelRunner(recompute, config, groups, partition, sharded_graph, imbalance)
 
-    # 5. torch.compile of whole blocks
+    # 5. torch.compile of blocks that run on one set of destinations (the whole graph, or this
+    # rank's part of it without overlap or chunks: one shape per block, as on one device)
     if model.cfg.compile:
-        if sharded:
-            log.warning("model.compile has no effect on sharded or chunked blocks: each runs on "
-                        "subsets of its destinations, outside torch.compile")  # fmt: skip
+        if config.chunks > 1 or (sharded and config.overlap):
+            log.warning("model.compile has no effect on chunked blocks or with parallel.overlap: "
+                        "each block runs on several subsets of its destinations, outside "
+                        "torch.compile")  # fmt: skip
         elif config.shard_parameters and groups.world is not None and recompute:
             # a compiled FSDP block recomputed by torch.utils.checkpoint saves other tensors in
             # the recompute than in its forward, which checkpoint refuses (torch 2.13, gloo and
@@ -492,23 +517,23 @@ def parallelize(
 
     # 6. gradient synchronisation (and parameter sharding)
     if groups.world is not None:
-        if sharded or config.shard_parameters:
+        if sharded or config.shard_parameters or layout.ensemble > 1:
             # one starting point everywhere, as DDP does: parameters and persistent buffers of
             # global rank 0 (the graph's buffers are built from the same file on every rank)
             with torch.no_grad():
                 for t in model.state_dict().values():
                     dist.broadcast(t, src=0, group=groups.world)
         if config.shard_parameters:
-            # sharded over the world; reduce-scattered: sum over the model group, average over
-            # data-parallel replicas
+            # sharded over the world; reduce-scattered: sum over the model and ensemble groups,
+            # average over data-parallel replicas
             blocks = [block for _, block, _ in _blocks(model)]
             # a communicator of its own: gathers and reduce-scatters do not queue behind the
             # halo exchanges of the model group (the world itself when data_parallel is 1)
             shard_group = dist.new_group(list(range(layout.world_size)))
             shard_parameters(model, blocks, shard_group, layout.data_parallel,
                              config.param_dtype)  # fmt: skip
-        elif sharded:
-            # sum over the model group, average over data-parallel replicas
+        elif sharded or layout.ensemble > 1:
+            # sum over the model and ensemble groups, average over data-parallel replicas
             runner.grad_reducer = GradReducer(model, groups.world, layout.data_parallel)
         else:  # DDP broadcasts rank 0's parameters and buffers itself
             from torch.distributed._composable.replicate import replicate
@@ -590,7 +615,9 @@ def prepare_parallel(cfg, graph: Graph) -> ParallelSetup:
     if pcfg.shard_parameters and _computes_in_bf16(cfg.get("training")):
         pcfg = replace(pcfg, param_dtype="bf16")
     world = dist.get_world_size() if dist.is_initialized() else 1
-    groups = build_groups(Layout(world, pcfg.model_parallel))
+    seed = int(cfg.training.seed) if cfg.get("training") is not None else 0
+    pcfg = replace(pcfg, noise_seed=seed)
+    groups = build_groups(Layout(world, pcfg.model_parallel, pcfg.ensemble))
     grid = None
     if pcfg.model_parallel > 1:
         layers = int(cfg.model.processor_layers)
@@ -612,10 +639,12 @@ def _computes_in_bf16(training) -> bool:
 
 def reduce_loss(loss: torch.Tensor, groups: ProcessGroups) -> torch.Tensor:
     """The global loss (for logging) from each rank's share: sum over the model group, mean over
-    the data-parallel replicas. One all-reduce; call it where the value is synchronised anyway."""
+    the ensemble group (each of its ranks scores all members) and the data-parallel replicas. One
+    all-reduce; call it where the value is synchronised anyway."""
     if groups.world is None:
         return loss.detach()
-    return all_reduce_sum(loss, groups.world) / groups.layout.data_parallel
+    layout = groups.layout
+    return all_reduce_sum(loss, groups.world) / (layout.data_parallel * layout.ensemble)
 
 
 def model_rank_of(model) -> int:

@@ -281,13 +281,14 @@ def estimate(
     static = (16 + (2 if act_bytes == 2 else 0)) * params + (4 * params if world_size > 1 else 0)
     ring = 2 * (world_size - 1) / world_size if world_size > 1 else 0.0
     sizes = _sizes(graph, mcfg, pcfg)
-    # What runs: chunked mappers always recompute (squall.parallel.chunking), and sharded or
-    # chunked blocks run through their steps, outside torch.compile.
+    # What runs: chunked mappers always recompute (squall.parallel.chunking), and chunked blocks
+    # or sharded ones with overlap run on several subsets, outside torch.compile.
     chunked = pcfg.chunks > 1
     if chunked:
         mcfg = replace(mcfg, checkpoint_encoder="full", checkpoint_decoder="full")
     compiled = mcfg.compile
-    mcfg = replace(mcfg, compile=compiled and pcfg.model_parallel == 1 and not chunked)
+    split = chunked or (pcfg.model_parallel > 1 and pcfg.overlap)
+    mcfg = replace(mcfg, compile=compiled and not split)
     if mcfg.checkpoint_budget_gib is not None:
         largest_rows = {k: max(s.rows[k] for s in sizes) for k in sizes[0].rows}
         largest_edges = {k: max(s.edges[k] for s in sizes) for k in ROLES}

@@ -64,8 +64,8 @@ from squall.planning.estimate import (
 )
 
 # Eager blocks against compiled ones, same card, kernels and plan: 212.8 / 183.3 ms (H100, o96_l6,
-# 1024 channels, no checkpointing, git 3ae6303, profiling/results/step.csv). Model-parallel and
-# chunked blocks run eager (squall.planning.estimate).
+# 1024 channels, no checkpointing, git 3ae6303, profiling/results/step.csv). Chunked blocks, and
+# model-parallel ones with overlap, run eager (squall.planning.estimate).
 EAGER_OVER_COMPILED = 212.8 / 183.3
 # Fused AdamW per fp32 parameter: reads parameter, gradient and two moments, writes parameter
 # and two moments (7 x 4 B).
@@ -649,8 +649,9 @@ class ScalingModel:
         sizes = self.sizes(model_parallel)
         static = self.static_gib(gpus, shard)
         mcfg = self.mcfg
-        # blocks run eager under model parallelism (squall.planning.estimate)
-        compiled = mcfg.compile and model_parallel == 1
+        # a rank's blocks run compiled on its part of the graph as on one device (no overlap,
+        # no chunks: squall.parallel.parallelize)
+        compiled = mcfg.compile
         budget = budget_gib if budget_gib is not None else mcfg.checkpoint_budget_gib
         rows, edges = sizes.largest()
         if budget is not None:
