@@ -185,3 +185,71 @@ def test_forecast_job_scores_the_interior_forced_and_unforced(lam_parts, tmp_pat
     # the first step differs only by the driver's interpolation on the band: the rollouts part
     # afterwards, when the free one feeds back its own band
     assert not np.array_equal(forced[1:], free[1:])
+
+
+def test_each_step_sees_the_driver_band_at_the_time_it_predicts(lam_parts):
+    _, parts = lam_parts
+    trainer, data, layout = parts.trainer, parts.train_set, parts.layout
+    forcing = trainer.boundary
+    v_in, v_prog = len(layout.inputs), len(layout.prognostic_in)
+    assert forcing.lookahead and forcing.extra_inputs == v_prog + 1
+    assert parts.model.embed_data.in_features - parts.model.graph.data_attrs.shape[1] == (
+        data.input_steps * (v_in + v_prog + 1))
+    batch = {k: v[None] if torch.is_tensor(v) else v for k, v in data[4].items()}
+    net, trainer.net = trainer.net, Recording(parts.model)
+    try:
+        with torch.no_grad():
+            list(trainer.rollout(batch))
+        seen = trainer.net.inputs
+    finally:
+        trainer.net = net
+    interior = torch.as_tensor(~forcing.mask)
+    for r, state in enumerate(seen):
+        for t in range(state.shape[1]):
+            extra = state[0, t, :, v_in:]
+            # the driver one step after this state's time, and the boundary flag
+            assert torch.equal(extra[forcing.rows, :v_prog], batch["boundary"][0, r + t + 1])
+            assert bool((extra[forcing.rows, v_prog] == 1).all())
+            assert not bool(extra[interior].any()), (r, t)
+
+
+def test_free_rollout_gets_its_own_band_as_lookahead(lam_parts):
+    _, parts = lam_parts
+    data, layout = parts.val_set, parts.layout
+    forced = BoundaryForcing.for_dataset(data, layout, torch.device("cpu"))
+    free = forced.unforced()
+    assert forced.forced and not free.forced and free.extra_inputs == forced.extra_inputs
+    sample = data[1]
+    recorder = Recording(parts.model)
+    area = torch.from_numpy(parts.graph.nodes["data"].area.astype(np.float32))
+    roll = Rollout(recorder, layout, area, None,
+                   ModelStep(recorder, torch.device("cpu"), None, False))  # fmt: skip
+    roll.boundary = free
+    roll.run(sample["x"][None], sample["y"][None], None, 1, sample["boundary"])
+    v_in, rows, cols = len(layout.inputs), free.rows, free.columns
+    x0 = sample["x"][:, :, layout.inputs]  # the dataset's own inputs, nothing forced
+    for t in range(data.input_steps):
+        state = recorder.inputs[0][0, t]
+        assert torch.equal(state[:, :v_in], x0[t])
+        assert torch.equal(state[rows, v_in:-1], x0[t][rows][:, cols])
+    # later states: the band is the model's own prediction, repeated as the lookahead
+    last = recorder.inputs[-1][0, -1]
+    assert torch.equal(last[rows, v_in:-1], last[rows][:, cols])
+    assert not torch.equal(last[rows][:, cols], sample["boundary"][data.input_steps + 1])
+
+
+def test_without_lookahead_states_keep_the_dataset_columns():
+    g, v_in, rows, cols = 12, 5, [0, 1, 11], [0, 2]
+    mask = np.zeros(g, dtype=bool)
+    mask[rows] = True
+    state = torch.randn(2, 2, g, v_in)
+    batch = {"boundary": torch.randn(2, 4, len(rows), len(cols))}
+    plain = BoundaryForcing(rows, cols, mask, 2, torch.device("cpu"), lookahead=False)
+    ahead = BoundaryForcing(rows, cols, mask, 2, torch.device("cpu"))
+    a, b = plain.force_inputs(state, batch), ahead.force_inputs(state, batch)
+    assert a.shape == state.shape and b.shape == (2, 2, g, v_in + len(cols) + 1)
+    assert torch.equal(b[..., :v_in], a)  # the same forcing, then the extra columns
+    assert torch.equal(b[:, 1, rows, v_in:-1], batch["boundary"][:, 2])
+    nxt = plain.force_next(state[:, 0], batch, 2)  # the second prediction's time: position 3
+    assert torch.equal(nxt[:, rows][..., cols], batch["boundary"][:, 3])
+    assert torch.equal(nxt[:, 2:11], state[:, 0, 2:11])

@@ -110,11 +110,15 @@ class BoundaryDriver:
         Interpolation settings (:class:`Interpolation`).
     member : int
         Ensemble member of the driver read.
+    lookahead : bool
+        Models get the driver's values one step ahead as extra inputs
+        (:class:`squall.train.boundary.BoundaryForcing`).
     """
 
     def __init__(self, path, variables, rows, latlon, offset, scale, neighbours=4, power=2.0,
-                 member=0) -> None:  # fmt: skip
+                 member=0, lookahead=True) -> None:  # fmt: skip
         self.info = info = read_info(path)
+        self.lookahead = bool(lookahead)
         self.path = info.path
         self.variables = tuple(variables)
         self.var_index = np.asarray(info.index_of(self.variables))
@@ -226,7 +230,8 @@ def attach_driver(cfg, dataset) -> BoundaryDriver | None:
     driver = BoundaryDriver(ensure_driver(cfg, settings), prognostic, rows, latlon,
                             norm.offset.double().numpy(), norm.scale.double().numpy(),
                             int(settings.get("neighbours", 4)), float(settings.get("power", 2.0)),
-                            int(cfg.data.get("member", 0)))  # fmt: skip
+                            int(cfg.data.get("member", 0)),
+                            bool(settings.get("lookahead", True)))  # fmt: skip
     driver.time_index(dataset.dates[dataset.first : dataset.last + 1])  # covers the split
     dataset.boundary = driver
     return driver

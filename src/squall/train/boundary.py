@@ -9,10 +9,28 @@ orography, ...) stay the dataset's own. The loss and the scores weigh the interi
 areas with the boundary points at zero, scaled so the weights keep mean 1 over the grid (a
 loss is then the interior's area-weighted mean).
 
+Lookahead (``data.boundary.lookahead``, on by default)
+-----------------------------------------------------
+Each state also carries ``V_prog + 1`` extra input columns: on the boundary points the driver's
+values one model step after that state's time, and 1 (a boundary flag); zeros elsewhere. So the
+step that predicts time ``t + dt`` sees the driver's band at ``t + dt``, as in Neural-LAM
+(Oskarsson et al. 2023, boundary forcing over a window that includes the target time) and
+regional services, whose global forecast is available before the LAM runs. Without it the band
+of the inputs holds nothing the interior's own edge does not (the input band is the truth, or
+close to it), so the only new information a forced state brings arrives one step late, at the
+band's 1 degree, and a briefly trained model learns to ignore it (profiling/lam_curves.py: 3.8 %
+gain at 24 h without lookahead). On lam_alps the synthetic flow carries air 4.8 degrees per 6 h
+step across a 13-degree box: every interior point at 18 h or later holds air that came in
+through the boundary (profiling/lam_oracle.py).
+
+A model trained with lookahead has ``V_in + V_prog + 1`` input columns per state; its free
+rollout (:meth:`BoundaryForcing.unforced`, the forecast's "unforced" curve) overwrites nothing
+and puts the state's own band values in the lookahead columns (no driver: the band persists).
+
 The hooks: :class:`squall.train.loop.Trainer` and :class:`squall.train.forecast.Rollout` call
-:meth:`BoundaryForcing.force_inputs` on the first state and :meth:`BoundaryForcing.force` on each
-next one, and weigh errors with :meth:`BoundaryForcing.weights`; a graph without a boundary has
-no :class:`BoundaryForcing` and nothing changes.
+:meth:`BoundaryForcing.force_inputs` on the first state and :meth:`BoundaryForcing.force_next` on
+each next one, and weigh errors with :meth:`BoundaryForcing.weights`; a graph without a boundary
+has no :class:`BoundaryForcing` and nothing changes (the model's inputs are the dataset's).
 """
 
 from __future__ import annotations
@@ -47,13 +65,33 @@ class BoundaryForcing:
     input_steps : int
         States in a model input.
     device : torch.device
+    lookahead : bool
+        Append the driver's values one step ahead and the boundary flag to every state.
+    forced : bool
+        Overwrite the band with the driver (False: the free rollout, see :meth:`unforced`).
     """
 
-    def __init__(self, rows, columns, mask: np.ndarray, input_steps: int, device) -> None:
+    def __init__(self, rows, columns, mask: np.ndarray, input_steps: int, device,
+                 lookahead: bool = True, forced: bool = True) -> None:  # fmt: skip
         self.rows = torch.as_tensor(np.asarray(rows), dtype=torch.int64, device=device)
         self.columns = torch.as_tensor(np.asarray(columns), dtype=torch.int64, device=device)
         self.mask = np.asarray(mask, dtype=bool)
         self.input_steps = int(input_steps)
+        self.lookahead, self.forced = bool(lookahead), bool(forced)
+
+    @property
+    def extra_inputs(self) -> int:
+        """Input columns appended to every state (0 without lookahead)."""
+        return len(self.columns) + 1 if self.lookahead else 0
+
+    def unforced(self) -> BoundaryForcing:
+        """The same model's free rollout: nothing overwritten, the lookahead columns hold the
+        state's own band (so a lookahead model gets inputs of its shape and no driver)."""
+        import copy
+
+        free = copy.copy(self)
+        free.forced = False
+        return free
 
     @classmethod
     def for_dataset(cls, dataset, layout, device) -> BoundaryForcing | None:
@@ -67,7 +105,17 @@ class BoundaryForcing:
                               "model group (parallel.model_parallel=1)")  # fmt: skip
         mask = np.zeros(dataset.info.num_grid, dtype=bool)
         mask[driver.rows] = True
-        return cls(driver.rows, layout.prognostic_in, mask, dataset.input_steps, device)
+        return cls(driver.rows, layout.prognostic_in, mask, dataset.input_steps, device,
+                   lookahead=getattr(driver, "lookahead", True))  # fmt: skip
+
+    @staticmethod
+    def extra_inputs_for(dataset) -> int:
+        """Columns a model on ``dataset`` gets besides the layout's inputs (0 without a driver
+        or without lookahead); the model is built with them before the forcing exists."""
+        driver = getattr(dataset, "boundary", None)
+        if driver is None or not getattr(driver, "lookahead", True):
+            return 0
+        return len(driver.variables) + 1
 
     def weights(self, area: torch.Tensor) -> torch.Tensor:
         """Interior weights (:func:`interior_weights`) for errors on the grid of ``area``."""
@@ -80,16 +128,32 @@ class BoundaryForcing:
         rows = state.index_select(1, self.rows).index_copy(-1, self.columns, values)
         return state.index_copy(1, self.rows, rows)
 
+    def _state(self, state: torch.Tensor, batch: dict, time: int) -> torch.Tensor:
+        """``state [B, G, V_in]`` at window position ``time``: forced, then with the lookahead
+        columns (the driver at ``time + 1``, or the state's own band when unforced)."""
+        if self.forced:
+            state = self.force(state, _values(batch)[:, time])
+        if not self.lookahead:
+            return state
+        if self.forced:
+            ahead = _values(batch)[:, time + 1].to(device=state.device, dtype=state.dtype)
+        else:
+            ahead = state.index_select(1, self.rows).index_select(-1, self.columns)
+        flag = torch.ones(*ahead.shape[:-1], 1, device=state.device, dtype=state.dtype)
+        extra = state.new_zeros(state.shape[0], state.shape[1], self.extra_inputs)
+        extra = extra.index_copy(1, self.rows, torch.cat([ahead, flag], dim=-1))
+        return torch.cat([state, extra], dim=-1)
+
     def force_inputs(self, state: torch.Tensor, batch: dict) -> torch.Tensor:
-        """The first input ``[B, T_in, G, V_in]`` with every input time's boundary forced."""
-        values = _values(batch)
-        steps = [self.force(state[:, t], values[:, t]) for t in range(state.shape[1])]
+        """The first input ``[B, T_in, G, V_in]`` with every input time's boundary forced
+        (``[B, T_in, G, V_in + extra_inputs]`` with lookahead)."""
+        steps = [self._state(state[:, t], batch, t) for t in range(state.shape[1])]
         return torch.stack(steps, dim=1)
 
     def force_next(self, state: torch.Tensor, batch: dict, step: int) -> torch.Tensor:
         """The state of rollout step ``step`` (1 = the first prediction's time) ``[B, G, V_in]``
-        with the driver's values at that time on its boundary."""
-        return self.force(state, _values(batch)[:, self.input_steps - 1 + step])
+        with the driver's values at that time on its boundary (and the lookahead columns)."""
+        return self._state(state, batch, self.input_steps - 1 + step)
 
 
 def _values(batch: dict) -> torch.Tensor:
@@ -128,14 +192,16 @@ class LamEvaluation:
         free = None
         if roll.boundary is not None:
             free = copy.copy(roll)
-            free.boundary = None
+            free.boundary = roll.boundary.unforced()
         return cls(mask, free)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, members: int = 1) -> None:
-        """Roll the free twin out from one start and add its MSE per step and variable."""
+    def add(self, x: torch.Tensor, y: torch.Tensor, members: int = 1,
+            boundary: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Roll the free twin out from one start and add its MSE per step and variable
+        (``boundary``: the start's driver values, passed along but never read)."""
         if self.free is None:
             return
-        mse = self.free.run(x, y, None, members)["mse"]
+        mse = self.free.run(x, y, None, members, boundary)["mse"]
         self.sums = mse if self.sums is None else self.sums + mse
 
     def result(self, starts: int, world: int = 1, like: torch.Tensor | None = None) -> dict:

@@ -481,7 +481,7 @@ def forecast(cfg) -> dict:
 
                 scores = roll.run(x, y, on_step, members, sample.get("boundary"))
                 if lam is not None:
-                    lam.add(x, y, members)
+                    lam.add(x, y, members, sample.get("boundary"))
                 if ref_roll is not None:
                     ref_scores = ref_roll.run(x, y)
                 if writes_fields:

@@ -150,8 +150,11 @@ def build_run(
         mcfg = resolve_checkpointing(graph, mcfg, setup, batch_rows, layout,
                                      train_set.input_steps, device, str(t.precision), rollout)  # fmt: skip
     torch.manual_seed(int(t.seed))  # parameters identical whatever was drawn before
+    # a driven LAM's states carry the driver's next values too (squall.train.boundary)
+    forcing = BoundaryForcing.for_dataset(train_set, layout, device)
+    extra = forcing.extra_inputs if forcing is not None else 0
     model = attach_observations(GraphForecaster(
-        graph, mcfg, len(layout.inputs), len(layout.outputs),
+        graph, mcfg, len(layout.inputs) + extra, len(layout.outputs),
         train_set.input_steps, layout.residual, tendency_spread(spread_set, layout),
     ), cfg, graph).to(device)  # fmt: skip
     groups = setup.groups if setup is not None else None
@@ -166,7 +169,7 @@ def build_run(
         barrier=dist.barrier if distributed else None,
         replicas=setup.data_parallel_size if setup is not None else 1, hooks=hooks,
     )  # fmt: skip
-    trainer.boundary = BoundaryForcing.for_dataset(train_set, layout, device)  # a driven LAM
+    trainer.boundary = forcing  # a driven LAM
     return RunParts(graph, model, trainer, train_set, val_set, layout, setup)
 
 
