@@ -175,14 +175,17 @@ def brute_force_edges(obs_latlon: torch.Tensor, offsets, mesh_latlon: torch.Tens
         for axis in range(3):
             d = oxyz[axis][None, :] - mesh_xyz[:, axis][:, None]
             d2 = d * d if d2 is None else d2 + d * d
-        for q in range(m):
-            inside = torch.nonzero(d2[q] <= chord * chord).ravel()
-            if max_neighbours is not None and len(inside) > max_neighbours:
-                # nearest by (d2, index): a stable sort of index-ordered candidates by d2
-                order = torch.sort(d2[q][inside], stable=True).indices[:max_neighbours]
-                inside = torch.sort(inside[order]).values
-            dst.append(torch.full_like(inside, b * m + q))
-            src.append(inside + lo)
+        q, j = torch.nonzero(d2 <= chord * chord, as_tuple=True)  # by mesh node, then obs
+        if max_neighbours is not None:
+            # rank within each mesh node by (d2, index): stable sorts by d2, then by node
+            order = torch.sort(d2[q, j], stable=True).indices
+            order = order[torch.sort(q[order], stable=True).indices]
+            start = torch.searchsorted(q[order], q[order])
+            rank = torch.arange(len(order)) - start
+            keep = torch.sort(order[rank < max_neighbours]).values
+            q, j = q[keep], j[keep]
+        dst.append(q + b * m)
+        src.append(j + lo)
     if not dst:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
     return torch.cat(dst), torch.cat(src)

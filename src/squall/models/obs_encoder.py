@@ -21,8 +21,10 @@ The batch is packed into one graph (:mod:`squall.graphs.dynamic`): ``N`` observa
 samples as sources and ``B * M`` mesh rows as destinations, so the block runs once with batch 1
 (samples never share edges). Edges are built on the mesh's device every call: every mesh node
 gathers the observations within ``cutoff_factor`` times the mesh's largest nearest-neighbour
-spacing (0.6: the static encoder's factor, which reaches every point of the sphere from some mesh
-node), the nearest ``max_neighbours`` of them. On a model-parallel rank the destinations are the
+spacing (0.6: the static encoder's factor; it reaches every point of the sphere from some mesh
+node on meshes of level 4 and finer, whose largest triangle circumradius is 0.583 (level 4) to
+0.577 (level 7) times that spacing; levels 1-2 need 0.67), the nearest ``max_neighbours`` of
+them. On a model-parallel rank the destinations are the
 rank's own mesh rows (``graph.mesh_ids``), so each rank builds the edges of its partition only
 and no halo is needed: every rank holds every observation.
 """
@@ -53,7 +55,8 @@ class ObsEncoderConfig:
     Attributes
     ----------
     cutoff_factor : float
-        Radius in units of the mesh's largest nearest-neighbour spacing (0.6 covers the sphere).
+        Radius in units of the mesh's largest nearest-neighbour spacing (0.6 covers the sphere
+        from level-4 meshes up).
     max_neighbours : int or None
         Observations per mesh node and sample at most (nearest first; None: all in reach).
     """
@@ -157,8 +160,21 @@ class ObservationEncoder(nn.Module):
             raise ValueError(f"mesh latents of {m} rows for {graph.num_mesh} mesh nodes")
         feats = observation_features(obs.values, obs.mask, obs.latlon)
         x_src = self.embed(feats).unsqueeze(0)
-        out = self.block(x_src, z_mesh.reshape(1, b * m, c), graph.attrs, graph.index)
+        x_dst = z_mesh.reshape(1, b * m, c)
+        if graph.num_edges:
+            out = self.block(x_src, x_dst, graph.attrs, graph.index)
+        else:
+            out = self._without_edges(x_src, x_dst)
         return out.reshape(b, m, c)
+
+    def _without_edges(self, x_src: torch.Tensor, x_dst: torch.Tensor) -> torch.Tensor:
+        """The block when no observation reaches the mesh: every attention sum is empty (0), so
+        each row gets the output bias and the residual MLP. Every parameter stays on the autograd
+        path (times 0), so data-parallel replicas reduce the same set of gradients."""
+        blk = self.block
+        x = x_dst + blk.out(torch.zeros_like(x_dst))
+        unused = sum(p.sum() for p in self.parameters()) + x_src.sum()
+        return blk.mlp_residual(x) + 0 * unused.to(x.dtype)
 
 
 def attach_observations(model, cfg, graph):
