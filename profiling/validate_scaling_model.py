@@ -57,6 +57,7 @@ class Case:
     target_plan: str | None = None  # step.csv query of the measured row's model (other plan)
     is_calibration: bool = False
     halo_alone_s: float | None = None  # every exchange of a step timed alone (bench_parallel)
+    shard: bool = False  # parameters, gradients and optimizer state sharded (FSDP2)
 
 
 def _bench(path: Path, overlap: bool = False) -> tuple[float, float]:
@@ -79,22 +80,31 @@ def cases() -> list[Case]:
     def series(p):  # runs of one call: one folder, one file prefix
         return p.parent, p.stem.rsplit("time_", 1)[0]
 
+    def kind(q):  # what a one-GPU run must share with the runs it calibrates
+        return (info[q]["info"]["gpu"], info[q]["graph"], info[q].get("compile", False),
+                info[q]["checkpoint"], info[q]["channels"], info[q]["batch"])  # fmt: skip
+
     for path in runs:
         r = info[path]
         gpu, ckpt = r["info"]["gpu"], "all full" if r["checkpoint"] else "no checkpointing"
-        same = [q for q in ones if series(q) == series(path)] or [
-            q for q in ones if info[q]["info"]["gpu"] == gpu and info[q]["graph"] == r["graph"]
-        ]
+        # the one-GPU run of the same call, else of the same folder and kind, else any of the
+        # same card and graph
+        same = ([q for q in ones if series(q) == series(path)]
+                or [q for q in ones if q.parent == path.parent and kind(q) == kind(path)]
+                or [q for q in ones if info[q]["info"]["gpu"] == gpu
+                    and info[q]["graph"] == r["graph"]])  # fmt: skip
         if not same:
             continue
         s, m = _bench(path)
         name = path.relative_to(RESULTS)
-        where = "1 GPU" if r["gpus"] == 1 else f"dp1xmp{r['gpus']}"
+        shard = bool(r.get("shard_parameters", False)) and r["gpus"] > 1
+        where = "1 GPU" if r["gpus"] == 1 else f"dp1xmp{r['gpus']}" + ("+shard" if shard else "")
         card = "H200" if "H200" in gpu else "H100"
-        out.append(Case(f"{r['graph']} {where} {card} (eager, {ckpt})",
+        how = "compiled" if r.get("compile") else "eager"
+        out.append(Case(f"{r['graph']} {where} {card} ({how}, {ckpt})",
                         str(same[0].relative_to(ROOT)), r["graph"], r["gpus"], r["gpus"], s, m,
                         str(name), is_calibration=r["gpus"] == 1,
-                        halo_alone_s=max(k["halo_s"] for k in r["ranks"])))  # fmt: skip
+                        halo_alone_s=max(k["halo_s"] for k in r["ranks"]), shard=shard))  # fmt: skip
     step = str((RESULTS / "step.csv").relative_to(ROOT))
     rows = list(csv.DictReader((RESULTS / "step.csv").open()))
 
@@ -177,7 +187,7 @@ def main() -> None:
                                     ).mcfg  # fmt: skip
         model = ScalingModel(graph(case.graph), replace(mcfg, checkpoint_budget_gib=None), rates,
                              cluster, act_bytes=4 if tiny else 2, num_vars=cal.num_vars)  # fmt: skip
-        p = model.project(case.gpus, case.model_parallel, 1)
+        p = model.project(case.gpus, case.model_parallel, 1, case.shard)
         results.append({
             "case": case.label, "gpu": cluster.name, "calibration": cal.source.replace(
                 str(ROOT) + "/", ""), "measured": case.source,

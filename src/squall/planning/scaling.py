@@ -418,9 +418,13 @@ def load_calibration(spec: str) -> Calibration:
         mcfg = ModelConfig(num_channels=r["channels"], num_heads=r["heads"],
                            processor_layers=r["layers"], mlp_ratio=4, trainable_edge_features=8,
                            attention_backend=r["backend"], checkpoint_encoder=ckpt,
-                           checkpoint_processor=ckpt, checkpoint_decoder=ckpt)  # fmt: skip
+                           checkpoint_processor=ckpt, checkpoint_decoder=ckpt,
+                           compile=bool(r.get("compile", False)))  # fmt: skip
+        # runs that split the step measure the loss and the host time the device stood idle:
+        # fixed per-step work that does not shrink with P (the optimizer is modelled apart)
+        fixed = row.get("loss_s", 0.0) + row.get("host_s", 0.0)
         return Calibration(f"{p} (git {r['info']['git']})", r["info"]["gpu"], r["graph"], mcfg,
-                           r["batch"], row["s_per_step"], None, row["peak_GiB"])  # fmt: skip
+                           r["batch"], row["s_per_step"], None, row["peak_GiB"], fixed)  # fmt: skip
     with p.open() as f:
         rows = list(csv.DictReader(f))
     r = _select(rows, dict(parse_qsl(query)), spec)
