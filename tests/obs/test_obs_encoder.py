@@ -129,3 +129,28 @@ def test_model_with_observations_and_configuration_checks():
     with pytest.raises(ConfigError, match="model.observations is not"):
         attach_observations(make_model(g), _cfg(None, {"channels": ["a"]}), g)
     assert attach_observations(plain, _cfg(None, None), g).obs_encoder is None
+
+
+def test_trainer_feeds_each_rollout_step_its_observations():
+    from squall.tracking.logger import NullLogger
+    from squall.train.loop import Trainer, VariableLayout
+
+    g = tiny_graph()
+    model = attach_observations(make_model(g), _cfg({}, {"channels": ["a", "b", "c"]}), g)
+    seen = []
+    real = model.obs_encoder.forward
+    model.obs_encoder.forward = lambda z, obs, ids=None: seen.append(obs) or real(z, obs, ids)
+    layout = VariableLayout.from_roles({"prognostic": [0, 1, 2], "forcing": [3, 4],
+                                        "diagnostic": [5]})  # fmt: skip
+    cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 1, "max_steps": 2,
+                            "min_lr_ratio": 0.1, "precision": "fp32", "grad_clip": 1.0})  # fmt: skip
+    trainer = Trainer(model, layout, cfg, torch.device("cpu"), NullLogger())
+    gen = torch.Generator().manual_seed(0)
+    steps = [_obs([30, 0], seed=1), _obs([5, 60], seed=2)]
+    batch = {"x": torch.randn(2, 2, 544, 6, generator=gen),
+             "y": torch.randn(2, 2, 544, 6, generator=gen), "obs": steps}  # fmt: skip
+    before = model.obs_encoder.embed.weight.detach().clone()
+    loss, _ = trainer.train_step(batch)
+    assert torch.isfinite(loss)
+    assert [torch.equal(a.latlon, b.latlon) for a, b in zip(seen, steps, strict=True)] == [1, 1]
+    assert not torch.equal(before, model.obs_encoder.embed.weight)
