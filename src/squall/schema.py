@@ -666,7 +666,9 @@ class ParallelSchema(Schema):
     ----------
     model_parallel : int
         Ranks sharing one sample's graph (partitioned, halo exchange); the rest of the world
-        size is data-parallel replicas.
+        size is ensemble groups and data-parallel replicas.
+    ensemble : int
+        Ranks sharing the members of each sample (``model.ensemble.members / ensemble`` each).
     partition : str
         ``sfc`` (Hilbert curve: fewest halo rows), or the baselines ``bands`` (latitude bands)
         and ``ranges`` (index ranges).
@@ -678,14 +680,16 @@ class ParallelSchema(Schema):
         Shard parameters, gradients and optimizer state over every rank (FSDP2; blocks gathered
         just in time); no effect on one rank.
     gpus : int or None
-        Ranks of a scaling point (``jobs.scale``; ``jobs.dry_run``'s world size when set).
+        Ranks of a scaling point (``jobs.scale``; ``jobs.dry_run``'s world size when set); null
+        in a scaling point: ``ensemble x model_parallel x data_parallel`` (missing degrees 1).
     nodes : int or None
         Nodes of a scaling point; null: as few as hold ``gpus``.
     data_parallel : int or None
-        Data-parallel degree of a scaling point; null: ``gpus / model_parallel``.
+        Data-parallel degree of a scaling point; null: ``gpus / (ensemble x model_parallel)``.
     """
 
     model_parallel: int = setting(ge=1)
+    ensemble: int = setting(1, ge=1)
     partition: str = setting(choices=("sfc", "bands", "ranges"))
     overlap: bool = MISSING
     chunks: int = setting(ge=1)

@@ -1,35 +1,34 @@
 """Ensemble parallelism: the members of each sample spread over the ranks of an ensemble group.
 
-An ensemble group of ``E`` ranks trains one set of samples with ``M`` members per sample; rank
-``r`` of the group holds members ``r * M / E .. (r + 1) * M / E - 1`` (``M / E`` per rank, several
-per GPU when they fit), folded into its batch as on one process. Three things make the group
-train exactly what one process holding all ``M`` members trains:
+An ensemble group of ``E`` ranks (:class:`squall.distributed.layout.Layout`'s ``ensemble``
+axis) trains one set of samples with ``M`` members per sample; rank ``e`` of the group holds
+members ``e * M / E .. (e + 1) * M / E - 1`` (``M / E`` per rank, several per GPU when they
+fit), folded into its batch as on one process. :func:`squall.parallel.parallelize.parallelize`
+applies it (:func:`apply_ensemble_parallel`), and three things make the group train exactly
+what one process holding all ``M`` members trains:
 
-1. **Noise** (:class:`SharedNoise`): every rank draws the noise of *all* members from a generator
-   seeded alike on every rank and keeps its own members' rows, so member ``m`` gets the same noise
-   whatever the layout (the noise is ``K`` channels per mesh node: cheap to draw whole).
+1. **Noise** (:class:`SharedNoise`): the noise of member ``m`` of global sample ``s`` at the
+   ``c``-th forward is drawn from a generator seeded by ``(seed, c, s)`` over the whole mesh,
+   then cut to this rank's members and mesh rows. It is the same whatever the ensemble,
+   model-parallel or data-parallel layout (the noise is ``K`` channels per mesh node: cheap to
+   draw whole).
 2. **Members for the loss** (:func:`gather_members`): the local members ``[B, M / E, G, V]`` are
-   all-gathered into ``[B, M, G, V]`` in rank order; every rank then computes the same score. The
-   backward keeps the gradient of the rank's own members (each rank's copy of the score has the
-   same gradient, so no communication is needed).
-3. **Gradients** (:func:`sum_gradients_over`): each rank's parameter gradients hold its own
-   members' part of ``dL/dtheta``; the group's sum, all-reduced as each gradient is accumulated,
-   is the whole-ensemble gradient on every rank, before clipping and the optimiser step.
-
-Data parallelism (replicas that each take other samples) sits on top: across replicas, gradients
-are averaged as for a deterministic model.
-
-:func:`apply_ensemble_parallel` applies the three to a model and is the one call a layout with an
-ensemble axis makes, after the model is built and before its optimiser steps.
+   all-gathered over the ensemble group into ``[B, M, G, V]`` in rank order; every rank of the
+   group then computes the same score. The backward keeps the gradient of the rank's own
+   members (each rank's copy of the score has the same gradient, so nothing is sent).
+3. **Gradients**: each rank's parameter gradients hold its own members' (and, with model
+   parallelism, its own graph part's) share of ``dL/dtheta``: ``parallelize`` sums them over
+   the ensemble and model groups and averages over data-parallel replicas (one all-reduce over
+   the world, :class:`squall.parallel.parallelize.GradReducer`, or FSDP's reduce-scatter).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["SharedNoise", "apply_ensemble_parallel", "gather_members", "member_slice",
-           "sum_gradients_over"]
+__all__ = ["SharedNoise", "apply_ensemble_parallel", "gather_members", "member_slice"]
 
 
 def member_slice(members: int, size: int, rank: int) -> tuple[int, int]:
@@ -47,28 +46,56 @@ def member_slice(members: int, size: int, rank: int) -> tuple[int, int]:
     return rank * local, local
 
 
-class SharedNoise:
-    """The noise of ``total`` members per sample from a generator seeded alike on every rank;
-    returns the rows of members ``first .. first + local - 1`` of each sample.
+def noise_seed(seed: int, call: int, sample: int) -> int:
+    """The generator seed of global sample ``sample`` at forward ``call`` (63 bits, from
+    :class:`numpy.random.SeedSequence`: distinct keys give independent streams)."""
+    words = np.random.SeedSequence([int(seed), int(call), int(sample)]).generate_state(2)
+    return (int(words[0]) << 31 | int(words[1]) >> 1) & (2**63 - 1)
 
-    Installed as ``model.noise_source``: called with the folded batch size ``B * local``.
+
+class SharedNoise:
+    """Noise of the members ``first .. first + local - 1`` of each sample, identical to what one
+    process holding all ``total`` members and every sample draws.
+
+    Installed as ``model.noise_source`` and called once per forward with the folded batch rows
+    ``B * local``; sample ``b`` of the batch is global sample ``data_rank * B + b`` (the
+    data-parallel replicas read consecutive blocks of a global batch). On a sharded graph the
+    rows of this rank's mesh nodes (``model.graph.mesh_ids``) are kept.
+
+    Attributes
+    ----------
+    calls : int
+        Forwards so far (every rank of a run calls the model equally often).
     """
 
-    def __init__(self, model, seed: int, total: int, first: int, local: int):
+    def __init__(self, model, seed: int, total: int, first: int, local: int, data_rank: int = 0):
         if not 0 <= first < first + local <= total:
             raise ValueError(f"members {first}..{first + local - 1} are not among {total}")
-        device = model.graph.mesh_attrs.device
-        self.generator = torch.Generator(device=device).manual_seed(int(seed))
-        self.model, self.total, self.first, self.local = model, total, first, local
+        self.model, self.seed, self.total, self.first, self.local = model, seed, total, first, local
+        self.data_rank, self.calls = data_rank, 0
+        self._generator = None
 
     def __call__(self, rows: int) -> torch.Tensor:
-        if rows % self.local:
-            raise ValueError(f"{rows} batch rows are not a whole number of samples of "
-                             f"{self.local} members")  # fmt: skip
-        batch = rows // self.local
-        noise = self.model.sample_noise(batch * self.total, self.generator)
-        noise = noise.unflatten(0, (batch, self.total))[:, self.first : self.first + self.local]
-        return noise.flatten(0, 1)
+        # rows that are not whole samples of this rank's members (a single-member validation
+        # rollout) are samples of one member each
+        total, first, local = ((self.total, self.first, self.local) if rows % self.local == 0
+                               else (1, 0, 1))  # fmt: skip
+        model, batch = self.model, rows // local
+        device = model.graph.mesh_attrs.device
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        mesh_ids = getattr(model.graph, "mesh_ids", None)
+        keep = None if mesh_ids is None else torch.as_tensor(mesh_ids, device=device)
+        shape = (total, model.sizes["mesh"], model.cfg.noise_channels)
+        parts = []
+        for b in range(batch):
+            self._generator.manual_seed(noise_seed(self.seed, self.calls,
+                                                   self.data_rank * batch + b))  # fmt: skip
+            noise = torch.randn(shape, generator=self._generator, device=device)
+            noise = noise[first : first + local]
+            parts.append(noise if keep is None else noise.index_select(1, keep))
+        self.calls += 1
+        return torch.cat(parts)
 
 
 class _GatherMembers(torch.autograd.Function):
@@ -98,27 +125,33 @@ def gather_members(local: torch.Tensor, group=None) -> torch.Tensor:
     return _GatherMembers.apply(local, group)
 
 
-def sum_gradients_over(model: torch.nn.Module, group) -> list:
-    """Sum every parameter's gradient over ``group`` as soon as backward has accumulated it
-    (synchronous all-reduces in the backward's order, which every rank shares). Returns the hook
-    handles."""
-    if group is None or dist.get_world_size(group) == 1:
-        return []
+class MemberGather:
+    """``model.member_gather``: :func:`gather_members` over the ensemble group, counting the time
+    spent in it (``seconds``, host wall time; reset by the reader)."""
 
-    def hook(param: torch.Tensor) -> None:
-        dist.all_reduce(param.grad, group=group)
+    def __init__(self, group):
+        self.group, self.seconds, self.calls = group, 0.0, 0
 
-    return [p.register_post_accumulate_grad_hook(hook)
-            for p in model.parameters() if p.requires_grad]  # fmt: skip
+    def __call__(self, local: torch.Tensor) -> torch.Tensor:
+        import time
+
+        start = time.perf_counter()
+        out = gather_members(local, self.group)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
 
 
-def apply_ensemble_parallel(model, group, seed: int) -> None:
-    """Spread ``model``'s ``model.members`` members over the ranks of ``group`` (in place).
+def apply_ensemble_parallel(model, group, seed: int, data_rank: int = 0) -> None:
+    """Give ``model`` its share of the ``model.members`` members over the ranks of ``group``
+    (in place; called by :func:`squall.parallel.parallelize.parallelize`, which also reduces
+    the gradients).
 
-    Installs :class:`SharedNoise` as ``model.noise_source``, a member gather for the loss
-    (``model.member_gather``, read by :func:`squall.train.ensemble.loss_function`) and the
-    gradient sum over the group. ``group=None`` or a group of one rank keeps all members here but
-    still draws the noise as :class:`SharedNoise` does, so one process matches any layout.
+    Installs :class:`SharedNoise` as ``model.noise_source``, the number of members held here as
+    ``model.local_members`` and a :class:`MemberGather` for the loss as ``model.member_gather``
+    (read by :func:`squall.train.ensemble.loss_function`; ``None`` on a group of one).
+    ``group=None`` keeps all members here and still draws the noise as :class:`SharedNoise`
+    does, so one process matches any layout.
 
     Raises
     ------
@@ -128,7 +161,6 @@ def apply_ensemble_parallel(model, group, seed: int) -> None:
     size = 1 if group is None else dist.get_world_size(group)
     rank = 0 if group is None else dist.get_rank(group)
     first, local = member_slice(model.members, size, rank)
-    model.noise_source = SharedNoise(model, seed, model.members, first, local)
+    model.noise_source = SharedNoise(model, seed, model.members, first, local, data_rank)
     model.local_members = local
-    model.member_gather = None if size == 1 else (lambda t: gather_members(t, group))
-    model.ensemble_hooks = sum_gradients_over(model, group)
+    model.member_gather = None if size == 1 else MemberGather(group)

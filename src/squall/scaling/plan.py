@@ -30,7 +30,7 @@ class PointPlan:
     nodes, tasks_per_node : int
         ``gpus == nodes * tasks_per_node``; ``tasks_per_node <= cluster.gpus_per_node``.
     data_parallel, model_parallel : int
-        ``gpus == data_parallel * model_parallel``.
+        ``gpus == data_parallel * model_parallel * ensemble``.
     batch_per_rank : int
         Samples each data-parallel group draws per step.
     global_batch : int
@@ -41,6 +41,10 @@ class PointPlan:
         Partitioning scheme of model-parallel points.
     cluster : str
         Cluster config name.
+    ensemble : int
+        Ranks sharing the members of each sample (``parallel.ensemble``).
+    members : int
+        Ensemble members per sample (``model.ensemble.members``; 1: deterministic).
     """
 
     gpus: int
@@ -53,12 +57,20 @@ class PointPlan:
     mode: str
     partition: str | None
     cluster: str
+    ensemble: int = 1
+    members: int = 1
 
     @property
     def layout(self) -> str:
-        """Short name, e.g. ``dp4``, ``dp2xmp4``."""
-        return f"dp{self.data_parallel}" + (f"xmp{self.model_parallel}" if self.model_parallel > 1
-                                            else "")
+        """Short name, e.g. ``dp4``, ``dp2xmp4``, ``dp1xmp2xens2``."""
+        return (f"dp{self.data_parallel}" + (f"xmp{self.model_parallel}" if self.model_parallel > 1
+                                             else "")
+                + (f"xens{self.ensemble}" if self.ensemble > 1 else ""))  # fmt: skip
+
+    @property
+    def members_per_gpu(self) -> float:
+        """Members each GPU computes (a fraction when a member's graph spans GPUs)."""
+        return self.members / self.ensemble / self.model_parallel
 
     def as_params(self) -> dict[str, str]:
         """Plan fields as MLflow params under ``point.``."""
@@ -93,7 +105,13 @@ def plan_point(cfg) -> PointPlan:
         If the point cannot run as configured; the message names every value involved.
     """
     p, s, c = cfg.parallel, cfg.scale, cfg.cluster
-    gpus = _positive_int(p.gpus, "parallel.gpus")
+    if p.get("gpus") is None:  # one replica of ensemble x model_parallel (x data_parallel) ranks
+        gpus = 1
+        for key in ("ensemble", "model_parallel", "data_parallel"):
+            if p.get(key) is not None:
+                gpus *= _positive_int(p[key], f"parallel.{key}")
+    else:
+        gpus = _positive_int(p.gpus, "parallel.gpus")
     per_node = _positive_int(c.gpus_per_node, "cluster.gpus_per_node")
     max_nodes = _positive_int(c.get("max_nodes", 1), "cluster.max_nodes")
     mode = str(s.mode)
@@ -115,16 +133,26 @@ def plan_point(cfg) -> PointPlan:
         problems.append(f"{nodes} nodes needed but cluster {c.name} allows "
                         f"cluster.max_nodes={max_nodes}")
     mp = _positive_int(p.model_parallel, "parallel.model_parallel")
-    if gpus % mp:
-        problems.append(f"parallel.gpus={gpus} is not a multiple of parallel.model_parallel={mp}")
-        dp = max(1, gpus // mp)
+    ens = _positive_int(p.get("ensemble", 1), "parallel.ensemble")
+    ens_text = f" x parallel.ensemble={ens}" if ens > 1 else ""
+    if gpus % (mp * ens):
+        problems.append(f"parallel.gpus={gpus} is not a multiple of parallel.model_parallel={mp}"
+                        + ens_text)
+        dp = max(1, gpus // (mp * ens))
     else:
-        dp = gpus // mp
+        dp = gpus // (mp * ens)
+    members = 1
+    ens_cfg = cfg.get("model", {}).get("ensemble") or {}
+    if ens_cfg:
+        members = _positive_int(ens_cfg.get("members", 1), "model.ensemble.members")
+    if members % ens:
+        problems.append(f"model.ensemble.members={members} does not split over "
+                        f"parallel.ensemble={ens} ranks")
     if p.get("data_parallel") is not None:
         want = _positive_int(p.data_parallel, "parallel.data_parallel")
-        if want * mp != gpus:
-            problems.append(f"parallel.data_parallel={want} x parallel.model_parallel={mp} "
-                            f"!= parallel.gpus={gpus}")
+        if want * mp * ens != gpus:
+            problems.append(f"parallel.data_parallel={want} x parallel.model_parallel={mp}"
+                            f"{ens_text} != parallel.gpus={gpus}")
         dp = want
     batch = _positive_int(s.batch, "scale.batch")
     if mode == "strong":
@@ -143,4 +171,4 @@ def plan_point(cfg) -> PointPlan:
     return PointPlan(gpus=gpus, nodes=nodes, tasks_per_node=gpus // nodes, data_parallel=dp,
                      model_parallel=mp, batch_per_rank=per_rank, global_batch=per_rank * dp,
                      mode=mode, partition=None if p.get("partition") is None else str(p.partition),
-                     cluster=str(c.name))
+                     cluster=str(c.name), ensemble=ens, members=members)

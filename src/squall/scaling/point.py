@@ -23,7 +23,8 @@ one training loop (:meth:`squall.train.loop.Trainer.fit`); the order:
    index, nodes, start, end, why it ended and its own median step time are tags
    ``attempt.<n>.*`` of the point's one run (kept across requeues in the checkpoint, through
    :class:`PointHooks`).
-6. The gradient all-reduce measured alone (``time/comm_s``, ``comm/bytes_per_step``), the halo
+6. The gradient all-reduce measured alone (``time/comm_s``, ``comm/bytes_per_step``; with an
+   ensemble axis plus the member all-gathers of the loss, ``time/member_gather_s``), the halo
    volume of model-parallel points from their plans, peak memory of every rank, the job's own GPU
    statistics; rank 0 logs all of it to the point's MLflow run.
 
@@ -156,6 +157,29 @@ def _gradient_allreduce_s(model: torch.nn.Module, device: torch.device, repeats:
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:]), nbytes
+
+
+def _member_gather_s(model, plan: PointPlan, device: torch.device, rollout: int,
+                     repeats: int) -> float:
+    """Median time of one step's member all-gathers alone (the loss's, one per rollout step):
+    ``[batch, members / ensemble, G_local, V_out]`` in the training dtype's activations (bf16 on
+    GPU, fp32 on CPU) over the ensemble group; 0 without one."""
+    gather = getattr(model, "member_gather", None)
+    if gather is None:
+        return 0.0
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    local = torch.ones(plan.batch_per_rank, plan.members // plan.ensemble, model.graph.num_data,
+                       model.head.out_features, device=device, dtype=dtype)  # fmt: skip
+    times = []
+    for _ in range(repeats + 1):  # the first round sets up the connections: not timed
+        dist.barrier()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(rollout):
+            gather(local)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def _under_submitit() -> bool:
@@ -324,6 +348,8 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger,
         raise _Stopped(trainer.stop_signum, trainer.step, ckpt, hooks.cause)
 
     comm_s, comm_bytes = _gradient_allreduce_s(model, device, int(s.comm_repeats))
+    gather_s = _member_gather_s(model, plan, device, int(point.training.rollout),
+                                int(s.comm_repeats))  # fmt: skip
     memory = result["peak_memory"]
     gpu = sampler.collect() if sampler else {}
     gathered: list = [None] * env.world_size
@@ -332,14 +358,18 @@ def _measure(cfg, plan: PointPlan, env: DistEnv, logger: RunLogger,
     median_s = result[M.STEP_S]
     summary = {k: result[k] for k in (M.STEP_S, M.STEP_P10_S, M.STEP_P90_S, M.STEP_SPREAD,
                                       M.SAMPLES_PER_S, M.MEASURED_STEPS, M.DATA_S)} | {
-        M.COMM_S: comm_s, M.COMM_BYTES_PER_STEP: float(comm_bytes),
-        M.COMM_SHARE: comm_s / median_s if median_s > 0 else 0.0,
+        M.COMM_S: comm_s + gather_s, M.COMM_BYTES_PER_STEP: float(comm_bytes),
+        M.COMM_SHARE: (comm_s + gather_s) / median_s if median_s > 0 else 0.0,
         M.SAMPLES_PER_S_PER_GPU: result[M.SAMPLES_PER_S] / plan.gpus,
         # Data-parallel points exchange no halo.
         M.HALO_BYTES_PER_STEP: 0.0, M.HALO_ROWS_SENT: 0.0, **halo,
         M.MODEL_PARAMETERS: float(model.num_parameters()),
         M.MODEL_GFLOP_PER_SAMPLE: model.flops_per_sample() / 1e9,
     }  # fmt: skip
+    if plan.members > 1:  # an ensemble: every sample is `members` forecasts
+        summary |= {M.MEMBER_SAMPLES_PER_S: result[M.SAMPLES_PER_S] * plan.members,
+                    M.MEMBER_SAMPLES_PER_S_PER_GPU: result[M.SAMPLES_PER_S] * plan.members
+                    / plan.gpus, M.MEMBER_GATHER_S: gather_s}  # fmt: skip
     for entry in gathered:
         for key, value in entry["memory"].items():
             summary[M.per_rank(key, entry["rank"])] = value

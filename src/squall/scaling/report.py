@@ -128,6 +128,7 @@ class Row:
     predicted_gib: float = math.nan
     err_s: float = math.nan  # predicted / measured - 1
     err_gib: float = math.nan
+    member_samples_per_s: float = math.nan  # an ensemble's samples/s x members
 
     @property
     def ok(self) -> bool:
@@ -169,6 +170,7 @@ COLUMNS = [  # (header, attribute, format)
 #: Columns shown only when some point has a value (where it ran, partitioned points, attention
 #: backends).
 OPTIONAL_COLUMNS = [
+    ("member-samples/s", "member_samples_per_s", "{:.4g}"),
     ("ran on", "ran_on", "{}"),
     ("edge imbalance", "edge_imbalance", "{:.3f}"),
     ("node imbalance", "node_imbalance", "{:.3f}"),
@@ -269,6 +271,7 @@ def collect_rows(state: SweepState) -> list[Row]:
             step_s=metrics.get(M.STEP_S, math.nan),
             spread=metrics.get(M.STEP_SPREAD, math.nan),
             samples_per_s=metrics.get(M.SAMPLES_PER_S, math.nan),
+            member_samples_per_s=metrics.get(M.MEMBER_SAMPLES_PER_S, math.nan),
             peak_memory_gib=_peak_memory(metrics)[0],
             memory_kind=_peak_memory(metrics)[1],
             device_memory_gb=_float(params.get("cluster.gpu_memory_gb")),

@@ -48,11 +48,17 @@ STEP_P90_S = "time/step_p90_s"
 STEP_SPREAD = "time/step_spread"  # (p90 - p10) / median, dimensionless
 DATA_S = "time/data_s"  # median wait for a batch
 MEASURED_STEPS = "time/measured_steps"
-# The gradient all-reduce measured alone after the steps (scaling points): DDP-sized buckets.
+# The gradient all-reduce measured alone after the steps (scaling points): DDP-sized buckets;
+# with an ensemble axis plus the member all-gathers of one step (time/member_gather_s).
 COMM_S = "time/comm_s"
 COMM_BYTES_PER_STEP = "comm/bytes_per_step"  # gradient bytes each rank all-reduces per step
 COMM_SHARE = "comm/share"  # time/comm_s / time/step_s, dimensionless (no overlap assumed)
 SAMPLES_PER_S_PER_GPU = "throughput/samples_per_s_per_gpu"
+# Ensemble training (model.ensemble.members M): every sample is M member forecasts.
+MEMBER_SAMPLES_PER_S = "throughput/member_samples_per_s"  # throughput/samples_per_s x M
+MEMBER_SAMPLES_PER_S_PER_GPU = "throughput/member_samples_per_s_per_gpu"
+# One step's member all-gathers of the loss measured alone after the steps (scaling points)
+MEMBER_GATHER_S = "time/member_gather_s"
 # Peak memory: per logging window at a step, the largest window over the run in a summary.
 PEAK_ALLOCATED_GIB = "memory/peak_allocated_GiB"
 PEAK_RESERVED_GIB = "memory/peak_reserved_GiB"
