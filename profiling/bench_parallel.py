@@ -811,8 +811,12 @@ def main(argv=None) -> None:
         help="1: shard parameters, gradients and optimizer state (FSDP2)",
     )
     t.add_argument("--compile", type=int, default=0, help="1: torch.compile every block")
-    t.add_argument("--count", type=int, default=0,
-                   help="1: count one step's activation tensors (squall.planning.memory)")
+    t.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        help="1: count one step's activation tensors (squall.planning.memory)",
+    )
     t.add_argument("--label", default="", help="series name in the results (e.g. eager, compiled)")
     t.add_argument("--out", required=True)
     cm = sub.add_parser("chunkmem")
