@@ -1,24 +1,36 @@
-"""Ensemble training throughput: member-samples per second with the members of each sample on
-one GPU or spread over the ranks of an ensemble group (squall.parallel.ensemble).
+"""Ensemble training throughput with the members of each sample on one GPU and spread over the
+ranks of an ensemble group (``parallel.ensemble``, applied by ``parallelize``), and a check that
+the spread members train what one process holding all of them trains.
 
-    PYTHONPATH=src python profiling/bench_ensemble.py --members 4                 # 4 on one GPU
-    PYTHONPATH=src torchrun --nproc-per-node 2 profiling/bench_ensemble.py --members 4  # 2 per GPU
-    PYTHONPATH=src python profiling/bench_ensemble.py --tiny --members 4          # CPU check
-    PYTHONPATH=src torchrun --nproc-per-node 2 profiling/bench_ensemble.py --tiny --members 4
+    torchrun --nproc-per-node 2 profiling/bench_ensemble.py --members 4       # two H200s
+    torchrun --nproc-per-node 2 profiling/bench_ensemble.py --tiny --members 4  # CPU (gloo) check
 
-One training step is the ensemble loss's: every rank rolls out its ``members / ranks`` members of
-``--batch`` samples (one step), the members are all-gathered for the afCRPS, backward sums the
-gradients over the group, AdamW steps. The model is o96_ens's (1024 channels, 16 layers, 16
-heads, triton attention, bf16 autocast, ``--checkpoint`` policy on every block) on ``--graph``;
-``--tiny`` is a CPU-sized model on O8. Inputs are random normalised fields (never zeros).
-``member_samples_per_s`` = members x batch / median step time after ``--warmup`` steps;
-``gather_s`` is the median time of the member all-gather and ``memory_GiB`` the peak allocated
-memory of rank 0. Appends one row to profiling/results/ensemble.csv (rank 0).
+With ``W`` ranks, three phases in one launch (one graph build):
+
+1. **one GPU**: rank 0 alone trains all ``--members`` members of ``--batch`` samples per step (the
+   others wait): the one-GPU rate;
+2. **W GPUs**: every rank trains ``members / W`` of them (``Layout(W, 1, W)``: one ensemble group),
+   members all-gathered for the afCRPS, gradients summed over the group;
+3. **check**: a small fp32 model trained ``--check-steps`` steps spread over the ``W`` ranks
+   against rank 0 holding every member in fp32 and fp64 on the same device (the noise is drawn
+   on the device, so the reference must run there too). Passes when the largest parameter error
+   is within 4 x the fp32 reference's own error plus one ulp of the largest parameter (the
+   tolerance of tests/parallel/test_ensemble_parallel.py).
+
+A training step is ``Trainer.train_step`` of jobs.train: members folded into the batch, one
+rollout step, afCRPS (alpha 0.95), backward, gradient clipping, AdamW. The model is o96_ens's
+(1024 channels, 16 layers, 16 heads, 16 noise channels, triton attention, bf16 autocast,
+``--checkpoint`` policy on every block) on ``--graph``; ``--tiny`` is a CPU-sized model on O8.
+Inputs are random normalised fields (never zeros). ``member_samples_per_s`` = members x batch /
+median step time after ``--warmup`` steps. After the timed steps the member all-gather of one
+step (``gather_s``) and the gradient all-reduce (``allreduce_s``) are timed alone. Appends one
+row per phase to profiling/results/ensemble.csv (rank 0) and writes ``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -27,17 +39,32 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_rows, machine_info  # noqa: E402
-from _step import load_graph  # noqa: E402
 
+from squall.distributed.layout import Layout, build_groups  # noqa: E402
+from squall.graphs import build_graph  # noqa: E402
+from squall.graphs.store import load_or_build  # noqa: E402
 from squall.models.forecaster import GraphForecaster, ModelConfig  # noqa: E402
-from squall.parallel import ensemble as E  # noqa: E402
-from squall.train.ensemble import fold_members, unfold_members  # noqa: E402
-from squall.train.scores import afcrps  # noqa: E402
+from squall.parallel.parallelize import (  # noqa: E402
+    ParallelConfig,
+    parallelize,
+    single_process_groups,
+)
+from squall.train.loop import Trainer, VariableLayout  # noqa: E402
 
-VARS_IN, VARS_OUT, INPUT_STEPS = 13, 7, 2  # the synthetic default: 6 prognostic + tp, 7 forcings
+ROOT = Path(__file__).resolve().parents[1]
+# The synthetic default's columns: 6 prognostic, tp (diagnostic), 7 forcings.
+ROLES = {"prognostic": list(range(6)), "diagnostic": [6], "forcing": list(range(7, 14))}
+COLUMNS, INPUT_STEPS = 14, 2
+TINY_GRAPH = {"name": "o8_l2", "nodes": {"data": {"type": "grid", "grid": "O8"},
+              "hidden": {"type": "icosahedral", "level": 2}},
+              "edges": {"encoder": {"src": "data", "dst": "hidden", "type": "cutoff", "factor": 0.8},
+                        "processor": {"src": "hidden", "dst": "hidden", "type": "multiscale"},
+                        "decoder": {"src": "hidden", "dst": "data", "type": "knn", "k": 3}}}  # fmt: skip
 
 
 def parse() -> argparse.Namespace:
@@ -45,11 +72,164 @@ def parse() -> argparse.Namespace:
     p.add_argument("--graph", default="o96_l6")
     p.add_argument("--members", type=int, default=4, help="members per sample, all ranks")
     p.add_argument("--batch", type=int, default=1, help="samples per step")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5, help="first steps left out (autotuning)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3, help="first steps left out (autotuning)")
     p.add_argument("--checkpoint", default="mlp", help="none | mlp | full, every block")
+    p.add_argument("--check-steps", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="CPU-sized model on O8 (a check)")
+    p.add_argument("--graph-cache", default="/tmp/squall-graphs")
+    p.add_argument("--json", default=None, help="write the results here (rank 0)")
     return p.parse_args()
+
+
+def training_cfg(precision: str):
+    return OmegaConf.create({"lr": 1e-4, "weight_decay": 0.01, "warmup_steps": 1,
+                             "max_steps": 1000, "min_lr_ratio": 0.1, "precision": precision,
+                             "grad_clip": 1.0})  # fmt: skip
+
+
+def build_model(graph, cfg: ModelConfig, device, dtype=torch.float32, config=None, groups=None):
+    torch.manual_seed(0)
+    layout = VariableLayout.from_roles(ROLES)
+    model = GraphForecaster(graph, cfg, len(layout.inputs), len(layout.outputs), INPUT_STEPS,
+                            layout.residual).to(device=device, dtype=dtype)  # fmt: skip
+    with torch.no_grad():  # the noise conditioning starts at zero: wake it so members differ
+        gen = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if ".noise." in name or name.startswith("head."):
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    config = config or ParallelConfig(noise_seed=7)
+    return parallelize(model, graph, config, groups or single_process_groups()), layout
+
+
+def batches(n: int, batch: int, grid: int, device, dtype=torch.float32) -> list[dict]:
+    gen = torch.Generator().manual_seed(11)
+    return [{"x": torch.randn(batch, INPUT_STEPS, grid, COLUMNS, generator=gen).to(device, dtype),
+             "y": torch.randn(batch, 1, grid, COLUMNS, generator=gen).to(device, dtype)}
+            for _ in range(n)]  # fmt: skip
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(trainer, data, warmup, device) -> list[float]:
+    times = []
+    for i, batch in enumerate(data):
+        sync(device)
+        began = time.perf_counter()
+        trainer.train_step(batch)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - began)
+    return times
+
+
+def comm_times(model, batch: int, device, repeats: int = 5) -> tuple[float, float]:
+    """Median seconds of one step's member all-gather and of the gradient all-reduce, alone."""
+    gather = getattr(model, "member_gather", None)
+    reducer = getattr(model.runner, "grad_reducer", None)
+    if gather is None:
+        return 0.0, 0.0
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    local = torch.ones(batch, model.local_members, model.graph.num_data, model.head.out_features,
+                       device=device, dtype=dtype)  # fmt: skip
+    out = []
+    for fn in (lambda: gather(local), reducer.reduce if reducer else (lambda: None)):
+        times = []
+        for _ in range(repeats + 1):  # the first round sets up the connections: not timed
+            dist.barrier()
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        out.append(statistics.median(times[1:]))
+    return out[0], out[1]
+
+
+def peak_gib(device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def throughput(args, graph, mcfg, device, world, rank) -> list[dict]:
+    """Phases 1 and 2: the one-GPU rate on rank 0, then every rank's share of the members."""
+    grid = len(graph.nodes["data"])
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    data = batches(args.warmup + args.steps, args.batch, grid, device)
+    rows = []
+    for ranks in sorted({1, world}):
+        if rank < ranks:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            groups = config = None
+            if ranks > 1:
+                groups = build_groups(Layout(world, 1, world))
+                config = ParallelConfig(ensemble=world, noise_seed=7)
+            model, layout = build_model(graph, mcfg, device, config=config, groups=groups)
+            trainer = Trainer(model, layout, training_cfg(precision), device, logger=None)
+            times = time_steps(trainer, data, args.warmup, device)
+            gather_s, allreduce_s = comm_times(model, args.batch, device) if ranks > 1 else (0, 0)
+            step_s = statistics.median(times)
+            memory = peak_gib(device)
+            del model, trainer
+        if world > 1:
+            dist.barrier()
+        if ranks > 1:
+            peaks = [None] * world
+            dist.all_gather_object(peaks, round(memory, 2))
+        else:
+            peaks = [round(memory, 2)] if rank == 0 else []
+        if rank == 0:
+            rows.append({**machine_info(), "graph": "o8_l2" if args.tiny else args.graph,
+                         "members": args.members, "ranks": ranks,
+                         "members_per_rank": args.members // ranks, "batch": args.batch,
+                         "checkpoint": "none" if args.tiny else args.checkpoint,
+                         "precision": precision, "step_s": round(step_s, 5),
+                         "step_p90_s": round(sorted(times)[int(0.9 * (len(times) - 1))], 5),
+                         "member_samples_per_s": round(args.members * args.batch / step_s, 3),
+                         "gather_s": round(gather_s, 5), "allreduce_s": round(allreduce_s, 5),
+                         "memory_GiB_per_rank": "/".join(str(p) for p in peaks),
+                         "steps": args.steps})  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
+def check(args, graph, device, world, rank) -> dict:
+    """Phase 3: spread members against one process holding all of them."""
+    mcfg = ModelConfig(num_channels=48, num_heads=4, processor_layers=2, noise_channels=4,
+                       ensemble_members=args.members)  # fmt: skip
+    grid = len(graph.nodes["data"])
+
+    def train(dtype, config=None, groups=None):
+        model, layout = build_model(graph, mcfg, device, dtype, config, groups)
+        trainer = Trainer(model, layout, training_cfg("fp32"), device, logger=None)
+        for batch in batches(args.check_steps, 2, grid, device, dtype):
+            trainer.train_step(batch)
+        return {n: p.detach().double() for n, p in model.named_parameters()}
+
+    sharded = train(torch.float32, ParallelConfig(ensemble=world, noise_seed=7),
+                    build_groups(Layout(world, 1, world)))  # fmt: skip
+    result = {}
+    if rank == 0:
+        exact, fp32 = train(torch.float64), train(torch.float32)
+        ref_err = max((fp32[n] - exact[n]).abs().max().item() for n in exact)
+        scale = max(p.abs().max().item() for p in exact.values())
+        tol = 4 * ref_err + torch.finfo(torch.float32).eps * scale
+        err = max((sharded[n] - exact[n]).abs().max().item() for n in exact)
+        start = build_model(graph, mcfg, device, torch.float64)[0].state_dict()
+        moved = max((exact[n] - start[n]).abs().max().item() for n in exact)
+        result = {"ranks": world, "members": args.members, "steps": args.check_steps,
+                  "max_param_error": err, "tolerance": tol, "fp32_reference_error": ref_err,
+                  "parameters_moved": moved, "passed": bool(err <= tol and moved > 10 * tol)}
+        print({"check": result}, flush=True)
+    if world > 1:
+        dist.barrier()
+    return result
 
 
 def main() -> None:
@@ -63,78 +243,41 @@ def main() -> None:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if args.members % world:
+        raise SystemExit(f"--members={args.members} does not split over {world} ranks")
     if args.tiny:
-        from squall.graphs import build_graph
-
-        graph = build_graph({"name": "o8_l2", "nodes": {"data": {"type": "grid", "grid": "O8"},
-                             "hidden": {"type": "icosahedral", "level": 2}},
-                             "edges": {"encoder": {"src": "data", "dst": "hidden", "type": "cutoff",
-                                                   "factor": 0.8},
-                                       "processor": {"src": "hidden", "dst": "hidden",
-                                                     "type": "multiscale"},
-                                       "decoder": {"src": "hidden", "dst": "data", "type": "knn",
-                                                   "k": 3}}})  # fmt: skip
-        cfg = ModelConfig(num_channels=32, num_heads=4, noise_channels=8,
-                          ensemble_members=args.members)  # fmt: skip
+        graph = build_graph(TINY_GRAPH)
+        mcfg = ModelConfig(num_channels=32, num_heads=4, noise_channels=8,
+                           ensemble_members=args.members)  # fmt: skip
     else:
-        graph = load_graph(args.graph)
+        spec = yaml.safe_load((ROOT / "conf" / "graph" / f"{args.graph}.yaml").read_text())
+        if rank == 0:  # one build, cached for the other ranks
+            graph = load_or_build(spec, args.graph_cache)
+        if distributed:
+            dist.barrier()
+        if rank != 0:
+            graph = load_or_build(spec, args.graph_cache)
         policy = args.checkpoint
-        cfg = ModelConfig(num_channels=1024, num_heads=16, processor_layers=16, mlp_ratio=4,
-                          trainable_edge_features=8, attention_backend="triton",
-                          checkpoint_encoder=policy, checkpoint_processor=policy,
-                          checkpoint_decoder=policy, noise_channels=16,
-                          ensemble_members=args.members)  # fmt: skip
-    torch.manual_seed(0)
-    model = GraphForecaster(graph, cfg, VARS_IN, VARS_OUT, INPUT_STEPS,
-                            [(i, i) for i in range(6)]).to(device)  # fmt: skip
-    from squall.parallel.parallelize import ParallelConfig, parallelize, single_process_groups
-
-    parallelize(model, graph, ParallelConfig(), single_process_groups())  # checkpoint policies
-    group = dist.group.WORLD if distributed else None
-    E.apply_ensemble_parallel(model, group, seed=0)
-    local = model.local_members
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    g = graph.nodes["data"].__len__()
-    gen = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(args.batch, INPUT_STEPS, g, VARS_IN, device=device, generator=gen)
-    y = torch.randn(args.batch, g, VARS_OUT, device=device, generator=gen)
-    area = model.graph.area
-    times, gathers = [], []
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    for step in range(args.warmup + args.steps):
-        sync()
-        began = time.perf_counter()
-        optim.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            pred = model(fold_members(x, local))
-        ens = unfold_members(pred.float(), local)
-        sync()
-        g0 = time.perf_counter()
-        ens = E.gather_members(ens, group) if group is not None else ens
-        sync()
-        gathered = time.perf_counter() - g0
-        afcrps(ens, y, area).backward()
-        optim.step()
-        sync()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - began)
-            gathers.append(gathered)
-    step_s = statistics.median(times)
-    row = {**machine_info(), "graph": "o8_l2" if args.tiny else args.graph,
-           "members": args.members, "ranks": world, "members_per_rank": local,
-           "batch": args.batch, "checkpoint": "none" if args.tiny else args.checkpoint,
-           "step_s": round(step_s, 5), "gather_s": round(statistics.median(gathers), 5),
-           "member_samples_per_s": round(args.members * args.batch / step_s, 3),
-           "memory_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else 0,
-           "steps": args.steps}  # fmt: skip
+        mcfg = ModelConfig(num_channels=1024, num_heads=16, processor_layers=16, mlp_ratio=4,
+                           trainable_edge_features=8, attention_backend="triton",
+                           checkpoint_encoder=policy, checkpoint_processor=policy,
+                           checkpoint_decoder=policy, noise_channels=16,
+                           ensemble_members=args.members)  # fmt: skip
+    began = time.perf_counter()
+    rows = throughput(args, graph, mcfg, device, world, rank)
+    timed = time.perf_counter() - began
+    checked = check(args, build_graph(TINY_GRAPH), device, world, rank) if world > 1 else {}
     if rank == 0:
-        print(row, flush=True)
+        speedup = (rows[-1]["member_samples_per_s"] / rows[0]["member_samples_per_s"]
+                   if len(rows) > 1 else 1.0)  # fmt: skip
+        summary = {"rows": rows, "speedup": round(speedup, 3), "check": checked,
+                   "throughput_wall_s": round(timed, 1)}
+        print(json.dumps({"speedup": summary["speedup"], "check_passed": checked.get("passed")}))
         if not args.tiny:
-            append_rows("ensemble.csv", [row])
+            append_rows("ensemble.csv", rows)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(summary, indent=1))
     if distributed:
         dist.destroy_process_group()
 
