@@ -693,6 +693,65 @@ def cmd_table(args) -> None:
     print("\n".join(lines))
 
 
+def _count_rank(rank, world, store, args):
+    """One rank of ``count``: the model on this rank's part of the graph, one counted step."""
+    import datetime
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=600))  # fmt: skip
+    try:
+        g = load_graph_spec(args.graph, args.cache)
+        pol = "full" if args.checkpoint else "none"
+        torch.manual_seed(0)
+        mcfg = ModelConfig(num_channels=args.channels, num_heads=args.heads,
+                           processor_layers=args.layers, mlp_ratio=4, trainable_edge_features=8,
+                           attention_backend="torch", checkpoint_encoder=pol,
+                           checkpoint_processor=pol, checkpoint_decoder=pol)  # fmt: skip
+        model = GraphForecaster(g, mcfg, NUM_VARS, NUM_VARS, 2,
+                                residual_map=[(i, i) for i in range(NUM_VARS)])  # fmt: skip
+        groups = build_groups(Layout(world, world)) if world > 1 else None
+        if groups is None:
+            from squall.parallel.parallelize import single_process_groups
+
+            groups = single_process_groups()
+        model = parallelize(model, g, ParallelConfig(world, "sfc"), groups)
+        n = model.graph.num_data
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(1, 2, n, NUM_VARS, generator=gen)
+        y = torch.randn(1, n, NUM_VARS, generator=gen)
+        opt = torch.optim.AdamW(model.parameters())
+        res = _count_step(model, x, y, opt, False, torch.device("cpu"))
+        res.update(rank=rank, world=world, n_local_data=n, n_local_mesh=model.graph.num_mesh)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, f"count_{world}_{rank}.json").write_text(json.dumps(res))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def cmd_count(args) -> None:
+    """Activation tensors of one step counted on CPU (gloo) at P = 1 and at P = ``--world``:
+    held after the forward and the step's peak per rank, the largest tensors held, and the
+    ratio of the largest rank to one process (``count_*.json`` in ``--out``)."""
+    import tempfile
+    import uuid
+
+    import torch.multiprocessing as mp
+
+    _count_rank(0, 1, None, args)
+    store = Path(tempfile.gettempdir(), f"squall-count-{uuid.uuid4().hex}")
+    try:
+        mp.spawn(_count_rank, args=(args.world, str(store), args), nprocs=args.world, join=True)
+    finally:
+        store.unlink(missing_ok=True)
+    one = json.loads(Path(args.out, "count_1_0.json").read_text())
+    for r in range(args.world):
+        c = json.loads(Path(args.out, f"count_{args.world}_{r}.json").read_text())
+        print(f"P={args.world} rank {r}: held {c['held_GiB'] / one['held_GiB']:.3f}, peak "
+              f"{c['peak_GiB'] / one['peak_GiB']:.3f} of one process's", flush=True)  # fmt: skip
+
+
 def cmd_series(args) -> None:
     """``time`` runs of several directories -> one table: per run the step time, its split into
     fixed work, imbalance and halo wait, the strong-scaling efficiency against the one-GPU run of
@@ -829,6 +888,15 @@ def main(argv=None) -> None:
     cm.add_argument("--out", required=True)
     tb = sub.add_parser("table")
     tb.add_argument("dir")
+    co = sub.add_parser("count")
+    co.add_argument("--graph", default="o32_l4")
+    co.add_argument("--cache", default=str(REPO / ".cache" / "squall" / "graphs"))
+    co.add_argument("--channels", type=int, default=64)
+    co.add_argument("--heads", type=int, default=4)
+    co.add_argument("--layers", type=int, default=4)
+    co.add_argument("--checkpoint", type=int, default=1)
+    co.add_argument("--world", type=int, default=2)
+    co.add_argument("--out", required=True)
     se = sub.add_parser("series")
     se.add_argument("dirs", nargs="+")
     se.add_argument("--csv", default="parallel.csv", help="results CSV to append to")
@@ -841,6 +909,7 @@ def main(argv=None) -> None:
         "chunkmem": cmd_chunkmem,
         "table": cmd_table,
         "series": cmd_series,
+        "count": cmd_count,
     }[args.cmd](args)
 
 
