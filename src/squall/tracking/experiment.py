@@ -25,9 +25,11 @@ def mark_experiment(client, experiment_id: str, tags: dict[str, str] | None = No
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
-def layout_name(model_parallel: int, data_parallel: int) -> str:
-    """``mp<M>dp<D>``: ranks sharing one sample's graph, and data-parallel replicas."""
-    return f"mp{int(model_parallel)}dp{int(data_parallel)}"
+def layout_name(model_parallel: int, data_parallel: int, ensemble: int = 1) -> str:
+    """``mp<M>dp<D>``: ranks sharing one sample's graph, and data-parallel replicas; then
+    ``ens<E>`` when ``E > 1`` ranks share each sample's ensemble members."""
+    return f"mp{int(model_parallel)}dp{int(data_parallel)}" + (f"ens{int(ensemble)}"
+                                                               if ensemble > 1 else "")
 
 
 def run_name(job: str, graph: str, model: str, layout: str, when: datetime | None = None) -> str:

@@ -382,6 +382,11 @@ def forecast(cfg) -> dict:
     if not ckpt.exists():  # before building data and model, which can take minutes
         raise ConfigError(f"checkpoint {ckpt} not found: train first (python -m jobs.train with "
                           "the same graph and model) or set forecast.checkpoint")  # fmt: skip
+    ensemble = int(cfg.parallel.get("ensemble", 1))
+    if ensemble > 1:  # the starts, not the members, are spread over ranks here
+        raise ConfigError(f"parallel.ensemble={ensemble}: jobs.forecast rolls every member out "
+                          "on each rank and spreads the starts over the ranks; set "
+                          "parallel.ensemble=1")  # fmt: skip
     info, payload = read_checkpoint(ckpt)
     check_identity(info, cfg)
     rank, world = _rank_info()

@@ -341,8 +341,10 @@ def open_tracking_run(cfg, store_dir, rank: int = 0, world_size: int = 1):
 
     tracking = to_plain(cfg.tracking)
     model_parallel = int(cfg.parallel.get("model_parallel", 1))
+    ensemble = int(cfg.parallel.get("ensemble", 1))
     name = run_name("train", str(cfg.graph.name), str(cfg.model.name),
-                    layout_name(model_parallel, max(1, world_size // model_parallel)))  # fmt: skip
+                    layout_name(model_parallel, max(1, world_size // (model_parallel * ensemble)),
+                                ensemble))  # fmt: skip
     kwargs = {"store_dir": store_dir, "rank": rank, "run_name": name,
               "tags": {"job": "train", "world_size": world_size}}  # fmt: skip
     previous = previous_run(cfg) if rank == 0 and tracking.get("enabled", True) else None
