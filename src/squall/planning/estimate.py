@@ -109,8 +109,12 @@ def activation_bytes(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act
     c, b = mcfg.num_channels, batch
     dst = {"encoder": rows["mesh"], "processor": rows["mesh"], "decoder": rows["data"]}
     layers = mcfg.processor_layers
-    # block inputs kept for backward: data and mesh streams, one mesh tensor per layer
-    kept = (3 * rows["data"] + (layers + 2) * rows["mesh"]) * b * c * act * rollout
+    # block inputs kept for backward: data and mesh streams, one mesh tensor per layer, and the
+    # halo rows each block received (kept apart from the owned rows: squall.parallel.chunking),
+    # the encoder's and decoder's once, the processor's per layer (0 on one device)
+    halo = (rows["src_encoder"] - rows["data"] + rows["src_decoder"] - rows["mesh"]
+            + layers * (rows["src_processor"] - rows["mesh"]))  # fmt: skip
+    kept = (3 * rows["data"] + (layers + 2) * rows["mesh"] + halo) * b * c * act * rollout
     live, transient = 0, 0
     blocks = [("encoder", 0), *(("processor", i) for i in range(layers)), ("decoder", 0)]
     sizes = {role: _block_bytes(mcfg, b, act, dst[role], rows[f"src_{role}"], edges[role],
