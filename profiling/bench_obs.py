@@ -109,6 +109,8 @@ def bench_graph(args, device) -> list[dict]:
     index = SphereIndex.build(one, device)
     parts["radius"] = lambda: radius(index, mesh_latlon, chord, MAX_NEIGHBOURS,
                                      query_xyz=frame[:, 0])  # fmt: skip
+    if args.profile:
+        profile_graph(build, device, args.profile)
     rows = []
     for name, fn in parts.items():
         times = timed(fn, device, args.repeats)
@@ -149,6 +151,28 @@ def check_device(args, device) -> list[dict]:
     attr_err = float((a.attrs - b.attrs.cpu()).abs().max()) if a.num_edges else 0.0
     return [{"case": "check_cpu_vs_device", "device": device.type, "edges": a.num_edges,
              "edges_equal": same, "attrs_max_abs_diff": attr_err}]  # fmt: skip
+
+
+def profile_graph(build, device, path: Path, calls: int = 5) -> None:
+    """Write the torch profiler's table of ``calls`` graph builds (after 3 warm-ups) to ``path``:
+    where the build's time goes, by operator, with the host syncs it makes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        build()
+    _sync(device)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            build()
+        _sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{calls} builds\n" + table)
+    print(f"profile of {calls} builds written to {path}")
 
 
 def bench_step(args, device) -> list[dict]:
@@ -231,6 +255,8 @@ def main(argv=None) -> None:
         default=100_000,
         help="observations per sample of the CPU-vs-device check (0: skip)",
     )
+    p.add_argument("--profile", type=Path, default=None,
+                   help="write a torch-profiler table of the graph build here")  # fmt: skip
     p.add_argument("--step-graph", default="o96_l6", help="graph of the step ('none': skip)")
     p.add_argument("--step-obs", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--step-batch", type=int, default=1)
