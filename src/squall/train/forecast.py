@@ -437,8 +437,10 @@ def forecast(cfg) -> dict:
     if output is not None:
         if rank == 0:
             member_axis = (members,) if members > 1 else ()
+            # a forecast's initial date is its last input state's, which lead times count from
+            based = [data.dates[data.window_times(int(k))[data.input_steps - 1]] for k in starts]
             create_store(output, (len(starts), steps, *member_axis, len(out_vars), len(area)), {
-                "variables": out_vars, "initial_dates": [str(data.dates[i]) for i in starts],
+                "variables": out_vars, "initial_dates": [str(d) for d in based],
                 "lead_hours": [hours * (s + 1) for s in range(steps)],
             }, str(f.get("compression", "none")))  # fmt: skip
         if world > 1:
