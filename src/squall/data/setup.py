@@ -118,8 +118,9 @@ def build_dataset(cfg, split: str = "train", rollout: int = 1, grid_indices=None
     d = cfg.data
     rng = to_container(d.get(split)) or {}
     obs = d.get("observations")
-    make = (WindowDataset if obs is None else
-            partial(ObservationWindows, observations=ObservationSettings.from_cfg(obs)))
+    make = WindowDataset
+    if obs is not None:  # samples with synthetic observations (squall.data.observations)
+        make = partial(ObservationWindows, observations=ObservationSettings.from_cfg(obs))
     dataset = make(
         str(d.path),
         variables=to_container(d.get("variables")),
