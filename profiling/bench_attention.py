@@ -518,31 +518,94 @@ def render(path: Path) -> None:
 
 
 def readme_lines(rows) -> list[str]:
-    """README table: squall's default (flat) kernels against Anemoi's and the compiled reference,
-    latest row of each, bf16, with the card and commit they were measured on."""
-    latest = {}
-    for r in rows:
-        if r.get("dtype", "bf16") == "bf16":
-            latest[(r["graph"], r["edges_name"], r["provider"])] = r
-    cases = dict.fromkeys(k[:2] for k in latest)
+    """README table: squall's default kernels (fused: the model's path; materialised) against
+    Anemoi's and the compiled reference, bf16, with the ratios the targets name. squall's and
+    Anemoi's rows come from the latest run that timed all four on a graph (one call, one card);
+    the compiled reference's from its latest row. The line below gives the fp16 ratios and the
+    cards and commits."""
+
+    def latest_call(dtype):
+        calls = {}
+        for r in rows:
+            if r.get("dtype", "bf16") == dtype:
+                key = (r["graph"], r["edges_name"], r["gpu"], r["git_sha"], r["date"][:13])
+                calls.setdefault(key, {})[r["provider"]] = r
+        out = {}
+        for (g, e, *_), provs in calls.items():
+            if all(p in provs for p in ("flat", "flat_fused", "anemoi", "anemoi_proj")):
+                out[(g, e)] = provs  # later rows win
+        for r in rows:
+            if r.get("dtype", "bf16") == dtype and r["provider"] == "ref_compiled":
+                out.setdefault((r["graph"], r["edges_name"]), {})["ref_compiled"] = r
+        return out
+
+    def ms(provs, p):
+        r = provs.get(p)
+        return float(r["median_ms"]) if r else None
+
+    def ratio(a, b):
+        return f"{a / b:.2f}" if a is not None and b is not None else ""
+
+    bf16, fp16 = latest_call("bf16"), latest_call("fp16")
     out = [
-        "| graph | edges | E | fused (model path) | Anemoi proj. + kernel | materialised | Anemoi "
-        "kernel | compiled reference |",
-        "|---|---|---|---|---|---|---|---|",
+        "| graph | edges | E | fused (model path) | Anemoi proj. + kernel | fused / Anemoi + proj. "
+        "| materialised | Anemoi kernel | materialised / Anemoi | compiled reference "
+        "| fused / compiled |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    cards = set()
-    for g, e in cases:
-        cell = []
-        for prov in ("flat_fused", "anemoi_proj", "flat", "anemoi", "ref_compiled"):
-            r = latest.get((g, e, prov))
-            if r:
-                cards.add(f"{r['gpu']}, torch {r['torch']}, triton {r['triton']}, {r['git_sha']}")
-            cell.append(f"{float(r['median_ms']):.2f} ms" if r else "")
-        n = next(latest[(g, e, p)]["n_edges"] for p in PROVIDERS if (g, e, p) in latest)
-        out.append(f"| {g} | {e} | {int(n):,} | " + " | ".join(cell) + " |")
+    cards, fp16_fused, fp16_mat = set(), [], []
+    for (g, e), provs in bf16.items():
+        if "flat" not in provs:
+            continue
+        t = {p: ms(provs, p) for p in ("flat_fused", "anemoi_proj", "flat", "anemoi",
+                                       "ref_compiled")}  # fmt: skip
+        for p, r in provs.items():
+            cards.add(f"{r['gpu']}, torch {r['torch']}, triton {r['triton']}, {r['git_sha']}"
+                      + (" (compiled reference)" if p == "ref_compiled" else ""))  # fmt: skip
+        cell = [f"{v:.2f} ms" if v is not None else "" for v in t.values()]
+        out.append(
+            f"| {g} | {e} | {int(provs['flat']['n_edges']):,} | {cell[0]} | {cell[1]} | "
+            f"{ratio(t['flat_fused'], t['anemoi_proj'])} | {cell[2]} | {cell[3]} | "
+            f"{ratio(t['flat'], t['anemoi'])} | {cell[4]} | "
+            f"{ratio(t['flat_fused'], t['ref_compiled'])} |"
+        )
+        f16 = fp16.get((g, e), {})
+        if "flat" in f16:
+            fp16_fused.append(ms(f16, "flat_fused") / ms(f16, "anemoi_proj"))
+            fp16_mat.append(ms(f16, "flat") / ms(f16, "anemoi"))
     out.append("")
-    out.append("Forward + backward, bf16, median; measured on " + "; ".join(sorted(cards)) + ".")
-    return out
+    line = "Forward + backward, bf16, median"
+    if fp16_fused:
+        line += (
+            f"; fp16 in the same calls: fused / Anemoi + proj. {min(fp16_fused):.2f} to "
+            f"{max(fp16_fused):.2f}, materialised / Anemoi {min(fp16_mat):.2f} to "
+            f"{max(fp16_mat):.2f}"
+        )
+    out.append(line + "; measured on " + "; ".join(sorted(cards)) + ".")
+    step = step_line(REPO / "profiling" / "results" / "step_breakdown.csv")
+    return out + (["", step] if step else [])
+
+
+def step_line(path: Path) -> str:
+    """One sentence on the attention kernels inside the latest profiled triton step
+    (``profile_step.py`` rows that name their kernel design)."""
+    if not path.exists():
+        return ""
+    sys.path.insert(0, str(REPO / "profiling"))
+    from _results import read_rows
+
+    rows = [r for r in read_rows(path) if r.get("kernel_design") and r["backend"] == "triton"]
+    if not rows:
+        return ""
+    last = [r for r in rows if (r["date"], r["git"]) == (rows[-1]["date"], rows[-1]["git"])]
+    ms = {r["category"]: float(r["ms_per_step"]) for r in last}
+    r = last[0]
+    return (
+        f"Inside the {r['graph']} training step ({r['channels']} channels, {r['layers']} layers, "
+        f"bf16, checkpoint {r['checkpoint']}, compiled; `profile_step.py`, {r['gpu']}, "
+        f"{r['git']}): attention kernels {ms['attention']:.1f} ms of {float(r['step_ms']):.1f} ms "
+        f"per step, matrix products {ms['matmul']:.1f} ms, peak {float(r['peak_GiB']):.2f} GiB."
+    )
 
 
 def summary_lines(rows) -> list[str]:

@@ -28,8 +28,9 @@ from triton.compiler import ASTSource
 
 KERNELS = ("_fwd_kernel", "_bwd_dst_kernel", "_bwd_src_kernel")
 FLAT_KERNELS = ("_flat_fwd_kernel", "_flat_bwd_dst_kernel", "_flat_bwd_src_kernel")
-BF16 = {"q", "k", "v", "e", "attr", "w", "out", "do", "dq", "dk", "dv", "de"}
-FP32 = {"lse", "dattr", "sa", "sb", "p", "pdp", "delta", "part"}
+BLOCK_KERNELS = ("_block_fused_fwd_kernel", "_block_fused_bwd_dst_kernel")
+BF16 = {"q", "k", "v", "e", "attr", "w", "b", "out", "do", "dq", "dk", "dv", "de"}
+FP32 = {"lse", "dattr", "sa", "sb", "p", "pdp", "delta", "part", "qw", "gw", "pa"}
 
 
 def load(path: str, tag: str):

@@ -20,7 +20,8 @@ Where things are:
 * :mod:`.backward` -- backward kernels (destination pass, source pass, dW reduction) and launcher;
 * :mod:`.tiles` -- tile offsets, gathers and ``W_aug`` products both passes share;
 * :mod:`.tuning` -- kernel design switch, autotune candidates, grids, output buffers;
-* :mod:`.op` -- the ``torch.library`` custom ops (fake + autograd);
+* :mod:`.op` -- the ``torch.library`` custom ops (fake + autograd; what torch.compile traces) and
+  the eager path through an ``autograd.Function`` (less host time per call);
 * this module -- the public functions and the backend choice.
 """
 
@@ -115,8 +116,7 @@ def gt_attention(
     """
     if not _use_triton(q, backend):
         return gt_attention_reference(q, k, v, edge, index.colptr, index.row, index.dst)
-    tensors, dc, sc = op.kidx_args(index)
-    return op.op_fwd(q, k, v, edge, *tensors, dc, sc)[0]
+    return op.attention(q, k, v, edge, index)
 
 
 def gt_attention_fused(
@@ -155,5 +155,4 @@ def gt_attention_fused(
         return gt_attention_reference(q, k, v, edge, index.colptr, index.row, index.dst)
     if bias is None:
         bias = weight.new_zeros(weight.shape[1])
-    tensors, dc, sc = op.kidx_args(index)
-    return op.op_fused_fwd(q, k, v, edge_attr, weight, bias, *tensors, dc, sc)[0]
+    return op.fused_attention(q, k, v, edge_attr, weight, bias, index)

@@ -182,9 +182,13 @@ if HAS_TRITON:
     def dw_chunk(
         chunk, h, sa_ptr, sb_ptr, q_ptr, do_ptr, part_ptr, N, H, C, ROWS, SQ,
         D_AUG: tl.constexpr, D_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
     ):  # fmt: skip
         """``part[chunk, d, h, :] = sum_{i in chunk} sa[i, d, h] dO[i, h, :] + sb[i, d, h] q[i, h, :]``:
-        one ``(row chunk, head)`` slice of the dW partial sums (fixed order: deterministic)."""
+        one ``(row chunk, head)`` slice of the dW partial sums (fixed order: deterministic).
+        ``IEEE``: fp32 products (fp32 inputs); else tf32 tensor cores (see
+        :func:`tiles.block_dot`), which also need fewer registers: these programs share the
+        source pass's kernel, whose register count sets its occupancy."""
         HC = H * C
         offs_d = tl.arange(0, D_PAD)
         offs_c = tl.arange(0, C_PAD)
@@ -206,8 +210,8 @@ if HAS_TRITON:
             do = tl.load(do_ptr + xc, mask=mask_nc, other=0.0).to(tl.float32)
             xq = rows[:, None] * SQ + h * C + offs_c[None, :]
             q = tl.load(q_ptr + xq, mask=mask_nc, other=0.0).to(tl.float32)
-            acc += tl.dot(tl.trans(sa), do, input_precision="ieee")
-            acc += tl.dot(tl.trans(sb), q, input_precision="ieee")
+            acc += tiles.block_dot(tl.trans(sa), do, IEEE)
+            acc += tiles.block_dot(tl.trans(sb), q, IEEE)
         out = part_ptr + chunk * (D_AUG * HC) + offs_d[:, None] * HC + h * C + offs_c[None, :]
         tl.store(out, acc, mask=mask_d[:, None] & mask_c[None, :])
 
@@ -215,11 +219,12 @@ if HAS_TRITON:
     def _dw_chunk_kernel(
         sa_ptr, sb_ptr, q_ptr, do_ptr, part_ptr, N, H, C, ROWS, SQ,
         D_AUG: tl.constexpr, D_PAD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
     ):  # fmt: skip
         """Grid ``(chunks, H)`` of :func:`dw_chunk` ("classes" design)."""
         dw_chunk(
             tl.program_id(0), tl.program_id(1), sa_ptr, sb_ptr, q_ptr, do_ptr, part_ptr,
-            N, H, C, ROWS, SQ, D_AUG, D_PAD, C_PAD, BLOCK_N,
+            N, H, C, ROWS, SQ, D_AUG, D_PAD, C_PAD, BLOCK_N, IEEE,
         )  # fmt: skip
 
     @triton.jit(do_not_specialize=["n_chunks", "n_cols", "n_first"])
@@ -303,7 +308,7 @@ if HAS_TRITON:
         sa_ptr, sb_ptr, part_ptr, n_dst, rows_per_chunk,
         H: tl.constexpr, C: tl.constexpr, WRITE_DE: tl.constexpr, H_PAD: tl.constexpr,
         C_PAD: tl.constexpr, BLOCK_E: tl.constexpr, D_AUG: tl.constexpr, D_PAD_DW: tl.constexpr,
-        C_PAD_DW: tl.constexpr, DW: tl.constexpr,
+        C_PAD_DW: tl.constexpr, DW: tl.constexpr, IEEE: tl.constexpr = True,
     ):  # fmt: skip
         """Programs ``< n_sched``: per source (CSR view), all heads, ``dk``, ``dv`` and,
         materialised, ``de`` of each out-edge. Programs past them (fused launches only): the
@@ -334,10 +339,14 @@ if HAS_TRITON:
             tl.store(dk_ptr + node * HC + hc, dk.to(dk_ptr.dtype.element_ty), mask=mask_hc)
             tl.store(dv_ptr + node * HC + hc, dv.to(dv_ptr.dtype.element_ty), mask=mask_hc)
         elif DW:  # compiled into fused launches only (sa, sb are fp32 there)
+            # 16-row tf32 products: 70 registers per thread in this kernel at 4 warps (sm_90
+            # ptxas, H 16, C 64) against 168 with 32-row fp32 ones, which ncu measured capping
+            # the whole source pass at 3 programs per SM (o96 decoder: 509 us against 217 us
+            # for the materialised source pass, which also writes de)
             idx = pid - n_sched
             dw_chunk(
                 idx // H, idx % H, sa_ptr, sb_ptr, q_ptr, do_ptr, part_ptr, n_dst, H, C,
-                rows_per_chunk, SQ, D_AUG, D_PAD_DW, C_PAD_DW, 32,
+                rows_per_chunk, SQ, D_AUG, D_PAD_DW, C_PAD_DW, 16, IEEE,
             )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
@@ -665,6 +674,7 @@ def _launch_flat(q, k, v, edge, attr, wb, lse, dout, kidx_tensors):
             tuning.deg_key(n_edges, n_src), sm_scale, q.stride(0), sa, sb, part, n_dst,
             DW_ROWS_PER_CHUNK, H=h, C=c, WRITE_DE=not fused, H_PAD=h_pad, C_PAD=c_pad,
             D_AUG=d_e + 1, D_PAD_DW=max(16, d_pad), C_PAD_DW=max(16, c_pad), DW=fused,
+            IEEE=q.dtype == torch.float32,
         )  # fmt: skip
     if not fused:
         return dq, dk, dv, de
@@ -717,7 +727,7 @@ def _launch_classes(q, k, v, edge, attr, w_aug, lse, dout, kidx_tensors, dst_cou
     _dw_chunk_kernel[(n_chunks, h)](
         sa, sb, q, dout, part, n_dst, h, c, DW_ROWS_PER_CHUNK, q.stride(0),
         D_AUG=d_e + 1, D_PAD=max(16, d_pad), C_PAD=max(16, c_pad), BLOCK_N=32,
-        num_warps=4,
+        IEEE=q.dtype == torch.float32, num_warps=4,
     )  # fmt: skip
     dw_aug = part.sum(0).to(w_aug.dtype)
     return dq, dk, dv, dattr.sum(0).to(attr.dtype), dw_aug
