@@ -11,8 +11,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -38,6 +40,7 @@ from squall.train.forecast_store import (
     finish_store,
 )
 from squall.train.runner import build_run, train
+from squall.train.signals import Stopped
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = str(ROOT / "conf")
@@ -247,7 +250,10 @@ def test_written_fields_are_the_rollout_and_the_store_says_complete(trained, pla
     result, fields = plain
     store = zarr.open_group(result["output"], mode="r")
     assert store.attrs["complete"] is True and store.attrs["fields_written"] == 2 * 3
-    assert store.attrs["lead_hours"] == [6.0, 12.0, 18.0] and len(store.attrs["initial_dates"]) == 2
+    assert store.attrs["lead_hours"] == [6.0, 12.0, 18.0]
+    # the test split is times 40..59 (6-hourly from 2020-01-01); the starts are its first and last
+    # 3-step windows (0 and 15), whose last input states are times 41 and 56
+    assert store.attrs["initial_dates"] == ["2020-01-11T06:00:00", "2020-01-15T00:00:00"]
     expected = reference_fields(compose_tiny(cache))
     assert fields.shape == expected.shape == (2, 3, len(store.attrs["variables"]), 544)
     # the same fp32 operations as the training code's rollout, in inference mode: bitwise
@@ -379,6 +385,45 @@ def test_a_failing_disk_is_one_error_and_an_incomplete_store(tmp_path):
     attrs = zarr.open_group(str(path), mode="r").attrs
     assert attrs["complete"] is False and attrs["fields_written"] == 1
     assert attrs["error"].startswith("ForecastWriteError: writing forecast fields")
+
+
+@pytest.mark.slow  # fault injection: a stop signal in the middle of a rollout
+def test_a_stop_signal_mid_rollout_loses_no_field_it_computed(trained, tmp_path):
+    """SIGTERM (scancel, preemption) while fields are being written: every field the rollout
+    handed over is on disk, whole and right; the store says how many and that it is incomplete."""
+    cache, _ = trained
+    out = tmp_path / "fc.zarr"
+    # 8 starts x 3 steps: the rollout runs for 20 more steps after the first field lands
+    cfg = compose_tiny(cache, f"forecast.output={out}", "forecast.max_starts=8",
+                       "tracking.enabled=false")  # fmt: skip
+    total, done = 8 * 3, threading.Event()
+
+    def stop_when_a_field_lands():
+        while not done.is_set():
+            if (out / "data").is_dir() and any(p.name[0] != "." for p in (out / "data").iterdir()):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=stop_when_a_field_lands, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(Stopped):
+            forecast(cfg)
+    finally:
+        done.set()
+        watcher.join()
+    store = zarr.open_group(str(out), mode="r")
+    written = store.attrs["fields_written"]
+    assert store.attrs["complete"] is False and store.attrs["error"] == "Stopped: SIGTERM"
+    assert 1 <= written < total, "the signal came after the rollout had finished"
+    stored = store["data"][:].reshape(total, *store["data"].shape[2:])
+    on_disk = [n for n in range(total) if not np.isnan(stored[n]).all()]
+    # the fields handed to the writer are the first ones, all of them on disk
+    assert on_disk == list(range(written))
+    expected = reference_fields(cfg).reshape(stored.shape)
+    assert np.array_equal(stored[:written], expected[:written])
+    assert not [p for p in (out / "data").iterdir() if p.name.endswith(".partial")]
 
 
 def _launch(cache: Path, overrides: list[str], world: int) -> list[subprocess.CompletedProcess]:
