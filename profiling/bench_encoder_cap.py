@@ -162,10 +162,11 @@ def main():
                "peak_GiB": round(peak, 3), **info}  # fmt: skip
         rows.append(row)
         print(row, flush=True)
+        if device.type == "cuda":  # each row at once: a later setting cut short keeps this one
+            append_rows(str(args.csv.resolve()), [row])
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if device.type == "cuda":
-        append_rows(str(args.csv.resolve()), rows)
         print(f"wrote {args.csv} and {render(args.csv)}")
     print(f"\n{'encoder':<10}{'edges':>10}{'deg max':>9}{'ms/step':>10}{'peak GiB':>10}")
     for r in rows:
