@@ -397,8 +397,13 @@ def forecast(cfg) -> dict:
     try:
         parts.model.load_state_dict(payload["model"])
     except RuntimeError as err:
-        raise CheckpointMismatch(f"checkpoint {ckpt} does not fit this model "
-                                 f"({str(err).splitlines()[0]})") from None  # fmt: skip
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # the first mismatch, not the heading
+        hint = ("; a limited-area model's inputs depend on data.boundary.enabled and "
+                "data.boundary.lookahead: forecast with the overrides it was trained with"
+                if parts.graph.boundary_mask() is not None else "")  # fmt: skip
+        raise CheckpointMismatch(f"checkpoint {ckpt} does not fit this model ({detail}){hint}"
+                                 ) from None  # fmt: skip
     del payload
     model, device = parts.model.eval(), parts.trainer.device
     dtype = autocast_dtype(str(f.get("precision", "auto")), device)
