@@ -7,11 +7,15 @@ Layout (zarr format 2)
     grid]``), in the variables' own units; NaN where nothing was written.
 
 One chunk holds every variable of one field (one start, step and member), as anemoi-style
-datasets hold one date per chunk: a step's write is one file, however many variables there are
-(a chunk per variable made 100 files of 0.16 to 1.7 MB per step at o96/o320 and cost more in
-per-chunk overhead than the bytes themselves). A field above :data:`MAX_CHUNK_BYTES` is split
-over several chunks of whole variables. No two fields share a chunk, so several writers (the
-data-parallel ranks of a rollout, each with its own starts) may fill one store.
+datasets hold one date per chunk: a step's write is one file, however many variables there are.
+A field above :data:`MAX_CHUNK_BYTES` is split over several chunks of whole variables. No two
+fields share a chunk, so several writers (the data-parallel ranks of a rollout, each with its own
+starts) may fill one store.
+
+Measured on an H200 host (profiling/results/forecast.md): the earlier writer, which denormalised
+and transposed each field on the host (o320: 245 + 209 ms a field) and had zarr write a chunk per
+variable (o96: 64 ms a field against 21 ms as one chunk), added 23 to 80 % to a 60-step rollout;
+this one adds 0.2 % (o96_l6) and 0.9 % (o320_l7, 10.1 GB), and the rollout never waits for it.
 
 Group attributes: ``variables``, ``initial_dates``, ``lead_hours``, ``layout``, ``compression``,
 ``complete`` (``false`` until every field is on disk and the writer closed), ``fields_written``
@@ -19,8 +23,10 @@ and, after a failure or a stop, ``error``.
 
 Compression (``forecast.compression``): ``none`` writes the bytes as they are; ``lz4`` and
 ``zstd`` are Blosc with byte shuffle (``lz4`` level 5 is zarr's own default, ``zstd`` level 3
-packs tighter and costs more CPU). profiling/results/forecast.md gives each one's measured cost
-per field and ratio.
+packs tighter and costs more CPU). On random fields (the benchmark's; weather fields compress
+better) lz4 stored 7 % less and added 0.8 % to an o96_l6 rollout against 0.2 % raw; per o320
+field the writer took 374 ms raw, 481 ms lz4, 682 ms zstd on one host thread (ratios 1.00, 1.09,
+1.15). ``none`` is the default: fastest, and a slow disk is the likelier bottleneck.
 
 How a field gets to disk
 ------------------------
@@ -51,8 +57,9 @@ import torch
 from squall.errors import ConfigError, SquallError
 
 #: Writer threads: one writes a field while the next one's device-to-host copy lands; the work
-#: outside Python's lock (compression, file writes) lets a second thread use a second core.
-#: Before chunks were whole fields, 8 threads (a 16-core H200 host) wrote slower than 2.
+#: outside Python's lock (compression, file writes) lets a second thread use a second core. With
+#: 2, an o320_l7 rollout (168 MB a field every 255 ms) never waited for the writer on an H200
+#: host; 8 threads were slower than 2 with the earlier chunk-per-variable writer.
 WRITE_THREADS = 2
 
 #: Largest chunk: a quarter of a Blosc frame's 2 GiB limit. o320's 100-variable field (168 MB)
