@@ -12,7 +12,9 @@ handed over as the rollout has it, ``[G, V]`` normalised. Stages, seconds per fi
 * ``zarr_per_variable_<codec>``: zarr's API writing one ``[V, G]`` field as V chunks of one
   variable (the earlier layout) or ``zarr_one_chunk_<codec>`` as one chunk;
 * ``writer_<compression>``: :class:`squall.train.forecast_store.FieldWriter` end to end (from
-  the first ``put`` until the last field is on disk) per field, with ``gil_free_pct``: how much of
+  the first ``put`` until the last field is on disk) per field, from CPU tensors (so with the
+  denormalisation and layout on the host; on a GPU they run on the device), with
+  ``gil_free_pct``: how much of
   a pure-Python loop's speed the rollout's thread keeps while the writer works (100: the writer
   never holds Python's lock), and ``ratio`` (raw bytes over stored bytes).
 
@@ -85,8 +87,8 @@ def stages(grid: int, args, root: Path) -> list[dict]:
             seconds = best(lambda a=array, s=slot: a.__setitem__(next(s), layout), args.repeat)
             rows.append((f"zarr_{label}_{name}", seconds, None, None))
             shutil.rmtree(path)
-    alone = python_rate(0.5)
     for compression in COMPRESSIONS:
+        alone = python_rate(0.5)  # just before: the host's clock moves between rows
         path = root / f"writer_{compression}.zarr"
         create_store(path, (1, args.fields, v, grid), {}, compression)
         writer = FieldWriter(path, torch.device("cpu"), norm, queue_size=args.fields)

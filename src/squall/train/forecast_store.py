@@ -24,9 +24,9 @@ and, after a failure or a stop, ``error``.
 Compression (``forecast.compression``): ``none`` writes the bytes as they are; ``lz4`` and
 ``zstd`` are Blosc with byte shuffle (``lz4`` level 5 is zarr's own default, ``zstd`` level 3
 packs tighter and costs more CPU). On random fields (the benchmark's; weather fields compress
-better) lz4 stored 7 % less and added 0.8 % to an o96_l6 rollout against 0.2 % raw; per o320
-field the writer took 374 ms raw, 481 ms lz4, 682 ms zstd on one host thread (ratios 1.00, 1.09,
-1.15). ``none`` is the default: fastest, and a slow disk is the likelier bottleneck.
+better) lz4 stored 7 % less and added 0.8 % to an o96_l6 rollout against 0.2 % raw; an o320
+field took one host thread 107 ms (lz4, ratio 1.09) and 308 ms (zstd, 1.15) longer than raw.
+``none`` is the default: the fastest, and the disk is the likelier bottleneck.
 
 How a field gets to disk
 ------------------------
