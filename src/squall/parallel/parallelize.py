@@ -19,9 +19,10 @@ applies, in this order:
    (:func:`squall.parallel.ensemble.apply_ensemble_parallel`);
 4. **activation checkpoint policies** of ``model.cfg``: ``full`` blocks are recomputed in backward
    by the runner, ``mlp`` blocks recompute their MLP themselves;
-5. **torch.compile** of every block when ``model.cfg.compile`` and the blocks run whole (no
-   sharding, no chunks: a block run on subsets of its destinations would recompile per subset;
-   with ``shard_parameters``, blocks of the ``full`` checkpoint policy stay eager);
+5. **torch.compile** of every block when ``model.cfg.compile`` and each block runs on one set
+   of destinations (the whole graph, or this rank's part of it; not with ``chunks`` or
+   ``overlap``, whose blocks run on several subsets and would recompile per subset; with
+   ``shard_parameters``, blocks of the ``full`` checkpoint policy stay eager);
 6. **gradient synchronisation** whenever the world has more than one rank: every replica of a
    parameter steps on the same gradient, the average over data-parallel replicas of the full
    gradient. A plain data-parallel model (``model_parallel == 1``, ``chunks == 1``) goes through
@@ -194,17 +195,18 @@ class LocalEdges:
         self.plan, self.group, self.chunk_subs = plan, group, chunks
         self.exchange = HaloExchange(plan, group, device) if plan.group_exchanges else None
         n = (len(plan.owned_dst), plan.num_local_src, len(plan.edge_ids))
+        own = plan.num_owned_src
         self.device = device
-        self.full = DeviceSubGraph(plan.full, *n, device)
+        self.full = DeviceSubGraph(plan.full, *n, device, own)
         # the interior runs before the halo arrives: its sources are the owned rows alone
-        self.interior = DeviceSubGraph(plan.interior, n[0], plan.num_owned_src, n[2], device)
-        self.boundary = DeviceSubGraph(plan.boundary, *n, device)
+        self.interior = DeviceSubGraph(plan.interior, n[0], own, n[2], device)
+        self.boundary = DeviceSubGraph(plan.boundary, *n, device, own)
         perm = merge_order([plan.interior, plan.boundary], n[0])
         identity = np.array_equal(perm, np.arange(n[0]))
         self.overlap_perm = None if identity else torch.from_numpy(perm).to(device)
         self.chunks = None
         if chunks:
-            self.chunks = [DeviceSubGraph(s, *n, device) for s in chunks]
+            self.chunks = [DeviceSubGraph(s, *n, device, own) for s in chunks]
             self.chunk_perm = torch.from_numpy(merge_order(chunks, n[0])).to(device)
 
     def to(self, device) -> LocalEdges:
@@ -309,25 +311,27 @@ class ParallelRunner(BlockRunner):
         le = graph.local[role]
         recompute = block in self.recompute
         chunked = le.chunks is not None
+        # the halo rows go to the block apart from the owned ones (see subgraph_block: never a
+        # concatenated copy of the sources kept for backward)
         if le.exchange is None:
-            x_all = x_src
+            halo = None  # nothing received: the local sources are the owned rows
         elif self.overlap and not chunked:
             pending = le.exchange.start(x_src)
             inner = run_subgraph(block, le.interior, x_src, x_dst, edge_attr, recompute)
-            x_all = torch.cat([x_src, pending.wait()], 1)
+            halo = pending.wait()
             if le.boundary.num_dst:
-                outer = run_subgraph(block, le.boundary, x_all, x_dst, edge_attr, recompute)
+                outer = run_subgraph(block, le.boundary, x_src, x_dst, edge_attr, recompute, halo)
             else:
                 # nothing reads the halo here, but the backward must still join the reverse
                 # exchange (peers send back gradients of rows this rank sent): an empty slice
-                # keeps x_all, hence the exchange, on the autograd path
-                outer = x_all.narrow(1, 0, 0)
+                # keeps the halo, hence the exchange, on the autograd path
+                outer = halo.narrow(1, 0, 0)
             return merge([inner, outer], le.overlap_perm)
         else:
-            x_all = torch.cat([x_src, le.exchange(x_src)], 1)
+            halo = le.exchange(x_src)
         if not chunked:
-            return run_subgraph(block, le.full, x_all, x_dst, edge_attr, recompute)
-        return run_chunks(block, le.chunks, le.chunk_perm, x_all, x_dst, edge_attr)
+            return run_subgraph(block, le.full, x_src, x_dst, edge_attr, recompute, halo)
+        return run_chunks(block, le.chunks, le.chunk_perm, x_src, x_dst, edge_attr, halo)
 
     @property
     def model_rank(self) -> int:
@@ -490,11 +494,13 @@ def parallelize(
             recompute.append(block)
     runner = ParallelRunner(recompute, config, groups, partition, sharded_graph, imbalance)
 
-    # 5. torch.compile of whole blocks
+    # 5. torch.compile of blocks that run on one set of destinations (the whole graph, or this
+    # rank's part of it without overlap or chunks: one shape per block, as on one device)
     if model.cfg.compile:
-        if sharded:
-            log.warning("model.compile has no effect on sharded or chunked blocks: each runs on "
-                        "subsets of its destinations, outside torch.compile")  # fmt: skip
+        if config.chunks > 1 or (sharded and config.overlap):
+            log.warning("model.compile has no effect on chunked blocks or with parallel.overlap: "
+                        "each block runs on several subsets of its destinations, outside "
+                        "torch.compile")  # fmt: skip
         elif config.shard_parameters and groups.world is not None and recompute:
             # a compiled FSDP block recomputed by torch.utils.checkpoint saves other tensors in
             # the recompute than in its forward, which checkpoint refuses (torch 2.13, gloo and
