@@ -290,18 +290,25 @@ def component_times(events, cuda: bool, steps: int) -> dict[str, float]:
     ``autograd::engine::evaluate_function`` event goes to the component of the forward operator
     with its sequence number. Communication events (:data:`COMM`) go to ``communication`` and
     out of the component around them. ``other`` is the recorded steps' time left over.
+
+    On a CPU, gloo runs a collective on threads of its own while the calling thread waits inside
+    a component's range, and both threads record it: communication is then the time at least
+    one thread was in a collective (the union of their intervals), and each component loses the
+    part of that union inside its range, so no second is counted twice.
     """
     events = _host_events(events)
     out = dict.fromkeys(COMPONENTS, 0.0)
     seq_component: dict[int, str] = {}
     step_total = 0.0
+    busy = None if cuda else _comm_union(events)
     for e in events:
         if e.name == STEP_RANGE:
             step_total += (e.time_range.end - e.time_range.start) / 1e6
         elif e.name.startswith(RANGE_PREFIX):
             comp = e.name[len(RANGE_PREFIX) :]
             if _range_of(e) is None:  # outermost range of its kind: nested ones counted in it
-                out[comp if comp in out else "other"] += _event_time(e, cuda)
+                seconds = _event_time(e, cuda) if cuda else _wall_without(e, busy)
+                out[comp if comp in out else "other"] += seconds
         elif e.sequence_nr >= 0 and not e.name.startswith(EVALUATE):
             comp = _range_of(e)
             if comp is not None:
@@ -312,18 +319,43 @@ def component_times(events, cuda: bool, steps: int) -> dict[str, float]:
             comp = seq_component.get(e.sequence_nr)
             outermost = not any(p.name.startswith(EVALUATE) for p in _ancestors(e))
             if comp is not None and outermost and _range_of(e) is None:
-                out[comp] += _event_time(e, cuda)
-        elif COMM.search(name) and not any(COMM.search(c.name) for c in _ancestors(e)):
+                out[comp] += _event_time(e, cuda) if cuda else _wall_without(e, busy)
+        elif cuda and COMM.search(name) and not any(COMM.search(c.name) for c in _ancestors(e)):
             seconds = _event_time(e, cuda)
             out["communication"] += seconds
             owner = _range_of(e) or _backward_owner(e, seq_component)
             if owner in out and owner != "communication":
                 out[owner] = max(0.0, out[owner] - seconds)
+    if not cuda:  # the union's part inside the recorded steps
+        spans = [(e.time_range.start, e.time_range.end) for e in events if e.name == STEP_RANGE]
+        out["communication"] = sum(max(0.0, min(b, s1) - max(a, s0))
+                                   for a, b in busy for s0, s1 in spans) / 1e6  # fmt: skip
     # the rest of the steps: wall time on a CPU, every kernel's time on a GPU (backward kernels
     # are launched from autograd's device thread, outside the step's range)
     total = kernel_seconds(events) if cuda else step_total
     out["other"] = max(0.0, total - sum(v for k, v in out.items() if k != "other"))
     return {k: v / steps for k, v in out.items()}
+
+
+def _comm_union(events) -> list[tuple[float, float]]:
+    """Disjoint, sorted ``(start, end)`` microseconds during which any thread was inside an
+    outermost communication event."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if COMM.search(e.name) and not any(COMM.search(c.name) for c in _ancestors(e)))  # fmt: skip
+    merged: list[list[float]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _wall_without(e, busy: list[tuple[float, float]]) -> float:
+    """Seconds of ``e``'s wall time outside the intervals ``busy``."""
+    start, end = e.time_range.start, e.time_range.end
+    inside = sum(max(0.0, min(end, b) - max(start, a)) for a, b in busy if a < end and b > start)
+    return (end - start - inside) / 1e6
 
 
 def kernel_seconds(events) -> float:

@@ -224,9 +224,11 @@ def test_two_ranks_write_one_folder_each_and_see_their_halo_exchange(cache, tmp_
     summary = json.loads(outs[0][0].strip().splitlines()[-1])
     assert [r["rank"] for r in summary["ranks"]] == [0, 1]
     for rank in range(world):
-        rows = read_csv(tmp_path / "profile" / f"rank{rank}" / "components.csv")
-        comm = {r["component"]: float(r["s_per_step"]) for r in rows}["communication"]
-        assert comm > 0, f"rank {rank}: the halo exchange is communication"
+        # gloo records each collective on its own threads and on the waiting one: counted once,
+        # the components still add up to the step
+        rows = check_folder(tmp_path / "profile" / f"rank{rank}", ("encoder", "processor",
+                                                                   "decoder", "optimiser"))  # fmt: skip
+        assert rows["communication"] > 0, f"rank {rank}: the halo exchange is communication"
     client = MlflowClient(local_store_uri(cache / "mlflow"))
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.run_name.startswith("profile-o8_l2-tiny-mp2dp1-")
