@@ -69,7 +69,7 @@ def _build(model_parallel: int, shard: bool, chunks: int = 1):
     cfg = OmegaConf.create({"parallel": {"model_parallel": model_parallel, "chunks": chunks,
                                          "shard_parameters": shard},
                             "model": {"processor_layers": 2},
-                            "training": {"precision": "fp32", "device": "cpu"}})  # fmt: skip
+                            "training": {"precision": "fp32", "device": "cpu", "seed": 0}})  # fmt: skip
     setup = prepare_parallel(cfg, g)
     model, wrapped = apply_parallelism(make_model(g), g, setup, torch.device("cpu"))
     return setup, model, wrapped
