@@ -58,6 +58,21 @@ class Case:
     is_calibration: bool = False
     halo_alone_s: float | None = None  # every exchange of a step timed alone (bench_parallel)
     shard: bool = False  # parameters, gradients and optimizer state sharded (FSDP2)
+    halo_wait_s: float | None = None  # forward + backward with communication less without
+    fixed_s: float | None = None  # loss + host idle of the step (bench_parallel)
+
+
+def _split(r: dict) -> tuple[float | None, float | None]:
+    """Halo wait (largest rank: forward + backward less the same without any communication)
+    and fixed work (loss + host idle) of a bench_parallel run, ``None`` where not measured."""
+    rows = [s["rows"][0] for s in r["ranks"]]
+    fixed = max(x["loss_s"] + x["host_s"] for x in rows) if "loss_s" in rows[0] else None
+    solo = [s.get("solo_compute_s") for s in r["ranks"]]
+    if r["gpus"] == 1 or not all(solo):
+        return None, fixed
+    wait = max(x["forward_s"] + x["backward_s"] - v["forward_backward_s"]
+               for x, v in zip(rows, solo, strict=True))  # fmt: skip
+    return wait, fixed
 
 
 def _bench(path: Path, overlap: bool = False) -> tuple[float, float]:
@@ -72,7 +87,7 @@ def cases() -> list[Case]:
     out = []
     # bench_parallel.py time runs: each directory's one-GPU run calibrates its multi-GPU runs; a
     # directory without one takes the first one-GPU run of the same card and graph
-    runs = sorted([*RUNS.glob("*/time_*.json"), *RESULTS.glob(BEFORE_AFTER)],
+    runs = sorted([*RUNS.glob("*/*time_*.json"), *RESULTS.glob(BEFORE_AFTER)],
                   key=lambda p: (p.parent.name, p.stem))  # fmt: skip
     info = {p: json.loads(p.read_text()) for p in runs}
     ones = [p for p in runs if info[p]["gpus"] == 1]
@@ -104,7 +119,8 @@ def cases() -> list[Case]:
         out.append(Case(f"{r['graph']} {where} {card} ({how}, {ckpt})",
                         str(same[0].relative_to(ROOT)), r["graph"], r["gpus"], r["gpus"], s, m,
                         str(name), is_calibration=r["gpus"] == 1,
-                        halo_alone_s=max(k["halo_s"] for k in r["ranks"]), shard=shard))  # fmt: skip
+                        halo_alone_s=max(k["halo_s"] for k in r["ranks"]), shard=shard,
+                        halo_wait_s=_split(r)[0], fixed_s=_split(r)[1]))  # fmt: skip
     step = str((RESULTS / "step.csv").relative_to(ROOT))
     rows = list(csv.DictReader((RESULTS / "step.csv").open()))
 
@@ -196,6 +212,7 @@ def main() -> None:
             "predicted_GiB": p.peak_gib, "err_GiB": p.peak_gib / case.measured_gib - 1,
             "compute_s": p.compute_s, "halo_s": p.halo_s, "grad_s": p.grad_s,
             "calibration_point": case.is_calibration, "halo_alone_s": case.halo_alone_s,
+            "halo_wait_s": case.halo_wait_s, "fixed_s": case.fixed_s,
         })  # fmt: skip
         print(f"{case.label}: {p.step_s:.4f} s vs {case.measured_s:.4f} "
               f"({results[-1]['err_s']:+.1%}), {p.peak_gib:.2f} GiB vs {case.measured_gib:.2f} "
@@ -317,18 +334,29 @@ def write(results: list[dict], extra: list[dict], out: Path) -> None:
         "",
         "- Step time, model parallel: the model is low by "
         f"{min(-r['err_s'] for r in mp):.1%} to {max(-r['err_s'] for r in mp):.1%}. Its terms are",
-        "  the largest rank's share of the work, the halo exchanges and the gradient all-reduce;",
-        "  what it leaves out is per-block work of the sharded model that does not shrink with",
-        "  P (concatenating the received halo rows to the owned ones, the loss reduction) and",
-        "  any fixed per-step time, which a one-GPU calibration cannot separate from compute",
-        "  (`Calibration.fixed_s` stays 0 until a run measures it). The halo term against each",
-        "  run's halo measured alone (ms, predicted / measured): "
+        "  the largest rank's share of the work, the halo exchanges (each timed as its transfer",
+        "  plus latencies), the gradient all-reduce, the optimizer and the fixed per-step work",
+        "  (loss and host idle, measured by the runs that split the step: "
+        + ", ".join(
+            f"{r['case'].split(' (')[0]} {r['fixed_s'] * 1e3:.1f} ms"
+            for r in results
+            if r["fixed_s"] is not None and r["calibration_point"]
+        )
+        + "). What it leaves out is the waiting at each exchange beyond its transfer: the",
+        "  halo term against each run's halo measured alone and, where measured, its halo wait",
+        "  (forward + backward with communication less the same without; ms, predicted /",
+        "  alone / wait): "
         + ", ".join(
             f"{r['case'].split(' (')[0]} {r['halo_s'] * 1e3:.1f} / {r['halo_alone_s'] * 1e3:.1f}"
+            + (f" / {r['halo_wait_s'] * 1e3:.1f}" if r["halo_wait_s"] is not None else "")
             for r in halos
         )  # fmt: skip
-        + "; the link latencies of conf/cluster/base/slurm_gpu.yaml were fitted on the H100",
-        "  host's 2- and 4-GPU runs; the H200 host's exchanges take longer.",
+        + ". The wait includes the gradient all-reduce (about 6 ms alone on H200 x2) and the",
+        "  peer's lag at every exchange. On o96_l6 neither part halves: a rank alone (no",
+        "  communication) is 18 % over half the one-GPU forward + backward and the wait is four",
+        "  times the exchanges alone (profiling/results/parallel_memory.md); a device-bound",
+        "  model of 0.2 s steps of small eager kernels does not see it (launch-bound ranks are",
+        "  the likely cause; the host's launch time is not measured).",
         "- Peak memory is over where blocks are recomputed whole (`full`): the estimate",
         "  (squall.planning.estimate) adds a recomputed block's inner activations and its",
         "  in-flight gradients at once; the o320_l7 decoder (421,120 grid rows) gives the largest",
