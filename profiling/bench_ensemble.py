@@ -15,7 +15,9 @@ With ``W`` ranks, three phases in one launch (one graph build):
    against rank 0 holding every member in fp32 and fp64 on the same device (the noise is drawn
    on the device, so the reference must run there too). Passes when the largest parameter error
    is within 4 x the fp32 reference's own error plus one ulp of the largest parameter (the
-   tolerance of tests/parallel/test_ensemble_parallel.py).
+   tolerance of tests/parallel/test_ensemble_parallel.py) and the parameters moved more than
+   10 tolerances. Reported beside: the error of a control run whose ranks step on their own
+   members' gradient alone (no sum over the group), and the reference's worst tensors.
 
 A training step is ``Trainer.train_step`` of jobs.train: members folded into the batch, one
 rollout step, afCRPS (alpha 0.95), backward, gradient clipping, AdamW. The model is o96_ens's
@@ -205,27 +207,40 @@ def check(args, graph, device, world, rank) -> dict:
                        ensemble_members=args.members)  # fmt: skip
     grid = len(graph.nodes["data"])
 
-    def train(dtype, config=None, groups=None):
+    def train(dtype, config=None, groups=None, unsynced=False):
         model, layout = build_model(graph, mcfg, device, dtype, config, groups)
+        if unsynced:  # the control: each rank steps on its own members' gradient alone
+            model.runner.grad_reducer.remove()
+            model.runner.grad_reducer = None
         trainer = Trainer(model, layout, training_cfg("fp32"), device, logger=None)
         for batch in batches(args.check_steps, 2, grid, device, dtype):
             trainer.train_step(batch)
         return {n: p.detach().double() for n, p in model.named_parameters()}
 
-    sharded = train(torch.float32, ParallelConfig(ensemble=world, noise_seed=7),
-                    build_groups(Layout(world, 1, world)))  # fmt: skip
+    def errors(params, ref) -> dict[str, float]:
+        return {n: (params[n] - ref[n]).abs().max().item() for n in params}
+
+    config = ParallelConfig(ensemble=world, noise_seed=7)
+    sharded = train(torch.float32, config, build_groups(Layout(world, 1, world)))
+    control = train(torch.float32, config, build_groups(Layout(world, 1, world)), unsynced=True)
     result = {}
     if rank == 0:
         exact, fp32 = train(torch.float64), train(torch.float32)
-        ref_err = max((fp32[n] - exact[n]).abs().max().item() for n in exact)
+        ref = errors(fp32, exact)
+        ref_err = max(ref.values())
         scale = max(p.abs().max().item() for p in exact.values())
         tol = 4 * ref_err + torch.finfo(torch.float32).eps * scale
-        err = max((sharded[n] - exact[n]).abs().max().item() for n in exact)
+        err = max(errors(sharded, exact).values())
         start = build_model(graph, mcfg, device, torch.float64)[0].state_dict()
-        moved = max((exact[n] - start[n]).abs().max().item() for n in exact)
+        moved = errors(exact, start)
+        worst = sorted(ref, key=ref.get, reverse=True)[:3]
         result = {"ranks": world, "members": args.members, "steps": args.check_steps,
                   "max_param_error": err, "tolerance": tol, "fp32_reference_error": ref_err,
-                  "parameters_moved": moved, "passed": bool(err <= tol and moved > 10 * tol)}
+                  "sharded_vs_fp32_reference": max(errors(sharded, fp32).values()),
+                  "unsynced_control_error": max(errors(control, exact).values()),
+                  "parameters_moved": max(moved.values()),
+                  "worst_reference_tensors": {n: [ref[n], moved[n]] for n in worst},
+                  "passed": bool(err <= tol and max(moved.values()) > 10 * tol)}
         print({"check": result}, flush=True)
     if world > 1:
         dist.barrier()
