@@ -17,11 +17,9 @@ step that predicts time ``t + dt`` sees the driver's band at ``t + dt``, as in N
 (Oskarsson et al. 2023, boundary forcing over a window that includes the target time) and
 regional services, whose global forecast is available before the LAM runs. Without it the band
 of the inputs holds nothing the interior's own edge does not (the input band is the truth, or
-close to it), so the only new information a forced state brings arrives one step late, at the
-band's 1 degree, and a briefly trained model learns to ignore it (profiling/lam_curves.py: 3.8 %
-gain at 24 h without lookahead). On lam_alps the synthetic flow carries air 4.8 degrees per 6 h
-step across a 13-degree box: every interior point at 18 h or later holds air that came in
-through the boundary (profiling/lam_oracle.py).
+close to it), so what a forced state adds reaches the model one step late. On lam_alps the
+synthetic flow carries air 4.8 degrees per 6 h step across a 13-degree box: every interior point
+at 18 h or later holds air that came in through the boundary (profiling/lam_oracle.py).
 
 A model trained with lookahead has ``V_in + V_prog + 1`` input columns per state; its free
 rollout (:meth:`BoundaryForcing.unforced`, the forecast's "unforced" curve) overwrites nothing
