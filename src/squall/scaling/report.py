@@ -3,8 +3,8 @@
 One row per point, in launch order: GPUs, nodes, layout, global batch, median s/step and its
 spread, samples/s, speed-up and efficiency against the smallest successful point of the same
 series, peak memory (largest rank), halo bytes per step, communication share, status and, for a
-failed point, the reason. Points that differ only in ``parallel.gpus``/``parallel.nodes`` form a
-series; a sweep over another key too (e.g. attention backends) has one series per value. Tags
+failed point, the reason. Points that differ only in ``parallel.gpus``/``parallel.nodes`` (or
+``parallel.ensemble``: the same members spread over more ranks) form a series; a sweep over another key too (e.g. attention backends) has one series per value. Tags
 ``point.*`` of the point runs that differ between points and have no column of their own (a
 node list, attempts, ...) become extra columns; those equal on every point are listed once under
 the table.
@@ -70,7 +70,7 @@ from squall.tracking.logger import KIND_TAG, SWEEP_TAG
 log = logging.getLogger(__name__)
 
 #: Overrides that place a point in its series rather than define a new one.
-SHAPE_KEYS = ("parallel.gpus", "parallel.nodes")
+SHAPE_KEYS = ("parallel.gpus", "parallel.nodes", "parallel.ensemble")
 MAX_SEARCH = 10000  # runs per sweep read back; far above any sweep a person launches
 BACKEND_TAG = "point.attention_backend"
 BACKEND_USED_TAG = "point.attention_backend_used"
@@ -129,6 +129,7 @@ class Row:
     err_s: float = math.nan  # predicted / measured - 1
     err_gib: float = math.nan
     member_samples_per_s: float = math.nan  # an ensemble's samples/s x members
+    members: int | None = None  # ensemble members per sample (1: deterministic)
 
     @property
     def ok(self) -> bool:
@@ -272,6 +273,7 @@ def collect_rows(state: SweepState) -> list[Row]:
             spread=metrics.get(M.STEP_SPREAD, math.nan),
             samples_per_s=metrics.get(M.SAMPLES_PER_S, math.nan),
             member_samples_per_s=metrics.get(M.MEMBER_SAMPLES_PER_S, math.nan),
+            members=_int_or_none(params.get("point.members")),
             peak_memory_gib=_peak_memory(metrics)[0],
             memory_kind=_peak_memory(metrics)[1],
             device_memory_gb=_float(params.get("cluster.gpu_memory_gb")),
@@ -398,6 +400,10 @@ def add_predictions(state: SweepState, rows: list[Row]) -> list[str]:
         if not ones:
             notes.append(f"No prediction{' for ' + label.rstrip(': ') if label else ''}: no "
                          "successful one-rank point to calibrate the scaling model on.")  # fmt: skip
+            continue
+        if any((r.members or 1) > 1 for r in pts):
+            notes.append(f"No prediction{' for ' + label.rstrip(': ') if label else ''}: the "
+                         "scaling model has no ensemble axis (parallel.ensemble).")  # fmt: skip
             continue
         base = min(ones, key=lambda r: r.job)
         others = [r for r in pts if r is not base]
