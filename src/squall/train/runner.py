@@ -146,7 +146,9 @@ def build_run(
                   else build_dataset(cfg, "train", rollout=rollout, check=False))  # fmt: skip
     mcfg = ModelConfig.from_cfg(cfg.model)
     if mcfg.checkpoint_budget_gib is not None and training:
-        batch_rows = int(t.batch_size) * mcfg.ensemble_members  # members are batch rows
+        # members are batch rows; an ensemble group's ranks hold members / ensemble each
+        ensemble = setup.config.ensemble if setup is not None else 1
+        batch_rows = int(t.batch_size) * max(1, mcfg.ensemble_members // ensemble)
         mcfg = resolve_checkpointing(graph, mcfg, setup, batch_rows, layout,
                                      train_set.input_steps, device, str(t.precision), rollout)  # fmt: skip
     torch.manual_seed(int(t.seed))  # parameters identical whatever was drawn before
