@@ -152,9 +152,11 @@ def run_case(case, src, dst, device, args, k=None, r=None):
     return rows
 
 
-def graph_rows(name, device):
+def graph_rows(name, device, profile=None):
     """Whole build of a graph spec (node sets, search, CSC sort, attributes) on the device path
-    and on the scipy path; a small graph built first warms up CUDA."""
+    and on the scipy path; a small graph built first warms up CUDA. With ``profile`` (a path),
+    the device-path build runs under cProfile and the table of its top functions (cumulative
+    time) is written there: where the host time goes."""
     spec = to_plain(OmegaConf.load(ROOT / "conf" / "graph" / f"{name}.yaml"))
     rows = []
     for mode in ("cuda" if device.type == "cuda" else "cpu", "scipy"):
@@ -165,6 +167,20 @@ def graph_rows(name, device):
         graph = build_graph(spec)
         _sync(device)
         seconds = time.perf_counter() - start
+        if profile and mode != "scipy":
+            import cProfile
+            import io
+            import pstats
+
+            del graph
+            prof = cProfile.Profile()
+            prof.enable()
+            graph = build_graph(spec)
+            _sync(device)
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+            Path(profile).write_text(text.getvalue())
         rows.append({"case": "graph", "src": name, "dst": "", "num_src": len(graph.nodes["data"]),
                      "num_dst": len(graph.nodes["hidden"]), "method": f"build_graph ({mode})",
                      "seconds": round(seconds, 3), "timed_fraction": 1.0,
@@ -185,6 +201,10 @@ def main(argv=None):
     parser.add_argument("--brute-queries", type=int, default=0, help="0: all")
     parser.add_argument("--csv", default=None, help="results file (default results/knn.csv)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--cases", nargs="+", default=["knn", "cutoff"],
+                        choices=("knn", "cutoff"), help="search cases to time")  # fmt: skip
+    parser.add_argument("--profile-graph", default=None,
+                        help="write a cProfile table of the device-path graph build here")  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,13 +212,15 @@ def main(argv=None):
     info = {**machine_info(), "torch_threads": torch.get_num_threads()}
     grid = grids.grid_from_name(args.grid, "data")
     rows = []
-    mesh = grids.icosahedral_mesh(args.knn_level, f"l{args.knn_level}")
-    rows += run_case("knn", mesh, grid, device, args, k=3)
-    mesh = grids.icosahedral_mesh(args.cutoff_level, f"l{args.cutoff_level}")
-    r = args.factor * float(edges.nearest_neighbour_spacing(mesh).max())
-    rows += run_case("cutoff", grid, mesh, device, args, r=r)
+    if "knn" in args.cases:
+        mesh = grids.icosahedral_mesh(args.knn_level, f"l{args.knn_level}")
+        rows += run_case("knn", mesh, grid, device, args, k=3)
+    if "cutoff" in args.cases:
+        mesh = grids.icosahedral_mesh(args.cutoff_level, f"l{args.cutoff_level}")
+        r = args.factor * float(edges.nearest_neighbour_spacing(mesh).max())
+        rows += run_case("cutoff", grid, mesh, device, args, r=r)
     if args.graph != "none":
-        rows += graph_rows(args.graph, device)
+        rows += graph_rows(args.graph, device, args.profile_graph)
     load = os.getloadavg()[0]
     for row in rows:
         row.update({"host_load": round(load, 1), "repeats": args.repeats})

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from squall.errors import GraphError
 from squall.graphs import edges, grids
@@ -91,3 +92,18 @@ def test_direction_points_towards_source():
     a = edge_attributes(src.xyz, dst.xyz)
     assert np.allclose(a[0, 1:], [0.0, 1.0], atol=1e-6)
     assert np.allclose(a[1, 1:], [1.0, 0.0], atol=1e-6)
+
+
+def test_device_sort_equals_host_sort():
+    """The torch sorts of the CSC/CSR order (a GPU's path, run here on the CPU) give the numpy
+    path's permutations, duplicate pairs and equal sources included."""
+    from squall.graphs.graph import _sorted_pairs
+
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 50, 5000)
+    dst = rng.integers(0, 40, 5000)
+    host = _sorted_pairs(src, dst, 50)
+    device = _sorted_pairs(src, dst, 50, torch.device("cpu"))
+    for a, b in zip(host, device, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.all(np.diff(host[1] * 50 + host[0]) >= 0)

@@ -27,12 +27,14 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from squall.errors import GraphError
 from squall.graphs import grids
 from squall.graphs.attributes import edge_attributes, node_attributes
 from squall.graphs.boundary import boundary_mask, boundary_spec, check_coverage
 from squall.graphs.edges import build_edges, resolved_spec, search_steps
+from squall.graphs.search import search_device
 from squall.progress import Progress
 
 
@@ -60,12 +62,10 @@ class EdgeSet:
     @classmethod
     def from_pairs(cls, name, src_set: grids.NodeSet, dst_set: grids.NodeSet, src, dst) -> EdgeSet:
         """Sort ``(src, dst)`` pairs into CSC order once and compute the CSR view and attributes."""
-        # One sort of a combined key (destination major, source minor) instead of a lexsort.
-        key = dst.astype(np.int64) * len(src_set) + src
-        order = np.argsort(key, kind="stable")
-        src, dst = src[order].astype(np.int64), dst[order].astype(np.int64)
+        device = search_device()
+        device = device if device is not None and device.type == "cuda" else None
+        src, dst, csr_perm = _sorted_pairs(src, dst, len(src_set), device)
         colptr = _pointer(dst, len(dst_set))
-        csr_perm = np.argsort(src, kind="stable").astype(np.int64)
         rowptr = _pointer(src[csr_perm], len(src_set))
         attrs = edge_attributes(src_set.xyz, dst_set.xyz, src, dst)
         return cls(name, src_set.name, dst_set.name, len(src_set), len(dst_set),
@@ -93,6 +93,32 @@ class EdgeSet:
     def unreached_sources(self) -> int:
         """Source nodes with no outgoing edge: their information never crosses this edge set."""
         return int((np.diff(self.rowptr) == 0).sum())
+
+
+#: Edges from which the CSC/CSR sorts of :func:`_sorted_pairs` run on a GPU: numpy's stable
+#: argsort of 20 M int64 keys takes 1.5-6 s on one host core (the o1280_l8 decoder), a device
+#: radix sort milliseconds; below 2^20 edges the host sort takes under 0.1 s.
+DEVICE_SORT_EDGES = 1 << 20
+
+
+def _sorted_pairs(src, dst, num_src: int, device=None):
+    """``(src, dst, csr_perm)``: the pairs in CSC order (destination major, source minor; one
+    stable sort of the combined key) and the stable order of the sorted sources (CSR view).
+
+    On a CUDA ``device`` (and :data:`DEVICE_SORT_EDGES` edges or more) the two stable sorts run
+    in torch there; stable sorts of the same keys give the same permutations as numpy's.
+    """
+    src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+    if device is not None and (device.type != "cuda" or len(src) >= DEVICE_SORT_EDGES):
+        s = torch.from_numpy(np.ascontiguousarray(src)).to(device)
+        d = torch.from_numpy(np.ascontiguousarray(dst)).to(device)
+        order = torch.sort(d * num_src + s, stable=True).indices
+        s, d = s[order], d[order]
+        csr_perm = torch.sort(s, stable=True).indices
+        return s.cpu().numpy(), d.cpu().numpy(), csr_perm.cpu().numpy()
+    order = np.argsort(dst * num_src + src, kind="stable")
+    src, dst = src[order], dst[order]
+    return src, dst, np.argsort(src, kind="stable").astype(np.int64)
 
 
 def _pointer(sorted_index: np.ndarray, n: int) -> np.ndarray:
