@@ -275,11 +275,14 @@ def test_estimate_counts_rollout_chunks_and_where_compile_applies():
 
     # every rollout step's activations stay until the backward
     assert act(base, rollout=3) > 2.5 * act(base)
-    # compiled blocks keep less, but only where the compiled forward runs (one rank, no chunks)
+    # compiled blocks keep less, but only where the compiled forward runs: one set of
+    # destinations per block (a rank's part of the graph too), not with overlap or chunks
     compiled = replace(base, compile=True)
     assert act(compiled) < act(base)
     two = ParallelConfig(model_parallel=2)
-    assert act(compiled, two) == act(base, two)
+    assert act(compiled, two) < act(base, two)
+    split = ParallelConfig(model_parallel=2, overlap=True)
+    assert act(compiled, split) == act(base, split)
     # chunked mappers always recompute: the estimate says so and keeps the compile flag
     *_, resolved = estimate(g, compiled, ParallelConfig(chunks=2), 1, 1)
     assert (resolved.checkpoint_encoder, resolved.checkpoint_decoder) == ("full", "full")
