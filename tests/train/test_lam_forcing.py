@@ -193,8 +193,8 @@ def test_each_step_sees_the_driver_band_at_the_time_it_predicts(lam_parts):
     forcing = trainer.boundary
     v_in, v_prog = len(layout.inputs), len(layout.prognostic_in)
     assert forcing.lookahead and forcing.extra_inputs == v_prog + 1
-    assert parts.model.embed_data.in_features - parts.model.graph.data_attrs.shape[1] == (
-        data.input_steps * (v_in + v_prog + 1))
+    node_dim = parts.model.graph.data_attrs.shape[1]
+    assert parts.model.embed_data.in_features == data.input_steps * (v_in + v_prog + 1) + node_dim
     batch = {k: v[None] if torch.is_tensor(v) else v for k, v in data[4].items()}
     net, trainer.net = trainer.net, Recording(parts.model)
     try:
