@@ -118,6 +118,17 @@ def run_case(case, src, dst, device, args, k=None, r=None):
         return search.radius(index, dst_ll, r, query_xyz=dst_x)[1]
 
     seconds, got = timed(sphere, device, args.repeats)
+    if args.profile_search:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            sphere()
+            _sync(device)
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        Path(f"{args.profile_search}.{case}.txt").write_text(
+            prof.key_averages().table(sort_by=sort, row_limit=40)
+        )
     edges_found = got.numel()
     rows.append({**base, "method": f"sphere ({device.type})", "seconds": seconds,
                  "edges": edges_found, "timed_fraction": 1.0})  # fmt: skip
@@ -152,11 +163,12 @@ def run_case(case, src, dst, device, args, k=None, r=None):
     return rows
 
 
-def graph_rows(name, device, profile=None):
+def graph_rows(name, device, profile=None, report=None):
     """Whole build of a graph spec (node sets, search, CSC sort, attributes) on the device path
     and on the scipy path; a small graph built first warms up CUDA. With ``profile`` (a path),
     the device-path build runs under cProfile and the table of its top functions (cumulative
-    time) is written there: where the host time goes."""
+    time) is written there: where the host time goes. ``report`` is called with each row as it
+    is measured."""
     spec = to_plain(OmegaConf.load(ROOT / "conf" / "graph" / f"{name}.yaml"))
     rows = []
     for mode in ("cuda" if device.type == "cuda" else "cpu", "scipy"):
@@ -167,25 +179,28 @@ def graph_rows(name, device, profile=None):
         graph = build_graph(spec)
         _sync(device)
         seconds = time.perf_counter() - start
+        rows.append({"case": "graph", "src": name, "dst": "", "num_src": len(graph.nodes["data"]),
+                     "num_dst": len(graph.nodes["hidden"]), "method": f"build_graph ({mode})",
+                     "seconds": round(seconds, 3), "timed_fraction": 1.0,
+                     "edges": sum(e.num_edges for e in graph.edges.values())})  # fmt: skip
+        if report is not None:
+            report(rows[-1:])
+        del graph
         if profile and mode != "scipy":
             import cProfile
             import io
             import pstats
 
-            del graph
             prof = cProfile.Profile()
             prof.enable()
-            graph = build_graph(spec)
+            build_graph(spec)
             _sync(device)
             prof.disable()
             text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+            stats = pstats.Stats(prof, stream=text)
+            stats.sort_stats("cumulative").print_stats(45)
+            stats.sort_stats("tottime").print_stats(25)
             Path(profile).write_text(text.getvalue())
-        rows.append({"case": "graph", "src": name, "dst": "", "num_src": len(graph.nodes["data"]),
-                     "num_dst": len(graph.nodes["hidden"]), "method": f"build_graph ({mode})",
-                     "seconds": round(seconds, 3), "timed_fraction": 1.0,
-                     "edges": sum(e.num_edges for e in graph.edges.values())})  # fmt: skip
-        del graph
     os.environ.pop("SQUALL_GRAPH_SEARCH", None)
     return rows
 
@@ -203,6 +218,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--cases", nargs="+", default=["knn", "cutoff"],
                         choices=("knn", "cutoff"), help="search cases to time")  # fmt: skip
+    parser.add_argument("--profile-search", default=None,
+                        help="write torch-profiler tables of one search to PREFIX.<case>.txt")  # fmt: skip
     parser.add_argument("--profile-graph", default=None,
                         help="write a cProfile table of the device-path graph build here")  # fmt: skip
     args = parser.parse_args(argv)
@@ -212,29 +229,35 @@ def main(argv=None):
     info = {**machine_info(), "torch_threads": torch.get_num_threads()}
     grid = grids.grid_from_name(args.grid, "data")
     rows = []
+
+    def finish(new_rows):
+        """Print ``new_rows``; with ``--csv`` rewrite that file with every row so far (a run
+        cut short by a time limit keeps the rows it measured)."""
+        load = os.getloadavg()[0]
+        for row in new_rows:
+            row.update({"host_load": round(load, 1), "repeats": args.repeats})
+            print(f"{row['case']:<7} {row['src']:>9} -> {row['dst']:<7} {row['method']:<42} "
+                  f"{row['seconds']:>9.4f} s  x{row.get('speedup_of_sphere', '')}  "
+                  f"edges {row['edges']}", flush=True)  # fmt: skip
+        rows.extend({**info, **row} for row in new_rows)
+        if args.csv is not None:  # a fresh file (the device's output), merged into knn.csv later
+            with open(args.csv, "w", newline="") as fh:
+                fields = list(dict.fromkeys(k for r in rows for k in r))
+                writer = csv.DictWriter(fh, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+
     if "knn" in args.cases:
         mesh = grids.icosahedral_mesh(args.knn_level, f"l{args.knn_level}")
-        rows += run_case("knn", mesh, grid, device, args, k=3)
+        finish(run_case("knn", mesh, grid, device, args, k=3))
     if "cutoff" in args.cases:
         mesh = grids.icosahedral_mesh(args.cutoff_level, f"l{args.cutoff_level}")
         r = args.factor * float(edges.nearest_neighbour_spacing(mesh).max())
-        rows += run_case("cutoff", grid, mesh, device, args, r=r)
+        finish(run_case("cutoff", grid, mesh, device, args, r=r))
     if args.graph != "none":
-        rows += graph_rows(args.graph, device, args.profile_graph)
-    load = os.getloadavg()[0]
-    for row in rows:
-        row.update({"host_load": round(load, 1), "repeats": args.repeats})
-        print(f"{row['case']:<7} {row['src']:>9} -> {row['dst']:<7} {row['method']:<42} "
-              f"{row['seconds']:>9.4f} s  x{row.get('speedup_of_sphere', '')}  "
-              f"edges {row['edges']}", flush=True)  # fmt: skip
-    rows = [{**info, **row} for row in rows]
+        graph_rows(args.graph, device, args.profile_graph, finish)
     if args.csv is None:
         append_rows("knn.csv", rows)
-    else:  # a fresh file (the device machine's output folder), merged into knn.csv afterwards
-        with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-            writer.writeheader()
-            writer.writerows(rows)
 
 
 if __name__ == "__main__":
