@@ -77,12 +77,14 @@ def nearest(src: NodeSet, dst: NodeSet, k: int,
             f"knn edges {src.name}->{dst.name}: k={k} must be between 1 and the number of "
             f"source nodes ({len(src)})"
         )
-    return _nearest(src, dst.latlon, k, step)
+    return _nearest(src, dst.latlon, k, step, dst.xyz)
 
 
-def _nearest(src: NodeSet, dst_latlon: np.ndarray, k: int, step=None):
-    """:func:`nearest` for destinations given by their ``[Q, 2]`` latitude/longitude."""
-    src_xyz, dst_xyz = src.xyz, latlon_to_xyz(dst_latlon)  # NodeSet.xyz: computed on each access
+def _nearest(src: NodeSet, dst_latlon: np.ndarray, k: int, step=None, dst_xyz=None):
+    """:func:`nearest` for destinations given by their ``[Q, 2]`` latitude/longitude (and unit
+    vectors ``dst_xyz``, computed from them when not given)."""
+    src_xyz = src.xyz
+    dst_xyz = latlon_to_xyz(dst_latlon) if dst_xyz is None else dst_xyz
     device = search.search_device()
     size = _chunk_size()
     idx = np.empty((len(dst_latlon), k), np.int64)
