@@ -218,3 +218,37 @@ def test_a_reference_of_another_graph_is_refused(trained_pair, tmp_path):
                        "training.run_dir=${paths.cache}/det"), NullLogger())  # fmt: skip
     with pytest.raises(CheckpointMismatch, match="not trained on graph"):
         forecast(compose_tiny(cache, *ENS, f"forecast.reference={other}/det/checkpoint.pt"))
+
+
+def _forecast_job_module():
+    """tests/train/test_forecast_job.py (read by path), for its two-rank job launcher."""
+    path = Path(__file__).with_name("test_forecast_job.py")
+    spec = importlib.util.spec_from_file_location("_forecast_job_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # two job processes and one in-process forecast of the tiny ensemble
+def test_members_spread_over_two_ranks_score_and_write_what_one_process_does(trained_pair,
+                                                                             tmp_path):
+    """Each rank draws its members' noise as one process does (keyed by seed, forward, sample)
+    and runs the same per-member fp32 compute; the scores see the gathered members in member
+    order: scores and fields are bitwise those of one process holding all 4 members."""
+    import json
+
+    job = _forecast_job_module()
+    cache = trained_pair
+    one_out, two_out = tmp_path / "one.zarr", tmp_path / "two.zarr"
+    one = forecast(job.compose_tiny(cache, *ENS, f"forecast.output={one_out}",
+                                    "tracking.enabled=false"))  # fmt: skip
+    done = job._launch(cache, [*ENS, "parallel.ensemble=2", f"forecast.output={two_out}",
+                               "tracking.enabled=false"], world=2)  # fmt: skip
+    two = json.loads(done[0].stdout.strip().splitlines()[-1])
+    assert two["ranks"] == 2 and two["members"] == 4
+    for key in ("rmse_model", "crps_model", "spread", "spread_skill", "crps_persistence"):
+        assert two[key] == one[key], key
+    a, b = zarr.open_group(str(one_out), mode="r"), zarr.open_group(str(two_out), mode="r")
+    assert b.attrs["complete"] is True and b.attrs["fields_written"] == 2 * 3 * 4
+    assert np.array_equal(a["data"][:], b["data"][:])
+    assert np.abs(b["data"][:, :, 0] - b["data"][:, :, 3]).max() > 0, "members differ"

@@ -304,7 +304,8 @@ class Rollout:
 
     @torch.inference_mode()
     def run(self, x: torch.Tensor, y: torch.Tensor, on_step=None, members: int = 1,
-            boundary: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+            boundary: torch.Tensor | None = None, member_gather=None,
+            ) -> dict[str, torch.Tensor]:  # fmt: skip
         """Roll out ``members`` forecasts from one start; returns each of :data:`SCORE_KEYS`
         per step and prognostic variable, ``[steps, P]`` float64 on the device.
 
@@ -316,6 +317,10 @@ class Rollout:
         10 GB) does not sit on the GPU. ``on_step(s, field)`` is called with each step's
         full-grid predictions ``[members, G, V_out]`` (valid until the next step is queued on the
         device's stream).
+
+        With the members spread over an ensemble group, ``members`` is this rank's share and
+        ``member_gather`` (``model.member_gather``) all-gathers ``[1, m, G, P]`` into every
+        member of the group, in member order, for the scores; ``on_step`` gets this rank's.
         """
         steps = y.shape[1]
         x = x.to(self.device)
@@ -334,8 +339,10 @@ class Rollout:
             pred = self.step(state)
             full = pred if self.gather is None else self.gather(pred)
             ens = unfold_members(full.index_select(-1, self.prog_out).float(), members)
+            if member_gather is not None:
+                ens = member_gather(ens)
             out["mse"][s] = self._mse(ens.mean(dim=1), truth)
-            if members > 1:
+            if ens.shape[1] > 1:
                 out["crps"][s] = self._mean(afcrps_pointwise(ens, truth, alpha=1.0))
                 out["var"][s] = self._mean(ens.var(dim=1, unbiased=True))
             else:
@@ -382,11 +389,6 @@ def forecast(cfg) -> dict:
     if not ckpt.exists():  # before building data and model, which can take minutes
         raise ConfigError(f"checkpoint {ckpt} not found: train first (python -m jobs.train with "
                           "the same graph and model) or set forecast.checkpoint")  # fmt: skip
-    ensemble = int(cfg.parallel.get("ensemble", 1))
-    if ensemble > 1:  # the starts, not the members, are spread over ranks here
-        raise ConfigError(f"parallel.ensemble={ensemble}: jobs.forecast rolls every member out "
-                          "on each rank and spreads the starts over the ranks; set "
-                          "parallel.ensemble=1")  # fmt: skip
     info, payload = read_checkpoint(ckpt)
     check_identity(info, cfg)
     rank, world = _rank_info()
@@ -410,6 +412,11 @@ def forecast(cfg) -> dict:
     setup = parts.parallel
     groups = setup.groups
     members = ModelConfig.from_cfg(cfg.model).ensemble_members
+    # an ensemble group rolls out its members' share each (model.local_members, from
+    # parallelize), numbered from ensemble rank x share, and gathers them for the scores
+    local = int(getattr(model, "local_members", members))
+    first = groups.ensemble_rank * local
+    member_gather = getattr(model, "member_gather", None)
     reference = None
     if f.get("reference"):
         if setup.grid_indices is not None:
@@ -420,6 +427,8 @@ def forecast(cfg) -> dict:
             print(f"reference: {reference[1].describe()}", flush=True)
     dp_rank, dp_size = groups.data_rank, groups.layout.data_parallel
     writes_fields = groups.model_rank == 0  # one rank of each model group writes its starts
+    # the ranks of an ensemble group score the same gathered members: one of them sums them
+    sums_scores = writes_fields and groups.ensemble_rank == 0
 
     data = build_dataset(cfg, str(f.split), rollout=steps, normaliser=parts.train_set.normaliser)
     starts = np.unique(np.linspace(0, len(data) - 1, min(max_starts, len(data))).astype(int))
@@ -435,6 +444,9 @@ def forecast(cfg) -> dict:
         ref_roll = Rollout(reference[0], parts.layout, area, None,
                            ModelStep(reference[0], device, dtype, False))  # fmt: skip
     lam = LamEvaluation.setup(parts, data, roll, ref_roll)  # None unless a limited area
+    if lam is not None and member_gather is not None:
+        raise ConfigError(f"parallel.ensemble={groups.layout.ensemble}: a limited-area forecast "
+                          "scores every member on one rank; use parallel.ensemble=1")  # fmt: skip
     hours = _step_hours(data)
 
     output = Path(str(f.output)) if f.get("output") else None
@@ -481,7 +493,8 @@ def forecast(cfg) -> dict:
                     nonlocal host_last
                     if writer is not None:
                         for member in range(field.shape[0]):
-                            writer.put(i, s, field[member], member if members > 1 else None)
+                            writer.put(i, s, field[member],
+                                       first + member if members > 1 else None)  # fmt: skip
                     clock.mark()
                     pairs.append((len(clock.marks) - 2, len(clock.marks) - 1))
                     now = time.perf_counter()
@@ -491,12 +504,12 @@ def forecast(cfg) -> dict:
                                     f"{per_step:.3g} s/step, ETA {left * per_step:.0f} s")  # fmt: skip
                     bar.update()
 
-                scores = roll.run(x, y, on_step, members, sample.get("boundary"))
+                scores = roll.run(x, y, on_step, local, sample.get("boundary"), member_gather)
                 if lam is not None:
                     lam.add(x, y, members, sample.get("boundary"))
                 if ref_roll is not None:
                     ref_scores = ref_roll.run(x, y)
-                if writes_fields:
+                if sums_scores:
                     for k in SCORE_KEYS:
                         sums[k] += scores[k]
                         if ref_roll is not None:
