@@ -230,8 +230,9 @@ def _forecast_job_module():
 
 
 @pytest.mark.slow  # two job processes and one in-process forecast of the tiny ensemble
-def test_members_spread_over_two_ranks_score_and_write_what_one_process_does(trained_pair,
-                                                                             tmp_path):
+def test_members_spread_over_two_ranks_score_and_write_what_one_process_does(
+    trained_pair, tmp_path
+):
     """Each rank draws its members' noise as one process does (keyed by seed, forward, sample)
     and runs the same per-member fp32 compute; the scores see the gathered members in member
     order: scores and fields are bitwise those of one process holding all 4 members."""
