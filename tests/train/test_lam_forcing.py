@@ -90,19 +90,25 @@ def test_samples_carry_the_driver_interpolated_onto_the_band(lam_parts):
     np.testing.assert_allclose(got, ref, rtol=0, atol=8 * np.finfo(np.float32).eps * 4)
 
 
-def test_band_overwritten_every_training_rollout_step_with_the_driver(lam_parts):
-    _, parts = lam_parts
-    trainer, data = parts.trainer, parts.train_set
-    forcing = trainer.boundary
-    assert isinstance(forcing, BoundaryForcing)
-    batch = {k: v[None] if torch.is_tensor(v) else v for k, v in data[3].items()}
+def rollout_inputs(parts, index: int) -> tuple[dict, list[torch.Tensor]]:
+    """Training sample ``index`` as a batch of one, and the model inputs of every step of the
+    trainer's rollout of it."""
+    trainer = parts.trainer
+    batch = {k: v[None] if torch.is_tensor(v) else v for k, v in parts.train_set[index].items()}
     net, trainer.net = trainer.net, Recording(parts.model)
     try:
         with torch.no_grad():
             list(trainer.rollout(batch))
-        seen = trainer.net.inputs
+        return batch, trainer.net.inputs
     finally:
         trainer.net = net
+
+
+def test_band_overwritten_every_training_rollout_step_with_the_driver(lam_parts):
+    _, parts = lam_parts
+    forcing = parts.trainer.boundary
+    assert isinstance(forcing, BoundaryForcing)
+    batch, seen = rollout_inputs(parts, 3)
     assert len(seen) == 3
     rows, cols = forcing.rows, forcing.columns
     for r, state in enumerate(seen):  # state [1, T_in, G, V_in]
@@ -195,14 +201,7 @@ def test_each_step_sees_the_driver_band_at_the_time_it_predicts(lam_parts):
     assert forcing.lookahead and forcing.extra_inputs == v_prog + 1
     node_dim = parts.model.graph.data_attrs.shape[1]
     assert parts.model.embed_data.in_features == data.input_steps * (v_in + v_prog + 1) + node_dim
-    batch = {k: v[None] if torch.is_tensor(v) else v for k, v in data[4].items()}
-    net, trainer.net = trainer.net, Recording(parts.model)
-    try:
-        with torch.no_grad():
-            list(trainer.rollout(batch))
-        seen = trainer.net.inputs
-    finally:
-        trainer.net = net
+    batch, seen = rollout_inputs(parts, 4)
     interior = torch.as_tensor(~forcing.mask)
     for r, state in enumerate(seen):
         for t in range(state.shape[1]):
