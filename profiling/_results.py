@@ -75,11 +75,18 @@ def append_rows(filename: str, rows: list[dict]) -> Path:
             csv.DictWriter(fh, fieldnames=old_header).writerows(rows)
         return path
     old_rows = read_rows(path) if old_header is not None else []
-    fields = list(dict.fromkeys([*(old_header or []), *fields]))
+    return write_rows(path, [*old_rows, *rows], [*(old_header or []), *fields])
+
+
+def write_rows(path: Path, rows: list[dict], fields: list[str] | None = None) -> Path:
+    """Replace ``path`` with ``rows`` (columns: ``fields``, else the rows' keys in first-seen
+    order), written to a temporary file first so a reader never sees half a table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(fields or (k for row in rows for k in row)))
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
-        writer.writerows([*old_rows, *rows])
+        writer.writerows(rows)
     tmp.replace(path)
     return path
