@@ -178,6 +178,19 @@ def class_grid(n: int, h: int):
 # ----------------------------------------------------------------------------------------------
 # "flat" design: one candidate list for every pass
 # ----------------------------------------------------------------------------------------------
+def offered(cands: list[tuple]) -> list[tuple]:
+    """The candidates (``BLOCK_E`` first) the autotuner is given: ``FORCE_CANDIDATE``'s alone,
+    under the interpreter the widest edge block up to 4 (one run covers the multi-edge paths),
+    with ``SQUALL_AUTOTUNE=0`` the first, else all."""
+    if FORCE_CANDIDATE is not None:
+        return [cands[FORCE_CANDIDATE % len(cands)]]
+    if interpreting():
+        return [max((c for c in cands if c[0] <= 4), key=lambda c: c[0])]
+    if os.environ.get("SQUALL_AUTOTUNE", "1") == "0":
+        return cands[:1]
+    return cands
+
+
 def flat_configs(h_pad: int, c_pad: int) -> list[tuple[int, int]]:
     """Candidate ``(BLOCK_E, num_warps)`` of the flat kernels (one list for every pass).
 
@@ -194,13 +207,7 @@ def flat_configs(h_pad: int, c_pad: int) -> list[tuple[int, int]]:
     ]
     if not cands:  # one [H, C] row alone exceeds the tile budget: one edge at a time
         cands = [(1, 8)]
-    if FORCE_CANDIDATE is not None:
-        return [cands[FORCE_CANDIDATE % len(cands)]]
-    if interpreting():
-        return [max((c for c in cands if c[0] <= 4), key=lambda c: c[0])]
-    if os.environ.get("SQUALL_AUTOTUNE", "1") == "0":
-        return cands[:1]
-    return cands
+    return offered(cands)
 
 
 def flat_tuned(fn, name: str, h_pad: int, c_pad: int, fused: bool):
@@ -228,13 +235,7 @@ def block_configs(h_pad: int, c_pad: int) -> list[tuple[int, int, int]]:
         for be, w, bn in ((1, 4, 16), (1, 2, 16), (2, 4, 16), (1, 4, 32), (4, 4, 16))
         if be * tile <= MAX_TILE_ELEMS
     ] or [(1, 8, 16)]
-    if FORCE_CANDIDATE is not None:
-        return [cands[FORCE_CANDIDATE % len(cands)]]
-    if interpreting():
-        return [max((c for c in cands if c[0] <= 4), key=lambda c: c[0])]
-    if os.environ.get("SQUALL_AUTOTUNE", "1") == "0":
-        return cands[:1]
-    return cands
+    return offered(cands)
 
 
 def block_tuned(fn, name: str, h_pad: int, c_pad: int):
