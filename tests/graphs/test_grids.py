@@ -25,6 +25,51 @@ def test_gaussian_latitudes_integrate_polynomials():
     assert np.isclose((w * x**10).sum(), 2 / 11)
 
 
+EPS = np.finfo(np.float64).eps
+#: The roots get one Newton step in extended precision where numpy has it (x86 long double).
+EXTENDED = np.finfo(np.longdouble).eps < EPS
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 32, 96, 160])
+def test_gaussian_latitudes_match_leggauss_and_are_symmetric(n):
+    lat, w = grids.gaussian_latitudes(n)
+    m = 2 * n
+    assert lat.shape == w.shape == (m,) and np.all(np.diff(lat) < 0), "north to south"
+    np.testing.assert_array_equal(lat, -lat[::-1])
+    np.testing.assert_array_equal(w, w[::-1])
+    # an m-term recurrence or eigensolver: either result carries ~m eps of rounding at most
+    assert abs(w.sum() - 2.0) <= m * EPS * 2.0
+    half = grids._gauss_legendre_half(m)[0]  # positive roots, descending
+    x_ref, w_ref = np.polynomial.legendre.leggauss(m)  # ascending
+    np.testing.assert_allclose(np.concatenate([-half, half[::-1]]), x_ref, rtol=0, atol=m * EPS)
+    # latitude error = error of sin(latitude) / cos(latitude), plus arcsin's own rounding
+    lat_ref = np.arcsin(x_ref[::-1])
+    assert np.all(np.abs(lat - lat_ref) <= m * EPS / np.cos(lat_ref) + np.spacing(lat_ref))
+    # leggauss's weights are themselves off by up to 1e-9 relative at m = 640 (derivatives taken
+    # at its eigensolver roots); the exact weights are checked against mpmath below
+    np.testing.assert_allclose(w, w_ref[::-1], rtol=1e-6)
+
+
+def test_gaussian_latitudes_are_the_rounded_roots():
+    """Against 40-digit roots and weights of P_64 (mpmath): roots to the nearest float64 (half an
+    ulp, plus the reference's own rounding) and weights to a few eps, where numpy has extended
+    precision; otherwise within the float64 Newton noise of an m-term recurrence (m ulps)."""
+    mpmath = pytest.importorskip("mpmath")
+    m = 64
+    x, w = grids._gauss_legendre_half(m)
+    ctx = mpmath.mp.clone()
+    ctx.dps = 40
+    root_tol, weight_tol = (0.5 + 1e-3, 4 * EPS) if EXTENDED else (m, m * EPS)
+    for xi_f, wi_f in zip(x, w, strict=True):
+        xi = ctx.mpf(xi_f)
+        for _ in range(3):  # Newton from a root already good to ~1e-16: 40 digits
+            p, q = ctx.legendre(m, xi), ctx.legendre(m - 1, xi)
+            xi -= p * (1 - xi**2) / (m * (q - xi * p))
+        wi = 2 * (1 - xi**2) / (m * ctx.legendre(m - 1, xi)) ** 2
+        assert float(abs(ctx.mpf(xi_f) - xi)) <= root_tol * np.spacing(xi_f)
+        assert float(abs(ctx.mpf(wi_f) / wi - 1)) <= weight_tol
+
+
 @pytest.mark.parametrize("level", [0, 1, 3, 5])
 def test_icosahedral_counts_and_prefix(level):
     mesh = grids.icosahedral_mesh(level)

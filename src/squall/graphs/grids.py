@@ -74,10 +74,67 @@ def _normalised(weights: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
+#: Newton steps in float64 stop once the largest step is below this (x = sin(latitude)): the
+#: convergence is quadratic, so the next error is at float64 rounding (measured from Tricomi's
+#: guess, N = 1280: steps of 1.4e-9, 2.3e-12, then 1e-16; N = 32: 2.2e-6, 3.5e-9, 9e-15, 1e-16).
+_NEWTON_STOP = 1e-10
+#: A bound on the float64 Newton steps (N = 32 .. 1280 take 2 to 4).
+_NEWTON_MAX_STEPS = 20
+
+
+def _legendre(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``P_m(x), P_{m-1}(x), P_{m-2}(x)`` by the three-term recurrence, in ``x``'s dtype."""
+    p2, p1, p0 = np.zeros_like(x), np.ones_like(x), x.copy()  # P_{k-2}, P_{k-1}, P_k at k = 1
+    for k in range(1, m):
+        p2, p1, p0 = p1, p0, ((2 * k + 1) * x * p0 - k * p1) / (k + 1)
+    return p0, p1, p2
+
+
+@functools.lru_cache(maxsize=4)
+def _gauss_legendre_half(m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positive roots of ``P_m`` (descending) and their Gauss-Legendre weights, float64.
+
+    Newton's method on the three-term recurrence, vectorised over the roots (O(m^2) in all), from
+    Tricomi's asymptotic guess ``x_k = (1 - (m - 1) / (8 m^3)) cos(pi (4k - 1) / (4m + 2))``;
+    float64 steps until they fall below :data:`_NEWTON_STOP`, then one step in extended precision
+    (``np.longdouble``: 64-bit mantissa on x86) rounds the roots to their nearest float64. The
+    weights ``2 (1 - x^2) / (m P_{m-1}(x))^2`` use ``P_{m-1}`` at the refined root (first-order
+    Taylor from the last evaluation). Where ``longdouble`` is float64, roots stay within the
+    float64 Newton noise (at most 20 ulps at m = 2560, measured).
+    """
+    k = np.arange(1, m // 2 + 1, dtype=np.float64)
+    x = (1.0 - (m - 1) / (8.0 * m**3)) * np.cos(np.pi * (4 * k - 1) / (4 * m + 2))
+    for _ in range(_NEWTON_MAX_STEPS):
+        p, q, _ = _legendre(x, m)
+        step = p * ((1.0 - x) * (1.0 + x)) / (m * (q - x * p))  # P_m / P_m'
+        x = x - step
+        if np.abs(step).max() < _NEWTON_STOP:
+            break
+    else:
+        raise GraphError(f"Gaussian latitudes: Newton's method did not converge for {m} roots")
+    xe = x.astype(np.longdouble)
+    p, q, r = _legendre(xe, m)
+    one_minus_x2 = (1 - xe) * (1 + xe)
+    dp = m * (q - xe * p) / one_minus_x2  # P_m'
+    dq = (m - 1) * (r - xe * q) / one_minus_x2  # P_{m-1}'
+    step = p / dp
+    xe, q = xe - step, q - dq * step
+    weights = 2 * ((1 - xe) * (1 + xe)) / (m * q) ** 2
+    return xe.astype(np.float64), weights.astype(np.float64)
+
+
 def gaussian_latitudes(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``2n`` Gaussian latitudes (radians, north to south) and their quadrature weights."""
-    x, w = np.polynomial.legendre.leggauss(2 * n)  # x = sin(latitude), ascending
-    return np.arcsin(x[::-1]), w[::-1]
+    """The ``2n`` Gaussian latitudes (radians, north to south) and their quadrature weights.
+
+    The roots ``x = sin(latitude)`` of the Legendre polynomial ``P_2n`` and the Gauss-Legendre
+    weights (summing to 2) in O(n^2) (:func:`_gauss_legendre_half`; N = 1280 in ~0.3 s, where
+    numpy's ``leggauss``, a dense eigensolver, takes 1-10 s). Latitudes and weights are exactly
+    symmetric about the equator. Against ``leggauss``, ``sin(latitude)`` differs by at most a few
+    ulps and weights by leggauss's own error (up to 1e-7 relative next to the poles at N = 1280).
+    """
+    x, w = _gauss_legendre_half(2 * n)
+    lat = np.arcsin(x)
+    return np.concatenate([lat, -lat[::-1]]), np.concatenate([w, w[::-1]])
 
 
 def octahedral_gaussian(n: int, name: str = "data") -> NodeSet:
