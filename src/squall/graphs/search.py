@@ -25,6 +25,7 @@ searched again. Queries are processed in groups sized so that candidate matrices
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -84,6 +85,51 @@ def search_device() -> torch.device | None:
     raise GraphError(f"SQUALL_GRAPH_SEARCH={mode!r}: choose auto, scipy, cpu or cuda")
 
 
+def use_kernel(index: SphereIndex, k: int | None = None) -> bool:
+    """Whether :func:`knn` / :func:`radius` run the Triton kernels
+    (:mod:`squall.kernels.sphere_search`) rather than the torch path.
+
+    ``SQUALL_SEARCH_KERNEL``: ``auto`` (default: on CUDA, for indexes of latitude bands; grid
+    rows and ``k`` above the kernel's register budget take the torch path), ``0`` (always torch)
+    or ``1`` (as ``auto``, and on the CPU through Triton's interpreter, ``TRITON_INTERPRET=1``:
+    the tests' way to run the kernels without a GPU).
+    """
+    mode = os.environ.get("SQUALL_SEARCH_KERNEL", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise GraphError(f"SQUALL_SEARCH_KERNEL={mode!r}: choose auto, 0 or 1")
+    if mode == "0" or index.structured:
+        return False
+    from squall.kernels import sphere_search
+
+    if k is not None and k > sphere_search.MAX_K:
+        return False
+    if index.device.type == "cuda":
+        return True
+    if mode == "1":
+        if not sphere_search.interpreting():
+            raise GraphError("SQUALL_SEARCH_KERNEL=1 on the CPU needs TRITON_INTERPRET=1")
+        return True
+    return False
+
+
+def _query_order(index: SphereIndex, lat: torch.Tensor, lon: torch.Tensor) -> torch.Tensor:
+    """Query rows in an order whose kernel blocks span few bands: the given order when blocks of
+    consecutive queries already do (grid points row by row), else sorted by band and longitude
+    (mesh nodes, whose order follows refinement, not place)."""
+    from squall.kernels.sphere_search import BLOCK
+
+    n = len(lat)
+    rows = torch.arange(n, device=lat.device)
+    inv_height = index.band_lo.numel() / math.pi
+    blocks = n // BLOCK
+    if blocks:
+        v = lat[: blocks * BLOCK].view(blocks, BLOCK)
+        if float((v.amax(1) - v.amin(1)).mean()) * inv_height < 1:
+            return rows
+    band = ((lat + HALF_PI) * inv_height).floor()
+    return torch.argsort(band * 8 + torch.remainder(lon, TWO_PI))
+
+
 def chord2(angle):
     """Squared chord of a central angle (tensor or float)."""
     half = angle / 2
@@ -136,6 +182,12 @@ def regular_rows(lat: torch.Tensor, lon: torch.Tensor):
     points at longitudes ``2 pi j / n``, ``j = 0 .. n-1`` in order (within :data:`_ROW_TOLERANCE`).
     """
     n = len(lat)
+    # rows of strictly monotone latitude make the whole array monotone: a cheap first test that
+    # rejects scattered points (observations) before the per-row work
+    if n > 1:
+        step = lat[1:] - lat[:-1]
+        if not (bool((step <= 0).all()) or bool((step >= 0).all())):
+            return None
     change = torch.nonzero(lat[1:] != lat[:-1]).ravel() + 1
     starts = torch.cat([torch.zeros(1, dtype=torch.int64, device=lat.device), change])
     counts = torch.diff(starts, append=torch.tensor([n], device=lat.device))
@@ -186,6 +238,14 @@ class SphereIndex:
     @property
     def structured(self) -> bool:
         return self.key is None
+
+    @functools.cached_property
+    def banded(self):
+        """The search kernels' view of a banded index (sources in banded order and the longitude
+        cell table, :class:`squall.kernels.sphere_search.BandedSources`), built on first use."""
+        from squall.kernels.sphere_search import BandedSources
+
+        return BandedSources(self)
 
     @classmethod
     def build(cls, latlon, device=None, band_height: float | None = None,
@@ -395,22 +455,50 @@ def knn(
     rows = torch.arange(q, device=device)
     theta = torch.full((q,), min(math.pi, math.sqrt(SEED * 4 * k / index.num)),
                        dtype=torch.float64, device=device)  # fmt: skip
+    if use_kernel(index, k):
+        return _knn_kernel(index, lat, lon, qxyz, theta, k, out_idx, out_d2)
     while rows.numel():
         retry_rows, retry_theta = [], []
         for g_rows, g_theta, idx, d2 in _candidates(index, qxyz, lat, lon, rows, theta):
             s_idx, s_d2 = _smallest(idx, d2, k)
-            kth = s_d2[:, -1]
-            done = (g_theta >= math.pi) | (kth <= chord2(g_theta) * ACCEPT)
+            done, grown = _accept(s_d2[:, -1], g_theta)
             out_idx[g_rows[done]] = s_idx[done]
             out_d2[g_rows[done]] = s_d2[done]
             miss = ~done
-            # Grow to the k-th candidate (the next round then holds k sources inside its cap),
-            # or double while fewer than k were found.
-            reach = 2 * torch.asin((kth.clamp(max=4.0).sqrt() / 2).clamp(max=1.0))
-            grown = torch.where(torch.isfinite(kth), reach * (1 + 1e-6) + 2 * MARGIN, 2 * g_theta)
             retry_rows.append(g_rows[miss])
-            retry_theta.append(grown[miss].clamp(max=math.pi))
+            retry_theta.append(grown[miss])
         rows, theta = torch.cat(retry_rows), torch.cat(retry_theta)
+    return out_idx, out_d2
+
+
+def _accept(kth: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which queries of search angle ``theta`` and ``k``-th candidate ``kth`` are done, and the
+    angle of the next round for the others."""
+    done = (theta >= math.pi) | (kth <= chord2(theta) * ACCEPT)
+    # Grow to the k-th candidate (the next round then holds k sources inside its cap), or
+    # double while fewer than k were found.
+    reach = 2 * torch.asin((kth.clamp(max=4.0).sqrt() / 2).clamp(max=1.0))
+    grown = torch.where(torch.isfinite(kth), reach * (1 + 1e-6) + 2 * MARGIN, 2 * theta)
+    return done, grown.clamp(max=math.pi)
+
+
+def _knn_kernel(index, lat, lon, qxyz, theta, k, out_idx, out_d2):
+    """:func:`knn` through the Triton kernel: rounds over the queries not yet accepted, with
+    the same acceptance and widening as the torch path (one host sync per round)."""
+    from squall.kernels.sphere_search import knn_rows
+
+    src = index.banded
+    rows = _query_order(index, lat, lon)
+    theta = theta[rows]
+    while rows.numel():
+        s_idx, s_d2 = knn_rows(src, rows, theta, lat, lon, qxyz, k)
+        done, grown = _accept(s_d2[:, -1], theta)
+        out_idx.index_copy_(0, rows, s_idx)  # rows not done are written again next round
+        out_d2.index_copy_(0, rows, s_d2)
+        if bool(done.all()):
+            break
+        miss = ~done
+        rows, theta = rows[miss], grown[miss]
     return out_idx, out_d2
 
 
@@ -436,6 +524,44 @@ def radius(index: SphereIndex, query_latlon, r: float, max_neighbours: int | Non
     r2 = float(r) * float(r)
     theta = torch.full((q,), min(math.pi, 2 * math.asin(min(r / 2, 1.0))), dtype=torch.float64,
                        device=device)  # fmt: skip
+    if use_kernel(index):
+        return _radius_kernel(index, lat, lon, qxyz, r2, float(theta[0]) if q else 0.0,
+                              max_neighbours)  # fmt: skip
+    return _radius_torch(index, lat, lon, qxyz, r2, theta, max_neighbours)
+
+
+def _radius_kernel(index, lat, lon, qxyz, r2, theta, max_neighbours):
+    """:func:`radius` through the Triton kernels: count, exclusive sum, fill, then one sort by
+    (query, source). Queries with more than ``max_neighbours`` sources within the radius (rare:
+    the cap bounds dense clusters) take the torch path. Two host syncs."""
+    from squall.kernels.sphere_search import radius_counts, radius_fill
+
+    device, q = lat.device, len(lat)
+    src = index.banded
+    rows = _query_order(index, lat, lon)
+    counts, consts = radius_counts(src, rows, theta, r2, lat, lon, qxyz, q)
+    cap = counts.numel() + index.num if max_neighbours is None else max_neighbours
+    kept = counts.clamp(max=cap)
+    offsets = torch.cumsum(kept, 0) - kept
+    total, over = (int(v) for v in torch.stack([kept.sum(), (counts > cap).sum()]).tolist())
+    source, dist2 = radius_fill(src, rows, consts, lat, lon, qxyz, counts, offsets, cap, total)
+    if over:
+        heavy = torch.nonzero(counts > cap).ravel()
+        h_q, h_s, h_d2 = _radius_torch(index, lat[heavy], lon[heavy], qxyz[:, heavy], r2,
+                                       torch.full((len(heavy),), theta, dtype=torch.float64,
+                                                  device=device), max_neighbours)  # fmt: skip
+        rank = torch.arange(len(h_q), device=device) - torch.searchsorted(h_q, h_q)
+        at = offsets[heavy[h_q]] + rank
+        source[at], dist2[at] = h_s, h_d2
+    query = torch.repeat_interleave(torch.arange(q, device=device), kept, output_size=total)
+    # within a query the fill wrote window order (band, longitude): order by source index
+    key, by_key = torch.sort(query * index.num + source)
+    return query, key - query * index.num, dist2[by_key]
+
+
+def _radius_torch(index, lat, lon, qxyz, r2, theta, max_neighbours):
+    """:func:`radius` on the torch path."""
+    device, q = lat.device, len(lat)
     parts = []
     counts = torch.zeros(q, dtype=torch.int64, device=device)
     for g_rows, _, idx, d2 in _candidates(index, qxyz, lat, lon, torch.arange(q, device=device),
