@@ -81,6 +81,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="CPU-sized model on O8 (a check)")
     p.add_argument("--graph-cache", default="/tmp/squall-graphs")
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
+    p.add_argument("--check-only", action="store_true", help="phase 3 alone (no throughput)")
     return p.parse_args()
 
 
@@ -213,12 +214,24 @@ def check(args, graph, device, world, rank) -> dict:
             model.runner.grad_reducer.remove()
             model.runner.grad_reducer = None
         trainer = Trainer(model, layout, training_cfg("fp32"), device, logger=None)
+        grads = None
         for batch in batches(args.check_steps, 2, grid, device, dtype):
             trainer.train_step(batch)
+            if grads is None:  # the first step's (clipped) gradients, before AdamW acts on them
+                grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters()
+                         if p.grad is not None}  # fmt: skip
+        train.grads[(dtype, unsynced, config is not None)] = grads
         return {n: p.detach().double() for n, p in model.named_parameters()}
+
+    train.grads = {}
 
     def errors(params, ref) -> dict[str, float]:
         return {n: (params[n] - ref[n]).abs().max().item() for n in params}
+
+    def grad_error(got, ref) -> float:
+        """Largest gradient error relative to the tensor's largest gradient."""
+        return max(((got[n] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-30)).item()
+                   for n in ref)  # fmt: skip
 
     config = ParallelConfig(ensemble=world, noise_seed=7)
     sharded = train(torch.float32, config, build_groups(Layout(world, 1, world)))
@@ -226,6 +239,20 @@ def check(args, graph, device, world, rank) -> dict:
     result = {}
     if rank == 0:
         exact, fp32 = train(torch.float64), train(torch.float32)
+        g = train.grads
+        g_exact, g_fp32 = g[(torch.float64, False, False)], g[(torch.float32, False, False)]
+        g_ref = grad_error(g_fp32, g_exact)
+        # the first step's gradients: no AdamW normalisation between them and the comparison
+        # (AdamW moves a parameter whose gradient is rounding noise by ~lr, whatever its size)
+        grads = {"max_rel_error": grad_error(g[(torch.float32, False, True)], g_exact),
+                 "fp32_reference_rel_error": g_ref,
+                 "unsynced_control_rel_error": grad_error(g[(torch.float32, True, True)], g_exact)}  # fmt: skip
+        # tolerance: 4 x the fp32 reference's own error plus one ulp; the control must be off by
+        # more than 10 tolerances for the check to discriminate
+        g_tol = 4 * g_ref + torch.finfo(torch.float32).eps
+        grads["tolerance"] = g_tol
+        grads["passed"] = bool(grads["max_rel_error"] <= g_tol
+                               and grads["unsynced_control_rel_error"] > 10 * g_tol)  # fmt: skip
         ref = errors(fp32, exact)
         ref_err = max(ref.values())
         scale = max(p.abs().max().item() for p in exact.values())
@@ -240,7 +267,8 @@ def check(args, graph, device, world, rank) -> dict:
                   "unsynced_control_error": max(errors(control, exact).values()),
                   "parameters_moved": max(moved.values()),
                   "worst_reference_tensors": {n: [ref[n], moved[n]] for n in worst},
-                  "passed": bool(err <= tol and max(moved.values()) > 10 * tol)}
+                  "passed": bool(err <= tol and max(moved.values()) > 10 * tol),
+                  "first_step_gradients": grads}  # fmt: skip
         print({"check": result}, flush=True)
     if world > 1:
         dist.barrier()
@@ -260,7 +288,9 @@ def main() -> None:
         torch.cuda.set_device(device)
     if args.members % world:
         raise SystemExit(f"--members={args.members} does not split over {world} ranks")
-    if args.tiny:
+    if args.check_only:  # the check builds its own graph and model
+        graph = mcfg = None
+    elif args.tiny:
         graph = build_graph(TINY_GRAPH)
         mcfg = ModelConfig(num_channels=32, num_heads=4, noise_channels=8,
                            ensemble_members=args.members)  # fmt: skip
@@ -279,16 +309,16 @@ def main() -> None:
                            checkpoint_decoder=policy, noise_channels=16,
                            ensemble_members=args.members)  # fmt: skip
     began = time.perf_counter()
-    rows = throughput(args, graph, mcfg, device, world, rank)
+    rows = [] if args.check_only else throughput(args, graph, mcfg, device, world, rank)
     timed = time.perf_counter() - began
     checked = check(args, build_graph(TINY_GRAPH), device, world, rank) if world > 1 else {}
     if rank == 0:
         speedup = (rows[-1]["member_samples_per_s"] / rows[0]["member_samples_per_s"]
                    if len(rows) > 1 else 1.0)  # fmt: skip
         summary = {"rows": rows, "speedup": round(speedup, 3), "check": checked,
-                   "throughput_wall_s": round(timed, 1)}
+                   "throughput_wall_s": round(timed, 1)}  # fmt: skip
         print(json.dumps({"speedup": summary["speedup"], "check_passed": checked.get("passed")}))
-        if not args.tiny:
+        if rows and not args.tiny:
             append_rows("ensemble.csv", rows)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
