@@ -47,6 +47,7 @@ from squall.parallel.halo import build_halo_plans  # noqa: E402
 from squall.parallel.parallelize import ParallelConfig, parallelize  # noqa: E402
 from squall.parallel.partition import partition_graph, partition_report  # noqa: E402
 from squall.parallel.sharding import local_state_bytes  # noqa: E402
+from squall.planning.estimate import describe_checkpointing, estimate  # noqa: E402
 from squall.train.loop import area_weighted_mse  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,28 +264,160 @@ class _Marks:
         return [e - self.events[0] for e in self.events[1:]]
 
 
+class _Zeros(torch.autograd.Function):
+    """Zero halo rows that take part in autograd (so the backward passes a trace mark where the
+    reverse exchange would start), with no gradient for the owned rows: nothing moves."""
+
+    @staticmethod
+    def forward(ctx, x, num_recv):
+        return x.new_zeros((x.shape[0], num_recv, x.shape[2]))
+
+    @staticmethod
+    def backward(ctx, _grad):
+        return None, None
+
+
 class _NoExchange:
     """Stand-in for a HaloExchange that moves nothing: zeros of the halo's shape, at once."""
 
     def __init__(self, exchange):
         self.num_recv = exchange.num_recv
 
-    def _zeros(self, x):
-        return x.new_zeros((x.shape[0], self.num_recv, x.shape[2]))
-
     def start(self, x):
-        zeros = self._zeros(x)
+        zeros = _Zeros.apply(x, self.num_recv)
         return type("Done", (), {"wait": staticmethod(lambda: zeros)})()
 
     def __call__(self, x):
-        return self._zeros(x)
+        return _Zeros.apply(x, self.num_recv)
 
 
-def _solo_compute(model, step, args, cuda, barrier_sync) -> dict | None:
+class _Mark(torch.autograd.Function):
+    """Identity that records a trace event when it runs forward and when its gradient passes."""
+
+    @staticmethod
+    def forward(ctx, x, trace, tag):
+        trace.record(f"{tag}:fwd")
+        ctx.trace, ctx.tag = trace, tag
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.trace.record(f"{ctx.tag}:bwd")
+        return grad, None, None
+
+
+class _Trace:
+    """CUDA events (host clocks on CPU) at every exchange of a step, in order, by tag:
+    ``send:fwd`` before an exchange starts, ``recv:fwd`` once its halo is there, ``recv:bwd``
+    when the halo's gradient is ready (the reverse exchange starts), ``send:bwd`` once the
+    reverse exchange has come back and been added."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.on, self.marks = cuda, False, []
+
+    def record(self, tag: str) -> None:
+        if not self.on:
+            return
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((tag, ev))
+        else:
+            self.marks.append((tag, time.perf_counter()))
+
+    def start(self):
+        self.marks, self.on = [], True
+        self.record("step:start")
+
+    def stop(self) -> list[tuple[str, float]]:
+        """``(tag, seconds since the step started)`` of every mark (synchronises)."""
+        self.record("step:end")
+        self.on = False
+        t0 = self.marks[0][1]
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+            return [(tag, t0.elapsed_time(ev) / 1e3) for tag, ev in self.marks]
+        return [(tag, t - t0) for tag, t in self.marks]
+
+
+class _Traced:
+    """An exchange (real or :class:`_NoExchange`) with :class:`_Mark` around it (the
+    runner's ``exchange(x)`` and ``exchange.start(x).wait()`` both)."""
+
+    def __init__(self, inner, trace: _Trace, role: str):
+        self.inner, self.trace, self.role = inner, trace, role
+
+    def start(self, x):
+        pending = self.inner.start(_Mark.apply(x, self.trace, f"{self.role}:send"))
+        trace, role = self.trace, self.role
+        done = type("Traced", (), {"wait": staticmethod(
+            lambda: _Mark.apply(pending.wait(), trace, f"{role}:recv"))})  # fmt: skip
+        return done()
+
+    def __call__(self, x):
+        return self.start(x).wait()
+
+
+def _exchange_segments(marks: list[tuple[str, float]]) -> dict:
+    """Per-exchange waits and compute segments of one traced step of one rank.
+
+    ``fwd_wait`` / ``bwd_wait``: seconds the compute stream spent in each exchange (forward:
+    ``send`` to ``recv``; backward: ``recv`` to ``send``, the reverse exchange), in step order;
+    ``segments``: the time between consecutive exchanges (compute), from the step start to its
+    end. With real exchanges a rank's wait is its transfer plus the time it waits for a later
+    peer; without (solo), the waits are ~0 and the segments are the rank's own compute.
+    """
+    fwd, bwd, segments, last = [], [], [], 0.0
+    open_fwd = open_bwd = None
+    for tag, t in marks[1:]:
+        kind = tag.rsplit(":", 2)
+        what = kind[-2:] if len(kind) >= 2 else kind
+        if what == ["send", "fwd"]:
+            segments.append(t - last)
+            open_fwd = t
+        elif what == ["recv", "fwd"] and open_fwd is not None:
+            fwd.append(t - open_fwd)
+            last, open_fwd = t, None
+        elif what == ["recv", "bwd"]:
+            segments.append(t - last)
+            open_bwd, last = t, t
+        elif what == ["send", "bwd"] and open_bwd is not None:
+            bwd.append(t - open_bwd)
+            last, open_bwd = t, None
+        elif tag == "step:end":
+            segments.append(t - last)
+    return {"fwd_wait": fwd, "bwd_wait": bwd, "segments": segments, "step": marks[-1][1]}
+
+
+def _traced_steps(model, step, trace, reps, barrier_sync) -> list[dict]:
+    """``reps`` steps with every exchange traced (after one untraced step)."""
+    local = model.graph.local
+    saved = {role: le.exchange for role, le in local.items()}
+    try:
+        for role, le in local.items():
+            if le.exchange is not None:
+                le.exchange = _Traced(le.exchange, trace, role)
+        out = []
+        for _ in range(reps):
+            barrier_sync()
+            trace.start()
+            step()
+            out.append(_exchange_segments(trace.stop()))
+        barrier_sync()
+        return out
+    finally:
+        for role, le in local.items():
+            le.exchange = saved[role]
+
+
+def _solo_compute(model, step, args, cuda, barrier_sync, trace) -> dict | None:
     """This rank's forward + backward (and loss, optimizer) without any communication: halo
-    exchanges replaced by zeros, the gradient reduction off. ``None`` with sharded parameters
-    (FSDP's gathers are collectives: the ranks would still wait for each other)."""
-    from squall.parallel.parallelize import GradReducer
+    exchanges replaced by zeros, the gradient reduction off, overlap off; with ``args.trace``
+    also the compute between consecutive exchanges (:func:`_exchange_segments`). ``None`` with
+    sharded parameters (FSDP's gathers are collectives: the ranks would still wait for each
+    other)."""
+    from contextlib import nullcontext
+
     from squall.parallel.sharding import is_sharded
 
     if is_sharded(model):
@@ -292,28 +425,87 @@ def _solo_compute(model, step, args, cuda, barrier_sync) -> dict | None:
     local = model.graph.local
     saved = {role: le.exchange for role, le in local.items()}
     reducer = model.runner.grad_reducer
-    if reducer is not None:
-        reducer.remove()
+    overlap, model.runner.overlap = model.runner.overlap, False
+    traced = None
     try:
-        for le in local.values():
-            if le.exchange is not None:
-                le.exchange = _NoExchange(le.exchange)
-        step()
-        barrier_sync()
-        phases = []
-        for _ in range(max(3, args.steps // 2)):
-            marks = _Marks(cuda)
-            step(marks)
-            marks.sync()
-            phases.append(marks.seconds())
-        barrier_sync()
+        with reducer.no_sync() if reducer is not None else nullcontext():
+            for le in local.values():
+                if le.exchange is not None:
+                    le.exchange = _NoExchange(le.exchange)
+            step()
+            barrier_sync()
+            phases = []
+            for _ in range(max(3, args.steps // 2)):
+                marks = _Marks(cuda)
+                step(marks)
+                marks.sync()
+                phases.append(marks.seconds())
+            barrier_sync()
+            if args.trace:
+                traced = _traced_steps(model, step, trace, args.trace, barrier_sync)
     finally:
         for role, le in local.items():
             le.exchange = saved[role]
-        if reducer is not None:
-            model.runner.grad_reducer = GradReducer(model, reducer.group, round(1 / reducer.scale))
+        model.runner.overlap = overlap
     med = [statistics.median(ph[i] for ph in phases) for i in range(4)]
-    return {"forward_backward_s": med[0] + med[2] - med[1], "step_s": med[3]}
+    return {"forward_backward_s": med[0] + med[2] - med[1], "step_s": med[3], "traced": traced}
+
+
+def _set_bucket(model, bucket_mb: float) -> None:
+    """Give the model a :class:`GradReducer` with ``bucket_mb`` (when it has one)."""
+    from squall.parallel.parallelize import GradReducer
+
+    reducer = model.runner.grad_reducer
+    if reducer is None or reducer.bucket_mb == bucket_mb:
+        return
+    reducer.remove()
+    model.runner.grad_reducer = GradReducer(model, reducer.group, round(1 / reducer.scale),
+                                            bucket_mb)  # fmt: skip
+
+
+def exchange_analysis(ranks: list[dict]) -> dict:
+    """Where the halo wait goes, from the traced steps of every rank (``{}`` without them).
+
+    Per exchange ``k`` (medians over the traced steps), rank ``r`` waits ``w[r][k]`` on its
+    compute stream. ``*_both_s``: sum over exchanges of the smallest wait, what even the last
+    rank to arrive pays (pack, launch, transfer, unpack); ``*_skew_s``: sum of largest minus
+    smallest, the time the earlier rank waits for the later one. ``solo_sync_imbalance_s``:
+    from the solo run's compute between exchanges, sum over segments of the slowest rank's
+    segment minus the slowest rank's total: what synchronising at every exchange costs when
+    segments are unevenly split although the totals are balanced (it predicts the skew).
+    """
+    real = [r.get("traced") for r in ranks]
+    solo = [(r.get("solo_compute_s") or {}).get("traced") for r in ranks]
+    if len(ranks) < 2 or not all(real):
+        return {}
+
+    def med(steps, key):
+        n = min(len(s[key]) for s in steps)
+        return [statistics.median(s[key][k] for s in steps) for k in range(n)]
+
+    def sync_cost(seg):
+        n = min(len(x) for x in seg)
+        path = sum(max(x[k] for x in seg) for k in range(n))
+        return path - max(sum(x[:n]) for x in seg), path
+
+    out = {}
+    for d in ("fwd_wait", "bwd_wait"):
+        w = [med(t, d) for t in real]
+        n = min(len(x) for x in w)
+        out[f"{d}_exchanges"] = n
+        out[f"{d}_per_rank_s"] = [round(sum(x[:n]), 5) for x in w]
+        out[f"{d}_both_s"] = round(sum(min(x[k] for x in w) for k in range(n)), 5)
+        out[f"{d}_skew_s"] = round(sum(max(x[k] for x in w) - min(x[k] for x in w)
+                                       for k in range(n)), 5)  # fmt: skip
+    out["real_sync_imbalance_s"] = round(sync_cost([med(t, "segments") for t in real])[0], 5)
+    if all(solo):
+        seg = [med(t, "segments") for t in solo]
+        cost, path = sync_cost(seg)
+        out["solo_sync_imbalance_s"] = round(cost, 5)
+        out["solo_critical_path_s"] = round(path, 5)
+        out["solo_rank_compute_s"] = [round(sum(x), 5) for x in seg]
+    out["traced_step_s"] = [round(statistics.median(s["step"] for s in t), 5) for t in real]
+    return out
 
 
 def _count_step(model, x, y, opt, cuda, device) -> dict:
@@ -399,13 +591,28 @@ def cmd_time(args) -> None:
                        attention_backend=args.backend, checkpoint_encoder=ckpt,
                        checkpoint_processor=ckpt, checkpoint_decoder=ckpt,
                        compile=bool(args.compile))  # fmt: skip
+    if args.compile and any(args.overlap) and env.world_size > 1:
+        raise SystemExit("--compile 1 with --overlap 1: blocks that run on interior and boundary "
+                         "subsets stay eager; time compiled blocks with --overlap 0")  # fmt: skip
+    if args.budget_gib:
+        # the checkpoint planner's policies for the budget, planned on the sizes of a world of
+        # --plan-world ranks (default this run's: each world its own plan)
+        plan_world = args.plan_world or env.world_size
+        mcfg = dataclasses.replace(mcfg, checkpoint_encoder="none", checkpoint_decoder="none",
+                                   checkpoint_processor="none", checkpoint_budget_gib=args.budget_gib)  # fmt: skip
+        *_, mcfg = estimate(g, mcfg, ParallelConfig(plan_world), plan_world, args.batch,
+                            (NUM_VARS, NUM_VARS))  # fmt: skip
+    plan = describe_checkpointing(mcfg)
+    if env.rank == 0:
+        print(plan, flush=True)
     model = GraphForecaster(g, mcfg, NUM_VARS, NUM_VARS, 2,
                             residual_map=[(i, i) for i in range(NUM_VARS)]).to(device)  # fmt: skip
     torch.nn.init.normal_(model.head.weight, std=0.01)
     t1 = time.perf_counter()
     shard = bool(args.shard_parameters)
-    pcfg = ParallelConfig(env.world_size, args.partition, overlap=True, chunks=1,
-                          shard_parameters=shard, param_dtype="bf16" if cuda else "fp32")  # fmt: skip
+    pcfg = ParallelConfig(env.world_size, args.partition, overlap=bool(any(args.overlap)),
+                          chunks=1, shard_parameters=shard, param_dtype="bf16" if cuda else "fp32",
+                          grad_bucket_mb=args.bucket_mb[0])  # fmt: skip
     model = parallelize(model, g, pcfg, groups)
     t_plan = time.perf_counter() - t1
     n_local = model.graph.num_data
@@ -435,8 +642,10 @@ def cmd_time(args) -> None:
     local = getattr(model.graph, "local", {})
     exchanges = [le.exchange for le in local.values() if le.exchange is not None]
     rows = []
-    for overlap in args.overlap:
+    trace = _Trace(cuda)
+    for overlap, bucket_mb in [(o, b) for o in args.overlap for b in args.bucket_mb]:
         model.runner.overlap = bool(overlap)
+        _set_bucket(model, bucket_mb)
         for _ in range(args.warmup):
             step()
         barrier_sync()
@@ -460,7 +669,8 @@ def cmd_time(args) -> None:
         held = (marks.alloc[1] - marks.alloc[0]) / GIB if cuda else float("nan")
         # fixed per-step work: what does not shrink with P (zero_grad + forward launch gaps are in
         # forward; the loss, the optimizer step and the host time the device stood idle)
-        rows.append({"overlap": bool(overlap), "s_per_step": statistics.median(times),
+        rows.append({"overlap": bool(overlap), "bucket_mb": bucket_mb,
+                     "s_per_step": statistics.median(times),
                      "s_per_step_max": max(times), "peak_GiB": peak,
                      "halo_bytes_sent_per_step": sent,
                      "held_after_forward_GiB": held,
@@ -470,7 +680,13 @@ def cmd_time(args) -> None:
     # imbalance: every rank's forward + backward alone, exchanges and gradient reduction
     # replaced by local no-ops (no collective, so no rank waits for another); the real step's
     # forward + backward minus this is the rank's halo wait (exchange + waiting for its peers)
-    solo = _solo_compute(model, step, args, cuda, barrier_sync) if local else None
+    solo = _solo_compute(model, step, args, cuda, barrier_sync, trace) if local else None
+    # every exchange of a few steps timed on each rank (first bucket size, no overlap)
+    traced = None
+    if args.trace and local:
+        model.runner.overlap = False
+        _set_bucket(model, args.bucket_mb[0])
+        traced = _traced_steps(model, step, trace, args.trace, barrier_sync)
     # the gradient reduction of the step alone (all-reduce of GradReducer; FSDP's gathers and
     # reduce-scatters interleave with compute and are not separable this way)
     reducer = model.runner.grad_reducer
@@ -501,6 +717,7 @@ def cmd_time(args) -> None:
     # slowest rank decides the step: gather and reduce on rank 0
     summary = {"rank": env.rank, "rows": rows, "halo_s": halo_s, "halo_detail": halo_detail,
                "solo_compute_s": solo, "grad_sync_alone_s": grad_sync_s, "count": counted,
+               "traced": traced,
                "state_detail_GiB": {k: v / GIB for k, v in state.items()},
                "t_graph_s": t_graph, "t_plan_s": t_plan, "n_local_data": n_local,
                "n_local_mesh": model.graph.num_mesh,
@@ -514,18 +731,24 @@ def cmd_time(args) -> None:
                   "channels": args.channels, "heads": args.heads, "layers": args.layers,
                   "batch": args.batch, "backend": args.backend, "checkpoint": ckpt,
                   "partition": args.partition, "ranks": gathered, "shard_parameters": shard,
-                  "compile": mcfg.compile, "label": args.label,
+                  "compile": mcfg.compile, "label": args.label, "checkpoint_plan": plan,
+                  "budget_gib": args.budget_gib, "plan_world": args.plan_world,
                   "gflop_per_step": 3 * model.flops_per_sample() * args.batch / 1e9}  # fmt: skip
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, f"time_{env.world_size}.json").write_text(json.dumps(result))
         for i, r in enumerate(rows):
             b = breakdown(gathered, i)
-            print(f"P={env.world_size} overlap={r['overlap']} compile={mcfg.compile} "
+            print(f"P={env.world_size} overlap={r['overlap']} bucket_mb={r['bucket_mb']} "
+                  f"compile={mcfg.compile} "
                   f"shard_parameters={shard}: {b['s_per_step']:.4f} s/step, peak "
                   f"{b['peak_GiB']:.2f} GiB (state {b['state_GiB']:.3f}), fixed {b['fixed_s']:.4f} s "
                   f"(loss {b['loss_s']:.4f} opt {b['optimizer_s']:.4f} host {b['host_s']:.4f}), "
                   f"imbalance {b['imbalance']:.3f}, halo wait {b['halo_wait_s']:.4f} s, "
-                  f"halo alone {b['halo_alone_s']:.4f} s", flush=True)  # fmt: skip
+                  f"halo alone {b['halo_alone_s']:.4f} s, grad all-reduce alone "
+                  f"{b['grad_sync_alone_s']:.4f} s", flush=True)  # fmt: skip
+        ex = exchange_analysis(gathered)
+        if ex:
+            print("exchanges:", json.dumps(ex), flush=True)
     destroy_distributed()
 
 
@@ -778,6 +1001,8 @@ def cmd_series(args) -> None:
                    "batch": r["batch"], "backend": r["backend"], "checkpoint": r["checkpoint"],
                    "compile": r.get("compile", False), "partition": r["partition"],
                    "gpus": r["gpus"], "overlap": row["overlap"],
+                   "bucket_mb": row.get("bucket_mb", 0.0),
+                   "checkpoint_plan": r.get("checkpoint_plan", ""),
                    "shard_parameters": r.get("shard_parameters", False),
                    "strong_scaling_eff": round(eff, 3),
                    "peak_ratio_vs_1gpu": round(b["peak_GiB"] / b1["peak_GiB"], 3) if b1 else "",
@@ -789,7 +1014,8 @@ def cmd_series(args) -> None:
                 out["counted_held_GiB"] = round(max(c["held_GiB"] for c in count), 3)
                 out["counted_peak_GiB"] = round(max(c["peak_GiB"] for c in count), 3)
             rows.append(out)
-    rows.sort(key=lambda o: (o["label"], o["gpus"], o["shard_parameters"]))
+    rows.sort(key=lambda o: (o["label"], o["gpus"], o["shard_parameters"], o["overlap"],
+                             -o["bucket_mb"]))  # fmt: skip
     append_rows(args.csv, rows)
     info = rows[0]
     lines = [
@@ -805,20 +1031,30 @@ def cmd_series(args) -> None:
         "backward minus that (exchanges, waiting for the peer, gradient all-reduce). State: "
         "parameters + gradients + AdamW state per rank.",
         "",
-        "| series | GPUs | shard params | s/step | efficiency | fwd+bwd s | fixed s (loss / opt "
+        "| series | GPUs | shard params | overlap | grad bucket MiB | s/step | efficiency | fwd+bwd s | fixed s (loss / opt "
         "/ host) | imbalance | halo wait s | halo alone s | grad all-reduce alone s | peak GiB "
         "| peak vs 1 GPU | held after fwd GiB | state GiB (param / grad / opt) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in rows:
         lines.append(
-            f"| {o['label'] or '-'} | {o['gpus']} | {o['shard_parameters']} | {o['s_per_step']} "
+            f"| {o['label'] or '-'} | {o['gpus']} | {o['shard_parameters']} | {o['overlap']} "
+            f"| {o['bucket_mb'] if o['gpus'] > 1 else '-'} | {o['s_per_step']} "
             f"| {o['strong_scaling_eff']} | {o['forward_backward_s']} | {o['fixed_s']} "
             f"({o['loss_s']} / {o['optimizer_s']} / {o['host_s']}) | {o['imbalance']} "
             f"| {o['halo_wait_s']} | {o['halo_alone_s']} | {o['grad_sync_alone_s']} "
             f"| {o['peak_GiB']} | {o['peak_ratio_vs_1gpu']} | {o['held_after_forward_GiB']} "
             f"| {o['state_GiB']} ({o['params_GiB']} / {o['grads_GiB']} / {o['optimizer_GiB']}) |"
         )
+    plans = sorted({(o["label"] or "-", o["gpus"], o["checkpoint_plan"]) for o in rows})
+    lines += ["", "Checkpoint policies: " + "; ".join(f"{lab} P={g}: {p or 'as --checkpoint'}"
+                                                    for lab, g, p in plans)]  # fmt: skip
+    for r in runs:
+        ex = exchange_analysis(r["ranks"])
+        if ex:
+            lines += ["", f"Exchanges traced ({r.get('label') or '-'}, P={r['gpus']}, s per step, "
+                      "first bucket size, no overlap; see `exchange_analysis`): "
+                      + ", ".join(f"{k} {v}" for k, v in ex.items())]  # fmt: skip
     counted = [(r, s) for r in runs for s in r["ranks"] if s.get("count")]
     if counted:
         lines += ["", "Counted activation tensors (squall.planning.memory, one step, GiB): held "
@@ -871,6 +1107,31 @@ def main(argv=None) -> None:
         help="1: shard parameters, gradients and optimizer state (FSDP2)",
     )
     t.add_argument("--compile", type=int, default=0, help="1: torch.compile every block")
+    t.add_argument(
+        "--bucket-mb",
+        nargs="+",
+        type=float,
+        default=[25.0],
+        help="GradReducer bucket MiB, one row each (0: one all-reduce at the end)",
+    )
+    t.add_argument(
+        "--budget-gib",
+        type=float,
+        default=0.0,
+        help="checkpoint policies from the planner for this per-GPU budget (replaces --checkpoint)",
+    )
+    t.add_argument(
+        "--plan-world",
+        type=int,
+        default=0,
+        help="plan the checkpoint policies for this many ranks (0: this run's)",
+    )
+    t.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        help="steps with every exchange timed on every rank (real and solo)",
+    )
     t.add_argument(
         "--count",
         type=int,

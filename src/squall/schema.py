@@ -679,6 +679,9 @@ class ParallelSchema(Schema):
     shard_parameters : bool
         Shard parameters, gradients and optimizer state over every rank (FSDP2; blocks gathered
         just in time); no effect on one rank.
+    grad_bucket_mb : float
+        Gradient MiB per all-reduce launched during the backward (model-parallel and ensemble
+        layouts; 0: one all-reduce after it).
     gpus : int or None
         Ranks of a scaling point (``jobs.scale``; ``jobs.dry_run``'s world size when set); null
         in a scaling point: ``ensemble x model_parallel x data_parallel`` (missing degrees 1).
@@ -694,6 +697,7 @@ class ParallelSchema(Schema):
     overlap: bool = MISSING
     chunks: int = setting(ge=1)
     shard_parameters: bool = MISSING
+    grad_bucket_mb: float = setting(25.0, ge=0)
     gpus: int | None = setting(None, ge=1)
     nodes: int | None = setting(None, ge=1)
     data_parallel: int | None = setting(None, ge=1)
