@@ -107,3 +107,33 @@ def test_device_sort_equals_host_sort():
     for a, b in zip(host, device, strict=True):
         np.testing.assert_array_equal(a, b)
     assert np.all(np.diff(host[1] * 50 + host[0]) >= 0)
+
+
+def test_device_pipeline_builds_the_host_edge_sets(monkeypatch):
+    """Edges kept as tensors from the torch search, then sorted, pointed and attributed on the
+    device (a GPU's path; here on the CPU unless a GPU is present) give the host path's arrays:
+    the same edges exactly, attributes to float32 rounding (values at most 1)."""
+    from squall.graphs.graph import EdgeSet
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    src, dst = grids.grid_from_name("O12", "data"), grids.icosahedral_mesh(2, "hidden")
+    specs = {
+        "encoder": ({"type": "cutoff", "factor": 0.6}, src, dst),
+        "processor": ({"type": "multiscale"}, dst, dst),
+        "decoder": ({"type": "knn", "k": 3}, dst, src),
+    }
+    for name, (spec, a, b) in specs.items():
+        monkeypatch.setenv("SQUALL_GRAPH_SEARCH", device.type)
+        pairs = edges.build_edges(spec, a, b, keep_on_device=True)
+        if spec["type"] != "multiscale":
+            assert all(isinstance(p, torch.Tensor) and p.device.type == device.type for p in pairs)
+        got = EdgeSet._from_pairs_on(device, name, a, b, *pairs)
+        monkeypatch.setenv("SQUALL_GRAPH_SEARCH", "cpu")  # numpy sorts and attributes
+        want = EdgeSet.from_pairs(name, a, b, *edges.build_edges(spec, a, b))
+        for field in ("colptr", "row", "rowptr", "csr_perm"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=name)
+        assert got.attrs.dtype == np.float32
+        assert np.abs(got.attrs - want.attrs).max() <= np.finfo(np.float32).eps, name
+    for nodes in (src, dst):
+        nodes.drop_device()
+        assert "_device_copies" not in nodes.__dict__

@@ -72,23 +72,35 @@ def tangent_frame(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def edge_attributes_torch(
-    src_xyz: np.ndarray,
-    dst_xyz: np.ndarray,
-    src: np.ndarray,
-    dst: np.ndarray,
+    src_xyz,
+    dst_xyz,
+    src,
+    dst,
     device,
     chunk: int = 1 << 24,
 ) -> np.ndarray:
     """:func:`edge_attributes` on ``device`` in float64, the same formulas in the same order
     (results equal the numpy ones to float32 rounding: the libraries' arcsin and norm may differ
-    in the last float64 bit). ``chunk`` edges at a time: 16 M edges take ~2 GB of temporaries."""
-    src_t = torch.from_numpy(np.ascontiguousarray(src_xyz)).to(device)
-    dst_t = torch.from_numpy(np.ascontiguousarray(dst_xyz)).to(device)
+    in the last float64 bit). Inputs are numpy arrays or tensors; ``chunk`` edges at a time:
+    16 M edges take ~2 GB of temporaries."""
+    return edge_attributes_tensor(src_xyz, dst_xyz, src, dst, device, chunk).cpu().numpy()
+
+
+def _on(array, device, dtype) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.to(device=device, dtype=dtype)
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+
+
+def edge_attributes_tensor(src_xyz, dst_xyz, src, dst, device, chunk: int = 1 << 24):
+    """:func:`edge_attributes_torch` left on ``device``: ``[E, 3]`` float32 tensor (the graph
+    builder's path, whose edges and unit vectors are already there)."""
+    src_t, dst_t = _on(src_xyz, device, torch.float64), _on(dst_xyz, device, torch.float64)
+    src, dst = _on(src, device, torch.int64), _on(dst, device, torch.int64)
     east_nodes, north_nodes = _tangent_frame_torch(dst_t)
     out = torch.empty((len(src), 3), dtype=torch.float32, device=device)
     for lo in range(0, len(src), chunk):
-        s_i = torch.from_numpy(np.asarray(src[lo : lo + chunk])).to(device)
-        d_i = torch.from_numpy(np.asarray(dst[lo : lo + chunk])).to(device)
+        s_i, d_i = src[lo : lo + chunk], dst[lo : lo + chunk]
         a, b = src_t[s_i], dst_t[d_i]
         cos_angle = (a * b).sum(1).clamp(-1.0, 1.0)
         chord = torch.linalg.vector_norm(a - b, dim=1)
@@ -98,10 +110,11 @@ def edge_attributes_torch(
         scale = torch.where(norm > 1e-12, 1.0 / norm.clamp(min=1e-300), 0.0)
         out[lo : lo + chunk, 1] = (tangent * east_nodes[d_i]).sum(1) * scale
         out[lo : lo + chunk, 2] = (tangent * north_nodes[d_i]).sum(1) * scale
-    longest = out[:, 0].max() if len(out) else torch.zeros((), device=device)
-    if longest > 0:
-        out[:, 0] /= longest
-    return out.cpu().numpy()
+    if len(out):
+        longest = out[:, 0].max()
+        # divide only by a positive length, without a host round trip
+        out[:, 0] /= torch.where(longest > 0, longest, torch.ones_like(longest))
+    return out
 
 
 def _tangent_frame_torch(xyz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
 from squall.errors import GraphError
 from squall.graphs import search
@@ -72,35 +73,58 @@ def nearest(src: NodeSet, dst: NodeSet, k: int,
     Returns ``[len(dst), k]`` int64 source indices and float64 squared chords, the same on every
     search path. ``step`` is called after each block of destinations.
     """
+    return _host(*_nearest_nodes(src, dst, k, step))
+
+
+def _nearest_nodes(src: NodeSet, dst: NodeSet, k: int, step=None, keep: bool = False):
+    """:func:`nearest`; with ``keep``, tensors on the search device when the search runs in torch."""
     if not 1 <= k <= len(src):
         raise GraphError(
             f"knn edges {src.name}->{dst.name}: k={k} must be between 1 and the number of "
             f"source nodes ({len(src)})"
         )
-    return _nearest(src, dst.latlon, k, step, dst.xyz)
+    device = search.search_device()
+    if device is not None:
+        dst_latlon, dst_xyz = dst.on_device(device)
+        return _nearest(src, dst_latlon, k, step, dst_xyz, keep)
+    return _nearest(src, dst.latlon, k, step, dst_xyz=dst.xyz)
 
 
-def _nearest(src: NodeSet, dst_latlon: np.ndarray, k: int, step=None, dst_xyz=None):
+def _host(*arrays):
+    """numpy arrays of tensors (numpy arrays pass through)."""
+    return tuple(a.cpu().numpy() if isinstance(a, torch.Tensor) else a for a in arrays)
+
+
+def _nearest(src: NodeSet, dst_latlon, k: int, step=None, dst_xyz=None, keep: bool = False):
     """:func:`nearest` for destinations given by their ``[Q, 2]`` latitude/longitude (and unit
-    vectors ``dst_xyz``, computed from them when not given)."""
-    src_xyz = src.xyz
-    dst_xyz = latlon_to_xyz(dst_latlon) if dst_xyz is None else dst_xyz
+    vectors ``dst_xyz``, computed from them when not given), numpy arrays or tensors on the
+    search device. Results are numpy arrays, or with ``keep`` tensors on the search device when
+    the search runs in torch."""
     device = search.search_device()
     size = _chunk_size()
-    idx = np.empty((len(dst_latlon), k), np.int64)
-    d2 = np.empty((len(dst_latlon), k), np.float64)
+    q = len(dst_latlon)
     if device is not None:
-        index = search.SphereIndex.build(src.latlon, device, xyz=src_xyz)
-        for lo, hi in _chunks(len(dst_latlon), size):
-            i, d = search.knn(index, dst_latlon[lo:hi], k, dst_xyz[lo:hi])
-            idx[lo:hi], d2[lo:hi] = i.cpu().numpy(), d.cpu().numpy()
+        if not isinstance(dst_latlon, torch.Tensor):
+            dst_xyz = latlon_to_xyz(dst_latlon) if dst_xyz is None else dst_xyz
+            dst_latlon, dst_xyz = (torch.from_numpy(np.ascontiguousarray(a)).to(device)
+                                   for a in (dst_latlon, dst_xyz))  # fmt: skip
+        src_latlon, src_xyz = src.on_device(device)
+        index = search.SphereIndex.build(src_latlon, device, xyz=src_xyz)
+        idx = torch.empty((q, k), dtype=torch.int64, device=device)
+        d2 = torch.empty((q, k), dtype=torch.float64, device=device)
+        for lo, hi in _chunks(q, size):
+            idx[lo:hi], d2[lo:hi] = search.knn(index, dst_latlon[lo:hi], k, dst_xyz[lo:hi])
             if step is not None:
                 step()
-        return idx, d2
+        return (idx, d2) if keep else _host(idx, d2)
     from scipy.spatial import cKDTree  # host path only: GPU machines may have no scipy
 
+    src_xyz = src.xyz
+    dst_xyz = latlon_to_xyz(dst_latlon) if dst_xyz is None else dst_xyz
+    idx = np.empty((q, k), np.int64)
+    d2 = np.empty((q, k), np.float64)
     tree = cKDTree(src_xyz)
-    for lo, hi in _chunks(len(dst_latlon), size):
+    for lo, hi in _chunks(q, size):
         idx[lo:hi], d2[lo:hi] = _tree_nearest(tree, src_xyz, dst_xyz[lo:hi], k)
         if step is not None:
             step()
@@ -129,21 +153,31 @@ def _tree_nearest(tree, src_xyz, dst_xyz, k):
 
 def nearest_neighbour_spacing(nodes: NodeSet) -> np.ndarray:
     """Chord distance from each node to its nearest other node, ``[N]``."""
+    return _host(_spacing(nodes))[0]
+
+
+def _spacing(nodes: NodeSet, keep: bool = False):
+    """:func:`nearest_neighbour_spacing`, with ``keep`` a tensor on a torch search's device."""
     if len(nodes) < 2:
         raise GraphError(f"node set {nodes.name!r} has {len(nodes)} node; need at least 2")
     # the two nearest are the node itself and its nearest other (or a duplicate, both at 0)
-    return np.sqrt(nearest(nodes, nodes, 2)[1].max(axis=1))
+    d2 = _nearest_nodes(nodes, nodes, 2, keep=keep)[1]
+    return d2.amax(1).sqrt() if isinstance(d2, torch.Tensor) else np.sqrt(d2.max(axis=1))
 
 
-def _within(src: NodeSet, dst: NodeSet, radius: float, max_neighbours: int | None):
+def _within(src: NodeSet, dst: NodeSet, radius: float, max_neighbours: int | None,
+            keep: bool = False):  # fmt: skip
     """``(d, s, d2)`` of every source with ``d2 <= radius**2`` of each destination, sorted by
-    destination then source; with ``max_neighbours`` only the nearest by ``(d2, index)``."""
+    destination then source; with ``max_neighbours`` only the nearest by ``(d2, index)``.
+    numpy arrays, or with ``keep`` tensors on the device of a torch search."""
     device = search.search_device()
-    src_xyz, dst_xyz = src.xyz, dst.xyz
     if device is not None:
-        index = search.SphereIndex.build(src.latlon, device, xyz=src_xyz)
-        d, s, d2 = search.radius(index, dst.latlon, radius, max_neighbours, dst_xyz)
-        return d.cpu().numpy(), s.cpu().numpy(), d2.cpu().numpy()
+        src_latlon, src_xyz = src.on_device(device)
+        index = search.SphereIndex.build(src_latlon, device, xyz=src_xyz)
+        dst_latlon, dst_xyz = dst.on_device(device)
+        d, s, d2 = search.radius(index, dst_latlon, radius, max_neighbours, dst_xyz)
+        return (d, s, d2) if keep else _host(d, s, d2)
+    src_xyz, dst_xyz = src.xyz, dst.xyz
     # One search: in blocks of destinations each block walks the whole source tree again
     # (o1280_l8 encoder pair search on 2 cores: 10 s in one, 39 s in blocks of 65,536). The tree
     # radius is widened by rounding so that the exact test below decides every pair.
@@ -154,14 +188,14 @@ def _within(src: NodeSet, dst: NodeSet, radius: float, max_neighbours: int | Non
     )
     d, s = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)
     d2 = search.squared_chords(src_xyz[s], dst_xyz[d])
-    keep = d2 <= radius * radius
-    d, s, d2 = d[keep], s[keep], d2[keep]
+    keep_pair = d2 <= radius * radius
+    d, s, d2 = d[keep_pair], s[keep_pair], d2[keep_pair]
     if max_neighbours is not None:
         order = np.lexsort((s, d2, d))
         d, s, d2 = d[order], s[order], d2[order]
         starts = np.searchsorted(d, d, side="left")
-        keep = (np.arange(len(d)) - starts) < max_neighbours
-        d, s, d2 = d[keep], s[keep], d2[keep]
+        keep_pair = (np.arange(len(d)) - starts) < max_neighbours
+        d, s, d2 = d[keep_pair], s[keep_pair], d2[keep_pair]
     order = np.argsort(d * len(src) + s, kind="stable")
     return d[order], s[order], d2[order]
 
@@ -183,25 +217,50 @@ def cutoff_edges(
     ``min_neighbours`` instead; without it, a destination left with no source is an error.
     ``step`` is called once the search is done (progress).
     """
+    return _host(*_cutoff_pairs(src, dst, factor, max_neighbours, min_neighbours, step))
+
+
+def _cutoff_pairs(src, dst, factor, max_neighbours=None, min_neighbours=None, step=None,
+                  keep: bool = False):  # fmt: skip
+    """:func:`cutoff_edges`; with ``keep``, tensors on the device of a torch search (the common
+    case, no ``min_neighbours`` top-up or second cap, never leaves it)."""
     if not factor > 0:
         raise GraphError(f"cutoff edges {src.name}->{dst.name}: factor must be > 0, got {factor}")
     if max_neighbours is not None and max_neighbours < 1:
         raise GraphError(f"cutoff edges: max_neighbours must be >= 1, got {max_neighbours}")
     if min_neighbours is not None and not 1 <= min_neighbours <= len(src):
         raise GraphError(f"cutoff edges: min_neighbours must be in [1, {len(src)}]")
-    radius = factor * float(nearest_neighbour_spacing(dst).max())
+    # sqrt is monotone and correctly rounded: the largest spacing has the same bits on any path
+    radius = factor * float(_spacing(dst, keep=True).max())
     # Capping at max(max, min) neighbours still tells which destinations fall short of min.
     cap = max_neighbours
     if cap is not None and min_neighbours is not None:
         cap = max(cap, int(min_neighbours))
-    d, s, d2 = _within(src, dst, radius, cap)
+    d, s, d2 = _within(src, dst, radius, cap, keep=keep)
     if step is not None:
         step()
+    if min_neighbours is not None or cap != max_neighbours:
+        d, s, d2 = _host(d, s, d2)
     if min_neighbours is not None:
         d, s, d2 = _top_up(src, dst, d, s, d2, int(min_neighbours))
-    reached = np.bincount(d, minlength=len(dst)) > 0
-    if not reached.all():
-        missing = int((~reached).sum())
+    _check_reached(src, dst, d, radius, factor)
+    if max_neighbours is not None and cap != max_neighbours:
+        order = np.lexsort((s, d2, d))
+        d, s = d[order], s[order]
+        keep_pair = (np.arange(len(d)) - np.searchsorted(d, d, side="left")) < max_neighbours
+        d, s = d[keep_pair], s[keep_pair]
+        order = np.argsort(d * len(src) + s, kind="stable")
+        d, s = d[order], s[order]
+    return s, d
+
+
+def _check_reached(src, dst, d, radius, factor) -> None:
+    """A clear error when a destination of a cutoff edge set has no source."""
+    if isinstance(d, torch.Tensor):
+        missing = int((torch.bincount(d, minlength=len(dst)) == 0).sum())
+    else:
+        missing = int((np.bincount(d, minlength=len(dst)) == 0).sum())
+    if missing:
         need = _factor_reaching_all(src, dst) / (radius / factor)
         raise GraphError(
             f"cutoff edges {src.name}->{dst.name}: radius {radius:.4g} (factor {factor}) leaves "
@@ -209,14 +268,6 @@ def cutoff_edges(
             f"{np.ceil(need * 1000) / 1000:.3f}, or min_neighbours: 1 to join them to their nearest "
             "source, or knn edges"
         )
-    if max_neighbours is not None and cap != max_neighbours:
-        order = np.lexsort((s, d2, d))
-        d, s = d[order], s[order]
-        keep = (np.arange(len(d)) - np.searchsorted(d, d, side="left")) < max_neighbours
-        d, s = d[keep], s[keep]
-        order = np.argsort(d * len(src) + s, kind="stable")
-        d, s = d[order], s[order]
-    return s, d
 
 
 def _top_up(src, dst, d, s, d2, min_neighbours):
@@ -245,8 +296,16 @@ def knn_edges(
 
     ``step`` is called after each block of destinations searched (progress).
     """
-    idx = np.sort(nearest(src, dst, k, step)[0], axis=1)
-    return idx.ravel(), np.repeat(np.arange(len(dst), dtype=np.int64), k)
+    return _host(*_knn_pairs(src, dst, k, step))
+
+
+def _knn_pairs(src, dst, k, step=None, keep: bool = False):
+    """:func:`knn_edges`; with ``keep``, tensors on the device of a torch search."""
+    idx = _nearest_nodes(src, dst, k, step, keep)[0]
+    if isinstance(idx, torch.Tensor):
+        rows = torch.arange(len(dst), dtype=torch.int64, device=idx.device)
+        return torch.sort(idx, dim=1).values.ravel(), rows.repeat_interleave(k)
+    return np.sort(idx, axis=1).ravel(), np.repeat(np.arange(len(dst), dtype=np.int64), k)
 
 
 def multiscale_edges(nodes: NodeSet, max_level: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -290,18 +349,26 @@ def resolved_spec(spec: dict) -> dict:
 
 
 def build_edges(
-    spec: dict, src: NodeSet, dst: NodeSet, step: Callable[[], None] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    spec: dict,
+    src: NodeSet,
+    dst: NodeSet,
+    step: Callable[[], None] | None = None,
+    keep_on_device: bool = False,
+):
     """Build edges from a spec such as ``{"type": "knn", "k": 3}``; ``step`` is called
     :func:`search_steps` times (progress). A cutoff spec without ``max_neighbours`` is capped at
-    :data:`DEFAULT_MAX_NEIGHBOURS` (see :func:`resolved_spec`)."""
+    :data:`DEFAULT_MAX_NEIGHBOURS` (see :func:`resolved_spec`).
+
+    Returns ``(src, dst)`` int64 numpy arrays; with ``keep_on_device``, searched edges stay
+    tensors on the device of a torch search (the graph builder sorts them there).
+    """
     kind = spec.get("type")
     if kind == "cutoff":
         cap = spec.get("max_neighbours", DEFAULT_MAX_NEIGHBOURS)
-        return cutoff_edges(src, dst, float(spec["factor"]), None if cap is None else int(cap),
-                            spec.get("min_neighbours"), step)  # fmt: skip
+        return _cutoff_pairs(src, dst, float(spec["factor"]), None if cap is None else int(cap),
+                             spec.get("min_neighbours"), step, keep_on_device)  # fmt: skip
     if kind == "knn":
-        return knn_edges(src, dst, int(spec["k"]), step)
+        return _knn_pairs(src, dst, int(spec["k"]), step, keep_on_device)
     if kind == "multiscale":
         if src is not dst:
             raise GraphError("multi-scale edges connect a mesh to itself; use src == dst")

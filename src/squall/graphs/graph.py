@@ -31,7 +31,7 @@ import torch
 
 from squall.errors import GraphError
 from squall.graphs import grids
-from squall.graphs.attributes import edge_attributes, node_attributes
+from squall.graphs.attributes import edge_attributes, edge_attributes_tensor, node_attributes
 from squall.graphs.boundary import boundary_mask, boundary_spec, check_coverage
 from squall.graphs.edges import build_edges, resolved_spec, search_steps
 from squall.graphs.search import search_device
@@ -61,15 +61,35 @@ class EdgeSet:
 
     @classmethod
     def from_pairs(cls, name, src_set: grids.NodeSet, dst_set: grids.NodeSet, src, dst) -> EdgeSet:
-        """Sort ``(src, dst)`` pairs into CSC order once and compute the CSR view and attributes."""
+        """Sort ``(src, dst)`` pairs into CSC order once and compute the CSR view and attributes.
+
+        Pairs are int64 numpy arrays or tensors. When the graph search runs on a GPU
+        (:func:`squall.graphs.search.search_device`), sorts, pointers and attributes are computed
+        there from the node sets' device copies (:meth:`squall.graphs.grids.NodeSet.on_device`)
+        and only the finished arrays come back to the host.
+        """
         device = search_device()
-        device = device if device is not None and device.type == "cuda" else None
-        src, dst, csr_perm = _sorted_pairs(src, dst, len(src_set), device)
+        if device is not None and device.type == "cuda":
+            return cls._from_pairs_on(device, name, src_set, dst_set, src, dst)
+        src, dst = (p.cpu().numpy() if isinstance(p, torch.Tensor) else p for p in (src, dst))
+        src, dst, csr_perm = _sorted_pairs(src, dst, len(src_set))
         colptr = _pointer(dst, len(dst_set))
         rowptr = _pointer(src[csr_perm], len(src_set))
         attrs = edge_attributes(src_set.xyz, dst_set.xyz, src, dst)
         return cls(name, src_set.name, dst_set.name, len(src_set), len(dst_set),
                    colptr, src, rowptr, csr_perm, attrs)  # fmt: skip
+
+    @classmethod
+    def _from_pairs_on(cls, device, name, src_set, dst_set, src, dst) -> EdgeSet:
+        """:meth:`from_pairs` on a CUDA ``device``: the host's permutations (stable sorts of
+        the same keys) and the device attributes of :func:`edge_attributes_tensor`."""
+        s, d = (torch.as_tensor(p, dtype=torch.int64).to(device) for p in (src, dst))
+        s, d, csr_perm = _torch_sorted_pairs(s, d, len(src_set))
+        colptr, rowptr = _pointer_tensor(d, len(dst_set)), _pointer_tensor(s, len(src_set))
+        attrs = edge_attributes_tensor(src_set.on_device(device)[1], dst_set.on_device(device)[1],
+                                       s, d, device)  # fmt: skip
+        host = [t.cpu().numpy() for t in (colptr, s, rowptr, csr_perm, attrs)]
+        return cls(name, src_set.name, dst_set.name, len(src_set), len(dst_set), *host)
 
     @property
     def num_edges(self) -> int:
@@ -95,35 +115,39 @@ class EdgeSet:
         return int((np.diff(self.rowptr) == 0).sum())
 
 
-#: Edges from which the CSC/CSR sorts of :func:`_sorted_pairs` run on a GPU: numpy's stable
-#: argsort of 20 M int64 keys takes 1.5-6 s on one host core (the o1280_l8 decoder), a device
-#: radix sort milliseconds; below 2^20 edges the host sort takes under 0.1 s.
-DEVICE_SORT_EDGES = 1 << 20
-
-
 def _sorted_pairs(src, dst, num_src: int, device=None):
     """``(src, dst, csr_perm)``: the pairs in CSC order (destination major, source minor; one
     stable sort of the combined key) and the stable order of the sorted sources (CSR view).
 
-    On a CUDA ``device`` (and :data:`DEVICE_SORT_EDGES` edges or more) the two stable sorts run
-    in torch there; stable sorts of the same keys give the same permutations as numpy's.
+    With a torch ``device`` the two stable sorts run in torch there (:func:`_torch_sorted_pairs`);
+    stable sorts of the same keys give the same permutations as numpy's.
     """
     src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
-    if device is not None and (device.type != "cuda" or len(src) >= DEVICE_SORT_EDGES):
-        s = torch.from_numpy(np.ascontiguousarray(src)).to(device)
-        d = torch.from_numpy(np.ascontiguousarray(dst)).to(device)
-        order = torch.sort(d * num_src + s, stable=True).indices
-        s, d = s[order], d[order]
-        csr_perm = torch.sort(s, stable=True).indices
-        return s.cpu().numpy(), d.cpu().numpy(), csr_perm.cpu().numpy()
+    if device is not None:
+        s, d = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (src, dst))
+        return tuple(t.cpu().numpy() for t in _torch_sorted_pairs(s, d, num_src))
     order = np.argsort(dst * num_src + src, kind="stable")
     src, dst = src[order], dst[order]
     return src, dst, np.argsort(src, kind="stable").astype(np.int64)
 
 
+def _torch_sorted_pairs(s: torch.Tensor, d: torch.Tensor, num_src: int):
+    """:func:`_sorted_pairs` of int64 tensors, left on their device."""
+    order = torch.sort(d * num_src + s, stable=True).indices
+    s, d = s[order], d[order]
+    return s, d, torch.sort(s, stable=True).indices
+
+
 def _pointer(sorted_index: np.ndarray, n: int) -> np.ndarray:
     ptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(sorted_index, minlength=n), out=ptr[1:])
+    return ptr
+
+
+def _pointer_tensor(index: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`_pointer` of an int64 tensor (counts need no sorted order)."""
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=index.device)
+    torch.cumsum(torch.bincount(index, minlength=n), 0, out=ptr[1:])
     return ptr
 
 
@@ -264,17 +288,25 @@ def build_nodes(name: str, spec: dict) -> grids.NodeSet:
 
 
 def build_graph(spec: dict, spec_hash: str = "") -> Graph:
-    """Build every node and edge set of ``spec`` (a plain dict; see the module docstring)."""
+    """Build every node and edge set of ``spec`` (a plain dict; see the module docstring).
+
+    The seconds of each stage (``nodes/<set>``, ``<edge set>/search``, ``<edge set>/sort+attrs``)
+    are in ``graph.meta["build_timings_s"]``.
+    """
     start = time.perf_counter()
     if not spec.get("nodes") or not spec.get("edges"):
         raise GraphError("graph spec needs non-empty 'nodes' and 'edges' sections")
     title = f"graph {spec.get('name', 'graph')}"
+    device = search_device()
+    on_gpu = device is not None and device.type == "cuda"
+    clock = _StageClock(device if on_gpu else None)
+    nodes = {}
     try:
-        nodes = {}
         with Progress(len(spec["nodes"]), f"{title}: node sets", unit="set") as bar:
             for name, s in spec["nodes"].items():
                 bar.set_postfix(name)
                 nodes[name] = build_nodes(name, dict(s))
+                clock.stop(f"nodes/{name}")
                 bar.update()
         edge_specs = {name: dict(s) for name, s in spec["edges"].items()}
         for name, s in edge_specs.items():
@@ -291,15 +323,34 @@ def build_graph(spec: dict, spec_hash: str = "") -> Graph:
             for name, s in edge_specs.items():
                 bar.set_postfix(f"{name} ({s.get('type')})")
                 src_set, dst_set = nodes[s["src"]], nodes[s["dst"]]
-                pairs = build_edges(s, src_set, dst_set, bar.update)
+                pairs = build_edges(s, src_set, dst_set, bar.update, keep_on_device=on_gpu)
+                clock.stop(f"{name}/search")
                 edges[name] = EdgeSet.from_pairs(name, src_set, dst_set, *pairs)
+                clock.stop(f"{name}/sort+attrs")
         _check_boundaries(spec, nodes, edges)
     except KeyError as err:
         raise GraphError(f"graph spec {spec.get('name')!r}: missing key {err}") from None
     except (TypeError, ValueError) as err:
         raise GraphError(f"graph spec {spec.get('name')!r}: bad value ({err})") from None
+    finally:
+        for node_set in nodes.values():
+            node_set.drop_device()
     return Graph(spec.get("name", "graph"), spec, spec_hash, nodes, edges,
-                 time.perf_counter() - start)  # fmt: skip
+                 time.perf_counter() - start, {"build_timings_s": clock.seconds})  # fmt: skip
+
+
+class _StageClock:
+    """Seconds between successive :meth:`stop` calls (on a GPU after its queued work is done)."""
+
+    def __init__(self, device: torch.device | None):
+        self.device, self.seconds, self.last = device, {}, time.perf_counter()
+
+    def stop(self, stage: str) -> None:
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self.last, 4)
+        self.last = now
 
 
 def _check_boundaries(spec: dict, nodes: dict, edges: dict) -> None:

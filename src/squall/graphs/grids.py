@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from squall.errors import GraphError
 
@@ -50,6 +51,23 @@ class NodeSet:
         """``[N, 3]`` float64 unit vectors, computed on first access and kept (a graph build reads
         the O1280 grid's 6.6 M vectors four times, ~0.2 s each); callers must not modify it."""
         return latlon_to_xyz(self.latlon)
+
+    def on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``latlon`` ``[N, 2]`` and :attr:`xyz` ``[N, 3]`` as float64 tensors on ``device``: the
+        host arrays' bits, copied once and kept until :meth:`drop_device` (a graph build reads
+        the O1280 grid's 6.6 M points in two searches and two attribute passes)."""
+        copies = self.__dict__.setdefault("_device_copies", {})
+        key = str(torch.device(device))
+        if key not in copies:
+            copies[key] = tuple(
+                torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)).to(device)
+                for a in (self.latlon, self.xyz)
+            )
+        return copies[key]
+
+    def drop_device(self) -> None:
+        """Free the device copies made by :meth:`on_device`."""
+        self.__dict__.pop("_device_copies", None)
 
 
 def latlon_to_xyz(latlon: np.ndarray) -> np.ndarray:
