@@ -193,7 +193,8 @@ def cmd_check(args) -> None:
                     p.grad /= layout.data_parallel
             for overlap in (True, False):
                 model = parallelize(_tiny_model(g, device, backend), g,
-                                    ParallelConfig(mp_degree, "sfc", overlap), groups)  # fmt: skip
+                                    ParallelConfig(mp_degree, "sfc", overlap,
+                                                   grad_bucket_mb=args.bucket_mb), groups)  # fmt: skip
                 ids = model.graph.data_ids_t
                 out = model(x.index_select(2, ids))
                 area_weighted_mse(out, y[:, ids], model.graph.area).backward()
@@ -1086,6 +1087,7 @@ def main(argv=None) -> None:
     c = sub.add_parser("check")
     c.add_argument("--backends", nargs="+", default=["torch", "triton"])
     c.add_argument("--out", default="")
+    c.add_argument("--bucket-mb", type=float, default=25.0, help="GradReducer bucket MiB")
     t = sub.add_parser("time")
     t.add_argument("--graph", default="o320_l7")
     t.add_argument("--cache", default="/tmp/squall-graphs")
