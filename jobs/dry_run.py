@@ -9,8 +9,10 @@ layout it chooses for ``parallel.gpus``.
         parallel.gpus=8 parallel.model_parallel=4
     python -m jobs.dry_run graph=o96_l6 model=o96 parallel.model_parallel=2
 
-World size: ``parallel.gpus`` when set (the scaling job's key), else ``parallel.model_parallel``.
-Batch per model group: ``training.batch_size``. Degree errors print every number.
+World size: ``parallel.gpus`` when set (the scaling job's key), else ``parallel.ensemble x
+parallel.model_parallel``. Batch per model group: ``training.batch_size`` samples; an ensemble
+model (``model.ensemble.members``) runs ``members / parallel.ensemble`` of each sample's members
+per rank and gathers the rest (bytes per step in the table). Degree errors print every number.
 
 Projection (``cluster.calibration`` names the one-GPU run it is calibrated on; squall.planning.
 scaling): strong scaling at the global batch ``scale.batch`` of ``scale.mode=strong``, weak
@@ -64,16 +66,17 @@ def projection(cfg: DictConfig, graph, mcfg: ModelConfig, world: int) -> str:
 @hydra_job()
 def main(cfg: DictConfig) -> None:
     pcfg = ParallelConfig.from_cfg(cfg.parallel)
-    world = cfg.parallel.gpus or pcfg.model_parallel
+    world = cfg.parallel.gpus or pcfg.model_parallel * pcfg.ensemble
     graph = load_or_build(cfg.graph, cfg.paths.cache + "/graphs")
     mcfg = ModelConfig.from_cfg(cfg.model)
-    batch = cfg.training.batch_size * mcfg.ensemble_members  # members run as batch rows
+    batch = cfg.training.batch_size
     scale = cfg.get("scale") or {}
     # config.yaml has no cluster (an empty group); scale.yaml composes one
     project = bool(cfg.get("cluster")) and scale.get("projection") is not False
     try:
         layout, ranks, params, planned = estimate(graph, mcfg, pcfg, world, batch,
-                                                  rollout=cfg.training.rollout)  # fmt: skip
+                                                  rollout=cfg.training.rollout,
+                                                  members=mcfg.ensemble_members)  # fmt: skip
         print(format_estimate(layout, ranks, params, graph, planned, pcfg, batch))
         print(graph.in_degree_report())
     except ConfigError as err:

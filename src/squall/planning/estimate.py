@@ -10,6 +10,13 @@ Builds the partition and halo plans (the same pure functions a run uses) and the
 * communication per step: halo rows received per edge set times its uses (encoder and decoder
   once, the processor once per layer), forward and backward, and the gradient all-reduce
   (ring: ``2 (W - 1) / W`` of the gradient bytes).
+
+An ensemble model (``model.ensemble.members`` M) on ``parallel.ensemble`` E ranks
+(``world = E x model_parallel x data_parallel``, :class:`~squall.distributed.layout.Layout`):
+each rank runs ``M / E`` members of every sample as batch rows, receives the other ranks'
+members of its grid part once per rollout step (the member all-gather of the score; its backward
+sends nothing) and keeps the gathered members for the score's backward. Every rank holds every
+parameter, so the gradient all-reduce spans the whole world.
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ EDGE_UNITS_TRITON_PER_HEAD = 2 * 4  # bytes: two fp32 values per head
 # blocks = 2.2 values). Blocks that recompute their MLP gain nothing measurable.
 COMPILED_DST_ROW_SAVING = 2
 EDGE_UNITS_TORCH = 4
+# The ensemble score keeps fp32 tensors of the gathered members ``[B, M, G, V]`` for its backward:
+# their fp32 copy, ``x - y`` and its magnitude (squall.train.scores.afcrps_pointwise).
+SCORE_FP32_COPIES = 3
 # Checked against peaks measured on one H100 (bench_step.py, o96_l6, 1024 channels, 16 layers,
 # bf16; static 3.88 GiB): see profiling/results/step.md for the measured and estimated pairs.
 
@@ -66,6 +76,8 @@ class RankEstimate:
     activation_gib: float
     halo_bytes_per_step: int
     grad_allreduce_bytes_per_step: int
+    members: int = 1  # ensemble members of each sample run on this rank
+    member_gather_bytes_per_step: int = 0  # received by the member all-gather
 
     @property
     def total_gib(self) -> float:
@@ -250,6 +262,7 @@ def estimate(
     input_steps: int = 2,
     act_bytes: int = 2,
     rollout: int = 1,
+    members: int | None = None,
 ) -> tuple[Layout, list[RankEstimate], int, ModelConfig]:
     """Per-rank estimates of a layout.
 
@@ -259,15 +272,20 @@ def estimate(
         With ``mcfg.checkpoint_budget_gib`` set, the checkpoint policies are chosen first
         (:func:`plan_checkpointing`, on the largest rank's sizes).
     world_size : int
-        Ranks in the run (``model_parallel x data_parallel``).
+        Ranks in the run (``ensemble x model_parallel x data_parallel``).
     batch : int
-        Samples per model group per step.
+        Samples per model group per step; batch rows when ``members`` is None.
     num_vars : tuple of int
         Input and output variables.
     act_bytes : int
         Bytes per activation (2: bf16 autocast).
     rollout : int
         Forward steps per sample (``training.rollout``): their activations are all kept.
+    members : int, optional
+        Ensemble members per sample (``model.ensemble.members``), spread over
+        ``pcfg.ensemble`` ranks: each rank runs ``batch x members / ensemble`` rows, gathers
+        the other members for the score. None: ``batch`` already counts this rank's rows and
+        the ensemble axis is not modelled (a caller that folded the members itself).
 
     Returns
     -------
@@ -279,8 +297,12 @@ def estimate(
     mcfg : ModelConfig
         The model configuration estimated (checkpoint policies resolved).
     """
-    layout = Layout(world_size, pcfg.model_parallel)
-    layout.check({k: len(v) for k, v in graph.nodes.items()}, batch)
+    ensemble = pcfg.ensemble if members is not None else 1
+    layout = Layout(world_size, pcfg.model_parallel, ensemble)
+    layout.check({k: len(v) for k, v in graph.nodes.items()}, batch,
+                 members=members if ensemble > 1 else None)  # fmt: skip
+    local_members = (members or 1) // ensemble
+    samples, batch = batch, batch * local_members  # batch: rows through the model
     with torch.device("meta"):
         model = GraphForecaster(graph, mcfg, num_vars[0], num_vars[1], input_steps)
     params = model.num_parameters()
@@ -312,17 +334,28 @@ def estimate(
         halo_bytes = sum(2 * uses[k] * v * batch * mcfg.num_channels * act_bytes
                          for k, v in size.halo.items())  # fmt: skip
         act = activation_bytes(mcfg, batch, size.rows, size.edges, act_bytes, rollout)
+        gather = 0
+        if (members or 1) > 1:
+            # one output value per member, grid point of this part and output variable
+            values = samples * size.rows["data"] * num_vars[1] * rollout
+            gather = (ensemble - 1) * local_members * values * act_bytes
+            act += members * values * (act_bytes + SCORE_FP32_COPIES * 4)
         out.append(RankEstimate(r, size.rows, size.edges, size.halo, size.peers, static / GIB,
-                                act / GIB, int(halo_bytes), int(ring * 4 * params)))  # fmt: skip
+                                act / GIB, int(halo_bytes), int(ring * 4 * params),
+                                local_members, int(gather)))  # fmt: skip
     return layout, out, params, replace(mcfg, compile=compiled)
 
 
 def format_estimate(layout: Layout, ranks: list[RankEstimate], params: int, graph: Graph,
                     mcfg: ModelConfig, pcfg: ParallelConfig, batch: int) -> str:  # fmt: skip
     """Plain-text table of :func:`estimate`."""
+    ens = ranks[0].members * layout.ensemble
     lines = [
-        f"layout: world_size={layout.world_size} = model_parallel={layout.model_parallel} x "
-        f"data_parallel={layout.data_parallel}; batch {batch} per model group; graph "
+        f"layout: world_size={layout.world_size} = ensemble={layout.ensemble} x model_parallel="
+        f"{layout.model_parallel} x data_parallel={layout.data_parallel}; batch {batch} per "
+        "model group"
+        + (f", {ens} members per sample, {ranks[0].members} per rank" if ens > 1 else "")
+        + "; graph "
         f"{graph.name}; {params:,} parameters; {mcfg.num_channels} channels, "
         f"{mcfg.processor_layers} layers, backend {mcfg.attention_backend}; partition "
         f"{pcfg.partition}, overlap {pcfg.overlap}, chunks {pcfg.chunks}",
@@ -335,7 +368,7 @@ def format_estimate(layout: Layout, ranks: list[RankEstimate], params: int, grap
         "",
         f"{'rank':>4} {'data':>9} {'mesh':>8} {'edges':>10} {'halo rows e/p/d':>20} "
         f"{'peers':>5} {'static GiB':>10} {'act GiB':>8} {'total GiB':>9} {'halo MB/step':>12} "
-        f"{'grad AR MB/step':>15}",
+        f"{'grad AR MB/step':>15}" + (f" {'members MB/step':>15}" if ens > 1 else ""),
     ]
     for r in ranks:
         halo = "/".join(str(r.halo_rows[k]) for k in ROLES)
@@ -344,5 +377,6 @@ def format_estimate(layout: Layout, ranks: list[RankEstimate], params: int, grap
             f"{sum(r.edges.values()):>10,} {halo:>20} {r.peers:>5} {r.static_gib:>10.2f} "
             f"{r.activation_gib:>8.2f} {r.total_gib:>9.2f} {r.halo_bytes_per_step / 1e6:>12.1f} "
             f"{r.grad_allreduce_bytes_per_step / 1e6:>15.1f}"
+            + (f" {r.member_gather_bytes_per_step / 1e6:>15.3f}" if ens > 1 else "")
         )
     return "\n".join(lines)

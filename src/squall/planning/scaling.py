@@ -58,6 +58,7 @@ from squall.parallel.partition import partition_graph
 from squall.planning.estimate import (
     GIB,
     PLAN_HEADROOM_GIB,
+    SCORE_FP32_COPIES,
     activation_bytes,
     estimate,
     plan_checkpointing,
@@ -517,12 +518,13 @@ def calibrate(cal: Calibration, graph: Graph, hbm_Bps: float) -> Rates:
     if graph.name != cal.graph:
         raise ConfigError(f"calibration {cal.source} ran on {cal.graph}, given graph {graph.name}")
     mcfg = cal.mcfg
+    rows_batch = cal.batch * mcfg.ensemble_members  # an ensemble's members run as batch rows
     if mcfg.checkpoint_budget_gib is not None:  # the plan the run's planner chose
-        mcfg = estimate(graph, mcfg, ParallelConfig(), 1, cal.batch, cal.num_vars,
+        mcfg = estimate(graph, mcfg, ParallelConfig(), 1, rows_batch, cal.num_vars,
                         cal.input_steps)[3]  # fmt: skip
     params, _, dims = _model_facts(graph, mcfg, cal.num_vars, cal.input_steps)
     rows, edges = whole_graph_sizes(graph)
-    work = training_flops(mcfg, rows, edges, dims, cal.batch)
+    work = training_flops(mcfg, rows, edges, dims, rows_batch)
     opt = ADAMW_BYTES_PER_PARAM * params / hbm_Bps
     busy = cal.step_s - opt - cal.fixed_s
     if cal.processor_s is not None and 0 < cal.processor_s < busy:
@@ -555,14 +557,18 @@ class Projection:
     activation_gib: float
     plan: str
     exact: bool  # sizes from the real partition
+    ensemble: int = 1  # ranks sharing the members of each sample
+    members: int = 1  # ensemble members per sample (1: deterministic)
+    member_s: float = 0.0  # the member all-gather of the score
 
     @property
     def step_s(self) -> float:
-        return self.fixed_s + self.compute_s + self.halo_s + self.grad_s + self.optimizer_s
+        return (self.fixed_s + self.compute_s + self.halo_s + self.grad_s + self.optimizer_s
+                + self.member_s)  # fmt: skip
 
     @property
     def comm_s(self) -> float:
-        return self.halo_s + self.grad_s
+        return self.halo_s + self.grad_s + self.member_s
 
     @property
     def peak_gib(self) -> float:
@@ -570,11 +576,18 @@ class Projection:
 
     @property
     def layout(self) -> str:
-        return f"dp{self.data_parallel}xmp{self.model_parallel}" + ("+shard" if self.shard else "")
+        ens = f"ens{self.ensemble}x" if self.ensemble > 1 else ""
+        return (f"{ens}dp{self.data_parallel}xmp{self.model_parallel}"
+                + ("+shard" if self.shard else ""))  # fmt: skip
 
     @property
     def samples_per_s(self) -> float:
+        """Samples (of every member) per second."""
         return self.batch * self.data_parallel / self.step_s
+
+    @property
+    def member_samples_per_s(self) -> float:
+        return self.samples_per_s * self.members
 
 
 def _ring(bytes_: float, world: int, bw: float, latency: float) -> float:
@@ -635,20 +648,32 @@ class ScalingModel:
         return (STATE_BYTES + bf16 + flat) * self.params / GIB
 
     def project(self, gpus: int, model_parallel: int, batch: int, shard: bool = False,
-                budget_gib: float | None = None) -> Projection:  # fmt: skip
-        """Step time and memory of ``gpus`` ranks as ``model_parallel`` x ``gpus /
-        model_parallel``, ``batch`` samples per model group.
+                budget_gib: float | None = None, ensemble: int = 1) -> Projection:  # fmt: skip
+        """Step time and memory of ``gpus`` ranks as ``ensemble`` x ``model_parallel`` x
+        ``gpus / (ensemble x model_parallel)``, ``batch`` samples per model group.
+
+        An ensemble model (``mcfg.ensemble_members`` M) runs ``M / ensemble`` members of each
+        sample per rank as batch rows; once per rollout step the ranks of an ensemble group
+        all-gather their members' outputs on their grid part (ring; NVLink when the
+        ``ensemble x model_parallel`` consecutive ranks share a node), and keep them for the
+        score (:func:`squall.planning.estimate.estimate`).
 
         Raises :class:`~squall.errors.ConfigError` when the layout cannot be cut, or no
         checkpoint plan fits ``budget_gib`` (default ``mcfg.checkpoint_budget_gib``).
         """
-        if gpus % model_parallel:
-            raise ConfigError(f"{gpus} GPUs do not split into model groups of {model_parallel}")
+        members = self.mcfg.ensemble_members
+        if members % ensemble:
+            raise ConfigError(f"model.ensemble.members={members} does not split over "
+                              f"ensemble={ensemble} ranks")  # fmt: skip
+        if gpus % (model_parallel * ensemble):
+            raise ConfigError(f"{gpus} GPUs do not split into groups of ensemble={ensemble} x "
+                              f"model_parallel={model_parallel}")  # fmt: skip
+        samples, batch = batch, batch * (members // ensemble)  # batch: rows through the model
         if model_parallel > self.sizes.smallest_set:
             raise ConfigError(f"model_parallel={model_parallel} exceeds the smallest node set "
                               f"({self.sizes.smallest_set} nodes)")  # fmt: skip
         c = self.cluster
-        dp = gpus // model_parallel
+        dp = gpus // (model_parallel * ensemble)
         nodes = math.ceil(gpus / c.gpus_per_node)
         sizes = self.sizes(model_parallel)
         static = self.static_gib(gpus, shard)
@@ -680,6 +705,14 @@ class ScalingModel:
             mcfg = self._plans[key]
         act = activation_bytes(replace(mcfg, compile=compiled), batch, rows, edges,
                                self.act_bytes, self.rollout) / GIB  # fmt: skip
+        member = 0.0
+        if members > 1:
+            values = samples * rows["data"] * self.num_vars[1] * self.rollout
+            act += members * values * (self.act_bytes + SCORE_FP32_COPIES * 4) / GIB
+            inside = ensemble * model_parallel <= c.gpus_per_node
+            member = _ring(members * values * self.act_bytes, ensemble,
+                           c.nvlink_Bps if inside else c.network_Bps,
+                           c.collective_latency_s)  # fmt: skip
         slow = EAGER_OVER_COMPILED if self.rates.compiled and not compiled else 1.0
         compute = 0.0
         uses = {"encoder": 1, "processor": mcfg.processor_layers, "decoder": 1}
@@ -716,18 +749,20 @@ class ScalingModel:
         opt = ADAMW_BYTES_PER_PARAM * held / c.hbm_Bps
         from squall.planning.estimate import describe_checkpointing
 
-        return Projection(gpus, nodes, model_parallel, dp, shard, batch, compute, halo, grad, opt,
-                          self.rates.fixed_s, static, act,
+        return Projection(gpus, nodes, model_parallel, dp, shard, samples, compute, halo, grad,
+                          opt, self.rates.fixed_s, static, act,
                           describe_checkpointing(mcfg).removeprefix("checkpointing: "),
-                          sizes.exact)  # fmt: skip
+                          sizes.exact, ensemble, members, member)  # fmt: skip
 
-    def least_memory_gib(self, gpus: int, model_parallel: int, batch: int, shard: bool) -> float:
+    def least_memory_gib(self, gpus: int, model_parallel: int, batch: int, shard: bool,
+                         ensemble: int = 1) -> float:  # fmt: skip
         """Peak per rank of a layout with every block checkpointed (``full``): the least any
-        checkpoint plan needs."""
+        checkpoint plan needs (``batch`` samples, this rank's members as rows)."""
         rows, edges = self.sizes(model_parallel).largest()
         full = replace(self.mcfg, checkpoint_encoder="full", checkpoint_decoder="full",
                        checkpoint_processor="full", compile=False)  # fmt: skip
-        act = activation_bytes(full, batch, rows, edges, self.act_bytes, self.rollout)
+        act = activation_bytes(full, batch * (self.mcfg.ensemble_members // ensemble), rows,
+                               edges, self.act_bytes, self.rollout)  # fmt: skip
         return self.static_gib(gpus, shard) + act / GIB
 
     def choose(self, gpus: int, batch: int, mode: str = "strong",
@@ -737,28 +772,33 @@ class ScalingModel:
         ``mode="strong"``: ``batch`` is the global batch, split over the data-parallel ranks
         (which must divide it), so the most samples per second is the shortest step;
         ``"weak"``: ``batch`` samples per model group. Candidates: every power-of-two
-        model-parallel degree, with and without parameter sharding; ties go to no sharding, then
-        fewer model-parallel ranks. Returns the choice and every candidate that fits; raises
-        :class:`ConfigError` when none does, naming the candidate that comes closest.
+        model-parallel degree, with and without parameter sharding, and for an ensemble model
+        every ensemble degree that divides its members; ties go to no sharding, then fewer
+        model-parallel ranks, then fewer ensemble ranks. Returns the choice and every candidate
+        that fits; raises :class:`ConfigError` when none does, naming the candidate that comes
+        closest.
         """
         budget = budget_gib if budget_gib is not None else self.mcfg.checkpoint_budget_gib
         if budget is None:
             budget = self.cluster.memory_gib
+        members = self.mcfg.ensemble_members
         fitting, closest = [], None
-        mp = 1
-        while mp <= min(gpus, self.sizes.smallest_set):
-            dp = gpus // mp
-            if gpus % mp == 0 and (mode == "weak" or batch % dp == 0):
-                per_group = batch if mode == "weak" else batch // dp
-                for shard in (False, True) if gpus > 1 else (False,):
-                    try:
-                        fitting.append(self.project(gpus, mp, per_group, shard, budget))
-                    except ConfigError:
-                        need = self.least_memory_gib(gpus, mp, per_group, shard)
-                        name = f"dp{dp}xmp{mp}{'+shard' if shard else ''}"
-                        if closest is None or need < closest[0]:
-                            closest = (need, name)
-            mp *= 2
+        for ens in (e for e in range(1, members + 1) if members % e == 0 and gpus % e == 0):
+            mp = 1
+            while mp <= min(gpus // ens, self.sizes.smallest_set):
+                dp = gpus // (mp * ens)
+                if gpus % (mp * ens) == 0 and (mode == "weak" or batch % dp == 0):
+                    per_group = batch if mode == "weak" else batch // dp
+                    for shard in (False, True) if gpus > 1 else (False,):
+                        try:
+                            fitting.append(self.project(gpus, mp, per_group, shard, budget, ens))
+                        except ConfigError:
+                            need = self.least_memory_gib(gpus, mp, per_group, shard, ens)
+                            name = (f"{f'ens{ens}x' if ens > 1 else ''}dp{dp}xmp{mp}"
+                                    f"{'+shard' if shard else ''}")  # fmt: skip
+                            if closest is None or need < closest[0]:
+                                closest = (need, name)
+                mp *= 2
         if not fitting:
             hint = (f"; the closest, {closest[1]} with every block checkpointed, needs "
                     f"{closest[0]:.1f} GiB + {PLAN_HEADROOM_GIB} headroom" if closest else
@@ -766,7 +806,7 @@ class ScalingModel:
             raise ConfigError(f"no layout of {gpus} GPUs fits {budget:.1f} GiB per GPU "
                               f"({mode} scaling, batch {batch}){hint}")  # fmt: skip
         best = max(fitting, key=lambda p: (round(p.samples_per_s, 6), not p.shard,
-                                           -p.model_parallel))  # fmt: skip
+                                           -p.model_parallel, -p.ensemble))  # fmt: skip
         return best, fitting
 
     def scaling(self, gpus_list, batch: int, mode: str = "strong",
@@ -965,7 +1005,8 @@ def compare_to_measurement(model: ScalingModel, measured: list[dict]) -> list[di
     """
     out = []
     for m in measured:
-        p = model.project(int(m["gpus"]), int(m["model_parallel"]), int(m.get("batch") or 1))
+        p = model.project(int(m["gpus"]), int(m["model_parallel"]), int(m.get("batch") or 1),
+                          ensemble=int(m.get("ensemble") or 1))  # fmt: skip
         s, g = m.get("step_s"), m.get("peak_gib")
         out.append({**m, "layout": p.layout, "predicted_s": p.step_s, "predicted_gib": p.peak_gib,
                     "err_s": None if not s else p.step_s / s - 1,
