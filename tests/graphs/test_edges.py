@@ -117,16 +117,17 @@ def test_device_pipeline_builds_the_host_edge_sets(monkeypatch):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     src, dst = grids.grid_from_name("O12", "data"), grids.icosahedral_mesh(2, "hidden")
+    lam = grids.cut_out(grids.icosahedral_mesh(3, "hidden"), (30, 60, -20, 30))
     specs = {
         "encoder": ({"type": "cutoff", "factor": 0.6}, src, dst),
         "processor": ({"type": "multiscale"}, dst, dst),
+        "lam processor": ({"type": "multiscale"}, lam, lam),
         "decoder": ({"type": "knn", "k": 3}, dst, src),
     }
     for name, (spec, a, b) in specs.items():
         monkeypatch.setenv("SQUALL_GRAPH_SEARCH", device.type)
         pairs = edges.build_edges(spec, a, b, keep_on_device=True)
-        if spec["type"] != "multiscale":
-            assert all(isinstance(p, torch.Tensor) and p.device.type == device.type for p in pairs)
+        assert all(isinstance(p, torch.Tensor) and p.device.type == device.type for p in pairs)
         got = EdgeSet._from_pairs_on(device, name, a, b, *pairs)
         monkeypatch.setenv("SQUALL_GRAPH_SEARCH", "cpu")  # numpy sorts and attributes
         want = EdgeSet.from_pairs(name, a, b, *edges.build_edges(spec, a, b))
@@ -134,6 +135,6 @@ def test_device_pipeline_builds_the_host_edge_sets(monkeypatch):
             np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=name)
         assert got.attrs.dtype == np.float32
         assert np.abs(got.attrs - want.attrs).max() <= np.finfo(np.float32).eps, name
-    for nodes in (src, dst):
+    for nodes in (src, dst, lam):
         nodes.drop_device()
         assert "_device_copies" not in nodes.__dict__

@@ -315,17 +315,44 @@ def multiscale_edges(nodes: NodeSet, max_level: int | None = None) -> tuple[np.n
     (levels never share a node pair: refinement splits each edge at its midpoint). For a subset of a
     mesh (limited area, stretched), a level's edge is kept when both its ends are in the set.
     """
+    return _multiscale_pairs(nodes, _multiscale_level(nodes, max_level))
+
+
+def _multiscale_level(nodes: NodeSet, max_level: int | None) -> int:
+    """The finest refinement level of ``nodes`` (at most ``max_level``)."""
     if nodes.mesh_levels is None:
         raise GraphError(f"multi-scale edges need an icosahedral node set; {nodes.name!r} is not")
     level = int(nodes.meta.get("finest_level", nodes.mesh_levels.max()))
-    level = level if max_level is None else min(level, max_level)
+    return level if max_level is None else min(level, max_level)
+
+
+def _multiscale_pairs(nodes: NodeSet, level: int, device: torch.device | None = None):
+    """:func:`multiscale_edges` up to ``level``; on a ``device``, the integer work (unique
+    edges of each level's triangles) runs there and the pairs stay there as tensors."""
     full_xyz, all_faces = icosahedral_levels(level)
     local = _index_in_full_mesh(nodes, full_xyz)
-    pairs = np.concatenate([face_edges(faces) for faces in all_faces])
+    if device is None:
+        pairs = np.concatenate([face_edges(faces) for faces in all_faces])
+        a, b = local[pairs[:, 0]], local[pairs[:, 1]]
+        keep = (a >= 0) & (b >= 0)
+        a, b = a[keep], b[keep]
+        return np.concatenate([a, b]), np.concatenate([b, a])
+    pairs = torch.cat([_face_edges_tensor(torch.from_numpy(f).to(device)) for f in all_faces])
+    local = torch.from_numpy(local).to(device)
     a, b = local[pairs[:, 0]], local[pairs[:, 1]]
     keep = (a >= 0) & (b >= 0)
     a, b = a[keep], b[keep]
-    return np.concatenate([a, b]), np.concatenate([b, a])
+    return torch.cat([a, b]), torch.cat([b, a])
+
+
+def _face_edges_tensor(faces: torch.Tensor) -> torch.Tensor:
+    """:func:`squall.graphs.grids.face_edges` of an int64 tensor: the same unique sorted pairs
+    (the same integer keys ``lo * n + hi``, sorted and made unique)."""
+    pairs = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    lo, hi = pairs.amin(1), pairs.amax(1)
+    n = int(hi.max()) + 1
+    keys = torch.unique(lo * n + hi, sorted=True)
+    return torch.stack([keys // n, keys % n], 1)
 
 
 def _index_in_full_mesh(nodes: NodeSet, full_xyz: np.ndarray) -> np.ndarray:
@@ -372,7 +399,9 @@ def build_edges(
     if kind == "multiscale":
         if src is not dst:
             raise GraphError("multi-scale edges connect a mesh to itself; use src == dst")
-        pairs = multiscale_edges(dst, spec.get("max_level"))
+        device = search.search_device()
+        on = device if keep_on_device and device is not None else None
+        pairs = _multiscale_pairs(dst, _multiscale_level(dst, spec.get("max_level")), on)
         if step is not None:
             step()
         return pairs
