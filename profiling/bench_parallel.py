@@ -730,7 +730,8 @@ def cmd_time(args) -> None:
     if env.rank == 0:
         result = {"info": machine_info(), "gpus": env.world_size, "graph": args.graph,
                   "channels": args.channels, "heads": args.heads, "layers": args.layers,
-                  "batch": args.batch, "backend": args.backend, "checkpoint": ckpt,
+                  "batch": args.batch, "backend": args.backend,
+                  "checkpoint": f"planner {args.budget_gib:g} GiB" if args.budget_gib else ckpt,
                   "partition": args.partition, "ranks": gathered, "shard_parameters": shard,
                   "compile": mcfg.compile, "label": args.label, "checkpoint_plan": plan,
                   "budget_gib": args.budget_gib, "plan_world": args.plan_world,
