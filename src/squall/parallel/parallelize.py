@@ -28,7 +28,8 @@ applies, in this order:
    gradient. A plain data-parallel model (``model_parallel == 1``, ``chunks == 1``) goes through
    DDP (``replicate``, in place), which overlaps the all-reduce with the backward; any other
    layout through :class:`GradReducer` (summed over the model and ensemble groups, whose ranks
-   each hold a share of one replica's gradient, averaged over replicas).
+   each hold a share of one replica's gradient, averaged over replicas), in buckets of
+   ``grad_bucket_mb`` launched during the backward as DDP does.
    With ``shard_parameters``, any layout goes through FSDP2 instead
    (:func:`squall.parallel.sharding.shard_parameters`): parameters, gradients and optimizer
    state sharded over the whole world, each block gathered just in time, gradients
