@@ -11,10 +11,12 @@ Cases (the graph builders' two searches at the size of the o1280_l8 graph):
   level-``--cutoff-level`` mesh of each mesh node (an encoder, as ``conf/graph/o1280_l8.yaml``).
 
 Methods, timed in the same run: ``sphere`` (squall.graphs.search on the GPU when there is one,
-else torch on the CPU; index build, transfers from host arrays and the search), ``brute`` (torch
+else torch on the CPU; index build and the search from coordinates on the device; on CUDA with
+banded sources the Triton kernels, checked equal to and timed against the torch path,
+``SQUALL_SEARCH_KERNEL=0``), ``brute`` (torch
 ``cdist`` + ``topk``/threshold in float32 over blocks of queries, on the same device) and
 ``kdtree`` (scipy ``cKDTree`` with ``workers=-1``, the tree built inside the timing; radius
-pairs from ``query_ball_point``). ``--repeats`` times the search (median after a warm-up), the
+pairs from ``query_ball_point``; skipped where scipy is not installed). ``--repeats`` times the search (median after a warm-up), the
 baselines once (brute force after a warm-up on 1,024 queries). ``--brute-queries`` times brute force on the first queries only and scales the
 time to all of them (column ``timed_fraction``). Then the whole ``--graph`` build (search,
 CSC sort and attributes) on the default path and with ``SQUALL_GRAPH_SEARCH=scipy``.
@@ -35,7 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from scipy.spatial import cKDTree
+
+try:
+    from scipy.spatial import cKDTree
+except ImportError:  # the GPU machine has no scipy: its KD-tree rows are skipped, said so
+    cKDTree = None
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import append_rows, machine_info  # noqa: E402
@@ -117,6 +123,30 @@ def run_case(case, src, dst, device, args, k=None, r=None):
             return search.knn(index, dst_ll, k, dst_x)[0]
         return search.radius(index, dst_ll, r, query_xyz=dst_x)[1]
 
+    def full_result():
+        index = search.SphereIndex.build(src_ll, device, xyz=src_x)
+        if k is not None:
+            return search.knn(index, dst_ll, k, dst_x)
+        return search.radius(index, dst_ll, r, query_xyz=dst_x)
+
+    # The Triton kernels (banded sources on CUDA) against the torch path on the same device:
+    # equal results first, then the torch path's time (the search before the kernels).
+    kernel = device.type == "cuda" and search.use_kernel(
+        search.SphereIndex.build(src_ll, device, xyz=src_x), k
+    )
+    torch_seconds = equal = None
+    if kernel:
+        got_kernel = full_result()
+        os.environ["SQUALL_SEARCH_KERNEL"] = "0"
+        try:
+            want = full_result()
+            equal = all(torch.equal(a, b) for a, b in zip(got_kernel, want, strict=True))
+            print(f"{case}: kernel result equal to the torch path's: {equal}", flush=True)
+            del got_kernel, want
+            torch_seconds, _ = timed(sphere, device, args.repeats)
+        finally:
+            os.environ.pop("SQUALL_SEARCH_KERNEL", None)
+
     seconds, got = timed(sphere, device, args.repeats)
     if args.profile_search:
         from torch.profiler import ProfilerActivity, profile
@@ -130,8 +160,12 @@ def run_case(case, src, dst, device, args, k=None, r=None):
             prof.key_averages().table(sort_by=sort, row_limit=40)
         )
     edges_found = got.numel()
-    rows.append({**base, "method": f"sphere ({device.type})", "seconds": seconds,
-                 "edges": edges_found, "timed_fraction": 1.0})  # fmt: skip
+    rows.append({**base, "method": f"sphere {'kernel' if kernel else 'torch'} ({device.type})",
+                 "seconds": seconds, "edges": edges_found, "timed_fraction": 1.0,
+                 "equal_to_torch_path": "" if equal is None else equal})  # fmt: skip
+    if torch_seconds is not None:
+        rows.append({**base, "method": f"sphere torch ({device.type})", "seconds": torch_seconds,
+                     "edges": edges_found, "timed_fraction": 1.0})  # fmt: skip
 
     n_brute = min(len(dst), args.brute_queries or len(dst))
     src32, part32 = src_x.float(), dst_x[:n_brute].float()
@@ -146,7 +180,9 @@ def run_case(case, src, dst, device, args, k=None, r=None):
                  "timed_fraction": round(n_brute / len(dst), 4)})  # fmt: skip
 
     cpu = torch.device("cpu")
-    if k is not None:
+    if cKDTree is None:
+        print(f"{case}: scipy not installed here: no cKDTree row", flush=True)
+    elif k is not None:
         seconds, tree = timed(lambda: kdtree_knn(src_xyz, dst_xyz, k), cpu, 1, warmup=False)
         same = np.sort(tree.reshape(len(dst), k), 1) == np.sort(got.cpu().numpy(), 1)
         agree = float(same.all(1).mean())
@@ -154,12 +190,13 @@ def run_case(case, src, dst, device, args, k=None, r=None):
     else:
         seconds, found = timed(lambda: kdtree_radius(src_xyz, dst_xyz, r), cpu, 1, warmup=False)
         agree = float(found == edges_found)
-    rows.append({**base, "method": f"scipy cKDTree workers=-1 ({os.cpu_count()} cpus)",
-                 "seconds": seconds, "edges": found, "timed_fraction": 1.0,
-                 "agree_with_sphere": agree})  # fmt: skip
+    if cKDTree is not None:
+        rows.append({**base, "method": f"scipy cKDTree workers=-1 ({os.cpu_count()} cpus)",
+                     "seconds": seconds, "edges": found, "timed_fraction": 1.0,
+                     "agree_with_sphere": agree})  # fmt: skip
     for row in rows:
         row["speedup_of_sphere"] = round(row["seconds"] / rows[0]["seconds"], 1)
-        row["seconds"] = round(row["seconds"], 4)
+        row["seconds"] = round(row["seconds"], 6)
     return rows
 
 

@@ -11,7 +11,9 @@ Cases:
   the mesh's largest nearest-neighbour spacing, at most 64 per mesh node, as ``model=obs_*``):
   per-sample index build, radius search, CSC pointers, attributes and the attention kernels'
   edge index, all on the device, from observations already there. Median of ``--repeats`` after
-  3 warm-ups; also the index build and radius search alone.
+  3 warm-ups; also the index build and radius search alone, and on CUDA the whole build and the
+  radius search again on the torch path (``SQUALL_SEARCH_KERNEL=0``: the search before its
+  Triton kernels), after checking both give the same edges.
 * ``step``: one training step (bf16 autocast forward, MSE, backward, fused AdamW) of the
   ``--step-graph`` model with an observation encoder over ``--step-obs`` observations per
   sample, three ways: ``static`` (no observations: the model of the static graphs alone),
@@ -26,6 +28,8 @@ appended to profiling/results/obs.csv).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -42,7 +46,7 @@ from squall.data.observations import ObsBatch, random_places  # noqa: E402
 from squall.graphs import grids  # noqa: E402
 from squall.graphs.dynamic import mesh_frames, observation_edges  # noqa: E402
 from squall.graphs.edges import nearest_neighbour_spacing  # noqa: E402
-from squall.graphs.search import SphereIndex, radius  # noqa: E402
+from squall.graphs.search import SphereIndex, radius, use_kernel  # noqa: E402
 from squall.models.forecaster import GraphForecaster, ModelConfig  # noqa: E402
 from squall.models.obs_encoder import ObservationEncoder  # noqa: E402
 from squall.parallel.parallelize import (  # noqa: E402
@@ -88,6 +92,23 @@ def random_obs(n_per_sample: int, batch: int, device, seed: int = 0) -> ObsBatch
     return ObsBatch.pack(parts).to(device)
 
 
+class torch_path(contextlib.ContextDecorator):
+    """Run the sphere search on its torch path (``SQUALL_SEARCH_KERNEL=0``) inside; as a
+    decorator of a function, each call of it."""
+
+    def __enter__(self):
+        self.old = os.environ.get("SQUALL_SEARCH_KERNEL")
+        os.environ["SQUALL_SEARCH_KERNEL"] = "0"
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("SQUALL_SEARCH_KERNEL", None)
+        else:
+            os.environ["SQUALL_SEARCH_KERNEL"] = self.old
+        return False
+
+
 def bench_graph(args, device) -> list[dict]:
     mesh = grids.icosahedral_mesh(args.mesh_level, "hidden")
     chord = CUTOFF_FACTOR * float(nearest_neighbour_spacing(mesh).max())
@@ -109,6 +130,17 @@ def bench_graph(args, device) -> list[dict]:
     index = SphereIndex.build(one, device)
     parts["radius"] = lambda: radius(index, mesh_latlon, chord, MAX_NEIGHBOURS,
                                      query_xyz=frame[:, 0])  # fmt: skip
+    if device.type == "cuda" and use_kernel(index):
+        # the Triton kernels against the torch path (SQUALL_SEARCH_KERNEL=0) on this sample:
+        # the same edges first, then both timed
+        got = parts["radius"]()
+        with torch_path():
+            want = parts["radius"]()
+        equal = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        print(f"radius kernels equal to the torch path: {equal} ({len(got[0])} edges)", flush=True)
+        result["equal"] = equal
+        parts["graph_torch_path"] = torch_path()(build)
+        parts["radius_torch_path"] = torch_path()(parts["radius"])
     if args.profile:
         profile_graph(build, device, args.profile)
     rows = []
@@ -121,6 +153,8 @@ def bench_graph(args, device) -> list[dict]:
                "ms_per_sample": round(1e3 * med, 3),
                "ms_p10": round(1e3 * float(np.percentile(times, 10)) / per, 3),
                "ms_p90": round(1e3 * float(np.percentile(times, 90)) / per, 3)}  # fmt: skip
+        if "equal" in result and "torch_path" not in name:
+            row["kernel_equal_to_torch_path"] = result["equal"]
         if name == "graph":
             g = result["g"]
             row["edges"] = g.num_edges

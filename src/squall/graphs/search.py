@@ -522,11 +522,10 @@ def radius(index: SphereIndex, query_latlon, r: float, max_neighbours: int | Non
     lat, lon, qxyz = _points(query_latlon, query_xyz, device, "radius search")
     q = len(lat)
     r2 = float(r) * float(r)
-    theta = torch.full((q,), min(math.pi, 2 * math.asin(min(r / 2, 1.0))), dtype=torch.float64,
-                       device=device)  # fmt: skip
+    angle = min(math.pi, 2 * math.asin(min(r / 2, 1.0)))
     if use_kernel(index):
-        return _radius_kernel(index, lat, lon, qxyz, r2, float(theta[0]) if q else 0.0,
-                              max_neighbours)  # fmt: skip
+        return _radius_kernel(index, lat, lon, qxyz, r2, angle, max_neighbours)
+    theta = torch.full((q,), angle, dtype=torch.float64, device=device)
     return _radius_torch(index, lat, lon, qxyz, r2, theta, max_neighbours)
 
 

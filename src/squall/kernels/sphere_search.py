@@ -131,11 +131,6 @@ def _acos(x, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _load_const(c_ptr, slot: tl.constexpr):
-    return tl.load(c_ptr + slot)
-
-
-@triton.jit
 def _prepare(rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, c_ptr, n_rows, n_bands, pid,
              PER_ROW_THETA: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Rows of this program, their query ids, latitudes, longitudes, search angles (+ margin)
@@ -148,13 +143,15 @@ def _prepare(rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, c_ptr, n_rows, n_bands, pi
     if PER_ROW_THETA:
         theta = tl.load(theta_ptr + offs, mask=mask, other=0.0)
     else:
-        theta = tl.zeros([BLOCK], dtype=tl.float64) + _load_const(c_ptr, 7)
-    th = theta + _load_const(c_ptr, 2)
-    half_pi = _load_const(c_ptr, 1)
-    inv_h = _load_const(c_ptr, 4)
-    # the torch path's band range +- 1 (a band the cap misses is skipped by its latitude test)
-    b0 = tl.floor((phi - th + half_pi) * inv_h).to(tl.int32) - 1
-    b1 = tl.floor((phi + th + half_pi) * inv_h).to(tl.int32) + 1
+        theta = tl.zeros([BLOCK], dtype=tl.float64) + tl.load(c_ptr + 7)
+    th = theta + tl.load(c_ptr + 2)
+    half_pi = tl.load(c_ptr + 1)
+    inv_h = tl.load(c_ptr + 4)
+    # the torch path's band range: bands are found by arithmetic here, which may differ from its
+    # binary search only for a latitude within rounding (1e-15 rad) of a band edge, and such
+    # an edge lies MARGIN outside the search angle proper
+    b0 = tl.floor((phi - th + half_pi) * inv_h).to(tl.int32)
+    b1 = tl.floor((phi + th + half_pi) * inv_h).to(tl.int32)
     b0 = tl.where(mask, tl.maximum(b0, 0), n_bands)
     b1 = tl.where(mask, tl.minimum(b1, n_bands - 1), -1)
     return offs, mask, q, phi, lam, th, b0, b1
@@ -162,15 +159,10 @@ def _prepare(rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, c_ptr, n_rows, n_bands, pi
 
 @triton.jit
 def _window(b, phi, lam, th, sin_phi, cos_phi, cos_th, p_star, in_band, band_lo_ptr, band_hi_ptr,
-            cells_ptr, n_cells, c_ptr, INTERP: tl.constexpr):  # fmt: skip
+            cells_ptr, n_cells, two_pi, half_pi, margin, scale, tiny, full_denom,
+            INTERP: tl.constexpr):  # fmt: skip
     """Banded positions ``[s1, s1 + n1)`` and ``[s2, s2 + n2)`` of band ``b`` in each query's
     window (the torch path's ``_segments``, widened to whole longitude cells)."""
-    two_pi = _load_const(c_ptr, 0)
-    half_pi = _load_const(c_ptr, 1)
-    margin = _load_const(c_ptr, 2)
-    scale = _load_const(c_ptr, 3)
-    tiny = _load_const(c_ptr, 5)
-    full_denom = _load_const(c_ptr, 6)
     lo = tl.maximum(tl.load(band_lo_ptr + b), phi - th)
     hi = tl.minimum(tl.load(band_hi_ptr + b), phi + th)
     valid = in_band & (lo <= hi)
@@ -205,16 +197,6 @@ def _window(b, phi, lam, th, sin_phi, cos_phi, cos_th, p_star, in_band, band_lo_
 
 
 @triton.jit
-def _d2(pos, active, qx, qy, qz, sx_ptr, sy_ptr, sz_ptr):
-    """Squared chord from each query to the source at banded position ``pos`` (source - query,
-    ``((dx * dx + dy * dy) + dz * dz)``; the launch turns contraction into FMAs off)."""
-    dx = tl.load(sx_ptr + pos, mask=active, other=0.0) - qx
-    dy = tl.load(sy_ptr + pos, mask=active, other=0.0) - qy
-    dz = tl.load(sz_ptr + pos, mask=active, other=0.0) - qz
-    return (dx * dx + dy * dy) + dz * dz
-
-
-@triton.jit
 def _knn_kernel(rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr, n_rows,
                 band_lo_ptr, band_hi_ptr, n_bands, cells_ptr, n_cells,
                 sx_ptr, sy_ptr, sz_ptr, sid_ptr, c_ptr, out_idx_ptr, out_d2_ptr,
@@ -231,45 +213,98 @@ def _knn_kernel(rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr,
     cos_phi = tl.cos(phi)
     cos_th = tl.cos(th)
     p_star = _asin(tl.minimum(tl.maximum(sin_phi / cos_th, -1.0), 1.0), INTERP)
+    two_pi, half_pi, margin = tl.load(c_ptr + 0), tl.load(c_ptr + 1), tl.load(c_ptr + 2)
+    scale, tiny, full_denom = tl.load(c_ptr + 3), tl.load(c_ptr + 5), tl.load(c_ptr + 6)
 
-    # Best K as [BLOCK, K_PAD] (d2, index); distinct sentinels (inf, _SENTINEL + column) so the
-    # worst entry is one slot; padding columns hold (-inf, -1) and are never the worst.
-    col = tl.arange(0, K_PAD)[None, :]
-    real = col < K
     inf = float("inf")
-    best_d = tl.where(real, inf, -inf) + tl.zeros([BLOCK, K_PAD], dtype=tl.float64)
-    best_i = tl.where(real, _SENT + col, -1) + tl.zeros([BLOCK, K_PAD], tl.int32)
-    worst_d = tl.zeros([BLOCK], dtype=tl.float64) + inf
-    worst_i = tl.zeros([BLOCK], dtype=tl.int32) + (_SENT + K - 1)
-
-    for b in range(tl.min(b0, 0), tl.max(b1, 0) + 1):
-        in_band = mask & (b >= b0) & (b <= b1)
-        s1, n1, s2, n2 = _window(b, phi, lam, th, sin_phi, cos_phi, cos_th, p_star, in_band,
-                                 band_lo_ptr, band_hi_ptr, cells_ptr, n_cells, c_ptr, INTERP)  # fmt: skip
-        length = n1 + n2
-        for j in range(0, tl.max(length, 0)):
-            active = j < length
-            pos = tl.where(j < n1, s1 + j, s2 + (j - n1))
-            d = _d2(pos, active, qx, qy, qz, sx_ptr, sy_ptr, sz_ptr)
-            i = tl.load(sid_ptr + pos, mask=active, other=0)
-            better = active & ((d < worst_d) | ((d == worst_d) & (i < worst_i)))
-            slot = (best_d == worst_d[:, None]) & (best_i == worst_i[:, None]) & better[:, None]
-            best_d = tl.where(slot, d[:, None], best_d)
-            best_i = tl.where(slot, i[:, None], best_i)
-            worst_d = tl.max(best_d, 1)
-            worst_i = tl.max(tl.where(best_d == worst_d[:, None], best_i, -1), 1)
-
-    # Write the K in ascending (d2, index) order: take the smallest K times.
-    best_d = tl.where(real, best_d, inf)
-    best_i = tl.where(real, best_i, _INT_MAX)
-    for r in tl.static_range(K):
-        md = tl.min(best_d, 1)
-        mi = tl.min(tl.where(best_d == md[:, None], best_i, _INT_MAX), 1)
-        tl.store(out_d2_ptr + offs * K + r, md, mask=mask)
-        tl.store(out_idx_ptr + offs * K + r, mi.to(tl.int64), mask=mask)
-        taken = (best_d == md[:, None]) & (best_i == mi[:, None])
-        best_d = tl.where(taken, inf, best_d)
-        best_i = tl.where(taken, _INT_MAX, best_i)
+    if K <= 4:
+        # Up to 4 best as sorted registers (d0, i0) <= ... <= (d3, i3): each candidate enters
+        # by a compare-and-shift network, no reduction per candidate.
+        d0 = tl.zeros([BLOCK], dtype=tl.float64) + inf
+        d1, d2, d3 = d0, d0, d0
+        i0 = tl.zeros([BLOCK], dtype=tl.int32) + _SENT
+        i1, i2, i3 = i0 + 1, i0 + 2, i0 + 3
+        for b in range(tl.min(b0, 0), tl.max(b1, 0) + 1):
+            in_band = mask & (b >= b0) & (b <= b1)
+            s1, n1, s2, n2 = _window(b, phi, lam, th, sin_phi, cos_phi, cos_th, p_star, in_band,
+                                     band_lo_ptr, band_hi_ptr, cells_ptr, n_cells, two_pi,
+                                     half_pi, margin, scale, tiny, full_denom, INTERP)  # fmt: skip
+            length = n1 + n2
+            for j in range(0, tl.max(length, 0)):
+                active = j < length
+                pos = tl.where(j < n1, s1 + j, s2 + (j - n1))
+                # source - query, ((dx * dx + dy * dy) + dz * dz): the torch path's order (the
+                # launch turns contraction into FMAs off)
+                dx = tl.load(sx_ptr + pos, mask=active, other=0.0) - qx
+                dy = tl.load(sy_ptr + pos, mask=active, other=0.0) - qy
+                dz = tl.load(sz_ptr + pos, mask=active, other=0.0) - qz
+                d = (dx * dx + dy * dy) + dz * dz
+                i = tl.load(sid_ptr + pos, mask=active, other=0)
+                lt0 = active & ((d < d0) | ((d == d0) & (i < i0)))
+                lt1 = active & ((d < d1) | ((d == d1) & (i < i1)))
+                lt2 = active & ((d < d2) | ((d == d2) & (i < i2)))
+                lt3 = active & ((d < d3) | ((d == d3) & (i < i3)))
+                d3 = tl.where(lt2, d2, tl.where(lt3, d, d3))
+                i3 = tl.where(lt2, i2, tl.where(lt3, i, i3))
+                d2 = tl.where(lt1, d1, tl.where(lt2, d, d2))
+                i2 = tl.where(lt1, i1, tl.where(lt2, i, i2))
+                d1 = tl.where(lt0, d0, tl.where(lt1, d, d1))
+                i1 = tl.where(lt0, i0, tl.where(lt1, i, i1))
+                d0 = tl.where(lt0, d, d0)
+                i0 = tl.where(lt0, i, i0)
+        out = offs * K
+        tl.store(out_d2_ptr + out, d0, mask=mask)
+        tl.store(out_idx_ptr + out, i0.to(tl.int64), mask=mask)
+        if K > 1:
+            tl.store(out_d2_ptr + out + 1, d1, mask=mask)
+            tl.store(out_idx_ptr + out + 1, i1.to(tl.int64), mask=mask)
+        if K > 2:
+            tl.store(out_d2_ptr + out + 2, d2, mask=mask)
+            tl.store(out_idx_ptr + out + 2, i2.to(tl.int64), mask=mask)
+        if K > 3:
+            tl.store(out_d2_ptr + out + 3, d3, mask=mask)
+            tl.store(out_idx_ptr + out + 3, i3.to(tl.int64), mask=mask)
+    else:
+        # Best K as [BLOCK, K_PAD] (d2, index); distinct sentinels (inf, _SENT + column) so
+        # the worst entry is one slot; padding columns hold (-inf, -1), never the worst.
+        col = tl.arange(0, K_PAD)[None, :]
+        real = col < K
+        best_d = tl.where(real, inf, -inf) + tl.zeros([BLOCK, K_PAD], dtype=tl.float64)
+        best_i = tl.where(real, _SENT + col, -1) + tl.zeros([BLOCK, K_PAD], tl.int32)
+        worst_d = tl.zeros([BLOCK], dtype=tl.float64) + inf
+        worst_i = tl.zeros([BLOCK], dtype=tl.int32) + (_SENT + K - 1)
+        for b in range(tl.min(b0, 0), tl.max(b1, 0) + 1):
+            in_band = mask & (b >= b0) & (b <= b1)
+            s1, n1, s2, n2 = _window(b, phi, lam, th, sin_phi, cos_phi, cos_th, p_star, in_band,
+                                     band_lo_ptr, band_hi_ptr, cells_ptr, n_cells, two_pi,
+                                     half_pi, margin, scale, tiny, full_denom, INTERP)  # fmt: skip
+            length = n1 + n2
+            for j in range(0, tl.max(length, 0)):
+                active = j < length
+                pos = tl.where(j < n1, s1 + j, s2 + (j - n1))
+                dx = tl.load(sx_ptr + pos, mask=active, other=0.0) - qx
+                dy = tl.load(sy_ptr + pos, mask=active, other=0.0) - qy
+                dz = tl.load(sz_ptr + pos, mask=active, other=0.0) - qz
+                d = (dx * dx + dy * dy) + dz * dz
+                i = tl.load(sid_ptr + pos, mask=active, other=0)
+                better = active & ((d < worst_d) | ((d == worst_d) & (i < worst_i)))
+                slot = (best_d == worst_d[:, None]) & (best_i == worst_i[:, None])
+                slot = slot & better[:, None]
+                best_d = tl.where(slot, d[:, None], best_d)
+                best_i = tl.where(slot, i[:, None], best_i)
+                worst_d = tl.max(best_d, 1)
+                worst_i = tl.max(tl.where(best_d == worst_d[:, None], best_i, -1), 1)
+        # the K in ascending (d2, index) order: take the smallest K times
+        best_d = tl.where(real, best_d, inf)
+        best_i = tl.where(real, best_i, _INT_MAX)
+        for r in tl.static_range(K):
+            md = tl.min(best_d, 1)
+            mi = tl.min(tl.where(best_d == md[:, None], best_i, _INT_MAX), 1)
+            tl.store(out_d2_ptr + offs * K + r, md, mask=mask)
+            tl.store(out_idx_ptr + offs * K + r, mi.to(tl.int64), mask=mask)
+            taken = (best_d == md[:, None]) & (best_i == mi[:, None])
+            best_d = tl.where(taken, inf, best_d)
+            best_i = tl.where(taken, _INT_MAX, best_i)
 
 
 @triton.jit
@@ -287,11 +322,13 @@ def _radius_kernel(rows_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr, n_rows,
     qx = tl.load(qx_ptr + q, mask=mask, other=0.0)
     qy = tl.load(qy_ptr + q, mask=mask, other=0.0)
     qz = tl.load(qz_ptr + q, mask=mask, other=0.0)
-    r2 = _load_const(c_ptr, 8)
+    r2 = tl.load(c_ptr + 8)
     sin_phi = tl.sin(phi)
     cos_phi = tl.cos(phi)
     cos_th = tl.cos(th)
     p_star = _asin(tl.minimum(tl.maximum(sin_phi / cos_th, -1.0), 1.0), INTERP)
+    two_pi, half_pi, margin = tl.load(c_ptr + 0), tl.load(c_ptr + 1), tl.load(c_ptr + 2)
+    scale, tiny, full_denom = tl.load(c_ptr + 3), tl.load(c_ptr + 5), tl.load(c_ptr + 6)
     if FILL:
         write = mask & (tl.load(count_ptr + q, mask=mask, other=0) <= cap)
         at = tl.load(offset_ptr + q, mask=mask, other=0)
@@ -302,12 +339,18 @@ def _radius_kernel(rows_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr, n_rows,
     for b in range(tl.min(b0, 0), tl.max(b1, 0) + 1):
         in_band = write & (b >= b0) & (b <= b1)
         s1, n1, s2, n2 = _window(b, phi, lam, th, sin_phi, cos_phi, cos_th, p_star, in_band,
-                                 band_lo_ptr, band_hi_ptr, cells_ptr, n_cells, c_ptr, INTERP)  # fmt: skip
+                                 band_lo_ptr, band_hi_ptr, cells_ptr, n_cells, two_pi, half_pi,
+                                 margin, scale, tiny, full_denom, INTERP)  # fmt: skip
         length = n1 + n2
         for j in range(0, tl.max(length, 0)):
             active = j < length
             pos = tl.where(j < n1, s1 + j, s2 + (j - n1))
-            d = _d2(pos, active, qx, qy, qz, sx_ptr, sy_ptr, sz_ptr)
+            # source - query, ((dx * dx + dy * dy) + dz * dz): the torch path's order (the
+            # launch turns contraction into FMAs off)
+            dx = tl.load(sx_ptr + pos, mask=active, other=0.0) - qx
+            dy = tl.load(sy_ptr + pos, mask=active, other=0.0) - qy
+            dz = tl.load(sz_ptr + pos, mask=active, other=0.0) - qz
+            d = (dx * dx + dy * dy) + dz * dz
             inside = active & (d <= r2)
             if FILL:
                 i = tl.load(sid_ptr + pos, mask=inside, other=0)
