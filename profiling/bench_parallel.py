@@ -498,6 +498,10 @@ def exchange_analysis(ranks: list[dict]) -> dict:
         out[f"{d}_both_s"] = round(sum(min(x[k] for x in w) for k in range(n)), 5)
         out[f"{d}_skew_s"] = round(sum(max(x[k] for x in w) - min(x[k] for x in w)
                                        for k in range(n)), 5)  # fmt: skip
+        # how often each rank was the one that waited longest (arrived first)
+        out[f"{d}_longest_wait_count"] = [sum(1 for k in range(n) if max(range(len(w)),
+                                              key=lambda r, k=k: w[r][k]) == r0)
+                                          for r0 in range(len(w))]  # fmt: skip
     out["real_sync_imbalance_s"] = round(sync_cost([med(t, "segments") for t in real])[0], 5)
     if all(solo):
         seg = [med(t, "segments") for t in solo]
