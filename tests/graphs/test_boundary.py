@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from squall.data.boundary import Interpolation
@@ -108,7 +109,22 @@ def _ring(n=6, radius_deg=1.0):
     return point_set(lat[order], lon[order], "src")
 
 
-@pytest.mark.parametrize("path", ["scipy", "cpu"])
+try:
+    import scipy.spatial  # noqa: F401
+
+    HAVE_SCIPY = True
+except ImportError:
+    HAVE_SCIPY = False
+#: Search paths that can run here: scipy KD-trees (GPU machines may have no scipy), torch on the
+#: CPU, and the GPU when there is one.
+PATHS = [
+    pytest.param("scipy", marks=pytest.mark.skipif(not HAVE_SCIPY, reason="scipy not installed")),
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_cap_keeps_the_nearest_ties_by_distance_then_index(monkeypatch, path):
     monkeypatch.setenv("SQUALL_GRAPH_SEARCH", path)
     src = _ring()
@@ -131,7 +147,10 @@ def test_cap_on_a_stretched_like_encoder_agrees_across_search_paths(monkeypatch)
     fine = latlon_grid(0.5, "data", [40, 50, 0, 20])
     mesh = point_set([45.0, 42.0, 48.0], [10.0, 5.0, 15.0], "hidden")
     results = {}
-    for path in ("scipy", "cpu"):
+    paths = ["scipy"] * HAVE_SCIPY + ["cpu"] + ["cuda"] * torch.cuda.is_available()
+    if len(paths) < 2:
+        pytest.skip("one search path here (no scipy, no GPU): nothing to compare")
+    for path in paths:
         monkeypatch.setenv("SQUALL_GRAPH_SEARCH", path)
         results[path] = build_edges({"type": "cutoff", "factor": 0.5}, fine, mesh)
         full = build_edges({"type": "cutoff", "factor": 0.5, "max_neighbours": None}, fine, mesh)
@@ -142,8 +161,9 @@ def test_cap_on_a_stretched_like_encoder_agrees_across_search_paths(monkeypatch)
             d2 = ((fine.xyz - mesh.xyz[node]) ** 2).sum(axis=1)
             dropped = np.setdiff1d(full[0][full[1] == node], s[d == node])
             assert d2[s[d == node]].max() <= d2[dropped].min()
-    for a, b in zip(results["scipy"], results["cpu"], strict=True):
-        np.testing.assert_array_equal(a, b)
+    for path in paths[1:]:
+        for a, b in zip(results[paths[0]], results[path], strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_interpolation_exact_at_driver_points_and_weights_sum_to_one():

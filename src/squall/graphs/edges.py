@@ -117,8 +117,7 @@ def _nearest(src: NodeSet, dst_latlon, k: int, step=None, dst_xyz=None, keep: bo
             if step is not None:
                 step()
         return (idx, d2) if keep else _host(idx, d2)
-    from scipy.spatial import cKDTree  # host path only: GPU machines may have no scipy
-
+    cKDTree = _kdtree()  # noqa: N806 (scipy's class)
     src_xyz = src.xyz
     dst_xyz = latlon_to_xyz(dst_latlon) if dst_xyz is None else dst_xyz
     idx = np.empty((q, k), np.int64)
@@ -129,6 +128,18 @@ def _nearest(src: NodeSet, dst_latlon, k: int, step=None, dst_xyz=None, keep: bo
         if step is not None:
             step()
     return idx, d2
+
+
+def _kdtree():
+    """scipy's ``cKDTree`` for the host search path (GPU machines may have no scipy)."""
+    try:
+        from scipy.spatial import cKDTree
+    except ImportError:
+        raise GraphError(
+            "the scipy search path (SQUALL_GRAPH_SEARCH=scipy, the default without a GPU) needs "
+            "scipy: install it, or set SQUALL_GRAPH_SEARCH=cpu for the torch search"
+        ) from None
+    return cKDTree
 
 
 def _tree_nearest(tree, src_xyz, dst_xyz, k):
@@ -181,8 +192,7 @@ def _within(src: NodeSet, dst: NodeSet, radius: float, max_neighbours: int | Non
     # One search: in blocks of destinations each block walks the whole source tree again
     # (o1280_l8 encoder pair search on 2 cores: 10 s in one, 39 s in blocks of 65,536). The tree
     # radius is widened by rounding so that the exact test below decides every pair.
-    from scipy.spatial import cKDTree
-
+    cKDTree = _kdtree()  # noqa: N806 (scipy's class)
     pairs = cKDTree(dst_xyz).sparse_distance_matrix(
         cKDTree(src_xyz), radius * (1 + 1e-9) + 1e-12, output_type="ndarray"
     )
