@@ -6,8 +6,8 @@
 The search path is the default one (the GPU when there is one, else scipy KD-trees);
 ``SQUALL_GRAPH_SEARCH=scipy|cpu|cuda`` picks another (column ``search``). Each graph is built
 once as a warm-up (CUDA context, Triton kernels compiled and tuned), then the lru caches of the
-node builders (Gaussian latitudes, icosahedral refinement) are cleared and the timed build runs
-cold, as a first build in a fresh process would apart from the warm GPU. Columns ``t_<stage>``
+node builders (Gaussian latitudes, icosahedral refinement) are cleared and each of ``--repeats``
+timed builds runs cold (the median is reported, column ``build_s_all`` has every one), as a first build in a fresh process would apart from the warm GPU. Columns ``t_<stage>``
 are the build's own stage seconds (``graph.meta["build_timings_s"]``: node sets, then search and
 sort+attributes of each edge set). ``--profile DIR`` writes a cProfile table of one more build
 per graph; ``--compare-leggauss`` builds each graph again with numpy's ``leggauss`` latitudes
@@ -118,6 +118,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("graphs", nargs="*", default=["o96_l6", "o320_l7", "o1280_l8"])
     parser.add_argument("--no-warmup", action="store_true", help="time the first build")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="cold builds timed per graph (the median is reported)")  # fmt: skip
     parser.add_argument("--no-save", action="store_true", help="skip the save/load timing")
     parser.add_argument("--profile", type=Path, default=None, help="cProfile tables here")
     parser.add_argument("--compare-leggauss", action="store_true",
@@ -132,7 +134,13 @@ def main(argv=None):
             build_graph(spec)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        graph, seconds = timed_build(spec)
+        runs = []
+        for _ in range(args.repeats):
+            runs.append(timed_build(spec))
+        runs.sort(key=lambda r: r[1])
+        graph, seconds = runs[len(runs) // 2]  # the median build and its stages
+        all_seconds = ";".join(f"{r[1]:.3f}" for r in runs)
+        del runs
         stats = graph.statistics()
         row = {
             **machine_info(),
@@ -143,6 +151,7 @@ def main(argv=None):
             "hidden_nodes": stats["nodes"]["hidden"],
             **{f"{k}_edges": v["edges"] for k, v in stats["edges"].items()},
             "build_s": round(seconds, 3),
+            "build_s_all": all_seconds,
             **{f"t_{k}": v for k, v in graph.meta["build_timings_s"].items()},
         }
         if torch.cuda.is_available():
@@ -157,7 +166,8 @@ def main(argv=None):
                         "file_MB": round(path.stat().st_size / 1e6, 1)}  # fmt: skip
         edges = sum(v["edges"] for v in stats["edges"].values())
         print(f"{name:<12} data {row['data_nodes']:>10,} hidden {row['hidden_nodes']:>9,} "
-              f"edges {edges:>11,}  build {seconds:7.3f} s ({row['search']})", flush=True)  # fmt: skip
+              f"edges {edges:>11,}  build {seconds:7.3f} s ({row['search']}; all: {all_seconds})",
+              flush=True)  # fmt: skip
         for stage, s in graph.meta["build_timings_s"].items():
             print(f"    {stage:<32} {s:8.3f} s")
         if args.profile is not None:
