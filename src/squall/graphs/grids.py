@@ -48,11 +48,18 @@ class NodeSet:
     def __len__(self) -> int:
         return int(self.latlon.shape[0])
 
-    @functools.cached_property
+    @property
     def xyz(self) -> np.ndarray:
         """``[N, 3]`` float64 unit vectors, computed on first access and kept (a graph build reads
-        the O1280 grid's 6.6 M vectors four times, ~0.2 s each); callers must not modify it."""
-        return latlon_to_xyz(self.latlon)
+        the O1280 grid's 6.6 M vectors four times, ~0.2 s each); callers must not modify it.
+
+        Kept without a lock (``functools.cached_property`` of Python 3.11 holds one lock for every
+        instance, which would queue node sets built on concurrent threads): two threads asking
+        at once both compute the same array."""
+        xyz = self.__dict__.get("_xyz")
+        if xyz is None:
+            xyz = self.__dict__["_xyz"] = latlon_to_xyz(self.latlon)
+        return xyz
 
     def on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``latlon`` ``[N, 2]`` and :attr:`xyz` ``[N, 3]`` as float64 tensors on ``device``: the
