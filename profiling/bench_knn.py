@@ -148,6 +148,19 @@ def run_case(case, src, dst, device, args, k=None, r=None):
             os.environ.pop("SQUALL_SEARCH_KERNEL", None)
 
     seconds, got = timed(sphere, device, args.repeats)
+    block_rows = []
+    if kernel:
+        from squall.kernels import sphere_search
+
+        default = sphere_search.BLOCK
+        for block in args.kernel_blocks:  # queries per program (one per lane)
+            sphere_search.BLOCK = block
+            try:
+                t, _ = timed(sphere, device, args.repeats)
+            finally:
+                sphere_search.BLOCK = default
+            block_rows.append({**base, "method": f"sphere kernel BLOCK={block} ({device.type})",
+                               "seconds": t, "edges": got.numel(), "timed_fraction": 1.0})  # fmt: skip
     if args.profile_search:
         from torch.profiler import ProfilerActivity, profile
 
@@ -163,6 +176,7 @@ def run_case(case, src, dst, device, args, k=None, r=None):
     rows.append({**base, "method": f"sphere {'kernel' if kernel else 'torch'} ({device.type})",
                  "seconds": seconds, "edges": edges_found, "timed_fraction": 1.0,
                  "equal_to_torch_path": "" if equal is None else equal})  # fmt: skip
+    rows += block_rows
     if torch_seconds is not None:
         rows.append({**base, "method": f"sphere torch ({device.type})", "seconds": torch_seconds,
                      "edges": edges_found, "timed_fraction": 1.0})  # fmt: skip
@@ -255,6 +269,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--cases", nargs="+", default=["knn", "cutoff"],
                         choices=("knn", "cutoff"), help="search cases to time")  # fmt: skip
+    parser.add_argument("--kernel-blocks", type=int, nargs="*", default=[],
+                        help="also time the search kernels with these queries per program")  # fmt: skip
     parser.add_argument("--profile-search", default=None,
                         help="write torch-profiler tables of one search to PREFIX.<case>.txt")  # fmt: skip
     parser.add_argument("--profile-graph", default=None,

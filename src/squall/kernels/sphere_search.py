@@ -37,8 +37,8 @@ from triton.language.extra import libdevice
 #: Queries per program (one per lane). 128 lanes (4 warps) keep the band loop shared by queries of
 #: neighbouring latitudes while giving an H200's 132 SMs ~400 programs per million queries.
 BLOCK = 128
-#: Warps per program.
-NUM_WARPS = 4
+#: Queries per warp (one per lane): a program runs ``BLOCK // 32`` warps.
+WARP = 32
 #: Largest ``k`` the k-nearest kernel keeps in registers (``[BLOCK, K]`` distances and indices per
 #: program); larger ``k`` (never used by the graph specs, whose knn edges use k <= 16) takes the
 #: torch path.
@@ -366,7 +366,7 @@ def _launch_options() -> dict:
     which never contracts)."""
     if interpreting():
         return {"INTERP": True}
-    return {"INTERP": False, "num_warps": NUM_WARPS, "enable_fp_fusion": False}
+    return {"INTERP": False, "num_warps": max(1, BLOCK // WARP), "enable_fp_fusion": False}
 
 
 class BandedSources:
