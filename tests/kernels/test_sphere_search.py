@@ -107,6 +107,14 @@ def test_structured_grids_and_large_k_keep_the_torch_path(monkeypatch):
     monkeypatch.setenv("SQUALL_SEARCH_KERNEL", "yes")
     with pytest.raises(GraphError, match="choose auto, 0 or 1"):
         search.use_kernel(mesh)
+    # on the CPU the kernels exist only through the interpreter; by default the CPU is torch's
+    cpu_mesh = search.SphereIndex.build(grids.icosahedral_mesh(1).latlon)
+    monkeypatch.setenv("SQUALL_SEARCH_KERNEL", "auto")
+    assert not search.use_kernel(cpu_mesh)
+    monkeypatch.setenv("SQUALL_SEARCH_KERNEL", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(GraphError, match="on the CPU needs TRITON_INTERPRET=1"):
+        search.use_kernel(cpu_mesh)
 
 
 def test_cell_table_brackets_every_source():
