@@ -21,6 +21,11 @@ lies strictly inside the cap, which proves no source outside is nearer; otherwis
 to the k-th candidate's distance (or doubles while fewer than k were found) and the query is
 searched again. Queries are processed in groups sized so that candidate matrices stay within
 :func:`candidate_budget` elements.
+
+On CUDA, indexes of latitude bands (mesh nodes, observations) are searched by the Triton kernels
+of :mod:`squall.kernels.sphere_search` (one fused pass per block of queries, no candidate
+matrices; see :func:`use_kernel`); the torch code here is their reference, the CPU path and the
+path of grid rows. Both give the same bits.
 """
 
 from __future__ import annotations
