@@ -191,7 +191,7 @@ def regular_rows(lat: torch.Tensor, lon: torch.Tensor):
     # rejects scattered points (observations) before the per-row work
     if n > 1:
         step = lat[1:] - lat[:-1]
-        if not (bool((step <= 0).all()) or bool((step >= 0).all())):
+        if not bool(torch.stack([(step <= 0).all(), (step >= 0).all()]).any()):  # one sync
             return None
     change = torch.nonzero(lat[1:] != lat[:-1]).ravel() + 1
     starts = torch.cat([torch.zeros(1, dtype=torch.int64, device=lat.device), change])
