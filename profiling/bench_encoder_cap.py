@@ -8,9 +8,9 @@ encoder's edges and in-degree distribution for each, then times a whole training
 in bf16 autocast on a GPU, MSE, backward, AdamW; random normalised inputs of ``--vars`` variables,
 two input steps, batch 1) and its peak memory. GPU rows go to profiling/results/encoder_cap.csv
 (or ``--csv``) and the table encoder_cap.md is written from every row of that file
-(``--render`` rewrites it without measuring). On a CPU (no GPU visible) it runs in fp32 with the
-wall clock and the process's peak RSS: a check that the script works, not a measurement to quote
-(nothing is written).
+(``--render`` rewrites it without measuring; ``--only`` measures one of the two settings). On a
+CPU (no GPU visible) it runs in fp32 with the wall clock and the process's peak RSS: a check that
+the script works, not a measurement to quote (nothing is written).
 
 Imports torch, yaml and squall's graph and model code only (no scipy: a GPU machine builds the
 graph with squall.graphs.search on the device).
@@ -138,6 +138,7 @@ def main():
     p.add_argument("--csv", type=Path, default=RESULTS / "encoder_cap.csv",
                    help="rows appended here (GPU runs only), the .md table beside it")  # fmt: skip
     p.add_argument("--render", action="store_true", help="only rewrite the .md from --csv")
+    p.add_argument("--only", choices=("capped", "uncapped"), help="measure one setting only")
     args = p.parse_args()
     if args.render:
         print(f"wrote {render(args.csv)}")
@@ -148,6 +149,8 @@ def main():
     rows = []
     for label, cap in (("capped", spec["edges"]["encoder"].get("max_neighbours", 64)),
                        ("uncapped", None)):  # fmt: skip
+        if args.only not in (None, label):
+            continue
         spec["edges"]["encoder"]["max_neighbours"] = cap
         graph = build_graph(spec)
         print(f"{label}: {graph.in_degree_report()}", flush=True)
