@@ -1,5 +1,7 @@
 """A driven limited-area model: the band forced in every state, the loss blind to it."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -252,3 +254,29 @@ def test_without_lookahead_states_keep_the_dataset_columns():
     nxt = plain.force_next(state[:, 0], batch, 2)  # the second prediction's time: position 3
     assert torch.equal(nxt[:, rows][..., cols], batch["boundary"][:, 3])
     assert torch.equal(nxt[:, 2:11], state[:, 0, 2:11])
+
+
+def test_interior_next_to_the_band_sees_the_band_inputs(lam_parts):
+    # the band's values reach the interior through encoder, processor and decoder: a model can
+    # use the forcing only if this path exists (the trained tiny models barely do:
+    # profiling/lam_sensitivity.py)
+    _, parts = lam_parts
+    data, forcing = parts.train_set, parts.trainer.boundary
+    model = copy.deepcopy(parts.model).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, 0.1)  # zero at initialisation: the output is persistence
+    batch = {k: v[None] if torch.is_tensor(v) else v for k, v in data[2].items()}
+    x = batch["x"].index_select(-1, parts.trainer.inputs)
+    state = forcing.force_inputs(x, batch)
+    shifted = state.clone()
+    shifted[:, :, forcing.rows] += 1.0
+    with torch.no_grad():
+        change = (model(shifted) - model(state)).abs()[0].amax(-1).numpy()
+    lat, lon = data.latitudes, data.longitudes
+    # the interior's first ring: 3 degrees (the band's width) from the region's edge, 1-degree grid
+    edge = np.minimum(np.minimum(lat - 30, 60 - lat), np.minimum(lon, 40 - lon))
+    ring = ~forcing.mask & (edge == 3)
+    assert ring.sum() > 0
+    # fp32 forward of O(1) outputs: changes below 1e3 ulps would be rounding
+    assert change[ring].min() > 1e3 * np.finfo(np.float32).eps, change[ring].min()
