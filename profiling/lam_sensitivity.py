@@ -55,7 +55,7 @@ def build(args):
     if ckpt is not None and ckpt.exists():
         payload = torch.load(ckpt, map_location=device, weights_only=False)
         model.load_state_dict(payload["model"])
-        label = f"trained ({int(payload.get('step', 0)) or '?'} steps)"
+        label = f"{args.run_dir.name} ({int(payload.get('step', 0)) or '?'} steps)"
     else:
         torch.manual_seed(0)
         with torch.no_grad():
@@ -84,7 +84,9 @@ def render(csv_path: Path, rows: list[dict]) -> None:
              f"{first['shift']} normalised units; overrides `{first['overrides'] or 'none'}`). "
              "Mean |change| of the interior's predicted prognostic variables (normalised), and "
              "the next state's interior RMSE with the decoder fed the mesh latents as they are "
-             "and replaced by their mean over the mesh.", "",
+             "and replaced by their mean over the mesh.",
+             f"Command (last column): `python profiling/lam_sensitivity.py {' '.join(sys.argv[1:])}`.",
+             "",
              "| measure | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]  # fmt: skip
     for m in measures:
         lines.append(f"| {m} | " + " | ".join(
