@@ -85,7 +85,12 @@ def test_radius_kernel_equals_torch_path(monkeypatch, sets, name, r, cap):
     monkeypatch.setattr(sphere_search, "BLOCK", 32)  # several programs, a partial last one
 
     def run(device):
-        return search.radius(search.SphereIndex.build(src, device), queries, r, cap)
+        index = search.SphereIndex.build(src, device)
+        if name == "cluster" and device == DEVICE:  # a precomputed order (as for a fixed mesh)
+            lat, lon = (torch.from_numpy(queries[:, i]).to(device) for i in (0, 1))
+            order = search.spatial_order(lat, lon)
+            return search.radius(index, queries, r, cap, query_order=order)
+        return search.radius(index, queries, r, cap)
 
     want, got = both(monkeypatch, run)
     for a, b in zip(want, got, strict=True):
@@ -130,3 +135,18 @@ def test_cell_table_brackets_every_source():
     assert torch.equal(table[:, 0], index.band_start)
     assert torch.equal(table[:, -1], index.band_start + index.band_count)
     assert bool((table[band, cell] <= pos).all()) and bool((pos < table[band, cell + 1]).all())
+
+
+def test_mesh_order_is_kept_per_mesh_tensor():
+    """The observation graphs' query order of a mesh is computed once per mesh tensor, and
+    again after the tensor changes in place."""
+    from squall.graphs import dynamic
+
+    mesh = torch.from_numpy(grids.icosahedral_mesh(2).latlon)
+    first = dynamic._mesh_order(mesh)
+    assert dynamic._mesh_order(mesh) is first
+    assert torch.equal(torch.sort(first).values, torch.arange(len(mesh)))
+    mesh[:, 1] = torch.remainder(mesh[:, 1] + 1.0, 2 * math.pi)
+    again = dynamic._mesh_order(mesh)
+    assert again is not first
+    assert torch.equal(again, search.spatial_order(mesh[:, 0], mesh[:, 1]))

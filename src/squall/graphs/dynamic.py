@@ -29,13 +29,14 @@ east/north tangent frame (``(0, 0)`` for an observation on the node).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from squall.errors import GraphError
 from squall.graphs.attributes import _tangent_frame_torch
-from squall.graphs.search import SphereIndex, radius
+from squall.graphs.search import SphereIndex, radius, spatial_order
 from squall.kernels.edge_index import EdgeIndex
 
 
@@ -111,30 +112,58 @@ def observation_edges(obs_latlon: torch.Tensor, offsets: torch.Tensor, mesh_latl
     samples, m = len(host) - 1, len(mesh_latlon)
     obs_latlon = obs_latlon.to(device=device, dtype=torch.float64)
     mesh_xyz = mesh_frame[:, 0]
+    # the search kernels' order of the mesh nodes (CUDA only: the CPU path has no kernels)
+    order = _mesh_order(mesh_latlon) if device.type == "cuda" else None
     dst, src, d2 = [], [], []
-    counts = []
+    edge_offsets = [0]
     for b in range(samples):
         lo, hi = host[b], host[b + 1]
         if hi == lo:
-            counts.append(torch.zeros((), dtype=torch.int64, device=device))
+            edge_offsets.append(edge_offsets[-1])
             continue
         index = SphereIndex.build(obs_latlon[lo:hi], device)
-        q, s, dist2 = radius(index, mesh_latlon, chord, max_neighbours, query_xyz=mesh_xyz)
-        dst.append(q + b * m)
-        src.append(s + lo)
+        q, s, dist2 = radius(index, mesh_latlon, chord, max_neighbours, query_xyz=mesh_xyz,
+                             query_order=order)  # fmt: skip
+        dst.append(q + b * m if b else q)
+        src.append(s + lo if lo else s)
         d2.append(dist2)
-        counts.append(torch.tensor(len(q), dtype=torch.int64, device=device))
-    empty = torch.zeros(0, dtype=torch.int64, device=device)
-    dst = torch.cat(dst) if dst else empty
-    src = torch.cat(src) if src else empty
-    d2 = torch.cat(d2) if d2 else empty.to(torch.float64)
-    colptr = torch.zeros(samples * m + 1, dtype=torch.int64, device=device)
-    colptr[1:] = torch.cumsum(torch.bincount(dst, minlength=samples * m), 0)
-    edge_offsets = torch.zeros(samples + 1, dtype=torch.int64, device=device)
-    edge_offsets[1:] = torch.cumsum(torch.stack(counts), 0)
+        edge_offsets.append(edge_offsets[-1] + len(q))
+    dst, src, d2 = (_joined(parts, dtype, device) for parts, dtype in
+                    ((dst, torch.int64), (src, torch.int64), (d2, torch.float64)))  # fmt: skip
+    # dst ascends (sample-major, then mesh node): the CSC pointer is a binary search
+    colptr = torch.searchsorted(dst, torch.arange(samples * m + 1, device=device))
+    # non_blocking: a plain host-to-device copy would wait for the whole stream
+    edge_offsets = torch.tensor(edge_offsets, dtype=torch.int64).to(device, non_blocking=True)
     attrs = _attributes(obs_latlon, src, dst % max(m, 1), d2, mesh_frame, chord)
     index = EdgeIndex.from_csc(colptr, src, len(obs_latlon))
     return ObsGraph(index, attrs, edge_offsets, samples, m)
+
+
+def _joined(parts: list, dtype, device) -> torch.Tensor:
+    """The tensors ``parts`` end to end (without a copy for one)."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
+
+
+#: The kernels' query order of recent mesh tensors: id -> (weak reference, version, order).
+_ORDERS: dict = {}
+
+
+def _mesh_order(mesh_latlon: torch.Tensor) -> torch.Tensor:
+    """:func:`squall.graphs.search.spatial_order` of the mesh nodes, computed once per mesh
+    tensor (the queries of every sample and batch) while it is alive and unchanged in place."""
+    key = id(mesh_latlon)
+    hit = _ORDERS.get(key)
+    if hit is not None and hit[0]() is mesh_latlon and hit[1] == mesh_latlon._version:
+        return hit[2]
+    lat = mesh_latlon[:, 0].to(torch.float64)
+    lon = mesh_latlon[:, 1].to(torch.float64)
+    order = spatial_order(lat, lon)
+    if len(_ORDERS) >= 8:
+        _ORDERS.clear()
+    _ORDERS[key] = (weakref.ref(mesh_latlon), mesh_latlon._version, order)
+    return order
 
 
 def _attributes(obs_latlon, src, mesh_row, d2, mesh_frame, chord) -> torch.Tensor:

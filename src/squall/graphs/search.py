@@ -119,18 +119,27 @@ def use_kernel(index: SphereIndex, k: int | None = None) -> bool:
 
 def _query_order(index: SphereIndex, lat: torch.Tensor, lon: torch.Tensor) -> torch.Tensor:
     """Query rows in an order whose kernel blocks span few bands: the given order when blocks of
-    consecutive queries already do (grid points row by row), else sorted by band and longitude
-    (mesh nodes, whose order follows refinement, not place)."""
+    consecutive queries already do (grid points row by row), else :func:`spatial_order`."""
     from squall.kernels.sphere_search import BLOCK
 
     n = len(lat)
-    rows = torch.arange(n, device=lat.device)
-    inv_height = index.band_lo.numel() / math.pi
     blocks = n // BLOCK
     if blocks:
         v = lat[: blocks * BLOCK].view(blocks, BLOCK)
-        if float((v.amax(1) - v.amin(1)).mean()) * inv_height < 1:
-            return rows
+        if float((v.amax(1) - v.amin(1)).mean()) * index.band_lo.numel() / math.pi < 1:
+            return torch.arange(n, device=lat.device)
+    return spatial_order(lat, lon)
+
+
+def spatial_order(lat: torch.Tensor, lon: torch.Tensor) -> torch.Tensor:
+    """``[Q]`` int64 permutation of the queries sorting them by thin latitude bands, then
+    longitude: bands of height ``2 * BLOCK / Q`` rad hold about one kernel block of queries
+    each near the equator, so a block spans a latitude range far below any index's bands.
+    Depends on the queries alone (a caller may compute it once for a fixed query set and pass
+    it to :func:`radius` as ``query_order``)."""
+    from squall.kernels.sphere_search import BLOCK
+
+    inv_height = max(1.0, len(lat) / (2 * BLOCK))
     band = ((lat + HALF_PI) * inv_height).floor()
     return torch.argsort(band * 8 + torch.remainder(lon, TWO_PI))
 
@@ -195,7 +204,7 @@ def regular_rows(lat: torch.Tensor, lon: torch.Tensor):
             return None
     change = torch.nonzero(lat[1:] != lat[:-1]).ravel() + 1
     starts = torch.cat([torch.zeros(1, dtype=torch.int64, device=lat.device), change])
-    counts = torch.diff(starts, append=torch.tensor([n], device=lat.device))
+    counts = torch.diff(starts, append=torch.full((1,), n, device=lat.device))
     row_lat = lat[starts]
     step = torch.diff(row_lat)
     if len(step) and not (bool((step < 0).all()) or bool((step > 0).all())):
@@ -285,7 +294,7 @@ class SphereIndex:
         key, order = torch.sort(key, stable=True)
         band_ids = torch.arange(bands, device=device)
         start = torch.searchsorted(band[order], band_ids)
-        count = torch.diff(start, append=torch.tensor([n], device=device))
+        count = torch.diff(start, append=torch.full((1,), n, device=device))
         lo = -HALF_PI + band_ids.to(torch.float64) * height
         hi = lo + height
         return cls(xyz_t, order, lo, hi, start, count, key, n)
@@ -508,11 +517,13 @@ def _knn_kernel(index, lat, lon, qxyz, theta, k, out_idx, out_d2):
 
 
 def radius(index: SphereIndex, query_latlon, r: float, max_neighbours: int | None = None,
-           query_xyz=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+           query_xyz=None, query_order: torch.Tensor | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Every source with chord distance ``<= r`` of each query (``d2 <= r * r``).
 
     With ``max_neighbours``, each query keeps its nearest ``max_neighbours`` by ``(d2, index)``.
-    Inputs as for :func:`knn`.
+    Inputs as for :func:`knn`; ``query_order`` (the kernels' order of the queries, e.g.
+    :func:`spatial_order` kept for a fixed query set) only changes the speed of the kernels.
 
     Returns
     -------
@@ -529,12 +540,12 @@ def radius(index: SphereIndex, query_latlon, r: float, max_neighbours: int | Non
     r2 = float(r) * float(r)
     angle = min(math.pi, 2 * math.asin(min(r / 2, 1.0)))
     if use_kernel(index):
-        return _radius_kernel(index, lat, lon, qxyz, r2, angle, max_neighbours)
+        return _radius_kernel(index, lat, lon, qxyz, r2, angle, max_neighbours, query_order)
     theta = torch.full((q,), angle, dtype=torch.float64, device=device)
     return _radius_torch(index, lat, lon, qxyz, r2, theta, max_neighbours)
 
 
-def _radius_kernel(index, lat, lon, qxyz, r2, theta, max_neighbours):
+def _radius_kernel(index, lat, lon, qxyz, r2, theta, max_neighbours, order=None):
     """:func:`radius` through the Triton kernels: count, exclusive sum, fill, then one sort by
     (query, source). Queries with more than ``max_neighbours`` sources within the radius (rare:
     the cap bounds dense clusters) take the torch path. Two host syncs."""
@@ -542,7 +553,9 @@ def _radius_kernel(index, lat, lon, qxyz, r2, theta, max_neighbours):
 
     device, q = lat.device, len(lat)
     src = index.banded
-    rows = _query_order(index, lat, lon)
+    rows = _query_order(index, lat, lon) if order is None else order
+    if len(rows) != q:
+        raise GraphError(f"radius search: query_order has {len(rows)} rows for {q} queries")
     counts, consts = radius_counts(src, rows, theta, r2, lat, lon, qxyz, q)
     cap = counts.numel() + index.num if max_neighbours is None else max_neighbours
     kept = counts.clamp(max=cap)

@@ -71,7 +71,8 @@ def _constants(index, cells_per_band: int, theta: float = 0.0, r2: float = 0.0) 
     # clamp of a zero denominator
     values[_TINY], values[_FULL_DENOM] = 1e-300, 1e-12
     values[_THETA], values[_R2] = theta, r2
-    return torch.tensor(values, dtype=torch.float64, device=index.device)
+    # non_blocking: a plain host-to-device copy would wait for the whole stream
+    return torch.tensor(values, dtype=torch.float64).to(index.device, non_blocking=True)
 
 
 def cells_per_band(index) -> int:
@@ -94,8 +95,8 @@ def cell_table(index, cells: int) -> torch.Tensor:
     band = torch.repeat_interleave(torch.arange(bands, device=index.device), index.band_count,
                                    output_size=index.num)  # fmt: skip
     lon = index.key - band.to(torch.float64) * 8
-    scale = torch.tensor(cells / (2 * math.pi), dtype=torch.float64, device=index.device)
-    cell = torch.floor(lon * scale).clamp_(0, cells - 1).to(torch.int64)
+    # a Python float multiplies a float64 tensor as float64: the bits of the kernels' scale
+    cell = torch.floor(lon * (cells / (2 * math.pi))).clamp_(0, cells - 1).to(torch.int64)
     sorted_cells = band * (cells + 1) + cell
     probes = torch.arange(bands * (cells + 1), device=index.device)
     return torch.searchsorted(sorted_cells, probes).to(torch.int32)
@@ -380,7 +381,7 @@ class BandedSources:
             raise ValueError(f"{index.num} sources do not fit the kernels' int32 source ids")
         order = index.order
         self.index = index
-        self.x, self.y, self.z = (index.xyz[a][order].contiguous() for a in range(3))
+        self.x, self.y, self.z = index.xyz[:, order]  # one gather, rows contiguous
         self.sid = order.to(torch.int32)
         self.cells = cells_per_band(index)
         self.table = cell_table(index, self.cells)
