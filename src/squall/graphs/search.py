@@ -546,10 +546,10 @@ def radius(index: SphereIndex, query_latlon, r: float, max_neighbours: int | Non
 
 
 def _radius_kernel(index, lat, lon, qxyz, r2, theta, max_neighbours, order=None):
-    """:func:`radius` through the Triton kernels: count, exclusive sum, fill, then one sort by
-    (query, source). Queries with more than ``max_neighbours`` sources within the radius (rare:
+    """:func:`radius` through the Triton kernels: count, exclusive sum, fill, then each query's
+    run ordered by source index. Queries with more than ``max_neighbours`` sources within the radius (rare:
     the cap bounds dense clusters) take the torch path. Two host syncs."""
-    from squall.kernels.sphere_search import radius_counts, radius_fill
+    from squall.kernels.sphere_search import radius_counts, radius_fill, sort_runs
 
     device, q = lat.device, len(lat)
     src = index.banded
@@ -561,7 +561,8 @@ def _radius_kernel(index, lat, lon, qxyz, r2, theta, max_neighbours, order=None)
     kept = counts.clamp(max=cap)
     offsets = torch.cumsum(kept, 0) - kept
     total, over = (int(v) for v in torch.stack([kept.sum(), (counts > cap).sum()]).tolist())
-    source, dist2 = radius_fill(src, rows, consts, lat, lon, qxyz, counts, offsets, cap, total)
+    query, source, dist2 = radius_fill(src, rows, consts, lat, lon, qxyz, counts, offsets, cap,
+                                       total)  # fmt: skip
     if over:
         heavy = torch.nonzero(counts > cap).ravel()
         h_q, h_s, h_d2 = _radius_torch(index, lat[heavy], lon[heavy], qxyz[:, heavy], r2,
@@ -569,11 +570,10 @@ def _radius_kernel(index, lat, lon, qxyz, r2, theta, max_neighbours, order=None)
                                                   device=device), max_neighbours)  # fmt: skip
         rank = torch.arange(len(h_q), device=device) - torch.searchsorted(h_q, h_q)
         at = offsets[heavy[h_q]] + rank
-        source[at], dist2[at] = h_s, h_d2
-    query = torch.repeat_interleave(torch.arange(q, device=device), kept, output_size=total)
+        query[at], source[at], dist2[at] = heavy[h_q], h_s, h_d2
     # within a query the fill wrote window order (band, longitude): order by source index
-    key, by_key = torch.sort(query * index.num + source)
-    return query, key - query * index.num, dist2[by_key]
+    source, dist2 = sort_runs(query, source, dist2, offsets, kept)
+    return query, source, dist2
 
 
 def _radius_torch(index, lat, lon, qxyz, r2, theta, max_neighbours):

@@ -9,8 +9,9 @@ banded order) stay in L2; nothing of size ``[queries, candidates]`` is ever writ
 * :func:`knn_rows`: the ``K`` nearest candidates of each query, kept in registers and ordered by
   ``(d2, source index)``; the caller accepts a query when its ``K``-th candidate lies inside the
   search angle and searches again with a wider angle otherwise, exactly as the torch path does.
-* :func:`radius_pairs`: every source within a chord radius, in two passes over the same windows
-  (count, exclusive cumulative sum, fill), then sorted by query and source index.
+* :func:`radius_counts`, :func:`radius_fill`, :func:`sort_runs`: every source within a chord
+  radius, in two passes over the same windows (count, exclusive cumulative sum, fill), then
+  each query's run ordered by source index (one lane per edge ranks it within its run).
 
 Windows are a superset of the torch path's (whole cells rather than exact binary-search bounds):
 a window only decides which sources are *examined*; which are *chosen* depends on the distances
@@ -312,10 +313,11 @@ def _knn_kernel(rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr,
 def _radius_kernel(rows_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr, n_rows,
                    band_lo_ptr, band_hi_ptr, n_bands, cells_ptr, n_cells,
                    sx_ptr, sy_ptr, sz_ptr, sid_ptr, c_ptr, count_ptr, offset_ptr, cap,
-                   out_src_ptr, out_d2_ptr, FILL: tl.constexpr, BLOCK: tl.constexpr,
+                   out_q_ptr, out_src_ptr, out_d2_ptr, FILL: tl.constexpr, BLOCK: tl.constexpr,
                    INTERP: tl.constexpr):  # fmt: skip
-    """Count (``FILL`` false: ``count[q]``) or write (``FILL``: at ``offset[q]`` onwards, in window
-    order, for queries with ``count[q] <= cap``) the sources within the radius of each query."""
+    """Count (``FILL`` false: ``count[q]``) or write (``FILL``: query, source and ``d2`` at
+    ``offset[q]`` onwards, in window order, for queries with ``count[q] <= cap``) the sources
+    within the radius of each query."""
     pid = tl.program_id(0)
     offs, mask, q, phi, lam, th, b0, b1 = _prepare(
         rows_ptr, rows_ptr, qlat_ptr, qlon_ptr, c_ptr, n_rows, n_bands, pid, False, BLOCK
@@ -355,6 +357,7 @@ def _radius_kernel(rows_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr, n_rows,
             inside = active & (d <= r2)
             if FILL:
                 i = tl.load(sid_ptr + pos, mask=inside, other=0)
+                tl.store(out_q_ptr + at + found, q, mask=inside)
                 tl.store(out_src_ptr + at + found, i.to(tl.int64), mask=inside)
                 tl.store(out_d2_ptr + at + found, d, mask=inside)
             found += inside.to(tl.int32)
@@ -421,20 +424,58 @@ def radius_counts(src: BandedSources, rows, theta: float, r2: float, lat, lon, q
     if rows.numel():
         _radius_kernel[(triton.cdiv(rows.numel(), BLOCK),)](
             rows, lat, lon, qxyz[0], qxyz[1], qxyz[2], rows.numel(), *src.args(), consts,
-            counts, counts, 0, counts, consts, FILL=False, BLOCK=BLOCK, **_launch_options()
+            counts, counts, 0, counts, counts, consts, FILL=False, BLOCK=BLOCK,
+            **_launch_options(),
         )  # fmt: skip
     return counts, consts
 
 
 def radius_fill(src: BandedSources, rows, consts, lat, lon, qxyz, counts, offsets, cap: int,
                 total: int):  # fmt: skip
-    """Source index and ``d2`` (``[total]``) of each query with ``counts[q] <= cap``, written at
-    ``offsets[q]`` onwards in window order (positions of other queries are left unwritten)."""
+    """Query, source index and ``d2`` (``[total]`` each) of each query with ``counts[q] <=
+    cap``, written at ``offsets[q]`` onwards in window order (positions of other queries are
+    left unwritten)."""
+    out_q = torch.empty(total, dtype=torch.int64, device=rows.device)
     out_src = torch.empty(total, dtype=torch.int64, device=rows.device)
     out_d2 = torch.empty(total, dtype=torch.float64, device=rows.device)
     if rows.numel() and total:
         _radius_kernel[(triton.cdiv(rows.numel(), BLOCK),)](
             rows, lat, lon, qxyz[0], qxyz[1], qxyz[2], rows.numel(), *src.args(), consts,
-            counts, offsets, cap, out_src, out_d2, FILL=True, BLOCK=BLOCK, **_launch_options()
+            counts, offsets, cap, out_q, out_src, out_d2, FILL=True, BLOCK=BLOCK,
+            **_launch_options(),
+        )  # fmt: skip
+    return out_q, out_src, out_d2
+
+
+@triton.jit
+def _rank_kernel(q_ptr, src_ptr, d2_ptr, offset_ptr, kept_ptr, out_src_ptr, out_d2_ptr, n_edges,
+                 BLOCK: tl.constexpr):  # fmt: skip
+    """Move each edge to its rank by source index within its query's run (one lane per edge;
+    a query's sources are distinct, so ranks are too)."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < n_edges
+    q = tl.load(q_ptr + e, mask=mask, other=0)
+    s = tl.load(src_ptr + e, mask=mask, other=0)
+    d = tl.load(d2_ptr + e, mask=mask, other=0.0)
+    start = tl.load(offset_ptr + q, mask=mask, other=0)
+    n = tl.load(kept_ptr + q, mask=mask, other=0)
+    rank = tl.zeros([BLOCK], dtype=tl.int64)
+    for j in range(0, tl.max(n, 0)):
+        act = mask & (j < n)
+        other = tl.load(src_ptr + start + j, mask=act, other=0)
+        rank += (act & (other < s)).to(tl.int64)
+    tl.store(out_src_ptr + start + rank, s, mask=mask)
+    tl.store(out_d2_ptr + start + rank, d, mask=mask)
+
+
+def sort_runs(query, source, d2, offsets, kept):
+    """``source`` and ``d2`` ordered by source index within each query's run (runs ``offsets[q]``
+    to ``offsets[q] + kept[q]``, as :func:`radius_fill` writes them)."""
+    out_src, out_d2 = torch.empty_like(source), torch.empty_like(d2)
+    if len(source):
+        options = _launch_options()
+        options.pop("INTERP")
+        _rank_kernel[(triton.cdiv(len(source), BLOCK),)](
+            query, source, d2, offsets, kept, out_src, out_d2, len(source), BLOCK=BLOCK, **options
         )  # fmt: skip
     return out_src, out_d2
