@@ -466,11 +466,11 @@ def knn(
     q = len(lat)
     out_idx = torch.empty((q, k), dtype=torch.int64, device=device)
     out_d2 = torch.empty((q, k), dtype=torch.float64, device=device)
-    rows = torch.arange(q, device=device)
-    theta = torch.full((q,), min(math.pi, math.sqrt(SEED * 4 * k / index.num)),
-                       dtype=torch.float64, device=device)  # fmt: skip
+    angle = min(math.pi, math.sqrt(SEED * 4 * k / index.num))
     if use_kernel(index, k):
-        return _knn_kernel(index, lat, lon, qxyz, theta, k, out_idx, out_d2)
+        return _knn_kernel(index, lat, lon, qxyz, angle, k, out_idx, out_d2)
+    rows = torch.arange(q, device=device)
+    theta = torch.full((q,), angle, dtype=torch.float64, device=device)
     while rows.numel():
         retry_rows, retry_theta = [], []
         for g_rows, g_theta, idx, d2 in _candidates(index, qxyz, lat, lon, rows, theta):
@@ -488,7 +488,7 @@ def knn(
 def _accept(kth: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Which queries of search angle ``theta`` and ``k``-th candidate ``kth`` are done, and the
     angle of the next round for the others."""
-    done = (theta >= math.pi) | (kth <= chord2(theta) * ACCEPT)
+    done = (kth <= chord2(theta) * ACCEPT) | (theta >= math.pi)
     # Grow to the k-th candidate (the next round then holds k sources inside its cap), or
     # double while fewer than k were found.
     reach = 2 * torch.asin((kth.clamp(max=4.0).sqrt() / 2).clamp(max=1.0))
@@ -503,16 +503,14 @@ def _knn_kernel(index, lat, lon, qxyz, theta, k, out_idx, out_d2):
 
     src = index.banded
     rows = _query_order(index, lat, lon)
-    theta = theta[rows]
-    while rows.numel():
-        s_idx, s_d2 = knn_rows(src, rows, theta, lat, lon, qxyz, k)
-        done, grown = _accept(s_d2[:, -1], theta)
-        out_idx.index_copy_(0, rows, s_idx)  # rows not done are written again next round
-        out_d2.index_copy_(0, rows, s_d2)
+    while rows.numel():  # theta: the first angle (a float), then each retried row's
+        kth = knn_rows(src, rows, theta, lat, lon, qxyz, k, out_idx, out_d2)
+        done = (kth <= chord2(theta) * ACCEPT) | (theta >= math.pi)  # as _accept
         if bool(done.all()):
             break
-        miss = ~done
-        rows, theta = rows[miss], grown[miss]
+        miss = ~done  # rows not done are written again next round
+        theta = theta[miss] if isinstance(theta, torch.Tensor) else theta
+        rows, theta = rows[miss], _accept(kth[miss], theta)[1]
     return out_idx, out_d2
 
 

@@ -201,12 +201,14 @@ def _window(b, phi, lam, th, sin_phi, cos_phi, cos_th, p_star, in_band, band_lo_
 @triton.jit
 def _knn_kernel(rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr, n_rows,
                 band_lo_ptr, band_hi_ptr, n_bands, cells_ptr, n_cells,
-                sx_ptr, sy_ptr, sz_ptr, sid_ptr, c_ptr, out_idx_ptr, out_d2_ptr,
+                sx_ptr, sy_ptr, sz_ptr, sid_ptr, c_ptr, out_idx_ptr, out_d2_ptr, kth_ptr,
                 K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                INTERP: tl.constexpr):  # fmt: skip
+                PER_ROW_THETA: tl.constexpr, INTERP: tl.constexpr):  # fmt: skip
+    """The ``K`` nearest candidates of each query ``rows[i]``, written to row ``rows[i]`` of
+    ``out_idx`` / ``out_d2``, and the ``K``-th distance to ``kth[i]``."""
     pid = tl.program_id(0)
     offs, mask, q, phi, lam, th, b0, b1 = _prepare(
-        rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, c_ptr, n_rows, n_bands, pid, True, BLOCK
+        rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, c_ptr, n_rows, n_bands, pid, PER_ROW_THETA, BLOCK
     )
     qx = tl.load(qx_ptr + q, mask=mask, other=0.0)
     qy = tl.load(qy_ptr + q, mask=mask, other=0.0)
@@ -254,7 +256,7 @@ def _knn_kernel(rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr,
                 i1 = tl.where(lt0, i0, tl.where(lt1, i, i1))
                 d0 = tl.where(lt0, d, d0)
                 i0 = tl.where(lt0, i, i0)
-        out = offs * K
+        out = q * K
         tl.store(out_d2_ptr + out, d0, mask=mask)
         tl.store(out_idx_ptr + out, i0.to(tl.int64), mask=mask)
         if K > 1:
@@ -266,6 +268,14 @@ def _knn_kernel(rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr,
         if K > 3:
             tl.store(out_d2_ptr + out + 3, d3, mask=mask)
             tl.store(out_idx_ptr + out + 3, i3.to(tl.int64), mask=mask)
+        if K == 1:
+            tl.store(kth_ptr + offs, d0, mask=mask)
+        elif K == 2:
+            tl.store(kth_ptr + offs, d1, mask=mask)
+        elif K == 3:
+            tl.store(kth_ptr + offs, d2, mask=mask)
+        else:
+            tl.store(kth_ptr + offs, d3, mask=mask)
     else:
         # Best K as [BLOCK, K_PAD] (d2, index); distinct sentinels (inf, _SENT + column) so
         # the worst entry is one slot; padding columns hold (-inf, -1), never the worst.
@@ -302,8 +312,10 @@ def _knn_kernel(rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr,
         for r in tl.static_range(K):
             md = tl.min(best_d, 1)
             mi = tl.min(tl.where(best_d == md[:, None], best_i, _INT_MAX), 1)
-            tl.store(out_d2_ptr + offs * K + r, md, mask=mask)
-            tl.store(out_idx_ptr + offs * K + r, mi.to(tl.int64), mask=mask)
+            tl.store(out_d2_ptr + q * K + r, md, mask=mask)
+            tl.store(out_idx_ptr + q * K + r, mi.to(tl.int64), mask=mask)
+            if r == K - 1:
+                tl.store(kth_ptr + offs, md, mask=mask)
             taken = (best_d == md[:, None]) & (best_i == mi[:, None])
             best_d = tl.where(taken, inf, best_d)
             best_i = tl.where(taken, _INT_MAX, best_i)
@@ -396,24 +408,25 @@ class BandedSources:
                 self.x, self.y, self.z, self.sid)  # fmt: skip
 
 
-def knn_rows(src: BandedSources, rows, theta, lat, lon, qxyz, k: int):
+def knn_rows(src: BandedSources, rows, theta, lat, lon, qxyz, k: int, out_idx, out_d2):
     """The ``k`` nearest candidates of the queries ``rows`` within their windows of angle
-    ``theta``: ``(idx [R, k] int64, d2 [R, k] float64)`` ordered by ``(d2, index)``; rows with
-    fewer than ``k`` candidates hold ``inf`` distances."""
+    ``theta`` (a float for all, or a ``[R]`` tensor), ordered by ``(d2, index)`` and written to
+    those rows of ``out_idx`` / ``out_d2`` (``[Q, k]``); returns the ``[R]`` ``k``-th distances
+    (``inf`` where fewer than ``k`` candidates were found)."""
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k-nearest kernel: k={k} must be between 1 and {MAX_K}")
     n = rows.numel()
-    out_idx = torch.empty((n, k), dtype=torch.int64, device=rows.device)
-    out_d2 = torch.empty((n, k), dtype=torch.float64, device=rows.device)
+    kth = torch.empty(n, dtype=torch.float64, device=rows.device)
     if n == 0:
-        return out_idx, out_d2
-    consts = _constants(src.index, src.cells)
+        return kth
+    per_row = isinstance(theta, torch.Tensor)
+    consts = _constants(src.index, src.cells, 0.0 if per_row else float(theta))
     grid = (triton.cdiv(n, BLOCK),)
-    _knn_kernel[grid](rows, theta.contiguous(), lat, lon, qxyz[0], qxyz[1], qxyz[2], n,
-                      *src.args(), consts, out_idx, out_d2, K=k,
-                      K_PAD=triton.next_power_of_2(k), BLOCK=BLOCK,
+    _knn_kernel[grid](rows, theta.contiguous() if per_row else consts, lat, lon, qxyz[0],
+                      qxyz[1], qxyz[2], n, *src.args(), consts, out_idx, out_d2, kth, K=k,
+                      K_PAD=triton.next_power_of_2(k), BLOCK=BLOCK, PER_ROW_THETA=per_row,
                       **_launch_options())  # fmt: skip
-    return out_idx, out_d2
+    return kth
 
 
 def radius_counts(src: BandedSources, rows, theta: float, r2: float, lat, lon, qxyz, nq: int):
