@@ -15,7 +15,8 @@ Inputs
 Step time of a layout (``model_parallel`` M x ``data_parallel`` D, optional parameter sharding),
 no overlap of communication with compute assumed (as the runs measure today)::
 
-    t = fixed + max over model ranks (compute_r + halo_r) + gradient sync + optimizer
+    t = fixed + max over model ranks (compute_r + halo_r + host_r) + gradient sync + optimizer
+        + member gather
 
 * ``compute_r``: the rank's training FLOPs (forward x 3 plus what its checkpoint plan recomputes,
   :func:`squall.layers.graph_transformer.block_flops` on the rank's own destination rows, local
@@ -30,6 +31,14 @@ no overlap of communication with compute assumed (as the runs measure today)::
   term ``(W - 1) / W`` per pass, latency per tree step.
 * optimizer: fused AdamW reads parameters, gradients and both moments and writes three of them
   (28 B per fp32 parameter held) at the measured HBM rate.
+* ``host_r`` (when the calibration measured the host, :class:`HostTimes`): the device runs a
+  phase (forward; backward) no faster than the host launches it. The host's time of a phase is
+  the calibration model's (scaled by the block count; any graph: eager kernels are the same)
+  plus each halo exchange's launches; what exceeds the phase's device time (compute and
+  exchanges) is waited for. This is what stops a small graph from scaling: its rank's device
+  work falls as 1/P, the host's does not.
+* member gather (ensemble models, ``ensemble`` ranks per sample): one ring all-gather of the
+  members' outputs on the rank's grid part per rollout step.
 
 Peak memory per rank: :mod:`squall.planning.estimate` (static state plus activations of the
 checkpoint plan on the largest rank), with the static part divided over the ranks when
@@ -79,6 +88,12 @@ STATE_BYTES, BF16_COPY_BYTES, FLAT_GRAD_BYTES = 16, 2, 4
 # o1280_l8 (35 M edges) into 64 parts and counting its halo took 29 s on this project's 2-core
 # CPU machine under load (2026-11-30); 1 to 64 parts of both curves about 3 minutes.
 EXACT_PARTS = 64
+# Kernel launches one halo exchange adds on a rank of a model group (forward: the send rows'
+# gather and copy, the NCCL all-to-all, the received rows' copy; backward: the reverse and one
+# index-add per peer), when no two-rank profile_launch run counted them: o96_l6 at P=2 on two
+# H200, 2,408 launches per step against 1,987 at P=1 over 36 exchanges (git 58172ae,
+# profiling/results/scaling_model_runs/h200x2_20261201).
+EXCHANGE_LAUNCHES = 11.7
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,17 +302,20 @@ def training_flops(mcfg: ModelConfig, rows: dict, edges: dict, dims: dict,
     """Training FLOPs of one rank per step, ``{"processor": ..., "mappers": ...}``: every block's
     forward three times (forward, and backward at twice the forward) plus what its checkpoint
     policy recomputes (``full``: its forward; ``mlp``: its first MLP product, as
-    :func:`squall.planning.estimate.recompute_flops` counts)."""
+    :func:`squall.planning.estimate.recompute_flops` counts). ``forward_processor`` and
+    ``forward_mappers``: the forward pass's share of each."""
     c, ratio = mcfg.num_channels, mcfg.mlp_ratio
     dst = {"encoder": rows["mesh"], "processor": rows["mesh"], "decoder": rows["data"]}
-    out = {"processor": 0.0, "mappers": 0.0}
+    out = {"processor": 0.0, "mappers": 0.0, "forward_processor": 0.0, "forward_mappers": 0.0}
     blocks = [("encoder", 0), *(("processor", i) for i in range(mcfg.processor_layers)),
               ("decoder", 0)]  # fmt: skip
     for role, layer in blocks:
         fwd = block_flops(c, ratio, dims[role], rows[f"src_{role}"], dst[role], edges[role])
         policy = mcfg.block_policy(role, layer)
         extra = fwd if policy == "full" else 2 * c * ratio * c * dst[role] if policy == "mlp" else 0
-        out["processor" if role == "processor" else "mappers"] += batch * (3 * fwd + extra)
+        key = "processor" if role == "processor" else "mappers"
+        out[key] += batch * (3 * fwd + extra)
+        out[f"forward_{key}"] += batch * fwd
     return out
 
 
@@ -364,6 +382,8 @@ class Calibration:
         Per-step time that does not scale with the graph (0 unless the run measured it).
     num_vars, input_steps : tuple of int, int
         Model inputs (the parameter count).
+    host : HostTimes or None
+        The host's time per step of the same model, when measured.
     """
 
     source: str
@@ -377,6 +397,55 @@ class Calibration:
     fixed_s: float = 0.0
     num_vars: tuple[int, int] = (100, 100)
     input_steps: int = 2
+    host: HostTimes | None = None
+
+
+@dataclass(frozen=True)
+class HostTimes:
+    """What launching a step costs, beside its arithmetic: the host's time (Python, the autograd
+    engine, one call per kernel) and the device's least time per kernel
+    (``profiling/profile_launch.py``).
+
+    An eager step launches the same kernels on any graph, so both are the model's, not the
+    graph's. The host's time is read where the host ran ahead of the device (the calibration
+    graph's step: the host's clock per phase, no synchronisation); the least time per kernel on
+    the same model on a graph so small that every kernel ends before the next is launched. A
+    rank of a model group launches more: each halo exchange's packing, NCCL call and unpacking
+    (:attr:`exchange_launches`, at the step's host time per launch).
+
+    Attributes
+    ----------
+    forward_s, backward_s : float
+        Host time of the forward (with the loss) and of the backward (with the optimizer step).
+    blocks : int
+        Blocks of the measured model (encoder, processor layers, decoder): launches and host
+        time scale with the block count.
+    launches, forward_launches : int
+        Kernel launches per step (all; forward and loss) on the calibration graph.
+    exchange_launches : float
+        Launches one halo exchange adds on a rank, counted at two ranks.
+    kernel_s : float
+        Device time per kernel launched when the kernels have (almost) no data: the part of a
+        step that does not shrink when a rank's share of the graph does.
+    source : str
+    """
+
+    forward_s: float
+    backward_s: float
+    blocks: int
+    launches: int
+    forward_launches: int
+    exchange_launches: float
+    kernel_s: float
+    source: str
+
+    @property
+    def per_launch_s(self) -> float:
+        return (self.forward_s + self.backward_s) / self.launches
+
+    @property
+    def exchange_s(self) -> float:
+        return self.exchange_launches * self.per_launch_s
 
 
 def _select(rows: list[dict], query: dict, source: str) -> dict:
@@ -396,6 +465,9 @@ def load_calibration(spec: str) -> Calibration:
       ``profiling/bench_step.py`` CSV matching every ``key=value`` (checkpoint plan, compile,
       processor time and peak from the row; 1024-channel columns as written);
     * ``path/time_1.json``: a one-GPU ``profiling/bench_parallel.py time`` result;
+    * ``path/launch_1.json``: a one-GPU ``profiling/profile_launch.py`` run (host times too);
+    * any of them ``?host=path/launch_1.json``: with the host times of that run
+      (:func:`load_host_times`; a relative path is the repository's);
     * ``mlflow:<run id>[@<tracking uri>]``: a one-GPU scaling point or training run in MLflow
       (``time/step_s``, ``memory/peak_allocated_GiB``, model and graph from its parameters).
     """
@@ -405,6 +477,16 @@ def load_calibration(spec: str) -> Calibration:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"calibration {spec!r}: no file {path}")
+    params = dict(parse_qsl(query))
+    if "host" in params:  # the host times of the same model, from a profile_launch run
+        host = params.pop("host")
+        if not Path(host).is_absolute():  # relative to the repository, as cluster configs
+            host = str(REPO_ROOT / host)
+        rest = "&".join(f"{k}={v}" for k, v in params.items())
+        return replace(load_calibration(path + (f"?{rest}" if rest else "")),
+                       host=load_host_times(host))  # fmt: skip
+    if p.suffix == ".json" and p.name.startswith("launch_"):
+        return _calibration_from_launch(p)
     if p.suffix == ".json":
         r = json.loads(p.read_text())
         if r.get("gpus") != 1:
@@ -428,7 +510,7 @@ def load_calibration(spec: str) -> Calibration:
                            r["batch"], row["s_per_step"], None, row["peak_GiB"], fixed)  # fmt: skip
     with p.open() as f:
         rows = list(csv.DictReader(f))
-    r = _select(rows, dict(parse_qsl(query)), spec)
+    r = _select(rows, params, spec)
     layers = int(r["layers"])
     plan = r.get("checkpoint_plan") or ""
     ck = r["checkpoint"]
@@ -446,6 +528,62 @@ def load_calibration(spec: str) -> Calibration:
     return Calibration(f"{p} ({query})", r["gpu"], r["graph"], mcfg, 1,
                        float(r["step_ms_median"]) / 1e3, float(proc) / 1e3 if proc else None,
                        float(r["peak_GiB"]), 0.0, (vars_, vars_))  # fmt: skip
+
+
+def _launch_run(path: Path) -> dict:
+    r = json.loads(path.read_text())
+    if r.get("gpus") != 1 or not r.get("graphs"):
+        raise ConfigError(f"calibration {path}: a one-GPU profile_launch run is needed (gpus="
+                          f"{r.get('gpus')})")  # fmt: skip
+    return r
+
+
+def load_host_times(path: str | Path) -> HostTimes:
+    """:class:`HostTimes` from a one-GPU ``profiling/profile_launch.py`` run (``launch_1.json``:
+    the calibration graph first, the small graph last). The launches one halo exchange adds are
+    counted from the two-rank run beside it (``launch_2.json``) when there is one, else
+    :data:`EXCHANGE_LAUNCHES`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"host times: no file {path}")
+    r = _launch_run(path)
+    names = list(r["graphs"])
+    if len(names) < 2:
+        raise ConfigError(f"host times {path}: the run has no small graph (profile_launch "
+                          "--host-graph)")  # fmt: skip
+    main = r["graphs"][names[0]][0]
+    tiny = r["graphs"][names[-1]][0]["trace"]["real"]
+    counts = main["trace"]["real"]["launches"]
+    launches = sum(counts.values())
+    exchange = EXCHANGE_LAUNCHES
+    two = path.with_name("launch_2.json")
+    if two.is_file():
+        r2 = json.loads(two.read_text())
+        if names[0] in r2.get("graphs", {}):
+            more = max(sum(k["trace"]["real"]["launches"].values()) for k in r2["graphs"][names[0]])
+            exchange = (more - launches) / (2 * (r["layers"] + 2))
+    t = main["real"]
+    return HostTimes(t["host_forward"] + t["host_loss"], t["host_backward"] + t["host_optimizer"],
+                     r["layers"] + 2, launches, counts["forward"] + counts["loss"], exchange,
+                     tiny["busy_union_s"] / tiny["kernels"],
+                     f"{path} (git {r['info']['git']}, small graph {names[-1]})")  # fmt: skip
+
+
+def _calibration_from_launch(path: Path) -> Calibration:
+    """A one-GPU ``profiling/profile_launch.py`` run as a calibration, its host times included."""
+    r = _launch_run(path)
+    name = next(iter(r["graphs"]))
+    rank = r["graphs"][name][0]
+    row = rank["real"]
+    ckpt = "full" if r["checkpoint"] else "none"
+    mcfg = ModelConfig(num_channels=r["channels"], num_heads=r["heads"],
+                       processor_layers=r["layers"], mlp_ratio=4, trainable_edge_features=8,
+                       attention_backend=r["backend"], checkpoint_encoder=ckpt,
+                       checkpoint_processor=ckpt, checkpoint_decoder=ckpt,
+                       compile=bool(r.get("compile", False)))  # fmt: skip
+    return Calibration(f"{path} (git {r['info']['git']})", r["info"]["gpu"], name, mcfg,
+                       r["batch"], row["step_s"], None, rank["peak_GiB"], row["loss"],
+                       host=load_host_times(path))  # fmt: skip
 
 
 def _unflatten(params: dict, prefix: str) -> dict:
@@ -509,6 +647,7 @@ class Rates:
     optimizer_s: float
     fixed_s: float
     source: str
+    host: HostTimes | None = None
 
 
 def calibrate(cal: Calibration, graph: Graph, hbm_Bps: float) -> Rates:
@@ -527,11 +666,15 @@ def calibrate(cal: Calibration, graph: Graph, hbm_Bps: float) -> Rates:
     work = training_flops(mcfg, rows, edges, dims, rows_batch)
     opt = ADAMW_BYTES_PER_PARAM * params / hbm_Bps
     busy = cal.step_s - opt - cal.fixed_s
+    if cal.host is not None:  # the kernels' least time does not scale with the work
+        busy -= (
+            cal.host.launches * (mcfg.processor_layers + 2) / cal.host.blocks * cal.host.kernel_s
+        )
     if cal.processor_s is not None and 0 < cal.processor_s < busy:
         proc, maps = work["processor"] / cal.processor_s, work["mappers"] / (busy - cal.processor_s)
     else:
         proc = maps = (work["processor"] + work["mappers"]) / busy
-    return Rates(proc, maps, mcfg.compile, opt, cal.fixed_s, cal.source)
+    return Rates(proc, maps, mcfg.compile, opt, cal.fixed_s, cal.source, cal.host)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,11 +703,12 @@ class Projection:
     ensemble: int = 1  # ranks sharing the members of each sample
     members: int = 1  # ensemble members per sample (1: deterministic)
     member_s: float = 0.0  # the member all-gather of the score
+    host_s: float = 0.0  # the device waiting for the host's launches (HostTimes)
 
     @property
     def step_s(self) -> float:
         return (self.fixed_s + self.compute_s + self.halo_s + self.grad_s + self.optimizer_s
-                + self.member_s)  # fmt: skip
+                + self.member_s + self.host_s)  # fmt: skip
 
     @property
     def comm_s(self) -> float:
@@ -718,12 +862,17 @@ class ScalingModel:
         uses = {"encoder": 1, "processor": mcfg.processor_layers, "decoder": 1}
         halo = 0.0
         row_bytes = batch * mcfg.num_channels * self.act_bytes
+        host, waited = self.rates.host, 0.0
         for r in range(len(sizes.rows["data"])):  # one entry when extrapolated
             rr = {k: int(v[r]) for k, v in sizes.rows.items()}
             er = {k: int(v[r]) for k, v in sizes.edges.items()}
             w = training_flops(mcfg, rr, er, self.dims, batch * self.rollout)
-            t_c = slow * (w["processor"] / self.rates.processor + w["mappers"] / self.rates.mappers)
-            t_h = 0.0
+            rate = self.rates
+            t_c = slow * (w["processor"] / rate.processor + w["mappers"] / rate.mappers)
+            t_f = slow * (w["forward_processor"] / rate.processor
+                          + w["forward_mappers"] / rate.mappers)  # fmt: skip
+            blocks = (mcfg.processor_layers + 2) * self.rollout / host.blocks if host else 0.0
+            t_h, exchanges = 0.0, 0
             for role in ROLES:
                 peers = int(sizes.peers[role][r])
                 if not peers:
@@ -733,8 +882,22 @@ class ScalingModel:
                 # forward and backward (reverse) exchange of every use of the edge set
                 per = c.exchange_latency_s + peers * c.peer_latency_s + wire
                 t_h += 2 * uses[role] * self.rollout * per
-            if t_c + t_h > compute + halo:
-                compute, halo = t_c, t_h
+                exchanges += uses[role] * self.rollout
+            wait = 0.0
+            if host is not None:
+                # every kernel takes the device at least kernel_s, however small its share
+                f_launch = host.forward_launches * blocks + exchanges * host.exchange_launches
+                b_launch = (host.launches - host.forward_launches) * blocks + (
+                    exchanges * host.exchange_launches)  # fmt: skip
+                t_f += f_launch * host.kernel_s
+                t_c += (f_launch + b_launch) * host.kernel_s
+                # the device runs a phase no faster than the host launches it: per phase, the
+                # host's time beyond the device's (kernels and exchanges) is waited for
+                h_f = host.forward_s * blocks + exchanges * host.exchange_s
+                h_b = host.backward_s * blocks + exchanges * host.exchange_s
+                wait = max(0.0, h_f - t_f - t_h / 2) + max(0.0, h_b - (t_c - t_f) - t_h / 2)
+            if t_c + t_h + wait > compute + halo + waited:
+                compute, halo, waited = t_c, t_h, wait
         bw = c.nvlink_Bps if nodes == 1 else c.network_Bps
         lat = c.collective_latency_s
         if shard and gpus > 1:
@@ -752,7 +915,7 @@ class ScalingModel:
         return Projection(gpus, nodes, model_parallel, dp, shard, samples, compute, halo, grad,
                           opt, self.rates.fixed_s, static, act,
                           describe_checkpointing(mcfg).removeprefix("checkpointing: "),
-                          sizes.exact, ensemble, members, member)  # fmt: skip
+                          sizes.exact, ensemble, members, member, waited)  # fmt: skip
 
     def least_memory_gib(self, gpus: int, model_parallel: int, batch: int, shard: bool,
                          ensemble: int = 1) -> float:  # fmt: skip
