@@ -125,9 +125,9 @@ def bench_graph(args, device) -> list[dict]:
     one = obs.latlon[: args.obs]
     parts = {
         "graph": build,
-        "index": lambda: SphereIndex.build(one, device),
+        "index": lambda: SphereIndex.build(one, device, rows=False),
     }
-    index = SphereIndex.build(one, device)
+    index = SphereIndex.build(one, device, rows=False)
     parts["radius"] = lambda: radius(index, mesh_latlon, chord, MAX_NEIGHBOURS,
                                      query_xyz=frame[:, 0])  # fmt: skip
     if device.type == "cuda" and use_kernel(index):

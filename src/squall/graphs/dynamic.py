@@ -121,7 +121,7 @@ def observation_edges(obs_latlon: torch.Tensor, offsets: torch.Tensor, mesh_latl
         if hi == lo:
             edge_offsets.append(edge_offsets[-1])
             continue
-        index = SphereIndex.build(obs_latlon[lo:hi], device)
+        index = SphereIndex.build(obs_latlon[lo:hi], device, rows=False)  # scattered points
         q, s, dist2 = radius(index, mesh_latlon, chord, max_neighbours, query_xyz=mesh_xyz,
                              query_order=order)  # fmt: skip
         dst.append(q + b * m if b else q)

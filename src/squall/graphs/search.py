@@ -263,20 +263,21 @@ class SphereIndex:
 
     @classmethod
     def build(cls, latlon, device=None, band_height: float | None = None,
-              xyz=None) -> SphereIndex:  # fmt: skip
+              xyz=None, rows: bool = True) -> SphereIndex:  # fmt: skip
         """Index the sources ``latlon`` (``[N, 2]`` radians, longitudes in ``[0, 2 pi)``).
 
         ``latlon`` and ``xyz`` (``[N, 3]`` unit vectors computed from ``latlon``; by default
         computed here, see :func:`_points`) are numpy arrays or tensors. ``band_height`` (rad)
         sets the bands of an unstructured set (default: the spacing of ``SEED * 4`` points);
-        structured grids always use their rows.
+        structured grids use their rows, unless ``rows`` is false (a caller that knows its
+        points are scattered skips the test for rows, and its host sync).
         """
         device = torch.device(device or "cpu")
         if len(latlon) == 0:
             raise GraphError("sphere index: need a non-empty [N, 2] lat/lon array, got none")
         lat, lon, xyz_t = _points(latlon, xyz, device, "sphere index")
         n = len(lat)
-        rows = regular_rows(lat, lon)
+        rows = regular_rows(lat, lon) if rows else None
         if rows is not None:
             starts, counts, row_lat = rows
             if len(row_lat) > 1 and bool(row_lat[1] < row_lat[0]):  # north to south: bands ascend
