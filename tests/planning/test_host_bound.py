@@ -98,3 +98,16 @@ def test_host_times_from_a_profile_launch_run(tmp_path):
         load_host_times(tmp_path / "launch_2.json")
     with pytest.raises(ConfigError, match="host times: no file"):
         load_host_times(tmp_path / "nothing.json")
+
+
+def test_each_kernel_keeps_its_least_device_time_on_any_share(small_graph):
+    """3,000 kernels of at least 2 us each: 6 ms of the 50 ms step do not shrink with the rank's
+    share, so 8 ranks take longer than without that floor but never less than it; a floor as
+    long as the step is one clear error."""
+    floor = HostTimes(0.001, 0.002, MCFG.processor_layers + 2, 3000, 1000, 5.0, 2e-6, "test")
+    plain, floored = model_on(small_graph), model_on(small_graph, floor)
+    assert floored.project(1, 1, 1).step_s == pytest.approx(STEP_S, rel=1e-9)
+    p, q = floored.project(8, 8, 1), plain.project(8, 8, 1)
+    assert p.compute_s > q.compute_s and p.compute_s >= 3000 * 2e-6
+    with pytest.raises(ConfigError, match="least time .* is not below the step"):
+        model_on(small_graph, replace(floor, kernel_s=STEP_S / 3000))

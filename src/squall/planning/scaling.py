@@ -667,9 +667,12 @@ def calibrate(cal: Calibration, graph: Graph, hbm_Bps: float) -> Rates:
     opt = ADAMW_BYTES_PER_PARAM * params / hbm_Bps
     busy = cal.step_s - opt - cal.fixed_s
     if cal.host is not None:  # the kernels' least time does not scale with the work
-        busy -= (
-            cal.host.launches * (mcfg.processor_layers + 2) / cal.host.blocks * cal.host.kernel_s
-        )
+        floor = cal.host.launches * (mcfg.processor_layers + 2) / cal.host.blocks
+        floor *= cal.host.kernel_s
+        if floor >= busy:
+            raise ConfigError(f"calibration {cal.source}: its kernels' least time ({floor:.4f} "
+                              f"s, {cal.host.source}) is not below the step's {busy:.4f} s")  # fmt: skip
+        busy -= floor
     if cal.processor_s is not None and 0 < cal.processor_s < busy:
         proc, maps = work["processor"] / cal.processor_s, work["mappers"] / (busy - cal.processor_s)
     else:
