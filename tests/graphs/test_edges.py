@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -128,7 +130,8 @@ def test_device_pipeline_builds_the_host_edge_sets(monkeypatch):
         monkeypatch.setenv("SQUALL_GRAPH_SEARCH", device.type)
         pairs = edges.build_edges(spec, a, b, keep_on_device=True)
         assert all(isinstance(p, torch.Tensor) and p.device.type == device.type for p in pairs)
-        got = EdgeSet._from_pairs_on(device, name, a, b, *pairs)
+        with ThreadPoolExecutor(3) as pool:  # copies to the host on threads, as build_graph
+            got = EdgeSet._from_pairs_on(device, name, a, b, *pairs, pool=pool)()
         monkeypatch.setenv("SQUALL_GRAPH_SEARCH", "cpu")  # numpy sorts and attributes
         want = EdgeSet.from_pairs(name, a, b, *edges.build_edges(spec, a, b))
         for field in ("colptr", "row", "rowptr", "csr_perm"):

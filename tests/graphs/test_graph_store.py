@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,8 @@ def test_regional_specs_build(name):
 
 def run_job(*args, cache):
     env = {"SQUALL_CACHE": str(cache), "PATH": "/usr/bin:/bin"}
+    if "PYTHONPATH" in os.environ:  # where the dependencies live outside the interpreter's own
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return subprocess.run(
         [sys.executable, "-m", "jobs.graph", *args, "hydra.run.dir=" + str(cache / "hydra")],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
