@@ -124,7 +124,8 @@ class ParallelConfig:
     overlap : bool
         Compute interior destinations while the halo is in flight. Off by default: on 2 and 4
         H100s (o320_l7, 1024 channels) the split cost 4 to 7 % of the step against a halo of 1
-        to 3 % (profiling/results/parallel.md).
+        to 3 % (profiling/results/parallel.md), on 2 H200 7 % against 0.5 ms of forward
+        exchanges, and its blocks are not compiled (profiling/results/parallel_fastpath.md).
     chunks : int
         Sequential pieces of the encoder and decoder per rank (1 = off), each recomputed in
         backward.
@@ -659,8 +660,16 @@ def parallelize(
             shard_parameters(model, blocks, shard_group, layout.data_parallel,
                              config.param_dtype)  # fmt: skip
         elif sharded or layout.ensemble > 1:
-            # sum over the model and ensemble groups, average over data-parallel replicas
-            runner.grad_reducer = GradReducer(model, groups.world, layout.data_parallel,
+            # sum over the model and ensemble groups, average over data-parallel replicas; with
+            # buckets on a communicator of its own: on the world's (the model group's when
+            # data_parallel is 1), one NCCL stream, a reverse halo exchange of the backward
+            # queues behind the buckets its layer has just launched (two H200, o320_l7, shared
+            # communicator: 190-840 us per reverse exchange against 25-30 us per forward one
+            # moving the same rows; profiling/results/parallel_fastpath.md)
+            reduce_group = groups.world
+            if config.grad_bucket_mb > 0:
+                reduce_group = dist.new_group(list(range(layout.world_size)))
+            runner.grad_reducer = GradReducer(model, reduce_group, layout.data_parallel,
                                               config.grad_bucket_mb)  # fmt: skip
         else:  # DDP broadcasts rank 0's parameters and buffers itself
             from torch.distributed._composable.replicate import replicate
