@@ -426,8 +426,8 @@ def write(results: list[dict], extra: list[dict], out: Path) -> None:
         "",
         "## Where it misses, and why",
         "",
-        "- Step time, model parallel: the model is low by "
-        f"{min(-r['err_s'] for r in mp):.1%} to {max(-r['err_s'] for r in mp):.1%}. Its terms are",
+        "- Step time, model parallel: errors from "
+        f"{min(r['err_s'] for r in mp):+.1%} to {max(r['err_s'] for r in mp):+.1%}. Its terms are",
         "  the largest rank's share of the work, the halo exchanges (each timed as its transfer",
         "  plus latencies), the gradient all-reduce, the optimizer and the fixed per-step work",
         "  (loss and host idle, measured by the runs that split the step: "
