@@ -35,10 +35,16 @@ class _HaloStart(Function):
     """Forward: gather the owned rows each peer needs (``send_index``) and start
     ``all_to_all_single`` into a ``[n_recv, B, C]`` buffer, valid only after :class:`_HaloWait`.
 
+    The second output is ``x`` itself (a view): computing with it instead of ``x`` routes the
+    owned rows' whole gradient through this backward, which adds the returned halo gradients into
+    it with one ``index_add`` instead of returning a full-size mostly-zero tensor for autograd to
+    add to it (two full passes over ``[B, n_own, C]`` instead of four).
+
     Backward: wait for the reverse exchange that :class:`_HaloWait`'s backward started (the
     gradients of the rows this rank sent, coming back from every rank that received them) and
     add them into the gradient of the owned rows they were gathered from. A row sent to several
-    peers sums their gradients one peer at a time in rank order, so the result is deterministic.
+    peers sums their gradients one peer at a time in rank order into a compact buffer over the
+    distinct sent rows, so the result is deterministic.
     """
 
     @staticmethod
@@ -53,23 +59,32 @@ class _HaloStart(Function):
         exchange.bytes_sent += send.numel() * send.element_size()
         exchange.rows_sent += exchange.num_send
         ctx.exchange, ctx.shape, ctx.pending = exchange, x.shape, pending
-        return recv
+        ctx.set_materialize_grads(False)
+        return recv, x
 
     @staticmethod
-    def backward(ctx, _grad_recv):
+    def backward(ctx, _grad_recv, grad_x):
         ex, pending = ctx.exchange, ctx.pending
         b, n, c = ctx.shape
         pending.bwork.wait()
         grad_send = pending.grad_send
         pending.bwork = pending.grad_send = pending.grad_recv = None
-        grad = grad_send.new_zeros((n, b, c))
-        start = 0
-        for count in ex.send_splits:
-            if count:
-                idx = ex.send_index[start : start + count]  # unique within one peer
-                grad[idx] += grad_send[start : start + count]
-            start += count
-        return grad.transpose(0, 1), None, None
+        if ex.num_send == 0:
+            return grad_x, None, None
+        if ex.send_unique:
+            rows = grad_send  # every sent row went to one peer: already one gradient per row
+        else:
+            rows = grad_send.new_zeros((ex.sent_rows.numel(), b, c))
+            start = 0
+            for count in ex.send_splits:
+                if count:  # positions are unique within one peer
+                    rows.index_add_(0, ex.send_pos[start : start + count],
+                                    grad_send[start : start + count])  # fmt: skip
+                start += count
+        if grad_x is None:  # the caller computed with x, not the second output
+            grad_x = grad_send.new_zeros((b, n, c))
+            return grad_x.index_add_(1, ex.sent_rows, rows.transpose(0, 1)), None, None
+        return grad_x.index_add(1, ex.sent_rows, rows.transpose(0, 1)), None, None
 
 
 class _HaloWait(Function):
@@ -105,8 +120,10 @@ class _HaloWait(Function):
 class PendingHalo:
     """An exchange in flight; :meth:`wait` returns the halo rows ``[B, n_recv, C]``."""
 
-    def __init__(self, recv: torch.Tensor, pending: _Pending):
+    def __init__(self, recv: torch.Tensor, source: torch.Tensor, pending: _Pending):
         self._recv, self._pending = recv, pending
+        # the owned rows to compute with: their gradient then takes the halo's in one pass
+        self.source = source
 
     def wait(self) -> torch.Tensor:
         return _HaloWait.apply(self._recv, self._pending)
@@ -131,6 +148,14 @@ class HaloExchange:
         self.send_splits = [int(c) for c in plan.send_counts]
         self.recv_splits = [int(c) for c in plan.recv_counts]
         self.num_send, self.num_recv = sum(self.send_splits), sum(self.recv_splits)
+        # the distinct sent rows (ascending) and each sent row's position among them: the
+        # backward sums a row's gradients from several peers there before adding them in
+        sent_rows, send_pos = np.unique(plan.send_index, return_inverse=True)
+        self.send_unique = len(sent_rows) == self.num_send
+        if self.send_unique:  # the backward adds grad_send as is, rows in send_index order
+            sent_rows, send_pos = np.asarray(plan.send_index), np.arange(self.num_send)
+        self.sent_rows = torch.from_numpy(np.asarray(sent_rows, dtype=np.int64)).to(device)
+        self.send_pos = torch.from_numpy(np.asarray(send_pos, dtype=np.int64)).to(device)
         # rows and bytes this rank sent so far, forward and backward (host-side counts: no sync)
         self.rows_sent = self.bytes_sent = 0
 
@@ -141,7 +166,8 @@ class HaloExchange:
     def start(self, x: torch.Tensor) -> PendingHalo:
         """Start sending the owned rows of ``x [B, n_own, C]`` that peers need."""
         pending = _Pending(self)
-        return PendingHalo(_HaloStart.apply(x, self, pending), pending)
+        recv, source = _HaloStart.apply(x, self, pending)
+        return PendingHalo(recv, source, pending)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Blocking exchange: the halo rows ``[B, n_recv, C]`` of the owned rows ``x``."""

@@ -338,20 +338,27 @@ class ParallelRunner(BlockRunner):
         # concatenated copy of the sources kept for backward)
         if le.exchange is None:
             halo = None  # nothing received: the local sources are the owned rows
-        elif self.overlap and not chunked:
-            pending = le.exchange.start(x_src)
-            inner = run_subgraph(block, le.interior, x_src, x_dst, edge_attr, recompute)
-            halo = pending.wait()
-            if le.boundary.num_dst:
-                outer = run_subgraph(block, le.boundary, x_src, x_dst, edge_attr, recompute, halo)
-            else:
-                # nothing reads the halo here, but the backward must still join the reverse
-                # exchange (peers send back gradients of rows this rank sent): an empty slice
-                # keeps the halo, hence the exchange, on the autograd path
-                outer = halo.narrow(1, 0, 0)
-            return merge([inner, outer], le.overlap_perm)
         else:
-            halo = le.exchange(x_src)
+            pending = le.exchange.start(x_src)
+            # compute with the exchange's view of the owned rows (the processor's destinations
+            # too): their gradient then takes the returned halo gradient in one pass
+            if x_dst is x_src:
+                x_dst = pending.source
+            x_src = pending.source
+            if self.overlap and not chunked:
+                inner = run_subgraph(block, le.interior, x_src, x_dst, edge_attr, recompute)
+                halo = pending.wait()
+                if le.boundary.num_dst:
+                    outer = run_subgraph(
+                        block, le.boundary, x_src, x_dst, edge_attr, recompute, halo
+                    )
+                else:
+                    # nothing reads the halo here, but the backward must still join the reverse
+                    # exchange (peers send back gradients of rows this rank sent): an empty
+                    # slice keeps the halo, hence the exchange, on the autograd path
+                    outer = halo.narrow(1, 0, 0)
+                return merge([inner, outer], le.overlap_perm)
+            halo = pending.wait()
         if not chunked:
             return run_subgraph(block, le.full, x_src, x_dst, edge_attr, recompute, halo)
         return run_chunks(block, le.chunks, le.chunk_perm, x_src, x_dst, edge_attr, halo)
