@@ -286,7 +286,8 @@ class _NoExchange:
 
     def start(self, x):
         zeros = _Zeros.apply(x, self.num_recv)
-        return type("Done", (), {"wait": staticmethod(lambda: zeros)})()
+        # source: the owned rows the block computes with (a real exchange returns its view)
+        return type("Done", (), {"wait": staticmethod(lambda: zeros), "source": x})()
 
     def __call__(self, x):
         return _Zeros.apply(x, self.num_recv)
@@ -352,7 +353,8 @@ class _Traced:
         pending = self.inner.start(_Mark.apply(x, self.trace, f"{self.role}:send"))
         trace, role = self.trace, self.role
         done = type("Traced", (), {"wait": staticmethod(
-            lambda: _Mark.apply(pending.wait(), trace, f"{role}:recv"))})  # fmt: skip
+            lambda: _Mark.apply(pending.wait(), trace, f"{role}:recv")),
+            "source": pending.source})  # fmt: skip
         return done()
 
     def __call__(self, x):
