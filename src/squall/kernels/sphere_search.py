@@ -160,6 +160,20 @@ def _prepare(rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, c_ptr, n_rows, n_bands, pi
 
 
 @triton.jit
+def _candidate(j, s1, n1, s2, length, sx_ptr, sy_ptr, sz_ptr, qx, qy, qz):
+    """The ``j``-th source of a window (``n1`` from ``s1``, then from ``s2``): whether it exists,
+    its position in the banded arrays and its squared chord to the query."""
+    active = j < length
+    pos = tl.where(j < n1, s1 + j, s2 + (j - n1))
+    # source - query, ((dx * dx + dy * dy) + dz * dz): the torch path's order (the launch turns
+    # contraction into FMAs off)
+    dx = tl.load(sx_ptr + pos, mask=active, other=0.0) - qx
+    dy = tl.load(sy_ptr + pos, mask=active, other=0.0) - qy
+    dz = tl.load(sz_ptr + pos, mask=active, other=0.0) - qz
+    return active, pos, (dx * dx + dy * dy) + dz * dz
+
+
+@triton.jit
 def _window(b, phi, lam, th, sin_phi, cos_phi, cos_th, p_star, in_band, band_lo_ptr, band_hi_ptr,
             cells_ptr, n_cells, two_pi, half_pi, margin, scale, tiny, full_denom,
             INTERP: tl.constexpr):  # fmt: skip
@@ -235,14 +249,8 @@ def _knn_kernel(rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr,
                                      half_pi, margin, scale, tiny, full_denom, INTERP)  # fmt: skip
             length = n1 + n2
             for j in range(0, tl.max(length, 0)):
-                active = j < length
-                pos = tl.where(j < n1, s1 + j, s2 + (j - n1))
-                # source - query, ((dx * dx + dy * dy) + dz * dz): the torch path's order (the
-                # launch turns contraction into FMAs off)
-                dx = tl.load(sx_ptr + pos, mask=active, other=0.0) - qx
-                dy = tl.load(sy_ptr + pos, mask=active, other=0.0) - qy
-                dz = tl.load(sz_ptr + pos, mask=active, other=0.0) - qz
-                d = (dx * dx + dy * dy) + dz * dz
+                active, pos, d = _candidate(j, s1, n1, s2, length, sx_ptr, sy_ptr, sz_ptr, qx, qy,
+                                            qz)  # fmt: skip
                 i = tl.load(sid_ptr + pos, mask=active, other=0)
                 lt0 = active & ((d < d0) | ((d == d0) & (i < i0)))
                 lt1 = active & ((d < d1) | ((d == d1) & (i < i1)))
@@ -292,12 +300,8 @@ def _knn_kernel(rows_ptr, theta_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr,
                                      half_pi, margin, scale, tiny, full_denom, INTERP)  # fmt: skip
             length = n1 + n2
             for j in range(0, tl.max(length, 0)):
-                active = j < length
-                pos = tl.where(j < n1, s1 + j, s2 + (j - n1))
-                dx = tl.load(sx_ptr + pos, mask=active, other=0.0) - qx
-                dy = tl.load(sy_ptr + pos, mask=active, other=0.0) - qy
-                dz = tl.load(sz_ptr + pos, mask=active, other=0.0) - qz
-                d = (dx * dx + dy * dy) + dz * dz
+                active, pos, d = _candidate(j, s1, n1, s2, length, sx_ptr, sy_ptr, sz_ptr, qx, qy,
+                                            qz)  # fmt: skip
                 i = tl.load(sid_ptr + pos, mask=active, other=0)
                 better = active & ((d < worst_d) | ((d == worst_d) & (i < worst_i)))
                 slot = (best_d == worst_d[:, None]) & (best_i == worst_i[:, None])
@@ -358,14 +362,7 @@ def _radius_kernel(rows_ptr, qlat_ptr, qlon_ptr, qx_ptr, qy_ptr, qz_ptr, n_rows,
                                  margin, scale, tiny, full_denom, INTERP)  # fmt: skip
         length = n1 + n2
         for j in range(0, tl.max(length, 0)):
-            active = j < length
-            pos = tl.where(j < n1, s1 + j, s2 + (j - n1))
-            # source - query, ((dx * dx + dy * dy) + dz * dz): the torch path's order (the
-            # launch turns contraction into FMAs off)
-            dx = tl.load(sx_ptr + pos, mask=active, other=0.0) - qx
-            dy = tl.load(sy_ptr + pos, mask=active, other=0.0) - qy
-            dz = tl.load(sz_ptr + pos, mask=active, other=0.0) - qz
-            d = (dx * dx + dy * dy) + dz * dz
+            active, pos, d = _candidate(j, s1, n1, s2, length, sx_ptr, sy_ptr, sz_ptr, qx, qy, qz)
             inside = active & (d <= r2)
             if FILL:
                 i = tl.load(sid_ptr + pos, mask=inside, other=0)
