@@ -5,6 +5,7 @@ timing on 1, 2 and 4 GPUs.
     torchrun --standalone --nproc_per_node=4 profiling/bench_parallel.py check
     torchrun --standalone --nproc_per_node=N profiling/bench_parallel.py time --out DIR
     python profiling/bench_parallel.py table DIR                   # DIR/*.json -> results/
+    python profiling/bench_parallel.py shares --out DIR            # each rank's share, one GPU
 
 ``time`` runs forward + backward + fused AdamW of the o320_l7 model (1024 channels, 16 heads, 16
 processor layers, bf16 autocast, activation checkpointing of every block) on random normalised
@@ -1082,6 +1083,207 @@ def cmd_series(args) -> None:
     print(text)
 
 
+# -- shares: each rank's share of a partition timed alone, all on one GPU ----------------------
+
+
+def _autotune_picks() -> dict:
+    """The triton autotuner's choice per kernel and key in this process (``{}`` without)."""
+    try:
+        from squall.kernels.gt_attention import tuning
+    except ImportError:
+        return {}
+    picks = {}
+    for key, tuner in tuning.TUNED.items():
+        for k, cfg in getattr(tuner, "cache", {}).items():
+            picks[f"{key[0]} {k}"] = str(cfg)
+    return picks
+
+
+class _Share:
+    """Model-parallel rank ``rank``'s share of ``partition``, on one device, no communication:
+    the sharded model as :func:`parallelize` builds it for that rank (its rows, edges and halo
+    plans; groups of one, so no gradient reduction), every exchange replaced by zeros of the
+    halo's shape (:class:`_NoExchange`), its own AdamW and random inputs of its rows."""
+
+    def __init__(self, g, mcfg, partition, rank: int, label: str, device, cuda: bool):
+        from squall.distributed.layout import ProcessGroups
+
+        parts = partition.num_parts
+        torch.manual_seed(0)
+        model = GraphForecaster(g, mcfg, NUM_VARS, NUM_VARS, 2,
+                                residual_map=[(i, i) for i in range(NUM_VARS)]).to(device)  # fmt: skip
+        torch.nn.init.normal_(model.head.weight, std=0.01)
+        groups = ProcessGroups(Layout(parts, parts), rank, None, None, None)
+        self.model = parallelize(model, g, ParallelConfig(parts, "sfc"), groups, partition)
+        for le in self.model.graph.local.values():
+            if le.exchange is not None:
+                le.exchange = _NoExchange(le.exchange)
+        self.rank, self.label, self.cuda, self.device = rank, label, cuda, device
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=cuda,
+                                     foreach=not cuda)  # fmt: skip
+        gen = torch.Generator(device=device).manual_seed(1 + rank)
+        n = self.model.graph.num_data
+        self.x = torch.randn(1, 2, n, NUM_VARS, device=device, generator=gen)
+        self.y = torch.randn(1, n, NUM_VARS, device=device, generator=gen)
+        self.counts = {role: {"edges": len(le.plan.edge_ids), "dst_rows": len(le.plan.owned_dst),
+                              "owned_src_rows": le.plan.num_owned_src,
+                              "local_src_rows": le.plan.num_local_src,
+                              "halo_rows": le.plan.num_local_src - le.plan.num_owned_src}
+                       for role, le in self.model.graph.local.items()}  # fmt: skip
+        self.counts["owned"] = {"data": self.model.graph.num_data,
+                                "mesh": self.model.graph.num_mesh}  # fmt: skip
+
+    def step(self, marks=None) -> None:
+        """One training step (marks as ``cmd_time``'s: 0 start, 1 forward, 2 loss, 3 backward,
+        4 optimizer)."""
+        mark = marks or (lambda i: None)
+        self.opt.zero_grad(set_to_none=True)
+        mark(0)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+            out = self.model(self.x)
+            mark(1)
+            loss = area_weighted_mse(out, self.y, self.model.graph.area)
+        mark(2)
+        loss.backward()
+        mark(3)
+        self.opt.step()
+        mark(4)
+
+
+def _paired(times: dict, a: str, b: str) -> dict:
+    """Ratio ``b / a`` of two shares' step times, paired round by round (each round runs every
+    share once, so slow drifts of the clock cancel): median and 10th / 90th percentiles."""
+    r = np.array(times[b]) / np.array(times[a])
+    return {"median": float(np.median(r)), "p10": float(np.percentile(r, 10)),
+            "p90": float(np.percentile(r, 90)), "rounds": len(r)}  # fmt: skip
+
+
+def cmd_shares(args) -> None:
+    """Every rank's share of the ``--parts`` partition(s) of the graph timed alone, one after
+    another in one process on one device, interleaved round by round (first share first in even
+    rounds, last first in odd ones), with the counted rows, edges and work of each share.
+
+    On one GPU this separates the partition's work from the card and link each rank runs on at
+    P > 1: equal counts and equal times mean a rank-to-rank difference measured on several GPUs
+    is not the partition's. All shares share this process's kernel autotune choices (keyed on
+    shape classes equal for the shares); ``--ranks`` with one rank, in its own process, gives
+    that rank's own choices (as a separate rank process makes them).
+    """
+    import torch._dynamo.config as dynamo_config
+
+    from squall.parallel.parallelize import make_partition
+    from squall.parallel.partition import measured_costs, part_work
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda:0" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        # every share compiles its blocks for its own static shapes: room for all of them (the
+        # default limit of 8 entries per code object would send later shares' blocks eager)
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, 64)
+    t0 = time.perf_counter()
+    g = load_graph_spec(args.graph, args.cache)
+    mcfg = ModelConfig(num_channels=args.channels, num_heads=args.heads,
+                       processor_layers=args.layers, mlp_ratio=4, trainable_edge_features=8,
+                       attention_backend=args.backend if cuda else "torch",
+                       checkpoint_encoder="none", checkpoint_processor="none",
+                       checkpoint_decoder="none", compile=bool(args.compile) and cuda)  # fmt: skip
+    if args.budget_gib:
+        mcfg = dataclasses.replace(mcfg, checkpoint_budget_gib=args.budget_gib)
+        *_, mcfg = estimate(g, mcfg, ParallelConfig(args.parts), args.parts, 1,
+                            (NUM_VARS, NUM_VARS))  # fmt: skip
+    plan = describe_checkpointing(mcfg)
+    print(plan, flush=True)
+    costs = measured_costs(g, args.layers)
+    partitions, counted = {}, {}
+    for method in args.partitions:
+        part = make_partition(g, ParallelConfig(args.parts, method), args.layers)
+        same = [m for m, p in partitions.items()
+                if all(np.array_equal(p.owner[n], part.owner[n]) for n in g.nodes)]  # fmt: skip
+        counted[method] = [float(w) for w in part_work(g, part, costs)]
+        if same:
+            print(f"partition {method} = {same[0]}: not timed twice", flush=True)
+            continue
+        partitions[method] = part
+    ranks = args.ranks if args.ranks else list(range(args.parts))
+    shares = {}
+    for method, part in partitions.items():
+        for r in ranks:
+            label = f"{method}/{r}"
+            shares[label] = _Share(g, mcfg, part, r, label, device, cuda)
+            print(f"{label}: {json.dumps(shares[label].counts)}", flush=True)
+    t_build = time.perf_counter() - t0
+    # warm-up (compile, autotune) share by share, timed
+    warm = {}
+    for label, sh in shares.items():
+        t = time.perf_counter()
+        for _ in range(args.warmup):
+            sh.step()
+        sync()
+        warm[label] = time.perf_counter() - t
+        print(f"{label}: warm-up {warm[label]:.1f} s", flush=True)
+    picks = _autotune_picks()
+    labels = list(shares)
+    times = {k: [] for k in labels}
+    fwd = {k: [] for k in labels}
+    bwd = {k: [] for k in labels}
+    for rnd in range(args.rounds):
+        for label in labels if rnd % 2 == 0 else labels[::-1]:
+            marks = _Marks(cuda)
+            sync()
+            shares[label].step(marks)
+            marks.sync()
+            p = marks.seconds()
+            times[label].append(p[-1])
+            fwd[label].append(p[0])
+            bwd[label].append(p[2] - p[1])
+    # every exchange point marked: compute per segment (embeddings, encoder, each processor
+    # layer, decoder with loss and their backward), one traced step per share per round
+    trace = _Trace(cuda)
+    segments = {k: [] for k in labels}
+    for rnd in range(args.trace):
+        for label in labels if rnd % 2 == 0 else labels[::-1]:
+            sh = shares[label]
+            segments[label] += _traced_steps(sh.model, sh.step, trace, 1, sync)
+    summary = {}
+    for label in labels:
+        seg = [
+            statistics.median(s["segments"][k] for s in segments[label])
+            for k in range(min((len(s["segments"]) for s in segments[label]), default=0))
+        ]
+        method, r = label.split("/")
+        summary[label] = {"partition": method, "rank": int(r), "counts": shares[label].counts,
+                          "counted_work_ms": counted[method][int(r)],
+                          "step_s": times[label], "median_step_s": statistics.median(times[label]),
+                          "median_forward_s": statistics.median(fwd[label]),
+                          "median_backward_s": statistics.median(bwd[label]),
+                          "warmup_s": warm[label], "segments_s": seg}  # fmt: skip
+    ratios = {}
+    for method in partitions:
+        base = f"{method}/{ranks[0]}"
+        for r in ranks[1:]:
+            ratios[f"{method}/{r} over {base}"] = _paired(times, base, f"{method}/{r}")
+    result = {"info": machine_info(), "graph": args.graph, "parts": args.parts,
+              "channels": args.channels, "heads": args.heads, "layers": args.layers,
+              "backend": mcfg.attention_backend, "compile": mcfg.compile,
+              "checkpoint_plan": plan, "rounds": args.rounds, "build_s": t_build,
+              "counted_work_ms": counted, "shares": summary, "paired_ratios": ratios,
+              "autotune": picks, "argv": sys.argv}  # fmt: skip
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    name = "shares_" + "_".join(str(r) for r in ranks) + ".json"
+    Path(args.out, name).write_text(json.dumps(result, indent=1))
+    for label, s in summary.items():
+        print(f"{label}: step {1e3 * s['median_step_s']:.2f} ms (fwd {1e3 * s['median_forward_s']:.2f}, "
+              f"bwd {1e3 * s['median_backward_s']:.2f}), counted {s['counted_work_ms']:.2f} ms",
+              flush=True)  # fmt: skip
+    for k, v in ratios.items():
+        print(f"{k}: {v['median']:.4f} (p10 {v['p10']:.4f}, p90 {v['p90']:.4f}, "
+              f"{v['rounds']} rounds)", flush=True)  # fmt: skip
+    print("autotune:", json.dumps(picks), flush=True)
+
+
 def main(argv=None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -1168,6 +1370,28 @@ def main(argv=None) -> None:
     co.add_argument("--checkpoint", type=int, default=1)
     co.add_argument("--world", type=int, default=2)
     co.add_argument("--out", required=True)
+    sh = sub.add_parser("shares", help="each rank's share timed alone on one device")
+    sh.add_argument("--graph", default="o320_l7")
+    sh.add_argument("--cache", default="/tmp/squall-graphs")
+    sh.add_argument("--channels", type=int, default=1024)
+    sh.add_argument("--heads", type=int, default=16)
+    sh.add_argument("--layers", type=int, default=16)
+    sh.add_argument("--backend", default="triton")
+    sh.add_argument("--parts", type=int, default=2)
+    sh.add_argument("--partitions", nargs="+", default=["sfc"], help="partition methods")
+    sh.add_argument("--ranks", nargs="*", type=int, default=[], help="default: every rank")
+    sh.add_argument("--compile", type=int, default=1)
+    sh.add_argument(
+        "--budget-gib",
+        type=float,
+        default=130.0,
+        help="checkpoint policies from the planner for this budget (0: none)",
+    )
+    sh.add_argument("--warmup", type=int, default=3)
+    sh.add_argument("--rounds", type=int, default=10)
+    sh.add_argument("--trace", type=int, default=3, help="rounds of traced steps")
+    sh.add_argument("--cpu", action="store_true", help="run on the CPU (code-path check)")
+    sh.add_argument("--out", required=True)
     se = sub.add_parser("series")
     se.add_argument("dirs", nargs="+")
     se.add_argument("--csv", default="parallel.csv", help="results CSV to append to")
@@ -1181,6 +1405,7 @@ def main(argv=None) -> None:
         "table": cmd_table,
         "series": cmd_series,
         "count": cmd_count,
+        "shares": cmd_shares,
     }[args.cmd](args)
 
 
