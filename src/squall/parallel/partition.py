@@ -479,13 +479,9 @@ def partition_report(graph: Graph, partition: Partition) -> PartitionReport:
     halo = {}
     peers = {}
     for name, e in graph.edges.items():
-        dst_owner = partition.owner[e.dst][e.dst_index]
-        src_owner = partition.owner[e.src][e.row]
-        edges[name] = np.bincount(dst_owner, minlength=p)
-        remote = dst_owner != src_owner
+        edges[name] = np.bincount(partition.owner[e.dst][e.dst_index], minlength=p)
         # unique (receiving part, source node) pairs are the rows each part receives
-        pairs = np.unique(dst_owner[remote].astype(np.int64) * e.num_src + e.row[remote])
-        recv_part = pairs // e.num_src
+        pairs, recv_part = _halo_counts(graph, partition, name)
         halo[name] = np.bincount(recv_part, minlength=p)
         sender = partition.owner[e.src][pairs % e.num_src]
         links = np.unique(recv_part * p + sender)
