@@ -143,4 +143,106 @@ def count_step(forward, backward=None) -> tuple[dict, ActivationCounter]:
     return {"held_bytes": held, "peak_bytes": counter.peak_bytes}, counter
 
 
-__all__ = ["ActivationCounter", "count_step"]
+class _SavesAsTriton(torch.autograd.Function):
+    """The fused Triton attention's memory on any device: the output from the torch reference
+    (computed without autograd), and saved for the backward exactly what
+    :class:`squall.kernels.gt_attention.op._FusedAttention` saves (q, k, v as the kernels read
+    them, the edge inputs, the edge projection and an fp32 log-sum-exp per row and head)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attr, weight, bias, index):
+        from squall.kernels.gt_attention import op
+        from squall.kernels.gt_attention.reference import gt_attention_reference, project_edges
+
+        with torch.no_grad():
+            edge = project_edges(attr, weight, bias, q.shape[1]).to(q.dtype)
+            out = gt_attention_reference(q, k, v, edge, index.colptr, index.row, index.dst)
+        sq, sk, sv = op._qkv(q, k, v)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(sq, sk, sv, attr.contiguous(), weight.contiguous(),
+                              bias.contiguous(), lse)  # fmt: skip
+        ctx.shapes = (q, k, v, attr, weight, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, attr, weight, bias = (torch.zeros_like(t) for t in ctx.saved_tensors[:6])
+        return q, k, v, attr, weight, bias, None
+
+
+def count_block(channels: int = 64, heads: int = 4, mlp_ratio: int = 4, n_dst: int = 200,
+                n_src: int = 331, degree: int = 4, edge_dim: int = 11, bipartite: bool = True,
+                autocast: bool = True, policy: str = "none", triton: bool = True,
+                device: str = "cpu") -> dict:  # fmt: skip
+    """What one GraphTransformer block keeps for its backward, counted tensor by tensor.
+
+    Runs one block forward (``policy`` ``none``, or ``mlp``: its MLP recomputed) on random
+    rows under :class:`ActivationCounter` (bf16 autocast or fp32) and sorts the storages alive
+    after the forward (autocast's cache freed, the block's output dropped) by the dimension they
+    are sized by. ``triton``: on CUDA the fused Triton kernels run; on CPU the attention saves
+    what they save (:class:`_SavesAsTriton`); else the torch reference's autograd graph.
+
+    Returns
+    -------
+    dict
+        ``dst``, ``src``: bytes kept per destination / source row per channel (divide by the
+        activation's bytes for values of ``channels`` per row); ``edge``: bytes per edge;
+        ``weights``: bytes of weight copies kept; ``other``: anything else (bytes). For a
+        processor block (``bipartite`` False) the sources are the destinations: ``src`` is 0.
+    """
+    import squall.layers.graph_transformer as gt
+    from squall.kernels.edge_index import EdgeIndex
+
+    n_src = n_src if bipartite else n_dst
+    gen = torch.Generator().manual_seed(0)
+    colptr = torch.arange(0, n_dst * degree + 1, degree)
+    index = EdgeIndex.from_csc(colptr, torch.randint(0, n_src, (n_dst * degree,), generator=gen),
+                               n_src)  # fmt: skip
+    dev = torch.device(device)
+    real_triton = triton and dev.type == "cuda"
+    index = index.to(dev)
+    block = gt.GraphTransformerBlock(channels, heads, edge_dim, mlp_ratio, bipartite,
+                                     "triton" if real_triton else "torch",
+                                     recompute_mlp=policy == "mlp").to(dev)  # fmt: skip
+    # the residual stream as the model's blocks get it: a linear layer's output, bf16 under
+    # autocast
+    dtype = torch.bfloat16 if autocast else torch.float32
+    x_src = torch.randn(1, n_src, channels, generator=gen, dtype=dtype).to(dev).requires_grad_()
+    x_dst = (torch.randn(1, n_dst, channels, generator=gen, dtype=dtype).to(dev).requires_grad_()
+             if bipartite else x_src)  # fmt: skip
+    attr = torch.randn(n_dst * degree, edge_dim, generator=gen).to(dev)
+    sizes = {n_dst: "dst", n_src: "src", n_dst * degree: "edge"}
+    if len(sizes) < (3 if bipartite else 2) or channels in sizes or mlp_ratio * channels in sizes:
+        raise ValueError("row, source and edge counts must differ from each other and from the "
+                         "channel widths")  # fmt: skip
+    plain = gt.gt_attention_fused
+
+    def stand_in(q, k, v, a, w, b, idx, backend):
+        return _SavesAsTriton.apply(q, k, v, a, w, b, idx)
+
+    counter = ActivationCounter()
+    if triton and not real_triton:
+        gt.gt_attention_fused = stand_in
+    try:
+        with counter:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                out = block(x_src, x_dst, attr, index)
+            counter.mark("forward")
+    finally:
+        gt.gt_attention_fused = plain
+    out_rec = counter._records.get(out.untyped_storage().data_ptr())
+    totals = dict.fromkeys(("dst", "src", "edge", "weights", "other"), 0)
+    weights = {tuple(p.shape) for p in block.parameters()}
+    for r in counter._snapshots["forward"]:
+        if r is out_rec or r.ref.expired():  # the output is the next block's input
+            continue
+        dims = [d for d in r.shape if d in sizes]
+        kind = sizes[dims[0]] if dims else ("weights" if r.shape in weights else "other")
+        totals[kind] += r.nbytes
+    del out
+    return {"dst": totals["dst"] / (n_dst * channels), "src": totals["src"] / (n_src * channels),
+            "edge": totals["edge"] / (n_dst * degree), "weights": totals["weights"],
+            "other": totals["other"]}  # fmt: skip
+
+
+__all__ = ["ActivationCounter", "count_block", "count_step"]
