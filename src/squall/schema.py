@@ -460,6 +460,10 @@ class ModelSchema(Schema):
         Members, noise and training score of a probabilistic model (default: deterministic).
     observations : ObsEncoderSchema or None
         Observation encoder after the grid encoder (null: none; needs ``data.observations``).
+    decoder_target : str
+        What the decoder's grid destinations start from: ``latent`` (the encoder's data latent)
+        or ``static`` (node attributes and the non-prognostic inputs only, so the state's change
+        comes through the mesh; ``squall.models.forecaster``).
     """
 
     name: str = MISSING
@@ -473,6 +477,7 @@ class ModelSchema(Schema):
     compile: bool = MISSING
     ensemble: EnsembleSchema = field(default_factory=EnsembleSchema)
     observations: ObsEncoderSchema | None = None
+    decoder_target: str = setting("latent", choices=("latent", "static"))
 
     @classmethod
     def check(cls, node: DictConfig, path: str) -> None:
@@ -514,6 +519,10 @@ class TrainingSchema(Schema):
         Gradient norm clipping threshold.
     rollout : int
         Autoregressive steps in the loss.
+    loss_weights : str
+        How the loss weighs the output variables: ``state`` (each in its normalised units) or
+        ``tendency`` (each by the inverse variance of its one-step change, as GraphCast;
+        ``squall.train.loop.variable_weights``).
     val_every, val_batches : int
         Validate every ``val_every`` steps on ``val_batches`` batches.
     checkpoint_every : int
@@ -545,6 +554,7 @@ class TrainingSchema(Schema):
     min_lr_ratio: float = setting(ge=0, le=1)
     grad_clip: float = setting(gt=0)
     rollout: int = setting(ge=1)
+    loss_weights: str = setting("state", choices=("state", "tendency"))
     val_every: int = setting(ge=1)
     val_batches: int = setting(ge=1)
     checkpoint_every: int = setting(ge=1)

@@ -11,6 +11,16 @@ Data flow for input ``x [B, T_in, G, V_in]`` (normalised), with ``C`` channels::
     output        y = W_out LN(z_g)                                              [B, G, V_out]
     prognostic variables are predicted as a residual on the last input step.
 
+Decoder destinations (``model.decoder_target``): with ``latent`` (the default, Anemoi's
+``encoded_data``) the decoder updates the data latent ``z_g`` above, so each grid point's own
+input states reach its output directly. With ``static`` (Anemoi's ``coordinates`` +
+``forcings`` target features) the destinations start from ``W_t [f_g, node attributes]``, where
+``f_g`` are the last input step's non-prognostic columns (forcings and, for a driven LAM, the
+driver's lookahead columns): the decoder knows where and when, not the state, so every change of
+the prognostic variables has to come through the mesh. On fields that move several grid lengths
+per step the ``latent`` shortcut lets training settle in a pointwise extrapolation
+``x_t + (x_t - x_{t-1})`` that never uses the mesh (profiling/lam_sensitivity.py).
+
 Ensemble mode (``model.ensemble.noise_channels = K > 0``): the model is stochastic. After the
 encoder, each mesh node of each sample gets ``K`` fresh standard-normal noise channels, drawn at
 every call (so per member and per step of a rollout) and carried through the processor, whose
@@ -49,6 +59,8 @@ from squall.layers.graph_transformer import GraphTransformerBlock
 ROLES = ("encoder", "processor", "decoder")
 #: Training scores of an ensemble (``model.ensemble.loss``; squall.train.scores).
 ENSEMBLE_LOSSES = ("afcrps", "fair_crps", "energy")
+#: What the decoder's grid destinations start from (``model.decoder_target``; module docstring).
+DECODER_TARGETS = ("latent", "static")
 
 
 def checkpoint_policy(value, what: str = "checkpoint") -> str:
@@ -91,6 +103,7 @@ class ModelConfig:
     noise_channels: int = 0
     ensemble_loss: str = "afcrps"
     crps_alpha: float = 0.95
+    decoder_target: str = "latent"
 
     def __post_init__(self):
         for role in ("encoder", "decoder"):
@@ -118,6 +131,9 @@ class ModelConfig:
                               f"{', '.join(ENSEMBLE_LOSSES)}")  # fmt: skip
         if not 0.0 <= self.crps_alpha <= 1.0:
             raise ConfigError(f"model.ensemble.alpha={self.crps_alpha} must lie in [0, 1]")
+        if self.decoder_target not in DECODER_TARGETS:
+            raise ConfigError(f"model.decoder_target={self.decoder_target!r}: choose one of "
+                              f"{', '.join(DECODER_TARGETS)}")  # fmt: skip
 
     @property
     def ensemble(self) -> bool:
@@ -134,6 +150,8 @@ class ModelConfig:
         }  # fmt: skip
         if self.noise_channels:  # absent for deterministic models, as in their older checkpoints
             arch["noise_channels"] = self.noise_channels
+        if self.decoder_target != "latent":  # absent when default, as in older checkpoints
+            arch["decoder_target"] = self.decoder_target
         return arch
 
     def block_policy(self, role: str, layer: int = 0) -> str:
@@ -163,6 +181,7 @@ class ModelConfig:
             noise_channels=int(ens.get("noise_channels", 0)),
             ensemble_loss=str(ens.get("loss", "afcrps")),
             crps_alpha=float(ens.get("alpha", 0.95)),
+            decoder_target=str(cfg.get("decoder_target", "latent")),
         )
 
 
@@ -286,6 +305,14 @@ class GraphForecaster(nn.Module):
             block("processor", False, cfg.noise_channels) for _ in range(cfg.processor_layers)
         )
         self.decoder = block("decoder", True)
+        # the input columns that carry no prognostic state (forcings, lookahead): the ``static``
+        # decoder target's inputs
+        res_in = {p[1] for p in residual_map or []}
+        self.register_buffer("static_in", torch.tensor(
+            [i for i in range(num_input_vars) if i not in res_in], dtype=torch.long),
+            persistent=False)  # fmt: skip
+        self.embed_target = (nn.Linear(len(self.static_in) + node_dim, c)
+                             if cfg.decoder_target == "static" else None)  # fmt: skip
         self.norm_out = nn.LayerNorm(c)
         self.head = nn.Linear(c, num_output_vars)
         # Start as persistence (zero tendency): training then only has to learn the change.
@@ -377,6 +404,10 @@ class GraphForecaster(nn.Module):
             z_mesh = run(gi, "processor", layer, z_mesh, z_mesh, proc)
         if k:
             z_mesh = z_mesh[..., :-k]
+        if self.embed_target is not None:  # destinations know where and when, not the state
+            z_data = self.embed_target(torch.cat(
+                [x[:, -1].index_select(-1, self.static_in), gi.data_attrs.expand(b, -1, -1).to(x.dtype)],
+                -1))  # fmt: skip
         z_data = run(gi, "decoder", self.decoder, z_mesh, z_data, dec)
         y = self.head(self.norm_out(z_data)) * self.output_scale.to(x.dtype)
         if self.res_out.numel():
@@ -405,6 +436,8 @@ class GraphForecaster(nn.Module):
         total += sum(
             layer.flops_per_sample(s["mesh"], s["mesh"], s["processor"]) for layer in self.processor
         )
+        if self.embed_target is not None:
+            total += 2 * self.embed_target.in_features * c * s["data"]
         total += self.decoder.flops_per_sample(s["mesh"], s["data"], s["decoder"])
         return total + 2 * c * self.head.out_features * s["data"]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from squall.errors import DataError, SquallError
+from squall.errors import ConfigError, DataError, SquallError
 from squall.parallel.sharding import is_sharded
 from squall.parallel.state import save_sharded
 from squall.progress import Progress
@@ -69,13 +69,40 @@ class VariableLayout:
         return list(zip(self.prognostic_out, self.prognostic_in, strict=True))
 
 
-def area_weighted_mse(pred: torch.Tensor, target: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
-    """Mean over batch, variables and grid points of the squared error, weighted by cell area.
+def area_weighted_mse(pred: torch.Tensor, target: torch.Tensor, area: torch.Tensor,
+                      var_weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Mean over batch, variables and grid points of the squared error, weighted by cell area
+    (and by ``var_weight [V]`` per variable when given).
 
     ``pred, target [B, G, V]``; ``area [G]`` normalised to mean 1. Computed in fp32.
     """
     err = (pred.float() - target.float()).square()
+    if var_weight is not None:
+        err = err * var_weight.float()
     return (err * area.float()[None, :, None]).mean()
+
+
+#: ``training.loss_weights``: how the loss weighs the output variables against each other.
+LOSS_WEIGHTS = ("state", "tendency")
+
+
+def variable_weights(output_scale: torch.Tensor, kind: str) -> torch.Tensor | None:
+    """Per-output loss weights ``[V]`` (mean 1), or None for the plain normalised MSE.
+
+    ``state``: every output's error in its own normalised units (None). ``tendency``: each
+    output's squared error divided by its one-step change's variance (``output_scale``, the
+    model's tendency spread; 1 for diagnostics), as GraphCast weighs its loss (Lam et al. 2023):
+    a variable that changes little per step (a slowly advected field) counts as much as one with
+    a large predictable cycle, whose error would otherwise fill the loss.
+    """
+    if kind == "state":
+        return None
+    if kind != "tendency":
+        raise ConfigError(f"training.loss_weights={kind!r}: choose one of {', '.join(LOSS_WEIGHTS)}")
+    # floor: a variable whose one-step change is below 1e-3 of its spread is held constant by the
+    # data, and its weight must not swamp the others
+    w = 1.0 / output_scale.float().clamp_min(1e-3).square()
+    return w / w.mean()
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -174,6 +201,9 @@ class Trainer:
         self.prog_in = torch.tensor(layout.prognostic_in, device=device)
         self.prog_out = torch.tensor(layout.prognostic_out, device=device)
         self.boundary = None  # squall.train.boundary.BoundaryForcing, set by build_run
+        kind = str(cfg.get("loss_weights", "state") or "state")
+        self.var_weight = (None if kind == "state" else
+                           variable_weights(model.output_scale.to(device), kind))  # fmt: skip
         self.stop_requested = False
         self.stopped_by: str | None = None
         self.stop_signum = 0
@@ -219,7 +249,8 @@ class Trainer:
         if self.loss_fn is not None:
             return self.loss_fn(self, batch)
         area = self.loss_area()
-        losses = [area_weighted_mse(pred, truth, area) for pred, truth in self.rollout(batch)]
+        losses = [area_weighted_mse(pred, truth, area, self.var_weight)
+                  for pred, truth in self.rollout(batch)]  # fmt: skip
         return sum(losses) / len(losses)
 
     # -- loop -----------------------------------------------------------------------------------
