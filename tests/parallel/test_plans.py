@@ -240,9 +240,11 @@ def test_checkpoint_plan_fits_the_budget_with_the_least_recomputation():
                                checkpoint_decoder=p), 1, r.nodes, r.edges, 2)
                  for p in ("none", "mlp", "full")]  # fmt: skip
     assert by_policy[0] > by_policy[1] > by_policy[2]
-    static = r.static_gib
-    everything = static + by_policy[0] / 1024**3 + PLAN_HEADROOM_GIB
-    least = static + by_policy[2] / 1024**3 + PLAN_HEADROOM_GIB
+    # the estimate's peaks (activations, gradients and weight copies of the step's phases)
+    peaks = [estimate(g, replace(base, checkpoint_encoder=p, checkpoint_processor=p,
+                                 checkpoint_decoder=p), pcfg, 1, 1)[1][0].total_gib
+             for p in ("none", "full")]  # fmt: skip
+    everything, least = (peak + PLAN_HEADROOM_GIB for peak in peaks)
     previous_flops = None
     for frac in (1.01, 0.8, 0.6, 0.4):
         budget = least + frac * (everything - least)

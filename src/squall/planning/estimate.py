@@ -3,10 +3,15 @@
 Builds the partition and halo plans (the same pure functions a run uses) and the model on the
 ``meta`` device (parameter count only, no memory), then estimates per rank:
 
-* static memory: fp32 parameters, gradients and two AdamW moments (16 B per parameter), the bf16
-  weight copies autocast keeps for backward (2 B), plus the flat gradient all-reduce buffer (4 B
-  per parameter) when there is more than one rank;
-* activation memory at the step's peak (see :func:`activation_bytes`);
+* state held for the whole step (``static``): fp32 parameters and two AdamW moments (12 B per
+  parameter; their share of the world with parameter sharding), the graph's buffers of the
+  rank's part, the batch's fp32 inputs and targets, and with more than one rank and no sharding
+  the flat copies of the gradient buckets in flight (squall.parallel.parallelize.GradReducer);
+* the peak of what the step adds (``activation``, :func:`activation_bytes`): the largest, over
+  the phases of the step, of the activations alive, the gradients that exist by then and
+  autocast's bf16 weight copies; the phases are the end of the forward, each block's backward
+  in reverse order (the gradients of the blocks already done exist, the activations they kept
+  are freed), and the optimizer step (every gradient, no activation);
 * communication per step: halo rows received per edge set times its uses (encoder and decoder
   once, the processor once per layer), forward and backward, and the gradient all-reduce
   (ring: ``2 (W - 1) / W`` of the gradient bytes).
@@ -31,21 +36,26 @@ from squall.graphs import Graph
 from squall.layers.graph_transformer import block_flops
 from squall.models.forecaster import CHECKPOINT_POLICIES, ROLES, GraphForecaster, ModelConfig
 from squall.parallel.halo import build_halo_plans
-from squall.parallel.parallelize import ParallelConfig, make_partition
+from squall.parallel.parallelize import (
+    _BUCKETS_IN_FLIGHT,
+    GRAD_BUCKET_MB,
+    ParallelConfig,
+    make_partition,
+)
 
 GIB = 1024**3
-# Activations kept for backward, in values of C per row (bf16 under autocast: the residual stream
-# is bf16 too, layer norms keep their bf16 input and hand a bf16 copy of their output to the next
-# matrix product). Per destination row: the attention layer norm's copy, q, the attention output,
-# the post-attention residual and the MLP layer norm's copy (5), plus the MLP hidden layer before
-# and after GELU (2 x mlp_ratio). Per source row: the source layer norm's copy, k and v (3); in the
-# processor the sources are the destinations and share the layer norm (2).
-DST_ROW_UNITS = 5
-# The MLP keeps more than its hidden layer twice and its layer norm's copy: 1.5 values per row
-# more, fitted on H100 (o96_l6, 1024 channels, 16 layers, no checkpointing: 29.7 GiB measured,
-# 27.4 GiB estimated without it).
-MLP_EXTRA_UNITS = 1.5
+# Activations one block keeps for its backward, in values of C per row at the activation's bytes
+# (counted tensor by tensor, bf16 autocast and fp32 alike: squall.planning.memory.count_block,
+# profiling/results/scaling_model.md). Per destination row: the attention layer norm's output
+# (autocast's bf16 copy), q, the attention output and the post-attention residual (4); the MLP's
+# layer norm output and its hidden layer before and after GELU (1 + 2 x mlp_ratio). Per source
+# row: the source layer norm's output, k and v (3); in the processor the sources are the
+# destinations and share the layer norm and the projection (2).
+DST_ROW_UNITS = 4
 SRC_ROW_UNITS = {True: 3, False: 2}
+# Per row also fp32 statistics: mean and reciprocal deviation of each layer norm (8 B) and the
+# attention's log-sum-exp per head (4 B).
+NORM_STATS_BYTES, LSE_BYTES_PER_HEAD = 8, 4
 # Per edge: the Triton kernels keep nothing per edge (p and p*dp, fp32 per head, exist during
 # backward only); the torch reference keeps about four C-wide tensors per edge (k+e, v+e, the
 # gathered q and the weights' expansion): fitted, o96_l6 1024 channels on H100 (step.md).
@@ -59,8 +69,14 @@ EDGE_UNITS_TORCH = 4
 # The ensemble score keeps fp32 tensors of the gathered members ``[B, M, G, V]`` for its backward:
 # their fp32 copy, ``x - y`` and its magnitude (squall.train.scores.afcrps_pointwise).
 SCORE_FP32_COPIES = 3
-# Checked against peaks measured on one H100 (bench_step.py, o96_l6, 1024 channels, 16 layers,
-# bf16; static 3.88 GiB): see profiling/results/step.md for the measured and estimated pairs.
+# State bytes per parameter held for the whole step: the fp32 parameter and AdamW's two moments.
+# Gradients (4 B) exist from their block's backward on (the step starts with them freed:
+# ``zero_grad(set_to_none=True)``); autocast's bf16 copy of a weight (2 B) exists while its block
+# runs, or until its backward when the block keeps what it computed (``none``).
+PARAM_MOMENT_BYTES, GRAD_BYTES, BF16_BYTES = 12, 4, 2
+# Flat bucket copies of the gradient all-reduce alive at once: the ones in flight and the one
+# being launched (squall.parallel.parallelize.GradReducer).
+BUCKETS_ALIVE = _BUCKETS_IN_FLIGHT + 1
 
 
 @dataclass(frozen=True)
@@ -84,71 +100,269 @@ class RankEstimate:
         return self.static_gib + self.activation_gib
 
 
+@dataclass(frozen=True)
+class ModelSizes:
+    """What a step's memory depends on besides the activations, counted on the model's tensors
+    (:meth:`of`, on the meta device): parameters by the phase of the backward that completes
+    their gradients, the ones autocast casts to bf16, and the widths of the tensors a step keeps
+    outside the blocks.
+
+    Attributes
+    ----------
+    params : int
+        All parameters.
+    first : int
+        The output norm and head: their gradients exist before the decoder's backward.
+    block, cast : dict of str to int
+        Parameters of one block per edge set (``encoder``, each ``processor`` layer,
+        ``decoder``), and of those the ones autocast casts (all but its layer norms').
+    edge_features : dict of str to int
+        Trainable edge features per edge set: their gradient completes after that set's last
+        block backward.
+    cast_rest : int
+        Cast parameters outside the blocks (embeddings, head).
+    embed_in, out_vars : int
+        Values per grid row into the data embedding, out of the head.
+    edge_dims : dict of str to int
+        Values per edge into each edge set's projection (kept in fp32 for the backward).
+    edge_bytes : dict of str to int
+        Graph buffer bytes per edge of each edge set (attributes and index arrays).
+    row_bytes : dict of str to int
+        Graph buffer bytes per ``data`` and ``mesh`` row (node attributes, cell area).
+    """
+
+    params: int
+    first: int
+    block: dict
+    cast: dict
+    edge_features: dict
+    cast_rest: int
+    embed_in: int
+    out_vars: int
+    edge_dims: dict
+    edge_bytes: dict
+    row_bytes: dict
+
+    @classmethod
+    def of(cls, model: GraphForecaster, graph: Graph) -> ModelSizes:
+        """Count ``model``'s parameters (any device, ``meta`` included) and ``graph``'s arrays."""
+
+        def count(mod, cast_only=False):
+            if mod is None:
+                return 0
+            norms = {id(p) for m in mod.modules() if isinstance(m, torch.nn.LayerNorm)
+                     for p in m.parameters()}  # fmt: skip
+            return sum(p.numel() for p in mod.parameters() if not (cast_only and id(p) in norms))
+
+        blocks = {"encoder": model.encoder, "decoder": model.decoder,
+                  "processor": model.processor[0] if len(model.processor) else None}  # fmt: skip
+        feats = {r: model.edge_features[r].numel() if r in model.edge_features else 0
+                 for r in ROLES}  # fmt: skip
+        cast = {r: count(b, True) for r, b in blocks.items()}
+        layers = len(model.processor)
+        blocks_cast = cast["encoder"] + cast["decoder"] + layers * cast["processor"]
+        cast_all = count(model, True) - sum(feats.values())
+        edge_bytes = {}
+        for r in ROLES:
+            e = graph.edges[r]
+            edge_bytes[r] = e.attrs.itemsize * e.attrs.shape[1] + sum(
+                getattr(e, a).itemsize for a in ("row", "dst_index", "csr_perm"))
+        data = graph.node_attributes(model.graph.data_name)
+        mesh = graph.node_attributes(model.graph.mesh_name)
+        return cls(model.num_parameters(), count(model.norm_out) + count(model.head),
+                   {r: count(b) for r, b in blocks.items()}, cast, feats,
+                   cast_all - blocks_cast, model.embed_data.in_features,
+                   model.head.out_features,
+                   {r: (b.edge_weight.shape[0] if b is not None else 0)
+                    for r, b in blocks.items()},
+                   edge_bytes,
+                   {"data": data.itemsize * data.shape[1] + 4,
+                    "mesh": mesh.itemsize * mesh.shape[1]})  # fmt: skip
+
+    def graph_bytes(self, rows: dict, edges: dict, parts: int = 1) -> int:
+        """The graph buffers of a rank with ``rows`` and ``edges`` (its part of ``parts``; a
+        part also holds the global ids of its edges, int64)."""
+        ids = 8 if parts > 1 else 0
+        return (sum(edges[r] * (self.edge_bytes[r] + ids) for r in ROLES)
+                + rows["data"] * self.row_bytes["data"] + rows["mesh"] * self.row_bytes["mesh"])
+
+
+def state_bytes(params: int, world: int, shard: bool,
+                bucket_mb: float = GRAD_BUCKET_MB) -> int:  # fmt: skip
+    """Bytes of parameter state a rank holds for the whole step: fp32 parameters and AdamW
+    moments (a ``1 / world`` share with sharding), and with ``world > 1`` ranks unsharded the
+    gradient buckets' flat copies alive at once (all the gradients with ``bucket_mb`` 0)."""
+    if shard and world > 1:
+        return PARAM_MOMENT_BYTES * params // world
+    flat = 0
+    if world > 1:
+        flat = GRAD_BYTES * params
+        if bucket_mb > 0:
+            flat = min(flat, int(BUCKETS_ALIVE * bucket_mb * 2**20))
+    return PARAM_MOMENT_BYTES * params + flat
+
+
+def input_bytes(batch: int, rows: dict, num_vars: tuple[int, int], input_steps: int,
+                rollout: int = 1) -> int:  # fmt: skip
+    """The batch on the device for the whole step: fp32 inputs of every input step and targets of
+    every rollout step, on the rank's grid points."""
+    return 4 * batch * rows["data"] * (input_steps * num_vars[0] + rollout * num_vars[1])
+
+
 def _block_bytes(mcfg: ModelConfig, b: int, act: int, n_dst: int, n_src: int, e: int,
-                 bipartite: bool) -> tuple[int, int, int]:  # fmt: skip
+                 bipartite: bool, edge_dim: int = 0,
+                 autocast: bool = True) -> tuple[int, int, int]:  # fmt: skip
     """One block's activations: (kept for backward, the MLP part of those that ``mlp``
-    recomputes, in flight during its backward, freed by a whole recomputed block's backward
-    before its peak)."""
+    recomputes, in flight during its backward)."""
     c, ratio = mcfg.num_channels, mcfg.mlp_ratio
     if mcfg.attention_backend == "triton":
         edges_kept, edges_backward = 0, e * b * mcfg.num_heads * EDGE_UNITS_TRITON_PER_HEAD
     else:
         edges_kept = edges_backward = e * b * c * act * EDGE_UNITS_TORCH
+    if autocast:  # the edge inputs' bf16 copy, kept for the edge projection's backward
+        edges_kept += e * edge_dim * act
     row = b * c * act
-    dst_units = DST_ROW_UNITS + 2 * ratio + MLP_EXTRA_UNITS
-    kept = int((n_dst * dst_units + n_src * SRC_ROW_UNITS[bipartite]) * row)
-    # what ``mlp`` recomputes: its layer norm's copy, the hidden layer before and after GELU
-    mlp = int(n_dst * (2 * ratio + 1 + MLP_EXTRA_UNITS) * row)
+    stats = b * (2 * NORM_STATS_BYTES + LSE_BYTES_PER_HEAD * mcfg.num_heads)
+    kept = int(n_dst * ((DST_ROW_UNITS + 1 + 2 * ratio) * row + stats)
+               + n_src * (SRC_ROW_UNITS[bipartite] * row
+                          + (b * NORM_STATS_BYTES if bipartite else 0)))  # fmt: skip
+    # what ``mlp`` recomputes: its layer norm's output and statistics, the hidden layer before
+    # and after GELU
+    mlp = int(n_dst * ((1 + 2 * ratio) * row + b * NORM_STATS_BYTES))
     if mcfg.compile:  # recomputed by the compiled backward, only where the MLP is kept
         mlp -= n_dst * COMPILED_DST_ROW_SAVING * row
         kept -= n_dst * COMPILED_DST_ROW_SAVING * row
     # gradients of the MLP hidden layer and of q, k, v at once
     in_flight = n_dst * 2 * ratio * row + edges_backward
-    # a block recomputed whole frees its MLP's hidden activation (GELU's output, ``ratio`` values
-    # per row) once its gradient exists, before the hidden-layer gradients peak: its transient
-    # counted on one H200 (o320_l7, every block ``full``, squall.planning.memory) is 15.0 GiB
-    # against 19.2 GiB for inner + in-flight, 16.0 GiB with this
-    freed = n_dst * ratio * row
-    return kept + edges_kept, mlp, in_flight, freed
+    return kept + edges_kept, mlp, in_flight
+
+
+def step_phases(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act: int,
+                rollout: int = 1, sizes: ModelSizes | None = None, shard: int = 1,
+                autocast: bool | None = None) -> dict[str, int]:  # fmt: skip
+    """Bytes a step adds to the state it starts with, in each phase of the step.
+
+    ``rows`` holds owned rows ``data``, ``mesh`` and local source rows per edge set
+    (``src_<role>``); ``edges`` local edges per edge set; ``act`` bytes per activation (2 for bf16
+    autocast, 4 for fp32); ``rollout`` forward steps per sample, each kept until the backward.
+    ``sizes`` (:class:`ModelSizes`) adds the gradients, autocast's weight copies and the tensors
+    kept outside the blocks (None: activations of the blocks only); ``shard`` ranks the
+    parameters and gradients are sharded over (FSDP: a block's parameters gathered in bf16 while
+    it runs, its gradient whole until reduce-scattered); ``autocast`` (default ``act == 2``)
+    whether weights are cast to bf16.
+
+    Per block policy (:data:`squall.models.forecaster.CHECKPOINT_POLICIES`): ``none`` keeps its
+    inner activations (and its bf16 weight copies) until its backward; ``mlp`` keeps them less
+    the MLP part, which then exists for one block at a time during recomputation; ``full`` keeps
+    only the block's inputs and its inner activations exist for one block at a time.
+
+    Returns
+    -------
+    dict of str to int
+        ``"forward"`` (its end, every kept tensor alive, autocast's cache of bf16 weights
+        still held), ``"backward <block>"`` for each block of the first backward pass (and of
+        the last rollout step's when ``rollout`` > 1), in backward order: kept tensors of the
+        blocks not yet done, the block's transient, the gradients so far; ``"optimizer"``: every
+        gradient.
+    """
+    c, b = mcfg.num_channels, batch
+    layers = mcfg.processor_layers
+    autocast = act == 2 if autocast is None else autocast
+    row = b * c * act
+    dst = {"encoder": rows["mesh"], "processor": rows["mesh"], "decoder": rows["data"]}
+    # halo rows each block received (kept apart from the owned rows: squall.parallel.chunking;
+    # 0 on one device)
+    halo = {"encoder": rows["src_encoder"] - rows["data"], "decoder": rows["src_decoder"]
+            - rows["mesh"], "processor": rows["src_processor"] - rows["mesh"]}  # fmt: skip
+    z = sizes or ModelSizes(0, 0, dict.fromkeys(ROLES, 0), dict.fromkeys(ROLES, 0),
+                            dict.fromkeys(ROLES, 0), 0, 0, 0, dict.fromkeys(ROLES, 0),
+                            dict.fromkeys(ROLES, 0), {"data": 0, "mesh": 0})  # fmt: skip
+    blocks = [("encoder", 0), *(("processor", i) for i in range(layers)), ("decoder", 0)]
+    sharded = shard > 1
+    # Kept for the backward, per rollout step, by the block whose backward frees it (counted
+    # tensor by tensor: profiling/results/parallel_memory.md, scaling_model_host.md). After the
+    # decoder: its output in fp32 for the output layer norm, the head's input and the loss's
+    # fp32 difference, freed before the decoder's backward.
+    head_kept = rows["data"] * b * (4 * c + act * c + 4 * z.out_vars)
+    inputs = {}
+    for role, layer in blocks:
+        # the block's sources (the previous block's output) and their halo rows
+        kept = (dst["processor"] + halo[role]) * row if role != "encoder" else 0
+        if role == "decoder" or (role == "processor" and layer == 0):
+            kept += 4 * z.edge_dims[role] * edges[role]  # its edge set's inputs, fp32
+        if role == "encoder":
+            # the data stream (the decoder's destinations too), the mesh embedding and the
+            # embedding's input (autocast's copy), the encoder's inputs
+            kept = ((rows["data"] + halo["encoder"] + rows["mesh"]) * row
+                    + rows["data"] * b * act * z.embed_in
+                    + 4 * z.edge_dims["encoder"] * edges["encoder"])  # fmt: skip
+        inputs[(role, layer)] = kept
+    sizes_of = {role: _block_bytes(mcfg, b, act, dst[role], rows[f"src_{role}"], edges[role],
+                                   role != "processor", z.edge_dims[role], autocast)
+                for role in ROLES}  # fmt: skip
+    held, trans, copies = {}, {}, {}
+    attn_share = 4 / (4 + 2 * mcfg.mlp_ratio)  # q, k, v, out of the block's C x C products
+    cast_w = autocast and not sharded
+    for role, layer in blocks:
+        inner, mlp, in_flight = sizes_of[role]
+        policy = mcfg.block_policy(role, layer)
+        cast = BF16_BYTES * z.cast[role] if cast_w else 0
+        if policy == "none":
+            held[(role, layer)] = inner + cast  # its bf16 weights saved with its activations
+            trans[(role, layer)] = in_flight
+            copies[(role, layer)] = 0
+        elif policy == "mlp":
+            held[(role, layer)] = inner - mlp + int(cast * attn_share)
+            trans[(role, layer)] = mlp + in_flight
+            copies[(role, layer)] = cast - int(cast * attn_share)
+        else:
+            held[(role, layer)] = 0
+            trans[(role, layer)] = inner + in_flight
+            copies[(role, layer)] = cast
+    step_kept = head_kept + sum(inputs.values()) + sum(held.values())
+    out = {}
+    # end of the forward: autocast's cache still holds the bf16 copy of every weight cast in
+    # eager code (the blocks run whole without keeping them, and the rest of the model); with
+    # sharding the decoder stays gathered for the backward
+    cache = (sum(copies[k] for k in blocks if mcfg.block_policy(*k) == "full")
+             if cast_w and not mcfg.compile else 0)  # fmt: skip
+    cache += BF16_BYTES * z.cast_rest if cast_w else 0
+    gathered = BF16_BYTES * z.block["decoder"] if sharded else 0
+    out["forward"] = rollout * step_kept + cache + gathered
+    grad_b = GRAD_BYTES / shard
+
+    def block_grads(role):
+        return z.block[role] * grad_b
+
+    all_grads = int(z.params * grad_b)
+    for k in range(min(rollout, 2)):
+        # first backward pass, and (rollout > 1) the last one, where every gradient exists
+        last = k == 1
+        alive = (1 if last else rollout) * step_kept - head_kept
+        grads = all_grads if last else int(z.first * grad_b)
+        for role, layer in reversed(blocks):
+            key = (role, layer)
+            now = z.block[role] * (GRAD_BYTES + BF16_BYTES + 2 * BF16_BYTES) if sharded else 0
+            own = 0 if (last or sharded) else int(block_grads(role))
+            name = f"backward {role}" + (f" {layer}" if role == "processor" else "")
+            out[name + (" (last rollout pass)" if last else "")] = int(
+                alive + trans[key] + copies[key] + grads + own + now)
+            alive -= inputs[key] + held[key]
+            if not last:
+                grads += int(block_grads(role))
+                if role != "processor" or layer == 0:
+                    grads += int(z.edge_features[role] * grad_b)
+    out["optimizer"] = all_grads
+    return out
 
 
 def activation_bytes(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act: int,
-                     rollout: int = 1) -> int:  # fmt: skip
-    """Peak activation bytes of one rank.
-
-    ``rows`` holds owned rows ``data``, ``mesh`` and local source rows per edge set
-    (``src_<role>``); ``edges`` local edges per edge set; ``act`` bytes per activation (2 for bf16);
-    ``rollout`` forward steps per sample, each kept until the backward.
-    Per block policy (:data:`squall.models.forecaster.CHECKPOINT_POLICIES`): ``none`` keeps its
-    inner activations until backward; ``mlp`` keeps them less the MLP part, which then exists for
-    one block at a time during recomputation; ``full`` keeps only the block's input and its inner
-    activations exist for one block at a time.
-    """
-    c, b = mcfg.num_channels, batch
-    dst = {"encoder": rows["mesh"], "processor": rows["mesh"], "decoder": rows["data"]}
-    layers = mcfg.processor_layers
-    # block inputs kept for backward: data and mesh streams, one mesh tensor per layer, and the
-    # halo rows each block received (kept apart from the owned rows: squall.parallel.chunking),
-    # the encoder's and decoder's once, the processor's per layer (0 on one device)
-    halo = (rows["src_encoder"] - rows["data"] + rows["src_decoder"] - rows["mesh"]
-            + layers * (rows["src_processor"] - rows["mesh"]))  # fmt: skip
-    kept = (3 * rows["data"] + (layers + 2) * rows["mesh"] + halo) * b * c * act * rollout
-    live, transient = 0, 0
-    blocks = [("encoder", 0), *(("processor", i) for i in range(layers)), ("decoder", 0)]
-    sizes = {role: _block_bytes(mcfg, b, act, dst[role], rows[f"src_{role}"], edges[role],
-                                role != "processor") for role in ROLES}  # fmt: skip
-    for role, layer in blocks:
-        inner, mlp, in_flight, freed = sizes[role]
-        policy = mcfg.block_policy(role, layer)
-        if policy == "none":
-            live += inner
-            transient = max(transient, in_flight)
-        elif policy == "mlp":
-            live += inner - mlp
-            transient = max(transient, mlp + in_flight)
-        else:
-            transient = max(transient, inner + in_flight - freed)
-    return kept + live * rollout + transient
+                     rollout: int = 1, sizes: ModelSizes | None = None, shard: int = 1,
+                     autocast: bool | None = None) -> int:  # fmt: skip
+    """Peak bytes a step adds to the state it starts with: the largest of
+    :func:`step_phases` (same arguments)."""
+    return max(step_phases(mcfg, batch, rows, edges, act, rollout, sizes, shard,
+                           autocast).values())  # fmt: skip
 
 
 def recompute_flops(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, edge_dims: dict,
@@ -178,21 +392,24 @@ PLAN_HEADROOM_GIB = 1.0
 
 def plan_checkpointing(mcfg: ModelConfig, budget_gib: float, static_gib: float, batch: int,
                        rows: dict, edges: dict, edge_dims: dict, act: int = 2, rollout: int = 1,
-                       fixed_mappers: bool = False) -> ModelConfig:  # fmt: skip
+                       fixed_mappers: bool = False, sizes: ModelSizes | None = None,
+                       shard: int = 1) -> ModelConfig:  # fmt: skip
     """The checkpoint policies with the least recomputation whose estimated peak (static plus
     activations, :func:`activation_bytes`) fits ``budget_gib`` less :data:`PLAN_HEADROOM_GIB`.
 
     Searches every encoder and decoder policy and every count of ``full`` / ``mlp`` / ``none``
     processor layers (layers are alike, so which ones does not matter); ties go to less memory.
     ``fixed_mappers`` keeps the encoder's and decoder's policies (chunked mappers always
-    recompute). Raises :class:`~squall.errors.ConfigError` with the smallest estimate when
+    recompute); ``sizes`` and ``shard`` as :func:`step_phases`. Raises :class:`~squall.errors.ConfigError` with the smallest estimate when
     nothing fits.
     """
-    if static_gib + PLAN_HEADROOM_GIB > budget_gib:
+    # the optimizer step holds the state and every gradient, whatever is recomputed
+    floor = static_gib + (sizes.params * GRAD_BYTES / shard / GIB if sizes else 0.0)
+    if floor + PLAN_HEADROOM_GIB > budget_gib:
         raise ConfigError(f"checkpoint.budget_gib={budget_gib:g}: parameters, gradients and AdamW "
-                          f"state alone take {static_gib:.2f} GiB per GPU (+ {PLAN_HEADROOM_GIB} "
-                          "GiB headroom) and model-parallel ranks each hold all of them; raise "
-                          "the budget")  # fmt: skip
+                          f"state alone (with the graph and the batch) take {floor:.2f} GiB per "
+                          f"GPU (+ {PLAN_HEADROOM_GIB} GiB headroom) and model-parallel ranks each "
+                          "hold all of them; raise the budget")  # fmt: skip
     layers, fitting, smallest = mcfg.processor_layers, [], None
     encoders = [mcfg.checkpoint_encoder] if fixed_mappers else CHECKPOINT_POLICIES
     decoders = [mcfg.checkpoint_decoder] if fixed_mappers else CHECKPOINT_POLICIES
@@ -205,7 +422,9 @@ def plan_checkpointing(mcfg: ModelConfig, budget_gib: float, static_gib: float, 
                     cand = replace(mcfg, checkpoint_encoder=enc, checkpoint_decoder=dec,
                                    checkpoint_processor=proc, checkpoint_budget_gib=budget_gib)  # fmt: skip
                     gib = (
-                        static_gib + activation_bytes(cand, batch, rows, edges, act, rollout) / GIB
+                        static_gib
+                        + activation_bytes(cand, batch, rows, edges, act, rollout, sizes, shard)
+                        / GIB
                     )
                     if smallest is None or gib < smallest:
                         smallest = gib
@@ -306,14 +525,17 @@ def estimate(
     with torch.device("meta"):
         model = GraphForecaster(graph, mcfg, num_vars[0], num_vars[1], input_steps)
     params = model.num_parameters()
-    edge_dims = {"encoder": model.encoder.edge_weight.shape[0],
-                 "processor": model.processor[0].edge_weight.shape[0] if mcfg.processor_layers else 0,
-                 "decoder": model.decoder.edge_weight.shape[0]}  # fmt: skip
-    # fp32 parameters, gradients and AdamW moments; bf16 copies of the weights that autocast
-    # keeps for backward; the flat gradient buffer of the all-reduce
-    static = (16 + (2 if act_bytes == 2 else 0)) * params + (4 * params if world_size > 1 else 0)
+    msizes = ModelSizes.of(model, graph)
+    edge_dims = msizes.edge_dims
+    shard = world_size if pcfg.shard_parameters and world_size > 1 else 1
+    state = state_bytes(params, world_size, shard > 1, pcfg.grad_bucket_mb)
     ring = 2 * (world_size - 1) / world_size if world_size > 1 else 0.0
     sizes = _sizes(graph, mcfg, pcfg)
+
+    def static_of(rows, edges):  # state, the graph's part and the batch, for the whole step
+        return (state + msizes.graph_bytes(rows, edges, pcfg.model_parallel)
+                + input_bytes(samples, rows, num_vars, input_steps, rollout))  # fmt: skip
+
     # What runs: chunked mappers always recompute (squall.parallel.chunking), and chunked blocks
     # or sharded ones with overlap run on several subsets, outside torch.compile.
     chunked = pcfg.chunks > 1
@@ -325,15 +547,18 @@ def estimate(
     if mcfg.checkpoint_budget_gib is not None:
         largest_rows = {k: max(s.rows[k] for s in sizes) for k in sizes[0].rows}
         largest_edges = {k: max(s.edges[k] for s in sizes) for k in ROLES}
-        mcfg = plan_checkpointing(mcfg, mcfg.checkpoint_budget_gib, static / GIB, batch,
+        mcfg = plan_checkpointing(mcfg, mcfg.checkpoint_budget_gib,
+                                  static_of(largest_rows, largest_edges) / GIB, batch,
                                   largest_rows, largest_edges, edge_dims, act_bytes, rollout,
-                                  fixed_mappers=chunked)  # fmt: skip
+                                  fixed_mappers=chunked, sizes=msizes, shard=shard)  # fmt: skip
     uses = {"encoder": 1, "processor": mcfg.processor_layers, "decoder": 1}
     out = []
     for r, size in enumerate(sizes):
         halo_bytes = sum(2 * uses[k] * v * batch * mcfg.num_channels * act_bytes
                          for k, v in size.halo.items())  # fmt: skip
-        act = activation_bytes(mcfg, batch, size.rows, size.edges, act_bytes, rollout)
+        act = activation_bytes(mcfg, batch, size.rows, size.edges, act_bytes, rollout, msizes,
+                               shard)  # fmt: skip
+        static = static_of(size.rows, size.edges)
         gather = 0
         if (members or 1) > 1:
             # one output value per member, grid point of this part and output variable

@@ -68,9 +68,12 @@ from squall.planning.estimate import (
     GIB,
     PLAN_HEADROOM_GIB,
     SCORE_FP32_COPIES,
+    ModelSizes,
     activation_bytes,
     estimate,
+    input_bytes,
     plan_checkpointing,
+    state_bytes,
 )
 
 # Eager blocks against compiled ones, same card, kernels and plan: 212.8 / 183.3 ms (H100, o96_l6,
@@ -80,10 +83,6 @@ EAGER_OVER_COMPILED = 212.8 / 183.3
 # Fused AdamW per fp32 parameter: reads parameter, gradient and two moments, writes parameter
 # and two moments (7 x 4 B).
 ADAMW_BYTES_PER_PARAM = 28
-# Static bytes per parameter held whole: fp32 parameter, gradient and two AdamW moments (16), the
-# bf16 copy autocast keeps for backward (2), the flat gradient all-reduce buffer with > 1 rank (4)
-# (squall.planning.estimate).
-STATE_BYTES, BF16_COPY_BYTES, FLAT_GRAD_BYTES = 16, 2, 4
 # Model-parallel degrees cut by the real partition by default; beyond, extrapolated. Cutting
 # o1280_l8 (35 M edges) into 64 parts and counting its halo took 29 s on this project's 2-core
 # CPU machine under load (2026-11-30); 1 to 64 parts of both curves about 3 minutes.
@@ -320,13 +319,12 @@ def training_flops(mcfg: ModelConfig, rows: dict, edges: dict, dims: dict,
 
 
 def _model_facts(graph: Graph, mcfg: ModelConfig, num_vars: tuple[int, int],
-                 input_steps: int) -> tuple[int, int, dict]:  # fmt: skip
-    """Parameters, parameters of the largest block, and edge feature widths (meta device)."""
+                 input_steps: int) -> tuple[int, ModelSizes, dict]:  # fmt: skip
+    """Parameters, the sizes a step's memory depends on (:class:`~squall.planning.estimate.
+    ModelSizes`), and edge feature widths (meta device)."""
     with torch.device("meta"):
         model = GraphForecaster(graph, mcfg, num_vars[0], num_vars[1], input_steps)
-    blocks = [model.encoder, model.decoder, *model.processor]
-    largest = max(sum(p.numel() for p in b.parameters()) for b in blocks)
-    return model.num_parameters(), largest, edge_dims(model)
+    return model.num_parameters(), ModelSizes.of(model, graph), edge_dims(model)
 
 
 def whole_graph_sizes(graph: Graph) -> tuple[dict, dict]:
@@ -776,7 +774,7 @@ class ScalingModel:
     sizes: GraphSizes = field(init=False)
 
     def __post_init__(self) -> None:
-        self.params, self.block_params, self.dims = _model_facts(
+        self.params, self.model_sizes, self.dims = _model_facts(
             self.graph, self.mcfg, self.num_vars, self.input_steps
         )
         self._plans: dict = {}
@@ -784,15 +782,18 @@ class ScalingModel:
                                 self.cluster.gpus_per_node, self.partition, self.exact_parts)  # fmt: skip
 
     def static_gib(self, world: int, shard: bool) -> float:
-        """Parameters, gradients, AdamW state and bf16 copies held by one rank."""
-        bf16 = BF16_COPY_BYTES if self.act_bytes == 2 else 0
-        if shard and world > 1:
-            # sharded state, plus the gathered bf16 parameters and fp32 gradients of the block in
-            # use and the one prefetched
-            whole = 2 * (bf16 + 4) * self.block_params
-            return ((STATE_BYTES + bf16) * self.params / world + whole) / GIB
-        flat = FLAT_GRAD_BYTES if world > 1 else 0
-        return (STATE_BYTES + bf16 + flat) * self.params / GIB
+        """Parameters and AdamW state held by one rank for the whole step (with more than one
+        rank unsharded, the gradient buckets in flight): :func:`~squall.planning.estimate.
+        state_bytes`."""
+        return state_bytes(self.params, world, shard) / GIB
+
+    def _held_gib(self, gpus: int, model_parallel: int, shard: bool, batch: int,
+                  rows: dict, edges: dict) -> float:  # fmt: skip
+        """Everything a rank holds for the whole step: state, its part of the graph, the batch
+        (``batch`` samples)."""
+        return self.static_gib(gpus, shard) + (
+            self.model_sizes.graph_bytes(rows, edges, model_parallel)
+            + input_bytes(batch, rows, self.num_vars, self.input_steps, self.rollout)) / GIB
 
     def project(self, gpus: int, model_parallel: int, batch: int, shard: bool = False,
                 budget_gib: float | None = None, ensemble: int = 1) -> Projection:  # fmt: skip
@@ -823,13 +824,14 @@ class ScalingModel:
         dp = gpus // (model_parallel * ensemble)
         nodes = math.ceil(gpus / c.gpus_per_node)
         sizes = self.sizes(model_parallel)
-        static = self.static_gib(gpus, shard)
+        rows, edges = sizes.largest()
+        static = self._held_gib(gpus, model_parallel, shard, samples, rows, edges)
+        shards = gpus if shard and gpus > 1 else 1
         mcfg = self.mcfg
         # a rank's blocks run compiled on its part of the graph as on one device (no overlap,
         # no chunks: squall.parallel.parallelize)
         compiled = mcfg.compile
         budget = budget_gib if budget_gib is not None else mcfg.checkpoint_budget_gib
-        rows, edges = sizes.largest()
         if budget is not None:
             key = (round(static, 6), batch, model_parallel, compiled, budget)
             if key not in self._plans:
@@ -844,6 +846,8 @@ class ScalingModel:
                         self.dims,
                         self.act_bytes,
                         self.rollout,
+                        sizes=self.model_sizes,
+                        shard=shards,
                     )
                 except ConfigError as err:
                     self._plans[key] = err
@@ -851,7 +855,7 @@ class ScalingModel:
                 raise self._plans[key]
             mcfg = self._plans[key]
         act = activation_bytes(replace(mcfg, compile=compiled), batch, rows, edges,
-                               self.act_bytes, self.rollout) / GIB  # fmt: skip
+                               self.act_bytes, self.rollout, self.model_sizes, shards) / GIB  # fmt: skip
         member = 0.0
         if members > 1:
             values = samples * rows["data"] * self.num_vars[1] * self.rollout
@@ -928,8 +932,9 @@ class ScalingModel:
         full = replace(self.mcfg, checkpoint_encoder="full", checkpoint_decoder="full",
                        checkpoint_processor="full", compile=False)  # fmt: skip
         act = activation_bytes(full, batch * (self.mcfg.ensemble_members // ensemble), rows,
-                               edges, self.act_bytes, self.rollout)  # fmt: skip
-        return self.static_gib(gpus, shard) + act / GIB
+                               edges, self.act_bytes, self.rollout, self.model_sizes,
+                               gpus if shard and gpus > 1 else 1)  # fmt: skip
+        return self._held_gib(gpus, model_parallel, shard, batch, rows, edges) + act / GIB
 
     def choose(self, gpus: int, batch: int, mode: str = "strong",
                budget_gib: float | None = None) -> tuple[Projection, list[Projection]]:  # fmt: skip
