@@ -40,9 +40,13 @@ no overlap of communication with compute assumed (as the runs measure today)::
 * member gather (ensemble models, ``ensemble`` ranks per sample): one ring all-gather of the
   members' outputs on the rank's grid part per rollout step.
 
-Peak memory per rank: :mod:`squall.planning.estimate` (static state plus activations of the
-checkpoint plan on the largest rank), with the static part divided over the ranks when
-parameters are sharded. A memory budget picks the checkpoint plan
+Peak memory per rank: :mod:`squall.planning.estimate` on the largest rank: what it holds for
+the whole step (parameters and AdamW moments, a ``1 / world`` share of them with sharding; the
+gradient buckets in flight; its part of the graph; the batch) plus the largest, over the phases
+of the step (:func:`~squall.planning.estimate.step_phases`: end of forward, each block's
+backward in reverse order, optimizer), of what the step adds in that phase: the activations of
+the checkpoint plan still kept, the block's transient, the gradients so far and autocast's bf16
+weight copies. A memory budget picks the checkpoint plan
 (:func:`~squall.planning.estimate.plan_checkpointing`), whose recomputation then costs time.
 """
 
@@ -74,6 +78,7 @@ from squall.planning.estimate import (
     input_bytes,
     plan_checkpointing,
     state_bytes,
+    step_phases,
 )
 
 # Eager blocks against compiled ones, same card, kernels and plan: 212.8 / 183.3 ms (H100, o96_l6,
@@ -705,6 +710,7 @@ class Projection:
     members: int = 1  # ensemble members per sample (1: deterministic)
     member_s: float = 0.0  # the member all-gather of the score
     host_s: float = 0.0  # the device waiting for the host's launches (HostTimes)
+    peak_phase: str = ""  # the phase of the step at its memory peak (estimate.step_phases)
 
     @property
     def step_s(self) -> float:
@@ -854,8 +860,10 @@ class ScalingModel:
             if isinstance(self._plans[key], ConfigError):
                 raise self._plans[key]
             mcfg = self._plans[key]
-        act = activation_bytes(replace(mcfg, compile=compiled), batch, rows, edges,
-                               self.act_bytes, self.rollout, self.model_sizes, shards) / GIB  # fmt: skip
+        phases = step_phases(replace(mcfg, compile=compiled), batch, rows, edges,
+                             self.act_bytes, self.rollout, self.model_sizes, shards)  # fmt: skip
+        peak_phase = max(phases, key=phases.get)
+        act = phases[peak_phase] / GIB
         member = 0.0
         if members > 1:
             values = samples * rows["data"] * self.num_vars[1] * self.rollout
@@ -922,7 +930,7 @@ class ScalingModel:
         return Projection(gpus, nodes, model_parallel, dp, shard, samples, compute, halo, grad,
                           opt, self.rates.fixed_s, static, act,
                           describe_checkpointing(mcfg).removeprefix("checkpointing: "),
-                          sizes.exact, ensemble, members, member, waited)  # fmt: skip
+                          sizes.exact, ensemble, members, member, waited, peak_phase)  # fmt: skip
 
     def least_memory_gib(self, gpus: int, model_parallel: int, batch: int, shard: bool,
                          ensemble: int = 1) -> float:  # fmt: skip
