@@ -206,7 +206,7 @@ def main():
     render(out, [*old, *rows])
     print(f"{label}:")
     for k, v in sums.items():
-        print(f"  {k:<48}{v:.3e}")
+        print(f"  {k:<56}{v:.3e}")
 
 
 if __name__ == "__main__":
