@@ -45,14 +45,21 @@ from squall.parallel.parallelize import (
 
 GIB = 1024**3
 # Activations one block keeps for its backward, in values of C per row at the activation's bytes
-# (counted tensor by tensor, bf16 autocast and fp32 alike: squall.planning.memory.count_block,
-# profiling/results/scaling_model.md). Per destination row: the attention layer norm's output
-# (autocast's bf16 copy), q, the attention output and the post-attention residual (4); the MLP's
-# layer norm output and its hidden layer before and after GELU (1 + 2 x mlp_ratio). Per source
-# row: the source layer norm's output, k and v (3); in the processor the sources are the
+# (counted tensor by tensor: squall.planning.memory.count_block; tests/planning/
+# test_step_memory.py checks them byte for byte). Per destination row: the attention layer norm's
+# output (autocast's bf16 copy), q, the attention output and the post-attention residual (4); the
+# MLP's layer norm output and its hidden layer before and after GELU (1 + 2 x mlp_ratio). Per
+# source row: the source layer norm's output, k and v (3); in the processor the sources are the
 # destinations and share the layer norm and the projection (2).
 DST_ROW_UNITS = 4
 SRC_ROW_UNITS = {True: 3, False: 2}
+# Under CUDA's autocast a layer norm runs in fp32 and keeps the fp32 copy of its input (2 values
+# at bf16) for its backward: the sources' norm (and a mapper's destinations' norm) keep it on top
+# of their bf16 input, the MLP's norm instead of the post-attention residual (+1). Compiled
+# blocks (torch.compile) keep none: the partitioner saves the bf16 input and recomputes the cast
+# (measured: every compiled row of profiling/results/scaling_model.md with blocks recomputed is
+# within 2.1 % without them, 6-19 % over with them).
+NORM_FP32_COPY_UNITS = 2
 # Per row also fp32 statistics: mean and reciprocal deviation of each layer norm (8 B) and the
 # attention's log-sum-exp per head (4 B).
 NORM_STATS_BYTES, LSE_BYTES_PER_HEAD = 8, 4
@@ -60,11 +67,6 @@ NORM_STATS_BYTES, LSE_BYTES_PER_HEAD = 8, 4
 # backward only); the torch reference keeps about four C-wide tensors per edge (k+e, v+e, the
 # gathered q and the weights' expansion): fitted, o96_l6 1024 channels on H100 (step.md).
 EDGE_UNITS_TRITON_PER_HEAD = 2 * 4  # bytes: two fp32 values per head
-# Compiled blocks (torch.compile) that keep their MLP keep about two C-wide values per destination
-# row fewer: the partitioner recomputes cheap elementwise outputs (GELU's) in backward (H100,
-# o96_l6, 1024 channels, no checkpointing: 26.57 GiB compiled vs 29.7 GiB eager, 3.1 GiB over 18
-# blocks = 2.2 values). Blocks that recompute their MLP gain nothing measurable.
-COMPILED_DST_ROW_SAVING = 2
 EDGE_UNITS_TORCH = 4
 # The ensemble score keeps fp32 tensors of the gathered members ``[B, M, G, V]`` for its backward:
 # their fp32 copy, ``x - y`` and its magnitude (squall.train.scores.afcrps_pointwise).
@@ -223,17 +225,20 @@ def _block_bytes(mcfg: ModelConfig, b: int, act: int, n_dst: int, n_src: int, e:
         edges_kept += e * edge_dim * act
     row = b * c * act
     stats = b * (2 * NORM_STATS_BYTES + LSE_BYTES_PER_HEAD * mcfg.num_heads)
-    kept = int(n_dst * ((DST_ROW_UNITS + 1 + 2 * ratio) * row + stats)
-               + n_src * (SRC_ROW_UNITS[bipartite] * row
+    # compiled blocks keep the norms' bf16 input and recompute the fp32 copy in their backward
+    copy = NORM_FP32_COPY_UNITS if autocast and not mcfg.compile else 0
+    dst_units = DST_ROW_UNITS + 1 + 2 * ratio + (copy - 1 if copy else 0)
+    dst_units += copy if bipartite else 0  # the destinations' own norm (the processor's: sources)
+    kept = int(n_dst * (dst_units * row + stats)
+               + n_src * ((SRC_ROW_UNITS[bipartite] + copy) * row
                           + (b * NORM_STATS_BYTES if bipartite else 0)))  # fmt: skip
-    # what ``mlp`` recomputes: its layer norm's output and statistics, the hidden layer before
-    # and after GELU
-    mlp = int(n_dst * ((1 + 2 * ratio) * row + b * NORM_STATS_BYTES))
-    if mcfg.compile:  # recomputed by the compiled backward, only where the MLP is kept
-        mlp -= n_dst * COMPILED_DST_ROW_SAVING * row
-        kept -= n_dst * COMPILED_DST_ROW_SAVING * row
-    # gradients of the MLP hidden layer and of q, k, v at once
-    in_flight = n_dst * 2 * ratio * row + edges_backward
+    # what ``mlp`` recomputes: its layer norm's output, input copy and statistics, the hidden
+    # layer before and after GELU (its input, the post-attention residual, stays kept)
+    mlp = int(n_dst * ((1 + 2 * ratio + (copy - 1 if copy else 0)) * row + b * NORM_STATS_BYTES))
+    # In flight at the peak of a block's backward, in its MLP: the gradients of GELU's output and
+    # input (2 x mlp_ratio) less GELU's output, freed with the second product's backward
+    # (mlp_ratio), plus the gradient of the block's output (1); the attention's per-edge scratch.
+    in_flight = n_dst * (ratio + 1) * row + edges_backward
     return kept + edges_kept, mlp, in_flight
 
 
@@ -383,10 +388,10 @@ def recompute_flops(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, edge
     return batch * rollout * total
 
 
-# The planner keeps this far below the budget: the estimate's largest underestimate among the
-# configurations measured (profiling/results/scaling_model.md: o320_l7, every block ``full``,
-# eager, one H100: 29.14 GiB measured against 28.23 GiB estimated; o96_l6 with 16 ``mlp``
-# layers, compiled: 15.36 against 14.83).
+# The planner keeps this far below the budget: about the estimate's largest underestimate among
+# the configurations measured (profiling/results/scaling_model.md: o96_l6, no checkpointing,
+# compiled, one H200: 28.27 GiB measured against 26.44 GiB estimated; o320_l7 with a 60 GiB
+# plan, compiled: 55.64 against 54.48).
 PLAN_HEADROOM_GIB = 1.0
 
 

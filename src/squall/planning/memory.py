@@ -179,7 +179,8 @@ def count_block(channels: int = 64, heads: int = 4, mlp_ratio: int = 4, n_dst: i
     rows under :class:`ActivationCounter` (bf16 autocast or fp32) and sorts the storages alive
     after the forward (autocast's cache freed, the block's output dropped) by the dimension they
     are sized by. ``triton``: on CUDA the fused Triton kernels run; on CPU the attention saves
-    what they save (:class:`_SavesAsTriton`); else the torch reference's autograd graph.
+    what they save (:class:`_SavesAsTriton`); else the torch reference's autograd graph. On CPU
+    under autocast, layer norms run in fp32 as CUDA's autocast runs them.
 
     Returns
     -------
@@ -222,6 +223,11 @@ def count_block(channels: int = 64, heads: int = 4, mlp_ratio: int = 4, n_dst: i
     counter = ActivationCounter()
     if triton and not real_triton:
         gt.gt_attention_fused = stand_in
+    plain_norm = torch.nn.functional.layer_norm
+    if autocast and dev.type == "cpu":
+        # CUDA's autocast runs layer_norm in fp32 (its input cast, and that copy saved); CPU's
+        # runs it in the input's dtype: count as on the GPU
+        torch.nn.functional.layer_norm = lambda x, *a, **k: plain_norm(x.float(), *a, **k)
     try:
         with counter:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
@@ -229,6 +235,7 @@ def count_block(channels: int = 64, heads: int = 4, mlp_ratio: int = 4, n_dst: i
             counter.mark("forward")
     finally:
         gt.gt_attention_fused = plain
+        torch.nn.functional.layer_norm = plain_norm
     out_rec = counter._records.get(out.untyped_storage().data_ptr())
     totals = dict.fromkeys(("dst", "src", "edge", "weights", "other"), 0)
     weights = {tuple(p.shape) for p in block.parameters()}
