@@ -96,6 +96,7 @@ class RankEstimate:
     grad_allreduce_bytes_per_step: int
     members: int = 1  # ensemble members of each sample run on this rank
     member_gather_bytes_per_step: int = 0  # received by the member all-gather
+    peak_phase: str = ""  # the phase of the step at the activation peak (step_phases)
 
     @property
     def total_gib(self) -> float:
@@ -561,8 +562,10 @@ def estimate(
     for r, size in enumerate(sizes):
         halo_bytes = sum(2 * uses[k] * v * batch * mcfg.num_channels * act_bytes
                          for k, v in size.halo.items())  # fmt: skip
-        act = activation_bytes(mcfg, batch, size.rows, size.edges, act_bytes, rollout, msizes,
-                               shard)  # fmt: skip
+        phases = step_phases(mcfg, batch, size.rows, size.edges, act_bytes, rollout, msizes,
+                             shard)  # fmt: skip
+        peak_phase = max(phases, key=phases.get)
+        act = phases[peak_phase]
         static = static_of(size.rows, size.edges)
         gather = 0
         if (members or 1) > 1:
@@ -572,7 +575,7 @@ def estimate(
             act += members * values * (act_bytes + SCORE_FP32_COPIES * 4)
         out.append(RankEstimate(r, size.rows, size.edges, size.halo, size.peers, static / GIB,
                                 act / GIB, int(halo_bytes), int(ring * 4 * params),
-                                local_members, int(gather)))  # fmt: skip
+                                local_members, int(gather), peak_phase))  # fmt: skip
     return layout, out, params, replace(mcfg, compile=compiled)
 
 
@@ -595,6 +598,10 @@ def format_estimate(layout: Layout, ranks: list[RankEstimate], params: int, grap
             if mcfg.checkpoint_budget_gib is not None
             else ""
         ),
+        "memory per rank: static = parameters, AdamW moments, gradient buckets in flight, the "
+        "graph's part and the batch (the whole step); act = what the step adds at its peak "
+        f"(activations, gradients so far, bf16 weight copies), in the phase "
+        f"'{max(ranks, key=lambda r: r.total_gib).peak_phase}' on the largest rank",
         "",
         f"{'rank':>4} {'data':>9} {'mesh':>8} {'edges':>10} {'halo rows e/p/d':>20} "
         f"{'peers':>5} {'static GiB':>10} {'act GiB':>8} {'total GiB':>9} {'halo MB/step':>12} "
