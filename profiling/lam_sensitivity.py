@@ -184,13 +184,13 @@ def main():
     # already means over the windows: straight into the table, over every prognostic variable
     # (2t's diurnal cycle, a pointwise change, fills the persistence error there) and per variable
     names = [data.variables[int(trainer.outputs[j])] for j in parts.layout.prognostic_out]
-    labels = ("mesh: next-state RMSE", "mesh: RMSE, decoder fed the mean mesh latent",
-              "persistence RMSE")  # fmt: skip
-    for label, per_var in zip(labels, mesh_rmse, strict=True):
-        sums[label] = float(np.sqrt(per_var.mean()))
+    measures = ("mesh: next-state RMSE", "mesh: RMSE, decoder fed the mean mesh latent",
+                "persistence RMSE")  # fmt: skip
+    for measure, per_var in zip(measures, mesh_rmse, strict=True):
+        sums[measure] = float(np.sqrt(per_var.mean()))
     for k, name in enumerate(names):
-        for label, per_var in zip(labels, mesh_rmse, strict=True):
-            sums[f"{label} {name}"] = float(np.sqrt(per_var[k]))
+        for measure, per_var in zip(measures, mesh_rmse, strict=True):
+            sums[f"{measure} {name}"] = float(np.sqrt(per_var[k]))
     info = machine_info()
     rows = [{"model": label, "measure": k, "value": round(v, 8), "shift": SHIFT,
              "windows": args.windows, "overrides": " ".join(args.override),
