@@ -17,9 +17,12 @@ input states reach its output directly. With ``static`` (Anemoi's ``coordinates`
 ``forcings`` target features) the destinations start from ``W_t [f_g, node attributes]``, where
 ``f_g`` are the last input step's non-prognostic columns (forcings and, for a driven LAM, the
 driver's lookahead columns): the decoder knows where and when, not the state, so every change of
-the prognostic variables has to come through the mesh. On fields that move several grid lengths
-per step the ``latent`` shortcut lets training settle in a pointwise extrapolation
-``x_t + (x_t - x_{t-1})`` that never uses the mesh (profiling/lam_sensitivity.py).
+the prognostic variables has to come through the mesh. With ``latent``, the grid point's own
+inputs reach its output about 10^3 times more strongly than its neighbours' at initialisation
+(the mesh path averages ~12 grid points per mesh node and is layer-normed against the mesh
+embedding), and training on lam_alps settles in a pointwise forecast whose decoder output does
+not change when the mesh latents are replaced by their mean (profiling/lam_sensitivity.py,
+profiling/lam_mesh_use.py).
 
 Ensemble mode (``model.ensemble.noise_channels = K > 0``): the model is stochastic. After the
 encoder, each mesh node of each sample gets ``K`` fresh standard-normal noise channels, drawn at
