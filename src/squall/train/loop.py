@@ -201,7 +201,7 @@ class Trainer:
         self.prog_in = torch.tensor(layout.prognostic_in, device=device)
         self.prog_out = torch.tensor(layout.prognostic_out, device=device)
         self.boundary = None  # squall.train.boundary.BoundaryForcing, set by build_run
-        kind = str(cfg.get("loss_weights", "state") or "state")
+        kind = str(getattr(cfg, "loss_weights", None) or "state")
         self.var_weight = (None if kind == "state" else
                            variable_weights(model.output_scale.to(device), kind))  # fmt: skip
         self.stop_requested = False
