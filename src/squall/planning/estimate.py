@@ -290,18 +290,35 @@ def step_phases(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act: int
     # decoder: its output in fp32 for the output layer norm, the head's input and the loss's
     # fp32 difference, freed before the decoder's backward.
     head_kept = rows["data"] * b * (4 * c + act * c + 4 * z.out_vars)
+    # A block keeps its input rows when it is recomputed whole (the checkpoint keeps them) or
+    # when its layer norms keep them (fp32, compiled); an eager block under autocast that keeps
+    # its activations holds the norms' fp32 copies instead (counted in its units), so nothing
+    # keeps the bf16 rows it was given.
+    eager_bf16 = autocast and not mcfg.compile
+
+    def keeps_input(role, layer):
+        return not eager_bf16 or mcfg.block_policy(role, layer) == "full"
+
     inputs = {}
     for role, layer in blocks:
         # the block's sources (the previous block's output) and their halo rows
-        kept = (dst["processor"] + halo[role]) * row if role != "encoder" else 0
-        if role == "decoder" or (role == "processor" and layer == 0):
-            kept += 4 * z.edge_dims[role] * edges[role]  # its edge set's inputs, fp32
+        kept = 0
+        if role != "encoder" and keeps_input(role, layer):
+            kept = (dst["processor"] + halo[role]) * row
+        # its edge set's fp32 inputs (the processor's shared by every layer), kept by the blocks
+        # that keep their inputs (a kept block under autocast keeps their bf16 copy instead)
+        shared = any(keeps_input("processor", i) for i in range(layers))
+        if role == "decoder" and keeps_input(role, layer) or (
+                role == "processor" and layer == 0 and shared):  # fmt: skip
+            kept += 4 * z.edge_dims[role] * edges[role]
         if role == "encoder":
-            # the data stream (the decoder's destinations too), the mesh embedding and the
-            # embedding's input (autocast's copy), the encoder's inputs
-            kept = ((rows["data"] + halo["encoder"] + rows["mesh"]) * row
+            # the data stream (the decoder's destinations too), the mesh embedding and their
+            # halo rows, the embedding's input (autocast's copy), the edge set's inputs
+            enc = keeps_input("encoder", 0)
+            kept = ((rows["data"] if enc or keeps_input("decoder", 0) else 0) * row
+                    + ((halo["encoder"] + rows["mesh"]) * row if enc else 0)
                     + rows["data"] * b * act * z.embed_in
-                    + 4 * z.edge_dims["encoder"] * edges["encoder"])  # fmt: skip
+                    + (4 * z.edge_dims["encoder"] * edges["encoder"] if enc else 0))  # fmt: skip
         inputs[(role, layer)] = kept
     sizes_of = {role: _block_bytes(mcfg, b, act, dst[role], rows[f"src_{role}"], edges[role],
                                    role != "processor", z.edge_dims[role], autocast)
@@ -416,7 +433,25 @@ def plan_checkpointing(mcfg: ModelConfig, budget_gib: float, static_gib: float, 
                           f"state alone (with the graph and the batch) take {floor:.2f} GiB per "
                           f"GPU (+ {PLAN_HEADROOM_GIB} GiB headroom) and model-parallel ranks each "
                           "hold all of them; raise the budget")  # fmt: skip
-    layers, fitting, smallest = mcfg.processor_layers, [], None
+    plans = _plans(mcfg, budget_gib, static_gib, batch, rows, edges, act, rollout, fixed_mappers,
+                   sizes, shard)  # fmt: skip
+    fitting = [(recompute_flops(cand, batch, rows, edges, edge_dims, rollout), gib, cand)
+               for gib, cand in plans if gib <= budget_gib - PLAN_HEADROOM_GIB]  # fmt: skip
+    if not fitting:
+        smallest, least = min(plans, key=lambda p: p[0])
+        raise ConfigError(f"checkpoint.budget_gib={budget_gib:g}: the smallest estimate "
+                          f"({describe_checkpointing(least)}) is {smallest:.2f} GiB per GPU "
+                          f"(static {static_gib:.2f}), so the budget must be at least "
+                          f"{smallest + PLAN_HEADROOM_GIB:.2f} (with {PLAN_HEADROOM_GIB} GiB "
+                          "headroom); raise it or add model-parallel ranks")  # fmt: skip
+    return min(fitting, key=lambda f: f[:2])[2]
+
+
+def _plans(mcfg: ModelConfig, budget_gib: float | None, static_gib: float, batch: int,
+           rows: dict, edges: dict, act: int, rollout: int, fixed_mappers: bool,
+           sizes: ModelSizes | None, shard: int) -> list[tuple[float, ModelConfig]]:  # fmt: skip
+    """Every checkpoint plan :func:`plan_checkpointing` searches, with its estimated peak (GiB)."""
+    layers, out = mcfg.processor_layers, []
     encoders = [mcfg.checkpoint_encoder] if fixed_mappers else CHECKPOINT_POLICIES
     decoders = [mcfg.checkpoint_decoder] if fixed_mappers else CHECKPOINT_POLICIES
     for enc in encoders:
@@ -427,23 +462,21 @@ def plan_checkpointing(mcfg: ModelConfig, budget_gib: float, static_gib: float, 
                     proc = ("full",) * n_full + ("mlp",) * n_mlp + ("none",) * n_none
                     cand = replace(mcfg, checkpoint_encoder=enc, checkpoint_decoder=dec,
                                    checkpoint_processor=proc, checkpoint_budget_gib=budget_gib)  # fmt: skip
-                    gib = (
-                        static_gib
-                        + activation_bytes(cand, batch, rows, edges, act, rollout, sizes, shard)
-                        / GIB
-                    )
-                    if smallest is None or gib < smallest:
-                        smallest = gib
-                    if gib <= budget_gib - PLAN_HEADROOM_GIB:
-                        flops = recompute_flops(cand, batch, rows, edges, edge_dims, rollout)
-                        fitting.append((flops, gib, cand))
-    if not fitting:
-        raise ConfigError(f"checkpoint.budget_gib={budget_gib:g}: the smallest estimate, with every "
-                          f"block checkpointed, is {smallest:.2f} GiB per GPU (static "
-                          f"{static_gib:.2f}), so the budget must be at least "
-                          f"{smallest + PLAN_HEADROOM_GIB:.2f} (with {PLAN_HEADROOM_GIB} GiB "
-                          "headroom); raise it or add model-parallel ranks")  # fmt: skip
-    return min(fitting, key=lambda f: f[:2])[2]
+                    peak = activation_bytes(cand, batch, rows, edges, act, rollout, sizes, shard)
+                    out.append((static_gib + peak / GIB, cand))
+    return out
+
+
+def smallest_plan(mcfg: ModelConfig, static_gib: float, batch: int, rows: dict, edges: dict,
+                  act: int = 2, rollout: int = 1, fixed_mappers: bool = False,
+                  sizes: ModelSizes | None = None,
+                  shard: int = 1) -> tuple[float, ModelConfig]:  # fmt: skip
+    """The least estimated peak (GiB) of any checkpoint plan and that plan (arguments as
+    :func:`plan_checkpointing`). Not always every block recomputed: under autocast an eager
+    block that keeps its activations keeps its layer norms' fp32 copies instead of its input
+    rows, so at the phase of the peak it may hold less than one recomputed whole."""
+    return min(_plans(mcfg, None, static_gib, batch, rows, edges, act, rollout, fixed_mappers,
+                      sizes, shard), key=lambda p: p[0])  # fmt: skip
 
 
 def describe_checkpointing(mcfg: ModelConfig) -> str:

@@ -21,6 +21,7 @@ when the graph is split over ranks. It works on CPU (gloo) and CUDA alike; on CU
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -143,6 +144,18 @@ def count_step(forward, backward=None) -> tuple[dict, ActivationCounter]:
     return {"held_bytes": held, "peak_bytes": counter.peak_bytes}, counter
 
 
+@contextlib.contextmanager
+def cuda_autocast_norms():
+    """Layer norms as CUDA's autocast runs them, on any device: in fp32, on an fp32 copy of their
+    input (which their backward keeps); CPU's autocast runs them in the input's dtype."""
+    plain = torch.nn.functional.layer_norm
+    torch.nn.functional.layer_norm = lambda x, *a, **k: plain(x.float(), *a, **k)
+    try:
+        yield
+    finally:
+        torch.nn.functional.layer_norm = plain
+
+
 class _SavesAsTriton(torch.autograd.Function):
     """The fused Triton attention's memory on any device: the output from the torch reference
     (computed without autograd), and saved for the backward exactly what
@@ -223,19 +236,14 @@ def count_block(channels: int = 64, heads: int = 4, mlp_ratio: int = 4, n_dst: i
     counter = ActivationCounter()
     if triton and not real_triton:
         gt.gt_attention_fused = stand_in
-    plain_norm = torch.nn.functional.layer_norm
-    if autocast and dev.type == "cpu":
-        # CUDA's autocast runs layer_norm in fp32 (its input cast, and that copy saved); CPU's
-        # runs it in the input's dtype: count as on the GPU
-        torch.nn.functional.layer_norm = lambda x, *a, **k: plain_norm(x.float(), *a, **k)
+    norms = cuda_autocast_norms() if autocast and dev.type == "cpu" else contextlib.nullcontext()
     try:
-        with counter:
+        with counter, norms:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 out = block(x_src, x_dst, attr, index)
             counter.mark("forward")
     finally:
         gt.gt_attention_fused = plain
-        torch.nn.functional.layer_norm = plain_norm
     out_rec = counter._records.get(out.untyped_storage().data_ptr())
     totals = dict.fromkeys(("dst", "src", "edge", "weights", "other"), 0)
     weights = {tuple(p.shape) for p in block.parameters()}
@@ -251,4 +259,4 @@ def count_block(channels: int = 64, heads: int = 4, mlp_ratio: int = 4, n_dst: i
             "other": totals["other"]}  # fmt: skip
 
 
-__all__ = ["ActivationCounter", "count_block", "count_step"]
+__all__ = ["ActivationCounter", "count_block", "count_step", "cuda_autocast_norms"]

@@ -934,8 +934,9 @@ class ScalingModel:
 
     def least_memory_gib(self, gpus: int, model_parallel: int, batch: int, shard: bool,
                          ensemble: int = 1) -> float:  # fmt: skip
-        """Peak per rank of a layout with every block checkpointed (``full``): the least any
-        checkpoint plan needs (``batch`` samples, this rank's members as rows)."""
+        """Peak per rank of a layout with every block checkpointed (``full``): about the least a
+        checkpoint plan needs (``batch`` samples, this rank's members as rows; the exact least:
+        :func:`~squall.planning.estimate.smallest_plan`)."""
         rows, edges = self.sizes(model_parallel).largest()
         full = replace(self.mcfg, checkpoint_encoder="full", checkpoint_decoder="full",
                        checkpoint_processor="full", compile=False)  # fmt: skip
