@@ -47,14 +47,16 @@ BEFORE_AFTER = "parallelize_before_after/after_time_*.json"
 # What the error is judged against: a prediction within 10 % of the measurement passes.
 TARGET = 0.10
 # What the rows whose blocks keep their activations (`none`) say (see the report).
-NONE_NOTE = ("Their kept tensors dominate the peak: per destination row the counted units (16 "
-             "values at bf16 in a mapper, 18 per processor row, with CUDA autocast's fp32 copies "
-             "of the layer norms' inputs; the bf16 rows a block was given are then kept by "
-             "nobody), the same to the byte on the GPU (below). The eager o96_l6 step with "
-             "every block kept is predicted -0.8 % phase by phase (below). The compiled row "
-             "keeps about 1.8 GiB more than counted: what compiled graphs save is not counted "
-             "(they run outside the counter). The jobs.scale rows ran the trainer (its batch "
-             "of every variable, data loader copies) on a tree of 2026-11-27, not counted.")
+NONE_NOTE = (
+    "Their kept tensors dominate the peak: per destination row the counted units (16 "
+    "values at bf16 in a mapper, 18 per processor row, with CUDA autocast's fp32 copies "
+    "of the layer norms' inputs; the bf16 rows a block was given are then kept by "
+    "nobody), the same to the byte on the GPU (below). The eager o96_l6 step with "
+    "every block kept is predicted -0.8 % phase by phase (below). The compiled row "
+    "keeps about 1.8 GiB more than counted: what compiled graphs save is not counted "
+    "(they run outside the counter). The jobs.scale rows ran the trainer (its batch "
+    "of every variable, data loader copies) on a tree of 2026-11-27, not counted."
+)
 # Trees measured before the halo reached the blocks apart from the owned rows: their
 # parallelize.py ran every block on ``torch.cat([owned rows, halo rows])``, and a recomputed block
 # kept that copy of its sources as its input (profiling/results/parallel_memory.md counts it on
@@ -545,36 +547,53 @@ def write(results: list[dict], extra: list[dict], out: Path, phases: dict | None
         "  block's output. The phase of each row's peak is in the table:",
         "  the decoder's backward (the first; only the head's and the decoder's gradients exist",
         "  yet) where activations dominate ("
-        + ", ".join(sorted({r["case"].split(" (")[0] for r in results
-                            if r["peak_phase"] == "backward decoder"}))
+        + ", ".join(
+            sorted(
+                {r["case"].split(" (")[0] for r in results if r["peak_phase"] == "backward decoder"}
+            )
+        )
         + "), the encoder's (the last; every",
         "  gradient exists, few activations are left) where a rank's activations are small",
         "  against the gradients ("
-        + ", ".join(sorted({r["case"].split(" (")[0] for r in results
-                            if r["peak_phase"] == "backward encoder"}))
+        + ", ".join(
+            sorted(
+                {r["case"].split(" (")[0] for r in results if r["peak_phase"] == "backward encoder"}
+            )
+        )
         + ": each processor layer's backward frees its",
         "  input, 42 MB on a rank of o96_l6 at P=2, and adds 50 MB of gradients). The estimate",
         "  before counted every gradient, autocast's copy of every weight and a flat all-reduce",
         "  copy of every gradient at once: +34.7 % on o96_l6 at two GPUs, +14.2 % at one.",
         "- Every block recomputed (`full`), eager: "
-        + ", ".join(f"{r['case'].split(' (')[0]} {r['err_GiB']:+.1%}" for r in results
-                    if "eager, all full" in r["case"] and not r["concat"])
+        + ", ".join(
+            f"{r['case'].split(' (')[0]} {r['err_GiB']:+.1%}"
+            for r in results
+            if "eager, all full" in r["case"] and not r["concat"]
+        )
         + "; compiled: "
-        + ", ".join(f"{r['case'].split(' (')[0]} {r['err_GiB']:+.1%}" for r in results
-                    if "compiled, all full" in r["case"])
+        + ", ".join(
+            f"{r['case'].split(' (')[0]} {r['err_GiB']:+.1%}"
+            for r in results
+            if "compiled, all full" in r["case"]
+        )
         + " (compiled blocks keep the layer norms' bf16 inputs and recompute the fp32 copies",
         "  eager ones keep; nothing fitted). Rows measured on trees before the halo",
         "  change (" + ", ".join(CONCAT_SOURCES) + ") ran every block on a concatenated copy of",
         "  its owned and halo sources and kept it: the prediction adds that copy (every block's",
         "  local sources once, counted on CPU in parallel_memory.md): "
-        + ", ".join(f"{r['case'].split(' (')[0]} {r['err_GiB']:+.1%}" for r in results
-                    if r["concat"])
+        + ", ".join(
+            f"{r['case'].split(' (')[0]} {r['err_GiB']:+.1%}" for r in results if r["concat"]
+        )
         + ".",
         "- Blocks that keep their activations (`none`): "
-        + ", ".join(f"{r['case'].split(' (')[0]}"
-                    f"{' (compiled)' if 'compiled' in r['case'] else ''} {r['err_GiB']:+.1%}"
-                    for r in results if "no checkpointing" in r["case"] or "256 ch" in r["case"])
-        + ". " + NONE_NOTE,
+        + ", ".join(
+            f"{r['case'].split(' (')[0]}"
+            f"{' (compiled)' if 'compiled' in r['case'] else ''} {r['err_GiB']:+.1%}"
+            for r in results
+            if "no checkpointing" in r["case"] or "256 ch" in r["case"]
+        )
+        + ". "
+        + NONE_NOTE,
         "- The 256-channel jobs.scale rows (a model far too small to scale, kept to show the",
         f"  limit; bf16 autocast, the trainer's default on a GPU): time {tiny[0]['err_s']:+.0%} and",
         f"  {tiny[1]['err_s']:+.0%}. Its {row('o96_l6 256 ch')['measured_s'] * 1e3:.0f} ms step is",
@@ -600,8 +619,9 @@ def write(results: list[dict], extra: list[dict], out: Path, phases: dict | None
             "block's gradients and the next, i.e. that block's backward; the optimizer) against",
             "the estimate's phase (what the step holds throughout plus step_phases). GiB.",
             "",
-            "| phase | " + " | ".join(f"{s['policy']} measured | predicted | error"
-                                      for s in phases["steps"]) + " |",
+            "| phase | "
+            + " | ".join(f"{s['policy']} measured | predicted | error" for s in phases["steps"])
+            + " |",
             "|---|" + "---|---|---|" * len(phases["steps"]),
         ]
         by = [{n: (m, p) for n, m, p in s["phases"]} for s in phases["steps"]]
@@ -612,12 +632,17 @@ def write(results: list[dict], extra: list[dict], out: Path, phases: dict | None
         lines += [
             "",
             "Held for the whole step: "
-            + "; ".join(f"{s['policy']} {s['start']:.3f} allocated at the start, {s['held']:.3f} "
-                        f"estimated" for s in phases["steps"])
+            + "; ".join(
+                f"{s['policy']} {s['start']:.3f} allocated at the start, {s['held']:.3f} estimated"
+                for s in phases["steps"]
+            )
             + " (the rest, about 80 MB, is not modelled: the library's workspaces and the",
             "loss's weights). Peaks: "
-            + "; ".join(f"{s['policy']} {s['peak']:.3f} measured, {s['predicted']:.3f} predicted "
-                        f"({s['predicted'] / s['peak'] - 1:+.1%})" for s in phases["steps"])
+            + "; ".join(
+                f"{s['policy']} {s['peak']:.3f} measured, {s['predicted']:.3f} predicted "
+                f"({s['predicted'] / s['peak'] - 1:+.1%})"
+                for s in phases["steps"]
+            )
             + ". The forward's own transient (a recomputed block's intermediates while it",
             "runs forward) is not modelled: it shows in the `full` step's forward row, below",
             "its decoder's backward.",
@@ -641,9 +666,11 @@ def write(results: list[dict], extra: list[dict], out: Path, phases: dict | None
                                attention_backend="triton")  # fmt: skip
             kept, mlp, _ = _block_bytes(mcfg, 1, 2, n_dst, src, e, b["bipartite"], 11, True)
             est = kept - (mlp if b["policy"] == "mlp" else 0)
-            lines.append(f"| {kind} | {b['policy']} | {b['values_dst']:.2f} "
-                         f"| {b['values_src']:.2f} | {b['edge']:.0f} | {measured:,.0f} "
-                         f"| {est:,} |")
+            lines.append(
+                f"| {kind} | {b['policy']} | {b['values_dst']:.2f} "
+                f"| {b['values_src']:.2f} | {b['edge']:.0f} | {measured:,.0f} "
+                f"| {est:,} |"
+            )
         lines += [
             "",
             "The estimate's units: 4 + 1 + 2 x mlp_ratio per destination row, 3 per mapper",

@@ -59,7 +59,8 @@ def test_what_a_step_keeps_after_its_forward_is_the_estimates(small_graph, autoc
 
     plain = gt.gt_attention_fused
     gt.gt_attention_fused = lambda q, k, v, a, w, b, idx, backend: memory._SavesAsTriton.apply(
-        q, k, v, a, w, b, idx)
+        q, k, v, a, w, b, idx
+    )
 
     def forward():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

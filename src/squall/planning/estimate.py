@@ -169,7 +169,8 @@ class ModelSizes:
         for r in ROLES:
             e = graph.edges[r]
             edge_bytes[r] = e.attrs.itemsize * e.attrs.shape[1] + sum(
-                getattr(e, a).itemsize for a in ("row", "dst_index", "csr_perm"))
+                getattr(e, a).itemsize for a in ("row", "dst_index", "csr_perm")
+            )
         data = graph.node_attributes(model.graph.data_name)
         mesh = graph.node_attributes(model.graph.mesh_name)
         return cls(model.num_parameters(), count(model.norm_out) + count(model.head),
@@ -186,8 +187,11 @@ class ModelSizes:
         """The graph buffers of a rank with ``rows`` and ``edges`` (its part of ``parts``; a
         part also holds the global ids of its edges, int64)."""
         ids = 8 if parts > 1 else 0
-        return (sum(edges[r] * (self.edge_bytes[r] + ids) for r in ROLES)
-                + rows["data"] * self.row_bytes["data"] + rows["mesh"] * self.row_bytes["mesh"])
+        return (
+            sum(edges[r] * (self.edge_bytes[r] + ids) for r in ROLES)
+            + rows["data"] * self.row_bytes["data"]
+            + rows["mesh"] * self.row_bytes["mesh"]
+        )
 
 
 def state_bytes(params: int, world: int, shard: bool,
@@ -369,7 +373,8 @@ def step_phases(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act: int
             own = 0 if (last or sharded) else int(block_grads(role))
             name = f"backward {role}" + (f" {layer}" if role == "processor" else "")
             out[name + (" (last rollout pass)" if last else "")] = int(
-                alive + trans[key] + copies[key] + grads + own + now)
+                alive + trans[key] + copies[key] + grads + own + now
+            )
             alive -= inputs[key] + held[key]
             if not last:
                 grads += int(block_grads(role))

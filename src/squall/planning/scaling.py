@@ -797,9 +797,14 @@ class ScalingModel:
                   rows: dict, edges: dict) -> float:  # fmt: skip
         """Everything a rank holds for the whole step: state, its part of the graph, the batch
         (``batch`` samples)."""
-        return self.static_gib(gpus, shard) + (
-            self.model_sizes.graph_bytes(rows, edges, model_parallel)
-            + input_bytes(batch, rows, self.num_vars, self.input_steps, self.rollout)) / GIB
+        return (
+            self.static_gib(gpus, shard)
+            + (
+                self.model_sizes.graph_bytes(rows, edges, model_parallel)
+                + input_bytes(batch, rows, self.num_vars, self.input_steps, self.rollout)
+            )
+            / GIB
+        )
 
     def project(self, gpus: int, model_parallel: int, batch: int, shard: bool = False,
                 budget_gib: float | None = None, ensemble: int = 1) -> Projection:  # fmt: skip
