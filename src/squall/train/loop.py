@@ -98,7 +98,9 @@ def variable_weights(output_scale: torch.Tensor, kind: str) -> torch.Tensor | No
     if kind == "state":
         return None
     if kind != "tendency":
-        raise ConfigError(f"training.loss_weights={kind!r}: choose one of {', '.join(LOSS_WEIGHTS)}")
+        raise ConfigError(
+            f"training.loss_weights={kind!r}: choose one of {', '.join(LOSS_WEIGHTS)}"
+        )
     # floor: a variable whose one-step change is below 1e-3 of its spread is held constant by the
     # data, and its weight must not swamp the others
     w = 1.0 / output_scale.float().clamp_min(1e-3).square()
