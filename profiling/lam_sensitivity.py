@@ -39,7 +39,9 @@ from _results import RESULTS, machine_info, write_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BAND_BINS = ((0.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0))  # degrees inside the band
-PATCH_BINS = ((0.0, 0.2), (0.2, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0))  # east of the patch
+# lon degrees east of the patch; 4-6: where the synthetic flow moves it in a 6 h step (4.8 deg
+# lon at these latitudes, lam_oracle.py)
+PATCH_BINS = ((0.0, 0.2), (0.2, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, 6.0))
 SHIFT = 0.5  # normalised units: half a standard deviation
 
 
