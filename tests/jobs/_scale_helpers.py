@@ -7,6 +7,7 @@ clashes with no other test directory's module.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,10 @@ def start_scale(args: list[str], cache: Path, env: dict | None = None,
     returned) so that a test can watch it while injecting a fault."""
     full = dict(os.environ, SQUALL_CACHE=str(cache), OMP_NUM_THREADS="1", **(env or {}))
     full.pop("MLFLOW_TRACKING_URI", None)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # A test run started in the background (``cmd &``) hands its children SIGINT ignored; the
+        # driver stands for one a user runs in a terminal, where Ctrl-C interrupts it.
+        popen.setdefault("preexec_fn", lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out = cache / f"scale-{len(list(cache.glob('scale-*.log')))}.log"
     with open(out, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "jobs.scale", *args], cwd=REPO, env=full,
