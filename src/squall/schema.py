@@ -680,8 +680,8 @@ class ParallelSchema(Schema):
     ensemble : int
         Ranks sharing the members of each sample (``model.ensemble.members / ensemble`` each).
     partition : str
-        ``sfc`` (Hilbert curve: fewest halo rows), or the baselines ``bands`` (latitude bands)
-        and ``ranges`` (index ranges).
+        ``sfc`` (Hilbert curve: fewest halo rows), ``work`` (the same curve cut by counted work),
+        or the baselines ``bands`` (latitude bands) and ``ranges`` (index ranges).
     overlap : bool
         Compute interior destinations while the halo is in flight.
     chunks : int
@@ -703,7 +703,7 @@ class ParallelSchema(Schema):
 
     model_parallel: int = setting(ge=1)
     ensemble: int = setting(1, ge=1)
-    partition: str = setting(choices=("sfc", "bands", "ranges"))
+    partition: str = setting(choices=("sfc", "bands", "ranges", "work"))
     overlap: bool = MISSING
     chunks: int = setting(ge=1)
     shard_parameters: bool = MISSING

@@ -69,7 +69,7 @@ def test_split_weighted_keeps_parts_non_empty_and_balanced():
 
 
 @pytest.mark.parametrize("ordered", [False, True])
-@pytest.mark.parametrize("method", ["sfc", "ranges", "bands"])
+@pytest.mark.parametrize("method", ["sfc", "ranges", "bands", "work"])
 @pytest.mark.parametrize("parts", [1, 2, 3, 4, 7])
 def test_partition_and_plan_invariants(method, parts, ordered):
     g = tiny_graph()
