@@ -1284,6 +1284,18 @@ def cmd_shares(args) -> None:
     print("autotune:", json.dumps(picks), flush=True)
 
 
+def _model_args(sp, graph: str = "o320_l7", cache: str = "/tmp/squall-graphs",
+                channels: int = 1024, heads: int = 16, layers: int | None = 16) -> None:  # fmt: skip
+    """The graph and model-shape arguments of the modes that build a model (``layers`` None:
+    no ``--layers``)."""
+    sp.add_argument("--graph", default=graph)
+    sp.add_argument("--cache", default=cache)
+    sp.add_argument("--channels", type=int, default=channels)
+    sp.add_argument("--heads", type=int, default=heads)
+    if layers is not None:
+        sp.add_argument("--layers", type=int, default=layers)
+
+
 def main(argv=None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -1298,11 +1310,7 @@ def main(argv=None) -> None:
     c.add_argument("--out", default="")
     c.add_argument("--bucket-mb", type=float, default=25.0, help="GradReducer bucket MiB")
     t = sub.add_parser("time")
-    t.add_argument("--graph", default="o320_l7")
-    t.add_argument("--cache", default="/tmp/squall-graphs")
-    t.add_argument("--channels", type=int, default=1024)
-    t.add_argument("--heads", type=int, default=16)
-    t.add_argument("--layers", type=int, default=16)
+    _model_args(t)
     t.add_argument("--batch", type=int, default=1)
     t.add_argument("--backend", default="triton")
     t.add_argument("--checkpoint", type=int, default=1)
@@ -1352,30 +1360,19 @@ def main(argv=None) -> None:
     t.add_argument("--label", default="", help="series name in the results (e.g. eager, compiled)")
     t.add_argument("--out", required=True)
     cm = sub.add_parser("chunkmem")
-    cm.add_argument("--graph", default="o320_l7")
-    cm.add_argument("--cache", default="/tmp/squall-graphs")
-    cm.add_argument("--channels", type=int, default=1024)
-    cm.add_argument("--heads", type=int, default=16)
+    _model_args(cm, layers=None)
     cm.add_argument("--batch", type=int, default=1)
     cm.add_argument("--backend", default="triton")
     cm.add_argument("--out", required=True)
     tb = sub.add_parser("table")
     tb.add_argument("dir")
     co = sub.add_parser("count")
-    co.add_argument("--graph", default="o32_l4")
-    co.add_argument("--cache", default=str(REPO / ".cache" / "squall" / "graphs"))
-    co.add_argument("--channels", type=int, default=64)
-    co.add_argument("--heads", type=int, default=4)
-    co.add_argument("--layers", type=int, default=4)
+    _model_args(co, "o32_l4", str(REPO / ".cache" / "squall" / "graphs"), 64, 4, 4)
     co.add_argument("--checkpoint", type=int, default=1)
     co.add_argument("--world", type=int, default=2)
     co.add_argument("--out", required=True)
     sh = sub.add_parser("shares", help="each rank's share timed alone on one device")
-    sh.add_argument("--graph", default="o320_l7")
-    sh.add_argument("--cache", default="/tmp/squall-graphs")
-    sh.add_argument("--channels", type=int, default=1024)
-    sh.add_argument("--heads", type=int, default=16)
-    sh.add_argument("--layers", type=int, default=16)
+    _model_args(sh)
     sh.add_argument("--backend", default="triton")
     sh.add_argument("--parts", type=int, default=2)
     sh.add_argument("--partitions", nargs="+", default=["sfc"], help="partition methods")

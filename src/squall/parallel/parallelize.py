@@ -107,7 +107,7 @@ GRAD_BUCKET_MB = 25.0
 # finished then): at most this many flat copies (~100 MiB) on top of the gradients during the
 # backward instead of all of them (0.94 GiB for o320_l7), without making the compute stream wait
 # on a bucket launched a moment before.
-_BUCKETS_IN_FLIGHT = 4
+BUCKETS_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -496,7 +496,7 @@ class GradReducer:
         self._next = b + 1
         # older buckets are back long since: finish them now, so that no more than a few
         # buckets' flat copies live during the backward (on NCCL the wait only orders streams)
-        while len(self._inflight) > _BUCKETS_IN_FLIGHT:
+        while len(self._inflight) > BUCKETS_IN_FLIGHT:
             self._complete(*self._inflight.pop(0))
 
     def _complete(self, work, flat, grads) -> None:

@@ -37,7 +37,7 @@ from squall.layers.graph_transformer import block_flops
 from squall.models.forecaster import CHECKPOINT_POLICIES, ROLES, GraphForecaster, ModelConfig
 from squall.parallel.halo import build_halo_plans
 from squall.parallel.parallelize import (
-    _BUCKETS_IN_FLIGHT,
+    BUCKETS_IN_FLIGHT,
     GRAD_BUCKET_MB,
     ParallelConfig,
     make_partition,
@@ -78,7 +78,7 @@ SCORE_FP32_COPIES = 3
 PARAM_MOMENT_BYTES, GRAD_BYTES, BF16_BYTES = 12, 4, 2
 # Flat bucket copies of the gradient all-reduce alive at once: the ones in flight and the one
 # being launched (squall.parallel.parallelize.GradReducer).
-BUCKETS_ALIVE = _BUCKETS_IN_FLIGHT + 1
+BUCKETS_ALIVE = BUCKETS_IN_FLIGHT + 1
 
 
 @dataclass(frozen=True)
@@ -303,6 +303,8 @@ def step_phases(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act: int
     def keeps_input(role, layer):
         return not eager_bf16 or mcfg.block_policy(role, layer) == "full"
 
+    # the processor's edge inputs are shared by every layer: kept by the first if any keeps them
+    shared = any(keeps_input("processor", i) for i in range(layers))
     inputs = {}
     for role, layer in blocks:
         # the block's sources (the previous block's output) and their halo rows
@@ -311,7 +313,6 @@ def step_phases(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act: int
             kept = (dst["processor"] + halo[role]) * row
         # its edge set's fp32 inputs (the processor's shared by every layer), kept by the blocks
         # that keep their inputs (a kept block under autocast keeps their bf16 copy instead)
-        shared = any(keeps_input("processor", i) for i in range(layers))
         if role == "decoder" and keeps_input(role, layer) or (
                 role == "processor" and layer == 0 and shared):  # fmt: skip
             kept += 4 * z.edge_dims[role] * edges[role]

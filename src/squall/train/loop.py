@@ -204,8 +204,7 @@ class Trainer:
         self.prog_out = torch.tensor(layout.prognostic_out, device=device)
         self.boundary = None  # squall.train.boundary.BoundaryForcing, set by build_run
         kind = str(getattr(cfg, "loss_weights", None) or "state")
-        self.var_weight = (None if kind == "state" else
-                           variable_weights(model.output_scale.to(device), kind))  # fmt: skip
+        self.var_weight = variable_weights(model.output_scale.to(device), kind)
         self.stop_requested = False
         self.stopped_by: str | None = None
         self.stop_signum = 0
