@@ -6,7 +6,9 @@
 
 Writes ``cfg.data.path`` (an anemoi-datasets-like zarr store, see ``squall.data.zarr_dataset``)
 and prints one JSON line: path, times, variables, grid points, seconds. An existing store is
-kept unless ``data.generator.overwrite=true``.
+kept unless ``data.generator.overwrite=true``. A graph with a forced boundary band
+(``graph=lam_alps``) also gets its synthetic driving run (``data.boundary.path``, key ``driver``),
+which training would otherwise write on first use.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from jobs._entry import hydra_job
+from squall.data.boundary import boundary_config, ensure_driver
 from squall.data.setup import synthetic_settings
 from squall.data.synthetic import generate
 from squall.data.zarr_dataset import read_info
@@ -29,6 +32,8 @@ def main(cfg: DictConfig) -> None:
     path = Path(str(cfg.data.path))
     overwrite = cfg.data.generator is not None and cfg.data.generator.overwrite
     start = time.perf_counter()
+    boundary = boundary_config(cfg)
+    driver = {"driver": str(ensure_driver(cfg, boundary))} if boundary else {}
     if path.exists() and not overwrite:
         info = read_info(path)
         print(f"dataset {path} exists ({info.shape[0]} times, {len(info.variables)} variables, "
@@ -41,7 +46,7 @@ def main(cfg: DictConfig) -> None:
     info = read_info(path)
     print(json.dumps({"path": str(path), "times": info.shape[0], "variables": list(info.variables),
                       "grid": grid, "points": info.num_grid, "start_date": str(info.dates[0]),
-                      "end_date": str(info.dates[-1]),
+                      "end_date": str(info.dates[-1]), **driver,
                       "seconds": round(time.perf_counter() - start, 2)}))  # fmt: skip
 
 

@@ -39,3 +39,22 @@ def test_job_reports_bad_input_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: synthetic generator cannot make ['q_700']")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_job_writes_the_driver_of_a_forced_lam(tmp_path):
+    lam = ["graph=lam_alps", "graph.name=lam_tiny", "graph.nodes.data.resolution=1.0",
+           "graph.nodes.data.region=[30,60,0,40]", "graph.nodes.data.boundary.width_deg=3.0",
+           "graph.nodes.hidden.level=5", "graph.nodes.hidden.region=[30,60,0,40]",
+           "graph.edges.encoder.factor=0.7", "data.boundary.grid=O16",
+           "data.generator.num_times=12"]  # fmt: skip
+    done = _run(*lam, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    lam_info, driver_info = read_info(summary["path"]), read_info(summary["driver"])
+    assert summary["driver"] == str(tmp_path / "cache" / "datasets" / "lam_tiny-driver-O16.zarr")
+    assert driver_info.attrs["resolution"] == "O16" and driver_info.num_grid == 1600  # 4 N^2 + 36 N
+    assert (driver_info.dates == lam_info.dates).all()
+
+    unforced = _run(*lam, "data.boundary.enabled=false", "graph.name=lam_cut", tmp_path=tmp_path)
+    assert unforced.returncode == 0, unforced.stderr
+    assert "driver" not in json.loads(unforced.stdout.strip().splitlines()[-1])
