@@ -83,6 +83,26 @@ def test_lam_alps_every_grid_point_encoded_or_boundary():
         build_graph(spec)
 
 
+@pytest.mark.slow
+def test_lam_alps_experiment_graph_encodes_every_interior_point_under_its_cap():
+    """``+experiment=lam_alps`` swaps the mesh for level 6 and raises the cap to 256: the build
+    checks the interior, and the cap stays above every mesh node's in-degree (no edge dropped)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=lam_alps"])
+    spec = OmegaConf.to_container(cfg.graph, resolve=True)
+    graph = build_graph(spec)
+    encoded = np.diff(graph.edges["encoder"].rowptr) > 0
+    assert (encoded | graph.boundary_mask()).all()
+    cap = spec["edges"]["encoder"]["max_neighbours"]
+    assert graph.statistics()["edges"]["encoder"]["in_degree"]["max"] < cap
+    spec["edges"]["encoder"]["max_neighbours"] = cap // 2  # the cap is what the level needs
+    with pytest.raises(GraphError, match="interior point"):
+        build_graph(spec)
+
+
 def test_every_shipped_cutoff_spec_is_capped():
     for path in sorted(CONF.glob("*.yaml")):
         spec = yaml.safe_load(path.read_text())
