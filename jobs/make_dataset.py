@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -27,26 +28,36 @@ from squall.data.zarr_dataset import read_info
 from squall.graphs import load_or_build
 
 
+def write_dataset(cfg: DictConfig, path: Path, overwrite: bool) -> tuple | None:
+    """Generate the store at ``path`` on the graph's data grid: ``(info, grid name)``, or None
+    (and a line saying so) when it exists and ``overwrite`` is off."""
+    if path.exists() and not overwrite:
+        info = read_info(path)
+        print(f"dataset {path} exists ({info.shape[0]} times, {len(info.variables)} variables, "
+              f"{info.num_grid} points); pass data.generator.overwrite=true to regenerate")  # fmt: skip
+        return None
+    nodes = load_or_build(cfg.graph, cfg.paths.cache + "/graphs").nodes["data"]
+    grid = str(nodes.meta.get("grid") or cfg.graph.get("name", ""))
+    generate(path, nodes, synthetic_settings(cfg.data), grid_name=grid, overwrite=overwrite)
+    return read_info(path), grid
+
+
 @hydra_job()
 def main(cfg: DictConfig) -> None:
     path = Path(str(cfg.data.path))
     overwrite = cfg.data.generator is not None and cfg.data.generator.overwrite
     start = time.perf_counter()
     boundary = boundary_config(cfg)
-    driver = {"driver": str(ensure_driver(cfg, boundary))} if boundary else {}
-    if path.exists() and not overwrite:
-        info = read_info(path)
-        print(f"dataset {path} exists ({info.shape[0]} times, {len(info.variables)} variables, "
-              f"{info.num_grid} points); pass data.generator.overwrite=true to regenerate")  # fmt: skip
+    with ThreadPoolExecutor(1) as pool:  # the driver beside the LAM data (numpy frees the GIL)
+        driver = pool.submit(ensure_driver, cfg, boundary) if boundary else None
+        written = write_dataset(cfg, path, overwrite)
+        extra = {"driver": str(driver.result())} if driver else {}
+    if written is None:
         return
-    settings = synthetic_settings(cfg.data)
-    nodes = load_or_build(cfg.graph, cfg.paths.cache + "/graphs").nodes["data"]
-    grid = str(nodes.meta.get("grid") or cfg.graph.get("name", ""))
-    generate(path, nodes, settings, grid_name=grid, overwrite=overwrite)
-    info = read_info(path)
+    info, grid = written
     print(json.dumps({"path": str(path), "times": info.shape[0], "variables": list(info.variables),
                       "grid": grid, "points": info.num_grid, "start_date": str(info.dates[0]),
-                      "end_date": str(info.dates[-1]), **driver,
+                      "end_date": str(info.dates[-1]), **extra,
                       "seconds": round(time.perf_counter() - start, 2)}))  # fmt: skip
 
 
