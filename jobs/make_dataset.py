@@ -34,7 +34,8 @@ def write_dataset(cfg: DictConfig, path: Path, overwrite: bool) -> tuple | None:
     if path.exists() and not overwrite:
         info = read_info(path)
         print(f"dataset {path} exists ({info.shape[0]} times, {len(info.variables)} variables, "
-              f"{info.num_grid} points); pass data.generator.overwrite=true to regenerate")  # fmt: skip
+              f"{info.num_grid} points); pass data.generator.overwrite=true to regenerate it "
+              "(and its driver)")  # fmt: skip
         return None
     nodes = load_or_build(cfg.graph, cfg.paths.cache + "/graphs").nodes["data"]
     grid = str(nodes.meta.get("grid") or cfg.graph.get("name", ""))
@@ -49,10 +50,12 @@ def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
     boundary = boundary_config(cfg)
     with ThreadPoolExecutor(1) as pool:  # the driver beside the LAM data (numpy frees the GIL)
-        driver = pool.submit(ensure_driver, cfg, boundary) if boundary else None
+        driver = pool.submit(ensure_driver, cfg, boundary, overwrite) if boundary else None
         written = write_dataset(cfg, path, overwrite)
         extra = {"driver": str(driver.result())} if driver else {}
     if written is None:
+        if extra:
+            print(f"driver {extra['driver']} in place")
         return
     info, grid = written
     print(json.dumps({"path": str(path), "times": info.shape[0], "variables": list(info.variables),

@@ -55,6 +55,14 @@ def test_job_writes_the_driver_of_a_forced_lam(tmp_path):
     assert driver_info.attrs["resolution"] == "O16" and driver_info.num_grid == 1600  # 4 N^2 + 36 N
     assert (driver_info.dates == lam_info.dates).all()
 
+    kept = _run(*lam, tmp_path=tmp_path)
+    assert kept.returncode == 0 and f"driver {summary['driver']} in place" in kept.stdout
+    # regenerated with other weather: the driver is replaced with it, not left stale
+    again = _run(*lam, "data.generator.overwrite=true", "data.generator.seed=7", tmp_path=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert read_info(summary["path"]).attrs["synthetic"]["seed"] == 7
+    assert read_info(summary["driver"]).attrs["synthetic"]["seed"] == 7
+
     unforced = _run(*lam, "data.boundary.enabled=false", "graph.name=lam_cut", tmp_path=tmp_path)
     assert unforced.returncode == 0, unforced.stderr
     assert "driver" not in json.loads(unforced.stdout.strip().splitlines()[-1])

@@ -195,11 +195,12 @@ def boundary_config(cfg) -> dict | None:
     return settings
 
 
-def ensure_driver(cfg, settings: dict) -> Path:
+def ensure_driver(cfg, settings: dict, overwrite: bool = False) -> Path:
     """Path of the driving dataset, writing the synthetic one first when it is missing (the LAM
-    data's generator settings on ``settings["grid"]``: the same weather, coarser)."""
+    data's generator settings on ``settings["grid"]``: the same weather, coarser), or always
+    with ``overwrite`` (a regenerated LAM store gets the driver of its own weather)."""
     path = Path(str(settings["path"]))
-    if path.exists():
+    if path.exists() and not (overwrite and settings.get("source", "synthetic") == "synthetic"):
         return path
     if settings.get("source", "synthetic") != "synthetic":
         read_info(path)  # the missing-dataset error
@@ -212,11 +213,11 @@ def ensure_driver(cfg, settings: dict) -> Path:
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if not path.exists():
-                log.info("driver %s not found: generating a synthetic global run on %s",
-                         path, settings.get("grid"))  # fmt: skip
+            if overwrite or not path.exists():
+                log.info("driver %s %s: generating a synthetic global run on %s", path,
+                         "replaced" if path.exists() else "not found", settings.get("grid"))  # fmt: skip
                 generate(path, nodes, synthetic_settings(cfg.data),
-                         grid_name=str(settings.get("grid")))  # fmt: skip
+                         grid_name=str(settings.get("grid")), overwrite=overwrite)  # fmt: skip
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return path
