@@ -183,6 +183,13 @@ class ModelSizes:
                    {"data": data.itemsize * data.shape[1] + 4,
                     "mesh": mesh.itemsize * mesh.shape[1]})  # fmt: skip
 
+    @classmethod
+    def zero(cls) -> ModelSizes:
+        """No parameters and no tensors outside the blocks: :func:`step_phases` then counts the
+        blocks' activations alone."""
+        roles = dict.fromkeys(ROLES, 0)
+        return cls(0, 0, roles, roles, roles, 0, 0, 0, roles, roles, {"data": 0, "mesh": 0})
+
     def graph_bytes(self, rows: dict, edges: dict, parts: int = 1) -> int:
         """The graph buffers of a rank with ``rows`` and ``edges`` (its part of ``parts``; a
         part also holds the global ids of its edges, int64)."""
@@ -247,6 +254,81 @@ def _block_bytes(mcfg: ModelConfig, b: int, act: int, n_dst: int, n_src: int, e:
     return kept + edges_kept, mlp, in_flight
 
 
+def _destinations(rows: dict) -> dict:
+    """Owned destination rows of each edge set's blocks."""
+    return {"encoder": rows["mesh"], "processor": rows["mesh"], "decoder": rows["data"]}
+
+
+def _kept_inputs(mcfg: ModelConfig, blocks: list, batch: int, act: int, rows: dict, edges: dict,
+                 z: ModelSizes, autocast: bool) -> dict:  # fmt: skip
+    """Bytes of its inputs each block keeps for its backward; the arguments as
+    :func:`step_phases`'s."""
+    row = batch * mcfg.num_channels * act
+    dst = _destinations(rows)
+    # halo rows each block received (kept apart from the owned rows: squall.parallel.chunking;
+    # 0 on one device)
+    halo = {"encoder": rows["src_encoder"] - rows["data"], "decoder": rows["src_decoder"]
+            - rows["mesh"], "processor": rows["src_processor"] - rows["mesh"]}  # fmt: skip
+    # A block keeps its input rows when it is recomputed whole (the checkpoint keeps them) or
+    # when its layer norms keep them (fp32, compiled); an eager block under autocast that keeps
+    # its activations holds the norms' fp32 copies instead (counted in its units), so nothing
+    # keeps the bf16 rows it was given.
+    eager_bf16 = autocast and not mcfg.compile
+
+    def keeps_input(role, layer):
+        return not eager_bf16 or mcfg.block_policy(role, layer) == "full"
+
+    # the processor's edge inputs are shared by every layer: kept by the first if any keeps them
+    shared = any(keeps_input("processor", i) for i in range(mcfg.processor_layers))
+    inputs = {}
+    for role, layer in blocks:
+        # the block's sources (the previous block's output) and their halo rows
+        kept = 0
+        if role != "encoder" and keeps_input(role, layer):
+            kept = (dst["processor"] + halo[role]) * row
+        # its edge set's fp32 inputs (the processor's shared by every layer), kept by the blocks
+        # that keep their inputs (a kept block under autocast keeps their bf16 copy instead)
+        if role == "decoder" and keeps_input(role, layer) or (
+                role == "processor" and layer == 0 and shared):  # fmt: skip
+            kept += 4 * z.edge_dims[role] * edges[role]
+        if role == "encoder":
+            # the data stream (the decoder's destinations too), the mesh embedding and their
+            # halo rows, the embedding's input (autocast's copy), the edge set's inputs
+            enc = keeps_input("encoder", 0)
+            kept = ((rows["data"] if enc or keeps_input("decoder", 0) else 0) * row
+                    + ((halo["encoder"] + rows["mesh"]) * row if enc else 0)
+                    + rows["data"] * batch * act * z.embed_in
+                    + (4 * z.edge_dims["encoder"] * edges["encoder"] if enc else 0))  # fmt: skip
+        inputs[(role, layer)] = kept
+    return inputs
+
+
+def _block_memory(mcfg: ModelConfig, blocks: list, sizes_of: dict, z: ModelSizes,
+                  cast_w: bool) -> tuple[dict, dict, dict]:  # fmt: skip
+    """Per block, by its checkpoint policy: bytes held from its forward to its backward, bytes
+    that exist only during its backward (recomputed, in flight), and bf16 weight copies made
+    again for the backward (``cast_w``: weights cast by autocast on this rank)."""
+    held, trans, copies = {}, {}, {}
+    attn_share = 4 / (4 + 2 * mcfg.mlp_ratio)  # q, k, v, out of the block's C x C products
+    for role, layer in blocks:
+        inner, mlp, in_flight = sizes_of[role]
+        policy = mcfg.block_policy(role, layer)
+        cast = BF16_BYTES * z.cast[role] if cast_w else 0
+        if policy == "none":
+            held[(role, layer)] = inner + cast  # its bf16 weights saved with its activations
+            trans[(role, layer)] = in_flight
+            copies[(role, layer)] = 0
+        elif policy == "mlp":
+            held[(role, layer)] = inner - mlp + int(cast * attn_share)
+            trans[(role, layer)] = mlp + in_flight
+            copies[(role, layer)] = cast - int(cast * attn_share)
+        else:
+            held[(role, layer)] = 0
+            trans[(role, layer)] = inner + in_flight
+            copies[(role, layer)] = cast
+    return held, trans, copies
+
+
 def step_phases(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act: int,
                 rollout: int = 1, sizes: ModelSizes | None = None, shard: int = 1,
                 autocast: bool | None = None) -> dict[str, int]:  # fmt: skip
@@ -278,15 +360,7 @@ def step_phases(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act: int
     c, b = mcfg.num_channels, batch
     layers = mcfg.processor_layers
     autocast = act == 2 if autocast is None else autocast
-    row = b * c * act
-    dst = {"encoder": rows["mesh"], "processor": rows["mesh"], "decoder": rows["data"]}
-    # halo rows each block received (kept apart from the owned rows: squall.parallel.chunking;
-    # 0 on one device)
-    halo = {"encoder": rows["src_encoder"] - rows["data"], "decoder": rows["src_decoder"]
-            - rows["mesh"], "processor": rows["src_processor"] - rows["mesh"]}  # fmt: skip
-    z = sizes or ModelSizes(0, 0, dict.fromkeys(ROLES, 0), dict.fromkeys(ROLES, 0),
-                            dict.fromkeys(ROLES, 0), 0, 0, 0, dict.fromkeys(ROLES, 0),
-                            dict.fromkeys(ROLES, 0), {"data": 0, "mesh": 0})  # fmt: skip
+    z = sizes or ModelSizes.zero()
     blocks = [("encoder", 0), *(("processor", i) for i in range(layers)), ("decoder", 0)]
     sharded = shard > 1
     # Kept for the backward, per rollout step, by the block whose backward frees it (counted
@@ -294,59 +368,12 @@ def step_phases(mcfg: ModelConfig, batch: int, rows: dict, edges: dict, act: int
     # decoder: its output in fp32 for the output layer norm, the head's input and the loss's
     # fp32 difference, freed before the decoder's backward.
     head_kept = rows["data"] * b * (4 * c + act * c + 4 * z.out_vars)
-    # A block keeps its input rows when it is recomputed whole (the checkpoint keeps them) or
-    # when its layer norms keep them (fp32, compiled); an eager block under autocast that keeps
-    # its activations holds the norms' fp32 copies instead (counted in its units), so nothing
-    # keeps the bf16 rows it was given.
-    eager_bf16 = autocast and not mcfg.compile
-
-    def keeps_input(role, layer):
-        return not eager_bf16 or mcfg.block_policy(role, layer) == "full"
-
-    # the processor's edge inputs are shared by every layer: kept by the first if any keeps them
-    shared = any(keeps_input("processor", i) for i in range(layers))
-    inputs = {}
-    for role, layer in blocks:
-        # the block's sources (the previous block's output) and their halo rows
-        kept = 0
-        if role != "encoder" and keeps_input(role, layer):
-            kept = (dst["processor"] + halo[role]) * row
-        # its edge set's fp32 inputs (the processor's shared by every layer), kept by the blocks
-        # that keep their inputs (a kept block under autocast keeps their bf16 copy instead)
-        if role == "decoder" and keeps_input(role, layer) or (
-                role == "processor" and layer == 0 and shared):  # fmt: skip
-            kept += 4 * z.edge_dims[role] * edges[role]
-        if role == "encoder":
-            # the data stream (the decoder's destinations too), the mesh embedding and their
-            # halo rows, the embedding's input (autocast's copy), the edge set's inputs
-            enc = keeps_input("encoder", 0)
-            kept = ((rows["data"] if enc or keeps_input("decoder", 0) else 0) * row
-                    + ((halo["encoder"] + rows["mesh"]) * row if enc else 0)
-                    + rows["data"] * b * act * z.embed_in
-                    + (4 * z.edge_dims["encoder"] * edges["encoder"] if enc else 0))  # fmt: skip
-        inputs[(role, layer)] = kept
-    sizes_of = {role: _block_bytes(mcfg, b, act, dst[role], rows[f"src_{role}"], edges[role],
-                                   role != "processor", z.edge_dims[role], autocast)
+    inputs = _kept_inputs(mcfg, blocks, b, act, rows, edges, z, autocast)
+    sizes_of = {role: _block_bytes(mcfg, b, act, _destinations(rows)[role], rows[f"src_{role}"],
+                                   edges[role], role != "processor", z.edge_dims[role], autocast)
                 for role in ROLES}  # fmt: skip
-    held, trans, copies = {}, {}, {}
-    attn_share = 4 / (4 + 2 * mcfg.mlp_ratio)  # q, k, v, out of the block's C x C products
     cast_w = autocast and not sharded
-    for role, layer in blocks:
-        inner, mlp, in_flight = sizes_of[role]
-        policy = mcfg.block_policy(role, layer)
-        cast = BF16_BYTES * z.cast[role] if cast_w else 0
-        if policy == "none":
-            held[(role, layer)] = inner + cast  # its bf16 weights saved with its activations
-            trans[(role, layer)] = in_flight
-            copies[(role, layer)] = 0
-        elif policy == "mlp":
-            held[(role, layer)] = inner - mlp + int(cast * attn_share)
-            trans[(role, layer)] = mlp + in_flight
-            copies[(role, layer)] = cast - int(cast * attn_share)
-        else:
-            held[(role, layer)] = 0
-            trans[(role, layer)] = inner + in_flight
-            copies[(role, layer)] = cast
+    held, trans, copies = _block_memory(mcfg, blocks, sizes_of, z, cast_w)
     step_kept = head_kept + sum(inputs.values()) + sum(held.values())
     out = {}
     # end of the forward: autocast's cache still holds the bf16 copy of every weight cast in
