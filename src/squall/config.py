@@ -12,6 +12,16 @@ from typing import Any
 # ("mlp"), or keep only the block's input and recompute all of it ("full"). Checked by
 # squall.schema for configs and by squall.models.forecaster.ModelConfig for any caller.
 CHECKPOINT_POLICIES = ("none", "mlp", "full")
+# The other choices that both squall.schema (configs) and the code taking them (any caller) check.
+#: What the decoder's grid destinations start from (``model.decoder_target``;
+#: squall.models.forecaster).
+DECODER_TARGETS = ("latent", "static")
+#: Training scores of an ensemble (``model.ensemble.loss``; squall.train.scores).
+ENSEMBLE_LOSSES = ("afcrps", "fair_crps", "energy")
+#: How the loss weighs the output variables against each other (``training.loss_weights``).
+LOSS_WEIGHTS = ("state", "tendency")
+#: Graph partitioning schemes (``parallel.partition``; squall.parallel.partition).
+PARTITION_METHODS = ("sfc", "ranges", "bands", "work")
 
 
 def to_container(cfg: Any) -> Any:

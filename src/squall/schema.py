@@ -30,7 +30,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from squall.config import CHECKPOINT_POLICIES
+from squall.config import (
+    CHECKPOINT_POLICIES,
+    DECODER_TARGETS,
+    ENSEMBLE_LOSSES,
+    LOSS_WEIGHTS,
+    PARTITION_METHODS,
+)
 from squall.errors import ConfigError
 
 #: Name of :class:`SquallSchema` in Hydra's ConfigStore (``conf/config.yaml`` lists it first).
@@ -405,7 +411,7 @@ class EnsembleSchema(Schema):
 
     members: int = setting(1, ge=1)
     noise_channels: int = setting(0, ge=0)
-    loss: str = setting("afcrps", choices=("afcrps", "fair_crps", "energy"))
+    loss: str = setting("afcrps", choices=ENSEMBLE_LOSSES)
     alpha: float = setting(0.95, ge=0, le=1)
 
     @classmethod
@@ -477,7 +483,7 @@ class ModelSchema(Schema):
     compile: bool = MISSING
     ensemble: EnsembleSchema = field(default_factory=EnsembleSchema)
     observations: ObsEncoderSchema | None = None
-    decoder_target: str = setting("latent", choices=("latent", "static"))
+    decoder_target: str = setting("latent", choices=DECODER_TARGETS)
 
     @classmethod
     def check(cls, node: DictConfig, path: str) -> None:
@@ -554,7 +560,7 @@ class TrainingSchema(Schema):
     min_lr_ratio: float = setting(ge=0, le=1)
     grad_clip: float = setting(gt=0)
     rollout: int = setting(ge=1)
-    loss_weights: str = setting("state", choices=("state", "tendency"))
+    loss_weights: str = setting("state", choices=LOSS_WEIGHTS)
     val_every: int = setting(ge=1)
     val_batches: int = setting(ge=1)
     checkpoint_every: int = setting(ge=1)
@@ -703,7 +709,7 @@ class ParallelSchema(Schema):
 
     model_parallel: int = setting(ge=1)
     ensemble: int = setting(1, ge=1)
-    partition: str = setting(choices=("sfc", "bands", "ranges", "work"))
+    partition: str = setting(choices=PARTITION_METHODS)
     overlap: bool = MISSING
     chunks: int = setting(ge=1)
     shard_parameters: bool = MISSING

@@ -176,7 +176,7 @@ def test_bad_training_settings(override, wanted):
                                     "settings: grid, type"),
     (["forecast.steps=0"], "forecast.steps=0: must be >= 1"),
     (["forecast.split=future"], "forecast.split='future': choose one of train, validation, test"),
-    (["parallel.partition=hexagons"], "parallel.partition='hexagons': choose one of sfc, bands"),
+    (["parallel.partition=hexagons"], "parallel.partition='hexagons': choose one of sfc, ranges, bands, work"),
     (["parallel.gpus=two"], "parallel.gpus: Value 'two' of type 'str' could not be converted"),
     (["tracking.enabled=perhaps"], "tracking.enabled: Value 'perhaps' is not a valid bool"),
     (["+foo=1"], "foo is not a setting; top-level groups: cluster, data, forecast, graph,"),

@@ -53,17 +53,19 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from squall.config import CHECKPOINT_POLICIES, as_flag, to_container
+from squall.config import (
+    CHECKPOINT_POLICIES,
+    DECODER_TARGETS,
+    ENSEMBLE_LOSSES,
+    as_flag,
+    to_container,
+)
 from squall.errors import ConfigError
 from squall.graphs import Graph
 from squall.kernels.edge_index import EdgeIndex
 from squall.layers.graph_transformer import GraphTransformerBlock
 
 ROLES = ("encoder", "processor", "decoder")
-#: Training scores of an ensemble (``model.ensemble.loss``; squall.train.scores).
-ENSEMBLE_LOSSES = ("afcrps", "fair_crps", "energy")
-#: What the decoder's grid destinations start from (``model.decoder_target``; module docstring).
-DECODER_TARGETS = ("latent", "static")
 
 
 def checkpoint_policy(value, what: str = "checkpoint") -> str:

@@ -45,9 +45,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from squall.config import PARTITION_METHODS as METHODS
 from squall.graphs import Graph
 
-METHODS = ("sfc", "ranges", "bands", "work")
 ALIASES = {"space_filling_curve": "sfc", "index_ranges": "ranges", "latitude_bands": "bands"}
 
 # Hilbert curve order per cube face: 2**16 cells per side is ~0.1 km on Earth at the face centre,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from squall.config import LOSS_WEIGHTS
 from squall.errors import ConfigError, DataError, SquallError
 from squall.parallel.sharding import is_sharded
 from squall.parallel.state import save_sharded
@@ -80,10 +81,6 @@ def area_weighted_mse(pred: torch.Tensor, target: torch.Tensor, area: torch.Tens
     if var_weight is not None:
         err = err * var_weight.float()
     return (err * area.float()[None, :, None]).mean()
-
-
-#: ``training.loss_weights``: how the loss weighs the output variables against each other.
-LOSS_WEIGHTS = ("state", "tendency")
 
 
 def variable_weights(output_scale: torch.Tensor, kind: str) -> torch.Tensor | None:
