@@ -38,7 +38,8 @@ from squall.train.signals import STOPPED_EXIT_CODE, Stopped
 
 def format_table(result: dict) -> str:
     """Scores per lead time: normalised RMSE and skill, then each variable in its own units."""
-    lines = ["RMSE over the prognostic variables, normalised units (dimensionless):",
+    inside = " inside the domain" if "boundary_points" in result else ""
+    lines = [f"RMSE over the prognostic variables{inside}, normalised units (dimensionless):",
              f"{'lead h':>7}{'rmse model':>12}{'rmse persist':>14}{'skill':>8}"]  # fmt: skip
     for h, m, p, s in zip(result["lead_hours"], result["rmse_model"], result["rmse_persistence"],
                           result["skill"], strict=True):  # fmt: skip

@@ -523,7 +523,7 @@ def generate(path, nodes: NodeSet, settings: SyntheticSettings, grid_name: str =
             attrs=attrs,
             overwrite=overwrite,
         ) as writer,
-        Progress(s.num_times, "generating dataset", unit="time") as bar,
+        Progress(s.num_times, f"generating {Path(path).name}", unit="time") as bar,
     ):
         for first in range(0, s.num_times, s.block):
             index = np.arange(first, min(first + s.block, s.num_times))

@@ -225,7 +225,9 @@ def format_lam(result: dict) -> str:
         return (f"limited area: scored inside the domain ({n:,} boundary points left out), "
                 "not forced (data.boundary.enabled=false)")  # fmt: skip
     lines = [f"limited area: scored inside the domain ({n:,} boundary points forced by the "
-             "driver and left out); RMSE, normalised units:",
+             "driver and left out); RMSE, normalised units, of the forced rollout, of the same "
+             "model rolled out unforced (nothing overwritten) and of persistence; gain: 1 - "
+             "forced / unforced:",
              f"{'lead h':>7}{'forced':>10}{'unforced':>10}{'persist':>10}{'gain':>8}"]  # fmt: skip
     for h, m, u, p in zip(result["lead_hours"], result["rmse_model"],
                           result["rmse_model_unforced"], result["rmse_persistence"], strict=True):  # fmt: skip
