@@ -6,6 +6,7 @@ Imported by the test modules and, by name, by the spawned ranks (spawn copies ``
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import traceback
 import uuid
@@ -56,15 +57,17 @@ def make_model(graph, seed: int = 0, **kw) -> GraphForecaster:
     return model
 
 
-def _entry(rank, world, store, fn, args, errors):
+def _entry(rank, world, store, fn, args, errors, reached):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     import datetime
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))  # fmt: skip
+    reached[rank] = "group initialised"
     try:
         fn(rank, world, *args)
+        reached[rank] = "check passed"
         # nobody tears the group down while a peer may still be inside a collective with it
         dist.barrier()
     except BaseException:
@@ -72,18 +75,29 @@ def _entry(rank, world, store, fn, args, errors):
         raise
     finally:
         dist.destroy_process_group()
+    reached[rank] = "check passed, group destroyed"
+    # Leave without the interpreter's finalization: a rank was aborted once in CI (SIGABRT,
+    # "terminate called without an active exception", no Python error on either rank), as
+    # gloo's worker threads can at exit (pytorch/pytorch PR 179291); a rank that got here has
+    # passed its check, and an abort before this point still fails the test, saying where.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, world: int, *args) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; re-raise the first rank's error."""
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; re-raise the first rank's error,
+    with how far each rank got."""
     store = os.path.join(tempfile.gettempdir(), f"squall-test-{uuid.uuid4().hex}")
     with mp.Manager() as manager:
-        errors = manager.dict()
+        errors, reached = manager.dict(), manager.dict()
         try:
-            mp.spawn(_entry, args=(world, store, fn, args, errors), nprocs=world, join=True)
+            mp.spawn(_entry, args=(world, store, fn, args, errors, reached), nprocs=world,
+                     join=True)  # fmt: skip
         except Exception as err:
+            where = ", ".join(f"rank {r}: {reached.get(r, 'not started')}" for r in range(world))
             detail = "\n".join(f"rank {r}:\n{t}" for r, t in sorted(errors.items()))
-            raise AssertionError(f"distributed check failed\n{detail}") from err
+            raise AssertionError(f"distributed check failed ({where})\n{detail}") from err
         finally:
             if os.path.exists(store):
                 os.remove(store)
